@@ -1,0 +1,137 @@
+// The only file that includes pybind11. The module is private (issl_fast._C): it takes raw
+// pointers as integers plus sizes, so it needs neither torch nor numpy headers; issl_fast/ops.py
+// validates tensors and produces the pointers. Every kernel call releases the GIL.
+#include <omp.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+
+#include "issl_fast/common.h"
+#include "issl_fast/cpu_features.h"
+#include "issl_fast/hash.h"
+#include "issl_fast/score_topk.h"
+#include "issl_fast/sketch_dense.h"
+#include "issl_fast/sketch_kron.h"
+#include "issl_fast/sketch_linear.h"
+#include "issl_fast/sketch_sparse.h"
+#if defined(ISSL_FAST_WITH_CUDA)
+#include "issl_fast/cuda_runtime_info.h"
+#endif
+
+namespace py = pybind11;
+using issl_fast::Dist;
+using issl_fast::DType;
+
+namespace {
+
+template <class T>
+T* ptr(std::uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+DType to_dtype(int d) { return static_cast<DType>(d); }
+Dist to_dist(int d) { return static_cast<Dist>(d); }
+
+issl_fast::SimdLevel parse_simd(const std::string& s) {
+  if (s == "generic") return issl_fast::SimdLevel::kGeneric;
+  if (s == "avx2") return issl_fast::SimdLevel::kAvx2;
+  if (s == "avx512") return issl_fast::SimdLevel::kAvx512;
+  throw std::invalid_argument("simd level must be 'generic', 'avx2' or 'avx512', got '" + s + "'");
+}
+
+py::dict build_info() {
+  py::dict d;
+#if defined(ISSL_FAST_VERSION)
+  d["version"] = ISSL_FAST_VERSION;
+#endif
+  d["hash_version"] = issl_fast::kHashVersion;
+  d["openmp_max_threads"] = omp_get_max_threads();
+  d["simd_level"] = issl_fast::simd_name(issl_fast::simd_level());
+  d["simd_supported"] = issl_fast::simd_name(issl_fast::cpu_simd_supported());
+#if defined(ISSL_FAST_WITH_CUDA)
+  d["cuda_compiled"] = true;
+  const int v = issl_fast::cuda::runtime_version();
+  d["cuda_version"] = std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+  d["cuda_architectures"] = ISSL_FAST_CUDA_ARCHS;
+#else
+  d["cuda_compiled"] = false;
+  d["cuda_version"] = py::none();
+  d["cuda_architectures"] = py::none();
+#endif
+  return d;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "issl_fast compiled kernels (private: use issl_fast.ops)";
+  m.attr("HASH_VERSION") = issl_fast::kHashVersion;
+  m.def("build_info", &build_info);
+  m.def("simd_level", [] { return std::string(issl_fast::simd_name(issl_fast::simd_level())); });
+  m.def("set_simd_level", [](const std::string& s) { issl_fast::set_simd_level(parse_simd(s)); });
+
+  m.def(
+      "sketch_dense",
+      [](std::uintptr_t g, int dtype, int64_t B, int64_t P, int64_t k, uint64_t seed, int dist,
+         int64_t col_offset, std::uintptr_t out, bool accumulate, int threads) {
+        issl_fast::sketch_dense_cpu(ptr<const void>(g), to_dtype(dtype), B, P, k, seed,
+                                    to_dist(dist), col_offset, ptr<float>(out), accumulate,
+                                    threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "sketch_linear",
+      [](std::uintptr_t A, std::uintptr_t D, int dtype, int64_t B, int64_t T, int64_t d_in,
+         int64_t d_out, int64_t k, uint64_t seed, int dist, int64_t col_offset, std::uintptr_t out,
+         bool accumulate, int threads) {
+        issl_fast::sketch_linear_cpu(ptr<const void>(A), ptr<const void>(D), to_dtype(dtype), B,
+                                     T, d_in, d_out, k, seed, to_dist(dist), col_offset,
+                                     ptr<float>(out), accumulate, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "sketch_sparse",
+      [](std::uintptr_t g, int dtype, int64_t B, int64_t P, int64_t k, int64_t s, uint64_t seed,
+         int64_t col_offset, std::uintptr_t out, bool accumulate, int threads) {
+        issl_fast::sketch_sparse_cpu(ptr<const void>(g), to_dtype(dtype), B, P, k, s, seed,
+                                     col_offset, ptr<float>(out), accumulate, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "sketch_kron",
+      [](std::uintptr_t A, std::uintptr_t D, int dtype, int64_t B, int64_t T, int64_t d_in,
+         int64_t d_out, int64_t k_in, int64_t k_out, uint64_t seed, int dist, std::uintptr_t out,
+         bool accumulate, int threads) {
+        issl_fast::sketch_kron_cpu(ptr<const void>(A), ptr<const void>(D), to_dtype(dtype), B, T,
+                                   d_in, d_out, k_in, k_out, seed, to_dist(dist), ptr<float>(out),
+                                   accumulate, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def(
+      "score_topk",
+      [](std::uintptr_t Q, int64_t mq, std::uintptr_t G, int dtype, int64_t n, int64_t k,
+         int64_t topk, std::uintptr_t exclude, int64_t e, int64_t index_offset,
+         std::uintptr_t values, std::uintptr_t indices, bool accumulate, int threads) {
+        issl_fast::score_topk_cpu(ptr<const float>(Q), mq, ptr<const void>(G), to_dtype(dtype), n,
+                                  k, topk, ptr<const int64_t>(exclude), e, index_offset,
+                                  ptr<float>(values), ptr<int64_t>(indices), accumulate, threads);
+      },
+      py::call_guard<py::gil_scoped_release>());
+
+#if defined(ISSL_FAST_WITH_CUDA)
+  m.def("cuda_device_count", [] {
+    const auto q = issl_fast::cuda::device_count();
+    return py::make_tuple(q.count, q.error, q.message);
+  });
+  m.def(
+      "cuda_hash_words",
+      [](uint64_t key, std::uintptr_t cols, std::uintptr_t words, std::uintptr_t out, int64_t n,
+         std::uintptr_t stream) {
+        issl_fast::cuda::hash_words(key, ptr<const uint64_t>(cols), ptr<const uint64_t>(words),
+                                    ptr<uint64_t>(out), n, stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+#endif
+}

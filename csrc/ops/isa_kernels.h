@@ -1,0 +1,46 @@
+// Internal: the table of ISA-specific inner kernels, chosen once at run time (cpu_features.cpp).
+// Each ISA lives in its own translation unit compiled with its own -m flags, so the default build
+// runs on any x86-64 and still uses AVX2 / AVX-512 where the CPU has them.
+#pragma once
+#include <cstdint>
+
+#include "issl_fast/common.h"
+
+namespace issl_fast::cpu {
+
+struct IsaKernels {
+  const char* name;
+  // GEMM micro-tile (MR x NR) and cache blocking (KC: reduction depth per packed panel, sized so a
+  // KC x NR sliver of the random matrix stays in L1; NC: columns of the random panel, sized for L2).
+  int64_t mr, nr, kc, nc;
+  // C[m x n] += A[kc x MR] (packed, zero-padded rows) * B[kc x NR] (packed, zero-padded columns),
+  // C row stride ldc; only the valid m <= MR rows and n <= NR columns are written.
+  void (*micro)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
+                int64_t n);
+  // Packs scale * R[j, col0 + p] (Rademacher, unscaled entries +-1) for p < kc and
+  // j0 <= j < j0 + nc (j0 a multiple of NR) into NR-wide slivers: dst[(g * kc + p) * NR + l] for
+  // j = j0 + g * NR + l; rows j >= k are written as 0.
+  void (*pack_signs)(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
+                     float scale, float* dst);
+  // dst[0..n) = float(src[0..n)) for a float32 / float16 / bfloat16 source.
+  void (*to_f32)(const void* src, DType dt, int64_t n, float* dst);
+  // y[0..n) += a * x[0..n)
+  void (*axpy)(int64_t n, float a, const float* x, float* y);
+  // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng. Every (i, j)
+  // pair uses the same arithmetic whatever its position in the tile, so a score never depends on
+  // the batch of queries or rows it was computed with.
+  void (*dot_tile)(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg,
+                   int64_t ng, int64_t k, float* out, int64_t ldo);
+};
+
+const IsaKernels& generic_kernels();
+#if defined(ISSL_FAST_X86)
+const IsaKernels& avx2_kernels();
+const IsaKernels& avx512_kernels();
+#endif
+
+// The kernels in use (best the CPU supports, or the level forced by set_simd_level / the
+// ISSL_FAST_SIMD environment variable).
+const IsaKernels& isa();
+
+}  // namespace issl_fast::cpu

@@ -1,0 +1,134 @@
+// Internal: the inner-kernel algorithms, written once over a vector-traits type V and instantiated
+// by each ISA file (kernels_generic.cpp, kernels_avx2.cpp, kernels_avx512.cpp). Included only by
+// those files, so each instantiation is compiled with its ISA's flags.
+//
+// V provides: reg, W (lanes), zero(), set1(a), load(p), load_tail(p, n) (n < W, rest zero),
+// store(p, r), add(a, b), fma(a, b, c) (= a*b + c), hsum(r) (a fixed reduction tree).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "issl_fast/hash.h"
+
+namespace issl_fast::cpu {
+
+// ---- GEMM micro-kernel: C[m x n] += A[kc x MR] * B[kc x NR], NR = NV * W ----------------------
+template <class V, int MR, int NV>
+void micro_impl(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
+                int64_t n) {
+  constexpr int W = V::W;
+  constexpr int NR = NV * W;
+  typename V::reg acc[MR][NV];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  for (int64_t p = 0; p < kc; ++p) {
+    typename V::reg bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + p * NR + v * W);
+    for (int i = 0; i < MR; ++i) {
+      const typename V::reg ai = V::set1(a[p * MR + i]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
+    }
+  }
+  if (m == MR && n == NR) {
+    for (int i = 0; i < MR; ++i)
+      for (int v = 0; v < NV; ++v) {
+        float* cp = c + i * ldc + v * W;
+        V::store(cp, V::add(V::load(cp), acc[i][v]));
+      }
+    return;
+  }
+  // Edge tile: same sums, added element by element (one rounding, as in the vector path).
+  alignas(64) float tmp[MR * NR];
+  for (int i = 0; i < MR; ++i)
+    for (int v = 0; v < NV; ++v) V::store(tmp + i * NR + v * W, acc[i][v]);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] += tmp[i * NR + j];
+}
+
+// ---- Rademacher panel ------------------------------------------------------------------------
+// expand(bits, valid, scale, dst): dst[l] = (bit l set ? -scale : scale) for l < valid, 0 after.
+template <int NR, class Expand>
+void pack_signs_impl(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
+                     float scale, float* dst, Expand expand) {
+  static_assert(64 % NR == 0, "a sliver's signs must come from a single 64-bit word");
+  const int64_t ng = (nc + NR - 1) / NR;
+  for (int64_t p = 0; p < kc; ++p) {
+    const uint64_t ck = column_key(key, static_cast<uint64_t>(col0 + p));
+    int64_t last_w = -1;
+    uint64_t word = 0;
+    for (int64_t g = 0; g < ng; ++g) {
+      const int64_t j = j0 + g * NR;
+      const int64_t w = j >> 6;
+      if (w != last_w) {
+        word = hash_word(ck, static_cast<uint64_t>(w));
+        last_w = w;
+      }
+      const int valid = static_cast<int>(std::min<int64_t>(NR, k - j));
+      expand(word >> (j & 63), valid, scale, dst + (g * kc + p) * NR);
+    }
+  }
+}
+
+// ---- score tiles -----------------------------------------------------------------------------
+template <class V, int QI, int GJ>
+void dot_block(const float* q, int64_t ldq, const float* g, int64_t ldg, int64_t k, float* out,
+               int64_t ldo) {
+  constexpr int W = V::W;
+  typename V::reg acc[QI][GJ];
+  for (int i = 0; i < QI; ++i)
+    for (int j = 0; j < GJ; ++j) acc[i][j] = V::zero();
+  int64_t p = 0;
+  for (; p + W <= k; p += W) {
+    typename V::reg gv[GJ];
+    for (int j = 0; j < GJ; ++j) gv[j] = V::load(g + j * ldg + p);
+    for (int i = 0; i < QI; ++i) {
+      const typename V::reg qv = V::load(q + i * ldq + p);
+      for (int j = 0; j < GJ; ++j) acc[i][j] = V::fma(qv, gv[j], acc[i][j]);
+    }
+  }
+  if (p < k) {
+    const int rem = static_cast<int>(k - p);
+    typename V::reg gv[GJ];
+    for (int j = 0; j < GJ; ++j) gv[j] = V::load_tail(g + j * ldg + p, rem);
+    for (int i = 0; i < QI; ++i) {
+      const typename V::reg qv = V::load_tail(q + i * ldq + p, rem);
+      for (int j = 0; j < GJ; ++j) acc[i][j] = V::fma(qv, gv[j], acc[i][j]);
+    }
+  }
+  for (int i = 0; i < QI; ++i)
+    for (int j = 0; j < GJ; ++j) out[i * ldo + j] = V::hsum(acc[i][j]);
+}
+
+// Every (query, row) pair goes through the same per-pair instruction sequence in every block
+// shape, so its score is bit-identical whatever m, the tile or the thread count.
+template <class V, int QR, int GR>
+void dot_tile_impl(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg,
+                   int64_t ng, int64_t k, float* out, int64_t ldo) {
+  int64_t i0 = 0;
+  for (; i0 + QR <= mq; i0 += QR) {
+    int64_t j0 = 0;
+    for (; j0 + GR <= ng; j0 += GR)
+      dot_block<V, QR, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+    for (; j0 < ng; ++j0)
+      dot_block<V, QR, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+  }
+  for (; i0 < mq; ++i0) {
+    int64_t j0 = 0;
+    for (; j0 + GR <= ng; j0 += GR)
+      dot_block<V, 1, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+    for (; j0 < ng; ++j0)
+      dot_block<V, 1, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+  }
+}
+
+// ---- axpy ------------------------------------------------------------------------------------
+template <class V>
+void axpy_impl(int64_t n, float a, const float* x, float* y) {
+  constexpr int W = V::W;
+  const typename V::reg av = V::set1(a);
+  int64_t i = 0;
+  for (; i + W <= n; i += W) V::store(y + i, V::fma(av, V::load(x + i), V::load(y + i)));
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace issl_fast::cpu

@@ -1,0 +1,161 @@
+#include "issl_fast/score_topk.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "convert.h"
+#include "gemm.h"
+#include "validate.h"
+
+namespace issl_fast {
+namespace {
+
+// Store rows per tile: the converted tile (kTileBytes of float32) stays in L2 while every query
+// block is scored against it.
+constexpr int64_t kTileBytes = 256 * 1024;
+constexpr int64_t kMinTileRows = 16;
+constexpr int64_t kMaxTileRows = 1024;
+// Queries scored per pass over a tile: bounds the score block to kQueryBlock x tile floats.
+constexpr int64_t kQueryBlock = 256;
+
+struct Entry {
+  float v;
+  int64_t i;
+};
+
+// "a ranks after b": lower value, or equal value and higher index.
+inline bool worse(const Entry& a, const Entry& b) { return a.v < b.v || (a.v == b.v && a.i > b.i); }
+// Heap comparator that keeps the worst entry on top.
+inline bool heap_cmp(const Entry& a, const Entry& b) { return worse(b, a); }
+
+// Fixed-capacity min-heap (worst on top) of one query's best entries.
+class TopK {
+ public:
+  void reset(int64_t cap) {
+    cap_ = cap;
+    h_.clear();
+    h_.reserve(cap);
+  }
+  // Entries arrive in increasing index within a thread, so a tie with the current worst never
+  // displaces it: a strict > test is exact.
+  float threshold() const {
+    return static_cast<int64_t>(h_.size()) < cap_ ? -std::numeric_limits<float>::infinity()
+                                                   : h_.front().v;
+  }
+  void push(Entry e) {
+    if (static_cast<int64_t>(h_.size()) < cap_) {
+      h_.push_back(e);
+      std::push_heap(h_.begin(), h_.end(), heap_cmp);
+    } else if (worse(h_.front(), e)) {
+      std::pop_heap(h_.begin(), h_.end(), heap_cmp);
+      h_.back() = e;
+      std::push_heap(h_.begin(), h_.end(), heap_cmp);
+    }
+  }
+  const std::vector<Entry>& entries() const { return h_; }
+
+ private:
+  int64_t cap_ = 0;
+  std::vector<Entry> h_;
+};
+
+inline bool excluded(const int64_t* ex, int64_t e, int64_t id) {
+  for (int64_t x = 0; x < e; ++x)
+    if (ex[x] == id) return true;
+  return false;
+}
+
+}  // namespace
+
+void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                    int64_t topk, const int64_t* exclude, int64_t e, int64_t index_offset,
+                    float* values, int64_t* indices, bool accumulate, int num_threads) {
+  cpu::require_dtype(dtype);
+  cpu::require_nonneg(m, "m");
+  cpu::require_nonneg(n, "n");
+  cpu::require_pos(k, "k");
+  cpu::require_pos(topk, "topk");
+  cpu::require_nonneg(e, "e");
+  cpu::require_nonneg(index_offset, "index_offset");
+  cpu::require_ptr(Q, m * k, "Q");
+  cpu::require_ptr(G, n * k, "G");
+  cpu::require_ptr(exclude, m * e, "exclude");
+  cpu::require_ptr(values, m * topk, "values");
+  cpu::require_ptr(indices, m * topk, "indices");
+
+  const cpu::IsaKernels& K = cpu::isa();
+  const int64_t tile = std::clamp<int64_t>(kTileBytes / (4 * k) / kMinTileRows * kMinTileRows,
+                                           kMinTileRows, kMaxTileRows);
+  const int64_t n_tiles = cpu::ceil_div(n, tile);
+  const int threads = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(cpu::clamp_threads(num_threads), n_tiles)));
+  std::vector<std::vector<TopK>> heaps(threads, std::vector<TopK>(m));
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    std::vector<TopK>& mine = heaps[tid];
+    for (TopK& h : mine) h.reset(topk);
+    cpu::Scratch buf(dtype == DType::kFloat32 ? 1 : tile * k);
+    cpu::Scratch scores(std::min(m, kQueryBlock) * tile);
+    // Contiguous ranges of tiles: each thread streams its part of the store once.
+    const int64_t t_begin = n_tiles * tid / nt, t_end = n_tiles * (tid + 1) / nt;
+    for (int64_t t = t_begin; t < t_end; ++t) {
+      const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
+      const float* g;
+      if (dtype == DType::kFloat32) {
+        g = static_cast<const float*>(G) + r0 * k;
+      } else {
+        K.to_f32(cpu::offset_ptr(G, dtype, r0 * k), dtype, rows * k, buf.data());
+        g = buf.data();
+      }
+      for (int64_t q0 = 0; q0 < m; q0 += kQueryBlock) {
+        const int64_t mq = std::min(kQueryBlock, m - q0);
+        K.dot_tile(Q + q0 * k, k, mq, g, k, rows, k, scores.data(), rows);
+        for (int64_t i = 0; i < mq; ++i) {
+          TopK& h = mine[q0 + i];
+          const float* s = scores.data() + i * rows;
+          float thr = h.threshold();
+          for (int64_t j = 0; j < rows; ++j) {
+            if (!(s[j] > thr)) continue;  // also drops NaN and -inf
+            const int64_t id = index_offset + r0 + j;
+            if (e > 0 && excluded(exclude + (q0 + i) * e, e, id)) continue;
+            h.push(Entry{s[j], id});
+            thr = h.threshold();
+          }
+        }
+      }
+    }
+  }
+
+  // Merge the per-thread heaps (and an earlier result when accumulating) by (value desc, index
+  // asc): the outcome does not depend on how rows were split among threads.
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < m; ++i) {
+    std::vector<Entry> all;
+    all.reserve(static_cast<size_t>(topk) * (threads + 1));
+    for (int t = 0; t < threads; ++t) {
+      const auto& ent = heaps[t][i].entries();
+      all.insert(all.end(), ent.begin(), ent.end());
+    }
+    if (accumulate)
+      for (int64_t x = 0; x < topk; ++x) {
+        const Entry old{values[i * topk + x], indices[i * topk + x]};
+        if (old.i >= 0 && old.v > neg_inf) all.push_back(old);  // NaN fails the test too
+      }
+    const int64_t keep = std::min<int64_t>(topk, static_cast<int64_t>(all.size()));
+    std::partial_sort(all.begin(), all.begin() + keep, all.end(),
+                      [](const Entry& a, const Entry& b) { return worse(b, a); });
+    for (int64_t x = 0; x < topk; ++x) {
+      values[i * topk + x] = x < keep ? all[x].v : neg_inf;
+      indices[i * topk + x] = x < keep ? all[x].i : -1;
+    }
+  }
+}
+
+}  // namespace issl_fast

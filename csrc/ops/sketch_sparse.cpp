@@ -1,0 +1,86 @@
+#include "issl_fast/sketch_sparse.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "convert.h"
+#include "gemm.h"
+#include "issl_fast/hash.h"
+#include "validate.h"
+
+namespace issl_fast {
+namespace {
+
+// Input coordinates per block: the block's bucket table (kBlock * s uint32) and one converted row
+// segment stay in L1/L2 while every row of the thread scatters through them.
+constexpr int64_t kBlock = 1024;
+constexpr uint32_t kSignBit = 0x80000000u;
+
+inline float flip_sign(float v, uint32_t sign_bit) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  u ^= sign_bit;
+  std::memcpy(&v, &u, sizeof v);
+  return v;
+}
+
+}  // namespace
+
+void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t k, int64_t s,
+                       uint64_t seed, int64_t col_offset, float* out, bool accumulate,
+                       int num_threads) {
+  cpu::require_dtype(dtype);
+  cpu::require_nonneg(B, "B");
+  cpu::require_nonneg(P, "P");
+  cpu::require_pos(k, "k");
+  cpu::require(k < (int64_t{1} << 31), "k must be < 2^31 for sketch_sparse, got " + std::to_string(k));
+  cpu::require(s >= 1 && s <= k, "s must satisfy 1 <= s <= k, got s=" + std::to_string(s) +
+                                     ", k=" + std::to_string(k));
+  cpu::require_nonneg(col_offset, "col_offset");
+  cpu::require_ptr(g, B * P, "g");
+  cpu::require_ptr(out, B * k, "out");
+
+  const cpu::IsaKernels& K = cpu::isa();
+  const uint64_t key = stream_key(seed, Role::kSparse, Dist::kRademacher);
+  const float inv_sqrt_s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+  // Bucket in the low 31 bits, sign in bit 31. Double-buffered like the dense panel.
+  std::vector<uint32_t> table[2] = {std::vector<uint32_t>(kBlock * s),
+                                    std::vector<uint32_t>(kBlock * s)};
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cpu::clamp_threads(num_threads), std::max<int64_t>(B, 1))));
+
+#pragma omp parallel num_threads(threads)
+  {
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t b_begin = B * tid / nt, b_end = B * (tid + 1) / nt;
+    if (!accumulate) std::fill(out + b_begin * k, out + b_end * k, 0.0f);
+    cpu::Scratch row(kBlock);
+    for (int64_t p0 = 0, it = 0; p0 < P; p0 += kBlock, ++it) {
+      const int64_t pc = std::min(kBlock, P - p0);
+      uint32_t* tab = table[it & 1].data();
+#pragma omp for schedule(static)
+      for (int64_t p = 0; p < pc; ++p) {
+        const uint64_t ck = column_key(key, static_cast<uint64_t>(col_offset + p0 + p));
+        for (int64_t r = 0; r < s; ++r) {
+          const uint64_t h = hash_word(ck, static_cast<uint64_t>(r));
+          tab[p * s + r] = sparse_bucket(h, r, s, k) | (sparse_sign(h) < 0 ? kSignBit : 0u);
+        }
+      }  // implicit barrier: table `it` complete
+      for (int64_t b = b_begin; b < b_end; ++b) {
+        K.to_f32(cpu::offset_ptr(g, dtype, b * P + p0), dtype, pc, row.data());
+        float* y = out + b * k;
+        const float* x = row.data();
+        for (int64_t p = 0; p < pc; ++p) {
+          const float v = x[p] * inv_sqrt_s;
+          const uint32_t* e = tab + p * s;
+          for (int64_t r = 0; r < s; ++r) y[e[r] & ~kSignBit] += flip_sign(v, e[r] & kSignBit);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace issl_fast

@@ -1,0 +1,70 @@
+"""Loads the compiled module once and reports what this build can do."""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+from typing import Any
+
+import torch  # imported before _C: torch's libgomp is then the one our OpenMP kernels bind to
+
+from . import _C  # noqa: E402
+
+SIMD_LEVELS = ("generic", "avx2", "avx512")
+
+
+@functools.lru_cache(maxsize=1)
+def _cuda_devices() -> tuple[int, str]:
+    """(device count, error message) from the CUDA runtime our module was built against."""
+    if not hasattr(_C, "cuda_device_count"):
+        return 0, "issl_fast was built without CUDA"
+    count, code, message = _C.cuda_device_count()
+    return count, (f"cudaGetDeviceCount failed with error {code}: {message}" if code else "")
+
+
+def cuda_compiled() -> bool:
+    """True if the CUDA backend was compiled into this build."""
+    return bool(_C.build_info()["cuda_compiled"])
+
+
+def has_cuda() -> bool:
+    """True if CUDA kernels are compiled in and a CUDA device is usable (by us and by torch)."""
+    return cuda_compiled() and _cuda_devices()[0] > 0 and torch.cuda.is_available()
+
+
+def build_info() -> dict[str, Any]:
+    """What this build contains and what it found at run time.
+
+    Keys: version, hash_version, cuda_compiled, cuda_version, cuda_architectures, cuda_devices,
+    cuda_error, openmp_max_threads, torch_threads, simd_level (in use), simd_supported (best this
+    CPU allows), torch_version, machine, python.
+    """
+    info = dict(_C.build_info())
+    count, err = _cuda_devices()
+    info["cuda_devices"] = count
+    info["cuda_error"] = err or None
+    info["torch_version"] = torch.__version__
+    info["torch_threads"] = torch.get_num_threads()
+    info["machine"] = platform.machine()
+    info["python"] = platform.python_version()
+    info["simd_env"] = os.environ.get("ISSL_FAST_SIMD")
+    return info
+
+
+def simd_level() -> str:
+    """SIMD level the CPU kernels use now: 'generic', 'avx2' or 'avx512'."""
+    return _C.simd_level()
+
+
+def set_simd_level(level: str) -> None:
+    """Force the CPU kernels' SIMD level (for tests and benchmarks). ValueError if the CPU lacks it."""
+    if level not in SIMD_LEVELS:
+        raise ValueError(f"simd level must be one of {SIMD_LEVELS}, got {level!r}")
+    _C.set_simd_level(level)
+
+
+def supported_simd_levels() -> tuple[str, ...]:
+    """Every level this CPU can run, from generic to the best."""
+    best = _C.build_info()["simd_supported"]
+    return SIMD_LEVELS[: SIMD_LEVELS.index(best) + 1]

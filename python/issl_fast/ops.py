@@ -1,0 +1,404 @@
+"""Public kernel API: input validation and backend dispatch (``cpu`` | ``cuda`` | ``reference``).
+
+Every op accepts float32 / float16 / bfloat16 inputs, accumulates in float32 and returns float32.
+The random matrices are pure functions of ``(seed, row, column)`` (hash version 1, shared with
+:mod:`issl_fast.reference`), so results do not depend on the backend's tiling, the batch size or
+the thread count beyond float rounding (Rademacher entries are bit-identical everywhere).
+
+``backend="auto"`` picks ``cuda`` for CUDA tensors and ``cpu`` otherwise. There is no silent
+fallback: asking for a backend this build lacks raises :class:`BackendUnavailableError`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Union
+
+import numpy as np
+import torch
+
+from . import _backend, reference
+from ._backend import _C
+
+Backend = Literal["auto", "cpu", "cuda", "reference"]
+Dist = Literal["rademacher", "gaussian"]
+Store = Union[torch.Tensor, np.ndarray]
+
+_TORCH_DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_NUMPY_DTYPES = {np.dtype(np.float32): 0, np.dtype(np.float16): 1}
+_DISTS = {"rademacher": 0, "gaussian": 1}
+_BACKENDS = ("auto", "cpu", "cuda", "reference")
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend (or the one the inputs' device needs) is not in this build."""
+
+
+# ---------------------------------------------------------------------------------------------
+# validation helpers
+# ---------------------------------------------------------------------------------------------
+def _check_tensor(x: object, name: str, ndim: int, shape_doc: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor {shape_doc}, got {type(x).__name__}")
+    if x.dtype not in _TORCH_DTYPES:
+        raise TypeError(
+            f"{name} must be float32, float16 or bfloat16, got {x.dtype} (shape {tuple(x.shape)})"
+        )
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D {shape_doc}, got shape {tuple(x.shape)}")
+    if not x.is_contiguous():
+        raise ValueError(
+            f"{name} must be contiguous (row-major), got strides {x.stride()} for shape "
+            f"{tuple(x.shape)}; call .contiguous() first"
+        )
+    if x.requires_grad:
+        x = x.detach()
+    return x
+
+
+def _check_int(v: object, name: str, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    v = int(v)
+    if v < minimum or (maximum is not None and v > maximum):
+        hi = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"{name} must be >= {minimum}{hi}, got {v}")
+    return v
+
+
+def _check_seed(seed: object) -> int:
+    return _check_int(seed, "seed", 0, 2**64 - 1)
+
+
+def _check_dist(dist: object) -> int:
+    if dist not in _DISTS:
+        raise ValueError(f"dist must be 'rademacher' or 'gaussian', got {dist!r}")
+    return _DISTS[dist]
+
+
+def _threads(num_threads: int | None) -> int:
+    if num_threads is None:
+        return torch.get_num_threads()
+    return _check_int(num_threads, "num_threads", 1)
+
+
+def _resolve_backend(backend: str, device: torch.device, op: str) -> str:
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
+    if backend == "auto":
+        backend = "cuda" if device.type == "cuda" else "cpu"
+    if backend == "cpu" and device.type != "cpu":
+        raise ValueError(f"{op}: backend='cpu' needs CPU tensors, got tensors on {device}")
+    if backend == "cuda":
+        if device.type != "cuda":
+            raise ValueError(f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}")
+        # The CUDA op kernels are not part of this build yet: say so, never fall back silently.
+        info = _backend.build_info()
+        raise BackendUnavailableError(
+            f"{op}: no CUDA kernel for this op in this build (issl_fast.build_info(): "
+            f"cuda_compiled={info['cuda_compiled']}, cuda_devices={info['cuda_devices']}). "
+            "Move the tensors to the CPU, or use backend='reference'."
+        )
+    return backend
+
+
+def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.device != b.device:
+        raise ValueError(f"{name_a} is on {a.device} but {name_b} is on {b.device}")
+
+
+def _prepare_out(
+    out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, accumulate: bool
+) -> torch.Tensor:
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an out= tensor to add into")
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
+    if out.dtype != torch.float32:
+        raise TypeError(f"out must be float32, got {out.dtype}")
+    if tuple(out.shape) != shape:
+        raise ValueError(f"out must have shape {shape}, got {tuple(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError(f"out must be contiguous, got strides {out.stride()}")
+    if out.device != device:
+        raise ValueError(f"out is on {out.device} but the inputs are on {device}")
+    return out
+
+
+def _finish_reference(y: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
+    y = y.to(torch.float32)
+    if out is None:
+        return y
+    if accumulate:
+        out += y.to(out.device)
+    else:
+        out.copy_(y)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+# ---------------------------------------------------------------------------------------------
+def sketch_dense(
+    g: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    dist: Dist = "rademacher",
+    col_offset: int = 0,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Dense JL sketch ``y[b, j] = (1/sqrt(k)) sum_p R(seed, j, col_offset + p) g[b, p]``.
+
+    g: [B, P] float32/float16/bfloat16, contiguous. Returns [B, k] float32 (``out`` if given;
+    with ``accumulate`` the sketch is added to it). ``col_offset`` places g's columns inside a
+    longer gradient, so sketches of column blocks sum to the sketch of the whole. The random
+    matrix is never stored: memory is O(tile), not O(P k).
+    """
+    g = _check_tensor(g, "g", 2, "[B, P]")
+    k = _check_int(k, "k", 1)
+    seed, dist_code = _check_seed(seed), _check_dist(dist)
+    col_offset = _check_int(col_offset, "col_offset", 0)
+    be = _resolve_backend(backend, g.device, "sketch_dense")
+    B, P = g.shape
+    if be == "reference":
+        y = reference.sketch_dense(g, k, seed=seed, dist=dist, col_offset=col_offset)
+        return _finish_reference(y, out, accumulate)
+    out = _prepare_out(out, (B, k), g.device, accumulate)
+    _C.sketch_dense(
+        g.data_ptr(), _TORCH_DTYPES[g.dtype], B, P, k, seed, dist_code, col_offset,
+        out.data_ptr(), accumulate, _threads(num_threads),
+    )
+    return out
+
+
+def _check_linear_pair(A: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    A = _check_tensor(A, "A", 3, "[B, T, d_in]")
+    D = _check_tensor(D, "D", 3, "[B, T, d_out]")
+    if A.shape[:2] != D.shape[:2]:
+        raise ValueError(
+            f"A [B, T, d_in] and D [B, T, d_out] must agree on B and T, got A {tuple(A.shape)} "
+            f"and D {tuple(D.shape)}"
+        )
+    if A.dtype != D.dtype:
+        raise TypeError(f"A and D must have the same dtype, got {A.dtype} and {D.dtype}")
+    if A.shape[2] < 1 or D.shape[2] < 1:
+        raise ValueError(f"d_in and d_out must be >= 1, got A {tuple(A.shape)}, D {tuple(D.shape)}")
+    _same_device("A", A, "D", D)
+    return A, D
+
+
+def sketch_linear(
+    A: torch.Tensor,
+    D: torch.Tensor,
+    k: int,
+    *,
+    seed: int = 0,
+    dist: Dist = "rademacher",
+    col_offset: int = 0,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Fused sketch of per-example linear-layer weight gradients.
+
+    A: [B, T, d_in] layer inputs, D: [B, T, d_out] gradients w.r.t. the layer outputs (same
+    dtype). Equals ``sketch_dense(vec(G))`` with ``G_b = sum_t D_b[t]^T A_b[t]`` flattened
+    row-major (index ``o * d_in + i``), without materialising G. Append a column of ones to A to
+    include the bias. Returns [B, k] float32.
+    """
+    A, D = _check_linear_pair(A, D)
+    k = _check_int(k, "k", 1)
+    seed, dist_code = _check_seed(seed), _check_dist(dist)
+    col_offset = _check_int(col_offset, "col_offset", 0)
+    be = _resolve_backend(backend, A.device, "sketch_linear")
+    B, T, d_in = A.shape
+    d_out = D.shape[2]
+    if be == "reference":
+        y = reference.sketch_linear(A, D, k, seed=seed, dist=dist, col_offset=col_offset)
+        return _finish_reference(y, out, accumulate)
+    out = _prepare_out(out, (B, k), A.device, accumulate)
+    _C.sketch_linear(
+        A.data_ptr(), D.data_ptr(), _TORCH_DTYPES[A.dtype], B, T, d_in, d_out, k, seed,
+        dist_code, col_offset, out.data_ptr(), accumulate, _threads(num_threads),
+    )
+    return out
+
+
+def sketch_sparse(
+    g: torch.Tensor,
+    k: int,
+    *,
+    s: int = 4,
+    seed: int = 0,
+    col_offset: int = 0,
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Sparse JL sketch (CountSketch for ``s=1``): each input coordinate is added, with a random
+    sign and weight ``1/sqrt(s)``, to one bucket in each of ``s`` blocks of the k outputs.
+
+    g: [B, P]. Cost O(B P s) instead of O(B P k). Deterministic (no float atomics).
+    Returns [B, k] float32. Needs ``1 <= s <= k < 2**31``.
+    """
+    g = _check_tensor(g, "g", 2, "[B, P]")
+    k = _check_int(k, "k", 1, 2**31 - 1)
+    s = _check_int(s, "s", 1, k)
+    seed = _check_seed(seed)
+    col_offset = _check_int(col_offset, "col_offset", 0)
+    be = _resolve_backend(backend, g.device, "sketch_sparse")
+    B, P = g.shape
+    if be == "reference":
+        y = reference.sketch_sparse(g, k, s=s, seed=seed, col_offset=col_offset)
+        return _finish_reference(y, out, accumulate)
+    out = _prepare_out(out, (B, k), g.device, accumulate)
+    _C.sketch_sparse(
+        g.data_ptr(), _TORCH_DTYPES[g.dtype], B, P, k, s, seed, col_offset, out.data_ptr(),
+        accumulate, _threads(num_threads),
+    )
+    return out
+
+
+def sketch_kron(
+    A: torch.Tensor,
+    D: torch.Tensor,
+    k_in: int,
+    k_out: int,
+    *,
+    seed: int = 0,
+    dist: Dist = "rademacher",
+    out: torch.Tensor | None = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    num_threads: int | None = None,
+) -> torch.Tensor:
+    """Factored (LoGra-style) sketch ``y_b = vec(P_out G_b P_in^T)`` of per-example linear-layer
+    gradients, computed as ``sum_t (P_out D_b[t]) (x) (P_in A_b[t])`` without materialising G.
+
+    A: [B, T, d_in], D: [B, T, d_out]. ``P_in = R_in / sqrt(k_in)`` [k_in, d_in] and
+    ``P_out = R_out / sqrt(k_out)`` [k_out, d_out] come from the hash (roles kron_in/kron_out).
+    Returns [B, k_out * k_in] float32, index ``a * k_in + c``.
+    """
+    A, D = _check_linear_pair(A, D)
+    k_in = _check_int(k_in, "k_in", 1)
+    k_out = _check_int(k_out, "k_out", 1)
+    seed, dist_code = _check_seed(seed), _check_dist(dist)
+    be = _resolve_backend(backend, A.device, "sketch_kron")
+    B, T, d_in = A.shape
+    d_out = D.shape[2]
+    if be == "reference":
+        y = reference.sketch_kron(A, D, k_in, k_out, seed=seed, dist=dist)
+        return _finish_reference(y, out, accumulate)
+    out = _prepare_out(out, (B, k_out * k_in), A.device, accumulate)
+    _C.sketch_kron(
+        A.data_ptr(), D.data_ptr(), _TORCH_DTYPES[A.dtype], B, T, d_in, d_out, k_in, k_out, seed,
+        dist_code, out.data_ptr(), accumulate, _threads(num_threads),
+    )
+    return out
+
+
+def _store_pointer(G: Store) -> tuple[int, int, tuple[int, ...], torch.device]:
+    """(pointer, dtype code, shape, device) of a store given as a tensor or a numpy array/memmap."""
+    if isinstance(G, np.ndarray):
+        if G.dtype not in _NUMPY_DTYPES:
+            raise TypeError(
+                f"G as a numpy array must be float32 or float16, got {G.dtype} (shape {G.shape}); "
+                "for a bfloat16 store pass torch.from_numpy(a).view(torch.bfloat16)"
+            )
+        if G.ndim != 2:
+            raise ValueError(f"G must be 2-D [n, k], got shape {G.shape}")
+        if not G.flags.c_contiguous:
+            raise ValueError(f"G must be C-contiguous, got strides {G.strides} for shape {G.shape}")
+        ptr = G.__array_interface__["data"][0] if G.size else 0
+        return ptr, _NUMPY_DTYPES[G.dtype], tuple(G.shape), torch.device("cpu")
+    G = _check_tensor(G, "G", 2, "[n, k]")
+    return G.data_ptr(), _TORCH_DTYPES[G.dtype], tuple(G.shape), G.device
+
+
+def _check_exclude(exclude: object, m: int) -> torch.Tensor | None:
+    if exclude is None:
+        return None
+    ex = torch.as_tensor(exclude)
+    if ex.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"exclude must hold integer ids, got {ex.dtype}")
+    if ex.dim() == 1:
+        ex = ex[:, None]
+    if ex.dim() != 2 or ex.shape[0] != m:
+        raise ValueError(f"exclude must be [m] or [m, e] with m={m}, got shape {tuple(ex.shape)}")
+    return ex.to(device="cpu", dtype=torch.int64).contiguous()
+
+
+def score_topk(
+    Q: torch.Tensor,
+    G: Store,
+    topk: int,
+    *,
+    exclude: torch.Tensor | np.ndarray | None = None,
+    index_offset: int = 0,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+    accumulate: bool = False,
+    backend: Backend = "auto",
+    num_threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streaming top-k of the scores ``Q @ G.T`` for each query row, in one pass over G.
+
+    Q: [m, k] float32. G: [n, k] store, a float32/float16/bfloat16 tensor or a float32/float16
+    numpy array (a ``numpy.memmap`` is read tile by tile, never loaded whole; memory is
+    independent of n). ``exclude``: [m] or [m, e] ids never returned for a query (-1 = unused),
+    in the id space of the result. Returns ``values [m, topk]`` float32 descending (ties broken
+    by the lower index) and ``indices [m, topk]`` int64 (row + ``index_offset``); slots beyond
+    the available candidates are ``(-inf, -1)``. NaN and -inf scores are never selected.
+    With ``out=(values, indices)`` and ``accumulate=True``, the result of an earlier call (e.g.
+    another shard, with its own ``index_offset``) is merged in.
+    """
+    if not isinstance(Q, torch.Tensor):
+        raise TypeError(f"Q must be a torch.Tensor [m, k], got {type(Q).__name__}")
+    if Q.dtype != torch.float32:
+        raise TypeError(f"Q must be float32 (precondition queries in float32), got {Q.dtype}")
+    Q = _check_tensor(Q, "Q", 2, "[m, k]")
+    gptr, gcode, gshape, gdev = _store_pointer(G)
+    m, k = Q.shape
+    n = gshape[0]
+    if gshape[1] != k:
+        raise ValueError(f"Q is [m, k] = {tuple(Q.shape)} but G is [n, k] = {gshape}: k differs")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got Q shape {tuple(Q.shape)}")
+    topk = _check_int(topk, "topk", 1)
+    index_offset = _check_int(index_offset, "index_offset", 0)
+    _same_device("Q", Q, "G", torch.empty(0, device=gdev))
+    ex = _check_exclude(exclude, m)
+    be = _resolve_backend(backend, Q.device, "score_topk")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs out=(values, indices) to merge into")
+        values = torch.empty(m, topk, dtype=torch.float32)
+        indices = torch.empty(m, topk, dtype=torch.int64)
+    else:
+        values, indices = out
+        for name, t, dt in (("values", values, torch.float32), ("indices", indices, torch.int64)):
+            if not isinstance(t, torch.Tensor) or t.dtype != dt or tuple(t.shape) != (m, topk):
+                raise ValueError(f"out {name} must be a {dt} tensor of shape {(m, topk)}")
+            if not t.is_contiguous() or t.device.type != "cpu":
+                raise ValueError(f"out {name} must be a contiguous CPU tensor")
+    if be == "reference":
+        init = (values, indices) if accumulate else None
+        v, i = reference.score_topk(Q, G, topk, exclude=ex, index_offset=index_offset, init=init)
+        values.copy_(v)
+        indices.copy_(i)
+        return values, indices
+    _C.score_topk(
+        Q.data_ptr(), m, gptr, gcode, n, k, topk,
+        ex.data_ptr() if ex is not None else 0, ex.shape[1] if ex is not None else 0,
+        index_offset, values.data_ptr(), indices.data_ptr(), accumulate, _threads(num_threads),
+    )
+    return values, indices
+
