@@ -31,39 +31,6 @@ void pack_random_panel(const IsaKernels& K, uint64_t key, Dist dist, int64_t col
   }
 }
 
-void pack_a_rowmajor(const IsaKernels& K, const void* src, DType dt, int64_t lda, int64_t m,
-                     int64_t p0, int64_t pc, float* dst, float* tmp) {
-  const int64_t mr = K.mr;
-  const int64_t esize = dt == DType::kFloat32 ? 4 : 2;
-  for (int64_t s = 0; s * mr < m; ++s) {
-    float* d = dst + s * pc * mr;
-    for (int64_t i = 0; i < mr; ++i) {
-      const int64_t row = s * mr + i;
-      if (row < m) {
-        K.to_f32(static_cast<const char*>(src) + (row * lda + p0) * esize, dt, pc, tmp);
-        for (int64_t p = 0; p < pc; ++p) d[p * mr + i] = tmp[p];
-      } else {
-        for (int64_t p = 0; p < pc; ++p) d[p * mr + i] = 0.0f;
-      }
-    }
-  }
-}
-
-void pack_a_colmajor(const IsaKernels& K, const float* src, int64_t ld, int64_t m, int64_t p0,
-                     int64_t pc, float* dst) {
-  const int64_t mr = K.mr;
-  for (int64_t s = 0; s * mr < m; ++s) {
-    const int64_t rows = std::min(mr, m - s * mr);
-    float* d = dst + s * pc * mr;
-    for (int64_t p = 0; p < pc; ++p) {
-      const float* sp = src + (p0 + p) * ld + s * mr;
-      int64_t i = 0;
-      for (; i < rows; ++i) d[p * mr + i] = sp[i];
-      for (; i < mr; ++i) d[p * mr + i] = 0.0f;
-    }
-  }
-}
-
 void pack_b_rowmajor(const IsaKernels& K, const float* src, int64_t ld, int64_t n, int64_t p0,
                      int64_t pc, float* dst) {
   const int64_t nr = K.nr;
@@ -126,8 +93,8 @@ void sketch_gemm(const RowSource& src, int64_t B, int64_t P, int64_t k, uint64_t
           const float* bp = bpack.data() + (jr / nr) * pc * nr;
           const int64_t n = std::min(nr, ncur - jr);
           for (int64_t s = 0; s < n_slivers; ++s)
-            K.micro(pc, ap + s * mr * kc, bp, Y + s * mr * k + jc + jr, k, std::min(mr, B - s * mr),
-                    n);
+            K.micro(pc, ap + s * mr * kc, 1, mr, bp, Y + s * mr * k + jc + jr, k,
+                    std::min(mr, B - s * mr), n);
         }
       }
     }

@@ -36,13 +36,6 @@ class Scratch {
 void pack_random_panel(const IsaKernels& K, uint64_t key, Dist dist, int64_t col0, int64_t kc,
                        int64_t j0, int64_t nc, int64_t k, float scale, float* dst);
 
-// A operand packing into MR-row slivers: dst[(s * pc + p) * MR + i] = A(s * MR + i, p0 + p),
-// zero for rows >= m. Row-major typed source (converted to float32 through `tmp`, >= pc floats).
-void pack_a_rowmajor(const IsaKernels& K, const void* src, DType dt, int64_t lda, int64_t m,
-                     int64_t p0, int64_t pc, float* dst, float* tmp);
-// Same, for a float32 source whose element (i, p) is src[p * ld + i] (a transposed view).
-void pack_a_colmajor(const IsaKernels& K, const float* src, int64_t ld, int64_t m, int64_t p0,
-                     int64_t pc, float* dst);
 // B operand packing into NR-column slivers: dst[(g * pc + p) * NR + l] = B(p0 + p, g * NR + l),
 // zero for columns >= n; float32 source with element (p, j) at src[p * ld + j].
 void pack_b_rowmajor(const IsaKernels& K, const float* src, int64_t ld, int64_t n, int64_t p0,
@@ -50,22 +43,21 @@ void pack_b_rowmajor(const IsaKernels& K, const float* src, int64_t ld, int64_t 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Single-threaded C[M x N] += A[M x Kd] * B[Kd x N] over KC-deep packed panels:
-// pack_a(p0, pc, dst) packs all M rows of A's columns [p0, p0+pc) (ceil(M/MR) slivers);
-// pack_b(p0, pc) returns the packed B panel for rows [p0, p0+pc) (ceil(N/NR) slivers).
-template <class PackA, class PackB>
-void gemm_packed(const IsaKernels& K, int64_t M, int64_t N, int64_t Kd, PackA pack_a,
-                 PackB pack_b, float* C, int64_t ldc, float* apack) {
+// Single-threaded C[M x N] += A[M x Kd] * B[Kd x N], A read in place (float32, element (i, p) at
+// a[i * a_rs + p * a_cs]); pack_b(p0, pc) returns the packed B panel for rows [p0, p0+pc)
+// (ceil(N/NR) slivers of pc x NR). Loop order keeps one B sliver in L1 while A rows stream.
+template <class PackB>
+void gemm_a_inplace(const IsaKernels& K, int64_t M, int64_t N, int64_t Kd, const float* a,
+                    int64_t a_rs, int64_t a_cs, PackB pack_b, float* C, int64_t ldc) {
   for (int64_t p0 = 0; p0 < Kd; p0 += K.kc) {
     const int64_t pc = Kd - p0 < K.kc ? Kd - p0 : K.kc;
-    pack_a(p0, pc, apack);
     const float* bpack = pack_b(p0, pc);
     for (int64_t g = 0; g * K.nr < N; ++g) {
       const int64_t n = N - g * K.nr < K.nr ? N - g * K.nr : K.nr;
       for (int64_t s = 0; s * K.mr < M; ++s) {
         const int64_t m = M - s * K.mr < K.mr ? M - s * K.mr : K.mr;
-        K.micro(pc, apack + s * pc * K.mr, bpack + g * pc * K.nr, C + s * K.mr * ldc + g * K.nr,
-                ldc, m, n);
+        K.micro(pc, a + s * K.mr * a_rs + p0 * a_cs, a_rs, a_cs, bpack + g * pc * K.nr,
+                C + s * K.mr * ldc + g * K.nr, ldc, m, n);
       }
     }
   }

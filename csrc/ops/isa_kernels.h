@@ -13,10 +13,11 @@ struct IsaKernels {
   // GEMM micro-tile (MR x NR) and cache blocking (KC: reduction depth per packed panel, sized so a
   // KC x NR sliver of the random matrix stays in L1; NC: columns of the random panel, sized for L2).
   int64_t mr, nr, kc, nc;
-  // C[m x n] += A[kc x MR] (packed, zero-padded rows) * B[kc x NR] (packed, zero-padded columns),
-  // C row stride ldc; only the valid m <= MR rows and n <= NR columns are written.
-  void (*micro)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
-                int64_t n);
+  // C[m x n] += A[m x kc] * B[kc x NR] (packed, zero-padded columns), C row stride ldc; A element
+  // (i, p) at a[i * a_rs + p * a_cs] (a packed sliver is (1, MR)); only m <= MR rows of A are
+  // read and only the valid m x n (n <= NR) part of C is written.
+  void (*micro)(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
+                int64_t ldc, int64_t m, int64_t n);
   // Packs scale * R[j, col0 + p] (Rademacher, unscaled entries +-1) for p < kc and
   // j0 <= j < j0 + nc (j0 a multiple of NR) into NR-wide slivers: dst[(g * kc + p) * NR + l] for
   // j = j0 + g * NR + l; rows j >= k are written as 0.
@@ -26,6 +27,9 @@ struct IsaKernels {
   void (*to_f32)(const void* src, DType dt, int64_t n, float* dst);
   // y[0..n) += a * x[0..n)
   void (*axpy)(int64_t n, float a, const float* x, float* y);
+  // Sparse JL scatter of a transposed batch block (see scatter_block_impl in kernel_templates.h).
+  void (*scatter_block)(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
+                        float* yT);
   // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng. Every (i, j)
   // pair uses the same arithmetic whatever its position in the tile, so a score never depends on
   // the batch of queries or rows it was computed with.

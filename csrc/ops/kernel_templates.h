@@ -3,29 +3,36 @@
 // those files, so each instantiation is compiled with its ISA's flags.
 //
 // V provides: reg, W (lanes), zero(), set1(a), load(p), load_tail(p, n) (n < W, rest zero),
-// store(p, r), add(a, b), fma(a, b, c) (= a*b + c), hsum(r) (a fixed reduction tree).
+// store(p, r), add(a, b), fma(a, b, c) (= a*b + c), hsum(r) (a fixed reduction tree),
+// xor_bits(r, u) (xor every lane's bit pattern with u: flips signs for u = 0x80000000).
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "issl_fast/hash.h"
 
 namespace issl_fast::cpu {
 
-// ---- GEMM micro-kernel: C[m x n] += A[kc x MR] * B[kc x NR], NR = NV * W ----------------------
+// ---- GEMM micro-kernel: C[m x n] += A[m x kc] * B[kc x NR], NR = NV * W --------------------
+// A element (i, p) is a[i * a_rs + p * a_cs]: (1, MR) for a packed sliver, (lda, 1) for a
+// row-major matrix read in place, (1, ld) for a transposed one. Rows i >= m are never read (they
+// alias row m-1 and their sums are discarded), so an unpadded matrix is safe to read in place.
 template <class V, int MR, int NV>
-void micro_impl(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
-                int64_t n) {
+void micro_impl(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
+                int64_t ldc, int64_t m, int64_t n) {
   constexpr int W = V::W;
   constexpr int NR = NV * W;
+  const float* arow[MR];
+  for (int i = 0; i < MR; ++i) arow[i] = a + (i < m ? i : m - 1) * a_rs;
   typename V::reg acc[MR][NV];
   for (int i = 0; i < MR; ++i)
     for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
-  for (int64_t p = 0; p < kc; ++p) {
+  for (int64_t p = 0, off = 0; p < kc; ++p, off += a_cs) {
     typename V::reg bv[NV];
     for (int v = 0; v < NV; ++v) bv[v] = V::load(b + p * NR + v * W);
     for (int i = 0; i < MR; ++i) {
-      const typename V::reg ai = V::set1(a[p * MR + i]);
+      const typename V::reg ai = V::set1(arow[i][off]);
       for (int v = 0; v < NV; ++v) acc[i][v] = V::fma(ai, bv[v], acc[i][v]);
     }
   }
@@ -129,6 +136,35 @@ void axpy_impl(int64_t n, float a, const float* x, float* y) {
   int64_t i = 0;
   for (; i + W <= n; i += W) V::store(y + i, V::fma(av, V::load(x + i), V::load(y + i)));
   for (; i < n; ++i) y[i] += a * x[i];
+}
+
+// ---- sparse JL scatter ------------------------------------------------------------------------
+// Batch-transposed scatter: for p < pc, r < s with e = tab[p * s + r] (bucket in bits 0..30, sign
+// in bit 31): yT[bucket * nb + l] += (x with e's sign) for lanes l < nb, x = xT[p * nb + l].
+// Buckets are shared by the whole batch, so the nb lanes of a row update are one vector add.
+// Every lane sees the same ops in the same (p, r) order: results do not depend on nb or the ISA.
+template <class V>
+void scatter_block_impl(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
+                        float* yT) {
+  constexpr int W = V::W;
+  for (int64_t p = 0; p < pc; ++p) {
+    const float* x = xT + p * nb;
+    for (int64_t r = 0; r < s; ++r) {
+      const uint32_t e = tab[p * s + r];
+      const uint32_t sign = e & 0x80000000u;
+      float* y = yT + static_cast<int64_t>(e & 0x7FFFFFFFu) * nb;
+      int64_t l = 0;
+      for (; l + W <= nb; l += W) V::store(y + l, V::add(V::load(y + l), V::xor_bits(V::load(x + l), sign)));
+      for (; l < nb; ++l) {
+        uint32_t u;
+        std::memcpy(&u, x + l, sizeof u);
+        u ^= sign;
+        float v;
+        std::memcpy(&v, &u, sizeof v);
+        y[l] += v;
+      }
+    }
+  }
 }
 
 }  // namespace issl_fast::cpu

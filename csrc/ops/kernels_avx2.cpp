@@ -26,6 +26,9 @@ struct VecAvx2 {
   static void store(float* p, reg r) { _mm256_storeu_ps(p, r); }
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm256_fmadd_ps(a, b, c); }
+  static reg xor_bits(reg a, uint32_t u) {
+    return _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(u))));
+  }
   static float hsum(reg r) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -37,9 +40,9 @@ struct VecAvx2 {
 constexpr int kMR = 6;   // 6 x 2 ymm accumulators + 2 B vectors + 1 broadcast of the 16 registers
 constexpr int kNR = 16;
 
-void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
-           int64_t n) {
-  micro_impl<VecAvx2, kMR, kNR / VecAvx2::W>(kc, a, b, c, ldc, m, n);
+void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
+           int64_t ldc, int64_t m, int64_t n) {
+  micro_impl<VecAvx2, kMR, kNR / VecAvx2::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
 // 8 sign bits -> 8 floats: lane l is -scale where bit l is set.
@@ -84,6 +87,11 @@ void to_f32(const void* src, DType dt, int64_t n, float* dst) {
 
 void axpy(int64_t n, float a, const float* x, float* y) { axpy_impl<VecAvx2>(n, a, x, y); }
 
+void scatter_block(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
+                   float* yT) {
+  scatter_block_impl<VecAvx2>(tab, s, pc, xT, nb, yT);
+}
+
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
               int64_t k, float* out, int64_t ldo) {
   // 3 x 3 pair accumulators + 3 row vectors + 1 query vector: 13 of the 16 ymm registers.
@@ -95,7 +103,7 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t l
 const IsaKernels& avx2_kernels() {
   // KC x NR x 4 B = 16 KB sliver in L1; KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx2", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,  pack_signs, to_f32, axpy, dot_tile};
+                                micro,  pack_signs, to_f32, axpy, scatter_block, dot_tile};
   return table;
 }
 

@@ -23,6 +23,10 @@ struct VecAvx512 {
   static void store(float* p, reg r) { _mm512_storeu_ps(p, r); }
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg fma(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
+  static reg xor_bits(reg a, uint32_t u) {
+    return _mm512_castsi512_ps(
+        _mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(static_cast<int>(u))));
+  }
   static float hsum(reg r) {
     __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1));
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -35,9 +39,9 @@ struct VecAvx512 {
 constexpr int kMR = 8;   // 8 x 2 zmm accumulators: 16 FMAs per 2 loads + 8 broadcasts
 constexpr int kNR = 32;
 
-void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
-           int64_t n) {
-  micro_impl<VecAvx512, kMR, kNR / VecAvx512::W>(kc, a, b, c, ldc, m, n);
+void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
+           int64_t ldc, int64_t m, int64_t n) {
+  micro_impl<VecAvx512, kMR, kNR / VecAvx512::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
 void pack_signs(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
@@ -79,6 +83,11 @@ void to_f32(const void* src, DType dt, int64_t n, float* dst) {
 
 void axpy(int64_t n, float a, const float* x, float* y) { axpy_impl<VecAvx512>(n, a, x, y); }
 
+void scatter_block(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
+                   float* yT) {
+  scatter_block_impl<VecAvx512>(tab, s, pc, xT, nb, yT);
+}
+
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
               int64_t k, float* out, int64_t ldo) {
   // 4 x 4 pair accumulators + 4 row vectors + 1 query vector: 21 of the 32 zmm registers.
@@ -90,7 +99,7 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t l
 const IsaKernels& avx512_kernels() {
   // KC x NR x 4 B = 32 KB sliver in L1 (48 KB on Ice Lake); KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx512", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,    pack_signs, to_f32, axpy, dot_tile};
+                                micro,    pack_signs, to_f32, axpy, scatter_block, dot_tile};
   return table;
 }
 

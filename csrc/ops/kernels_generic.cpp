@@ -41,6 +41,16 @@ struct VecGeneric {
     for (int l = 0; l < W; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
     return r;
   }
+  static reg xor_bits(const reg& a, uint32_t u) {
+    reg r;
+    for (int l = 0; l < W; ++l) {
+      uint32_t b;
+      std::memcpy(&b, &a.v[l], sizeof b);
+      b ^= u;
+      std::memcpy(&r.v[l], &b, sizeof b);
+    }
+    return r;
+  }
   static float hsum(const reg& r) {
     return ((r.v[0] + r.v[4]) + (r.v[2] + r.v[6])) + ((r.v[1] + r.v[5]) + (r.v[3] + r.v[7]));
   }
@@ -49,9 +59,9 @@ struct VecGeneric {
 constexpr int kMR = 4;   // 4 x 8 accumulators fit the 16 SSE registers
 constexpr int kNR = 8;
 
-void micro(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
-           int64_t n) {
-  micro_impl<VecGeneric, kMR, kNR / VecGeneric::W>(kc, a, b, c, ldc, m, n);
+void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
+           int64_t ldc, int64_t m, int64_t n) {
+  micro_impl<VecGeneric, kMR, kNR / VecGeneric::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
 void pack_signs(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
@@ -78,6 +88,11 @@ void to_f32(const void* src, DType dt, int64_t n, float* dst) {
 
 void axpy(int64_t n, float a, const float* x, float* y) { axpy_impl<VecGeneric>(n, a, x, y); }
 
+void scatter_block(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
+                   float* yT) {
+  scatter_block_impl<VecGeneric>(tab, s, pc, xT, nb, yT);
+}
+
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
               int64_t k, float* out, int64_t ldo) {
   dot_tile_impl<VecGeneric, 2, 2>(q, ldq, mq, g, ldg, ng, k, out, ldo);
@@ -87,7 +102,7 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t l
 
 const IsaKernels& generic_kernels() {
   static const IsaKernels table{"generic", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,     pack_signs, to_f32, axpy, dot_tile};
+                                micro,     pack_signs, to_f32, axpy, scatter_block, dot_tile};
   return table;
 }
 

@@ -54,9 +54,16 @@ void sketch_kron_cpu(const void* A, const void* D, DType dtype, int64_t B, int64
 
 #pragma omp parallel num_threads(threads)
   {
-    const int64_t rows_a = cpu::ceil_div(std::max(T, k_out), K.mr) * K.mr;
-    cpu::Scratch apack(rows_a * K.kc), bpack(K.kc * p_in.n_pad), tmp(K.kc);
+    // Half-precision inputs are upcast once per example (vectorised) and then read in place.
+    const bool upcast = dtype != DType::kFloat32;
+    cpu::Scratch abuf(upcast ? std::max<int64_t>(T * std::max(d_in, d_out), 1) : 1);
+    cpu::Scratch bpack(K.kc * p_in.n_pad);
     cpu::Scratch U(std::max<int64_t>(T * k_in, 1)), V(std::max<int64_t>(T * k_out, 1));
+    auto as_f32 = [&](const void* src, int64_t n) -> const float* {
+      if (!upcast) return static_cast<const float*>(src);
+      K.to_f32(src, dtype, n, abuf.data());
+      return abuf.data();
+    };
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       float* y = out + b * ky;
@@ -64,34 +71,24 @@ void sketch_kron_cpu(const void* A, const void* D, DType dtype, int64_t B, int64
       if (T == 0) continue;
       std::fill(U.data(), U.data() + T * k_in, 0.0f);
       std::fill(V.data(), V.data() + T * k_out, 0.0f);
-      const void* Ab = cpu::offset_ptr(A, dtype, b * T * d_in);
-      const void* Db = cpu::offset_ptr(D, dtype, b * T * d_out);
       // U = A_b P_in^T [T x k_in], V = D_b P_out^T [T x k_out]
-      cpu::gemm_packed(
-          K, T, k_in, d_in,
-          [&](int64_t p0, int64_t pc, float* dst) {
-            cpu::pack_a_rowmajor(K, Ab, dtype, d_in, T, p0, pc, dst, tmp.data());
-          },
-          [&](int64_t p0, int64_t) -> const float* { return p_in.panel(K, p0); }, U.data(), k_in,
-          apack.data());
-      cpu::gemm_packed(
-          K, T, k_out, d_out,
-          [&](int64_t p0, int64_t pc, float* dst) {
-            cpu::pack_a_rowmajor(K, Db, dtype, d_out, T, p0, pc, dst, tmp.data());
-          },
+      const float* Ab = as_f32(cpu::offset_ptr(A, dtype, b * T * d_in), T * d_in);
+      cpu::gemm_a_inplace(
+          K, T, k_in, d_in, Ab, d_in, 1,
+          [&](int64_t p0, int64_t) -> const float* { return p_in.panel(K, p0); }, U.data(), k_in);
+      const float* Db = as_f32(cpu::offset_ptr(D, dtype, b * T * d_out), T * d_out);
+      cpu::gemm_a_inplace(
+          K, T, k_out, d_out, Db, d_out, 1,
           [&](int64_t p0, int64_t) -> const float* { return p_out.panel(K, p0); }, V.data(),
-          k_out, apack.data());
-      // y_b [k_out x k_in] += V^T U  (sum over t)
-      cpu::gemm_packed(
-          K, k_out, k_in, T,
-          [&](int64_t p0, int64_t pc, float* dst) {
-            cpu::pack_a_colmajor(K, V.data(), k_out, k_out, p0, pc, dst);
-          },
+          k_out);
+      // y_b [k_out x k_in] += V^T U (sum over t); V^T is V read in place with swapped strides.
+      cpu::gemm_a_inplace(
+          K, k_out, k_in, T, V.data(), 1, k_out,
           [&](int64_t p0, int64_t pc) -> const float* {
             cpu::pack_b_rowmajor(K, U.data(), k_in, k_in, p0, pc, bpack.data());
             return bpack.data();
           },
-          y, k_in, apack.data());
+          y, k_in);
     }
   }
 }

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <vector>
 
 #include "convert.h"
@@ -15,18 +14,10 @@
 namespace issl_fast {
 namespace {
 
-// Input coordinates per block: the block's bucket table (kBlock * s uint32) and one converted row
-// segment stay in L1/L2 while every row of the thread scatters through them.
-constexpr int64_t kBlock = 1024;
+// Input coordinates per block: the block's bucket table (kBlock * s uint32, shared) and the
+// thread's transposed input block (kBlock x its rows) stay in cache while they are scattered.
+constexpr int64_t kBlock = 256;
 constexpr uint32_t kSignBit = 0x80000000u;
-
-inline float flip_sign(float v, uint32_t sign_bit) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  u ^= sign_bit;
-  std::memcpy(&v, &u, sizeof v);
-  return v;
-}
 
 }  // namespace
 
@@ -43,21 +34,26 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
   cpu::require_nonneg(col_offset, "col_offset");
   cpu::require_ptr(g, B * P, "g");
   cpu::require_ptr(out, B * k, "out");
+  if (B == 0) return;
 
   const cpu::IsaKernels& K = cpu::isa();
   const uint64_t key = stream_key(seed, Role::kSparse, Dist::kRademacher);
-  const float inv_sqrt_s = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
-  // Bucket in the low 31 bits, sign in bit 31. Double-buffered like the dense panel.
+  const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
+  // Bucket in the low 31 bits, sign in bit 31. Double-buffered like the dense panel: one barrier
+  // per block.
   std::vector<uint32_t> table[2] = {std::vector<uint32_t>(kBlock * s),
                                     std::vector<uint32_t>(kBlock * s)};
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(cpu::clamp_threads(num_threads), std::max<int64_t>(B, 1))));
+  const int threads = static_cast<int>(std::min<int64_t>(cpu::clamp_threads(num_threads), B));
 
 #pragma omp parallel num_threads(threads)
   {
+    // Each thread owns rows [b0, b1) and accumulates them transposed, yT [k x nb], so that one
+    // bucket update is a contiguous vector add over its rows.
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t b_begin = B * tid / nt, b_end = B * (tid + 1) / nt;
-    if (!accumulate) std::fill(out + b_begin * k, out + b_end * k, 0.0f);
-    cpu::Scratch row(kBlock);
+    const int64_t b0 = B * tid / nt, b1 = B * (tid + 1) / nt, nb = b1 - b0;
+    cpu::Scratch yT(std::max<int64_t>(k * nb, 1)), xT(std::max<int64_t>(kBlock * nb, 1)),
+        row(kBlock);
+    std::fill(yT.data(), yT.data() + k * nb, 0.0f);
     for (int64_t p0 = 0, it = 0; p0 < P; p0 += kBlock, ++it) {
       const int64_t pc = std::min(kBlock, P - p0);
       uint32_t* tab = table[it & 1].data();
@@ -69,15 +65,20 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
           tab[p * s + r] = sparse_bucket(h, r, s, k) | (sparse_sign(h) < 0 ? kSignBit : 0u);
         }
       }  // implicit barrier: table `it` complete
-      for (int64_t b = b_begin; b < b_end; ++b) {
+      for (int64_t b = b0; b < b1; ++b) {
         K.to_f32(cpu::offset_ptr(g, dtype, b * P + p0), dtype, pc, row.data());
-        float* y = out + b * k;
-        const float* x = row.data();
-        for (int64_t p = 0; p < pc; ++p) {
-          const float v = x[p] * inv_sqrt_s;
-          const uint32_t* e = tab + p * s;
-          for (int64_t r = 0; r < s; ++r) y[e[r] & ~kSignBit] += flip_sign(v, e[r] & kSignBit);
-        }
+        float* x = xT.data() + (b - b0);
+        for (int64_t p = 0; p < pc; ++p) x[p * nb] = row.data()[p] * scale;
+      }
+      K.scatter_block(tab, s, pc, xT.data(), nb, yT.data());
+    }
+    for (int64_t b = b0; b < b1; ++b) {
+      float* y = out + b * k;
+      const float* src = yT.data() + (b - b0);
+      if (accumulate) {
+        for (int64_t j = 0; j < k; ++j) y[j] += src[j * nb];
+      } else {
+        for (int64_t j = 0; j < k; ++j) y[j] = src[j * nb];
       }
     }
   }
