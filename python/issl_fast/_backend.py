@@ -58,7 +58,7 @@ def simd_level() -> str:
 
 
 def set_simd_level(level: str) -> None:
-    """Force the CPU kernels' SIMD level (for tests and benchmarks). ValueError if the CPU lacks it."""
+    """Force the CPU kernels' SIMD level (tests, benchmarks); ValueError if the CPU lacks it."""
     if level not in SIMD_LEVELS:
         raise ValueError(f"simd level must be one of {SIMD_LEVELS}, got {level!r}")
     _C.set_simd_level(level)

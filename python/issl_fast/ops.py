@@ -172,8 +172,17 @@ def sketch_dense(
         return _finish_reference(y, out, accumulate)
     out = _prepare_out(out, (B, k), g.device, accumulate)
     _C.sketch_dense(
-        g.data_ptr(), _TORCH_DTYPES[g.dtype], B, P, k, seed, dist_code, col_offset,
-        out.data_ptr(), accumulate, _threads(num_threads),
+        g.data_ptr(),
+        _TORCH_DTYPES[g.dtype],
+        B,
+        P,
+        k,
+        seed,
+        dist_code,
+        col_offset,
+        out.data_ptr(),
+        accumulate,
+        _threads(num_threads),
     )
     return out
 
@@ -226,8 +235,20 @@ def sketch_linear(
         return _finish_reference(y, out, accumulate)
     out = _prepare_out(out, (B, k), A.device, accumulate)
     _C.sketch_linear(
-        A.data_ptr(), D.data_ptr(), _TORCH_DTYPES[A.dtype], B, T, d_in, d_out, k, seed,
-        dist_code, col_offset, out.data_ptr(), accumulate, _threads(num_threads),
+        A.data_ptr(),
+        D.data_ptr(),
+        _TORCH_DTYPES[A.dtype],
+        B,
+        T,
+        d_in,
+        d_out,
+        k,
+        seed,
+        dist_code,
+        col_offset,
+        out.data_ptr(),
+        accumulate,
+        _threads(num_threads),
     )
     return out
 
@@ -262,8 +283,17 @@ def sketch_sparse(
         return _finish_reference(y, out, accumulate)
     out = _prepare_out(out, (B, k), g.device, accumulate)
     _C.sketch_sparse(
-        g.data_ptr(), _TORCH_DTYPES[g.dtype], B, P, k, s, seed, col_offset, out.data_ptr(),
-        accumulate, _threads(num_threads),
+        g.data_ptr(),
+        _TORCH_DTYPES[g.dtype],
+        B,
+        P,
+        k,
+        s,
+        seed,
+        col_offset,
+        out.data_ptr(),
+        accumulate,
+        _threads(num_threads),
     )
     return out
 
@@ -300,8 +330,20 @@ def sketch_kron(
         return _finish_reference(y, out, accumulate)
     out = _prepare_out(out, (B, k_out * k_in), A.device, accumulate)
     _C.sketch_kron(
-        A.data_ptr(), D.data_ptr(), _TORCH_DTYPES[A.dtype], B, T, d_in, d_out, k_in, k_out, seed,
-        dist_code, out.data_ptr(), accumulate, _threads(num_threads),
+        A.data_ptr(),
+        D.data_ptr(),
+        _TORCH_DTYPES[A.dtype],
+        B,
+        T,
+        d_in,
+        d_out,
+        k_in,
+        k_out,
+        seed,
+        dist_code,
+        out.data_ptr(),
+        accumulate,
+        _threads(num_threads),
     )
     return out
 
@@ -396,9 +438,19 @@ def score_topk(
         indices.copy_(i)
         return values, indices
     _C.score_topk(
-        Q.data_ptr(), m, gptr, gcode, n, k, topk,
-        ex.data_ptr() if ex is not None else 0, ex.shape[1] if ex is not None else 0,
-        index_offset, values.data_ptr(), indices.data_ptr(), accumulate, _threads(num_threads),
+        Q.data_ptr(),
+        m,
+        gptr,
+        gcode,
+        n,
+        k,
+        topk,
+        ex.data_ptr() if ex is not None else 0,
+        ex.shape[1] if ex is not None else 0,
+        index_offset,
+        values.data_ptr(),
+        indices.data_ptr(),
+        accumulate,
+        _threads(num_threads),
     )
     return values, indices
-

@@ -270,7 +270,11 @@ def score_topk(
     for r0 in range(0, n, _ROW_CHUNK):
         r1 = min(n, r0 + _ROW_CHUNK)
         chunk = G[r0:r1]
-        chunk = torch.from_numpy(np.ascontiguousarray(chunk)) if isinstance(chunk, np.ndarray) else chunk
+        chunk = (
+            torch.from_numpy(np.ascontiguousarray(chunk))
+            if isinstance(chunk, np.ndarray)
+            else chunk
+        )
         s = Q @ _as(chunk, accum).T  # [m, c]
         idx = torch.arange(r0, r1, dtype=torch.int64).expand(m, -1) + index_offset
         s = torch.where(torch.isnan(s), torch.full_like(s, -math.inf), s)

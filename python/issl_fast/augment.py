@@ -1,0 +1,222 @@
+"""Batched, seeded tensor augmentations for the label-free loss.
+
+Every random parameter of an example's view is a pure function of ``(seed, example id, view)``
+through the project's counter-based hash (:mod:`issl_fast.reference`, role ``augment``), so the
+same example gets the same views in any batch, order or process — which is what makes stored
+gradient features reproducible and resumable.
+
+Images are float tensors ``[B, C, H, W]`` (any C; colour ops need C = 3 and are skipped
+otherwise), values nominally in [0, 1]. Views keep the input size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+# Hash stream of the augmentations; the sketch roles use 0..3 (csrc/include/issl_fast/hash.h).
+_AUGMENT_STREAM = 8
+# Uniform draws per (example, view): one fixed slot per parameter, so adding an augmentation
+# never shifts another's randomness.
+_N_PARAMS = 16
+(
+    _U_CROP_AREA,
+    _U_CROP_RATIO,
+    _U_CROP_X,
+    _U_CROP_Y,
+    _U_FLIP,
+    _U_JITTER_P,
+    _U_BRIGHT,
+    _U_CONTRAST,
+    _U_SAT,
+    _U_HUE,
+    _U_GRAY,
+    _U_BLUR_P,
+    _U_BLUR_SIGMA,
+    _U_NOISE_SEED,
+) = range(14)
+
+
+class AugmentFn(Protocol):
+    """Any callable ``augment(x, ids, view) -> x_hat`` can replace :class:`SSLAugment`."""
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor: ...
+
+
+def view_uniforms(
+    seed: int, ids: torch.Tensor | np.ndarray, view: int, n: int = _N_PARAMS
+) -> np.ndarray:
+    """``[B, n]`` float64 uniforms in [0, 1) that depend only on ``(seed, id, view, slot)``."""
+    key = reference._mix_int(reference._mix_int(int(seed)) + (_AUGMENT_STREAM + 1) * reference._PHI)
+    ids = np.asarray(torch.as_tensor(ids).cpu().numpy(), dtype=np.int64)
+    if ids.ndim != 1:
+        raise ValueError(f"ids must be 1-D [B], got shape {ids.shape}")
+    if (ids < 0).any():
+        raise ValueError("example ids must be >= 0")
+    if view < 0:
+        raise ValueError(f"view must be >= 0, got {view}")
+    # Column = (id, view) folded into one 64-bit counter; word = parameter slot.
+    cols = ids.astype(np.uint64) * np.uint64(1 << 16) + np.uint64(view)
+    ck = reference.column_keys(key, cols)
+    h = reference.hash_words(ck[:, None], np.arange(n, dtype=np.uint64)[None, :])
+    return (h >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+@dataclass(frozen=True)
+class SSLAugment:
+    """SimCLR-style view generator: random resized crop + flip, colour jitter, grayscale, blur,
+    Gaussian noise; each with its own probability. Parameters per (seed, id, view)."""
+
+    seed: int = 0
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    gray_p: float = 0.2
+    blur_p: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    noise_std: float = 0.0
+
+    @classmethod
+    def light(cls, seed: int = 0) -> SSLAugment:
+        """Milder views for tiny images (e.g. 8x8 digits): crops keep >= 60% of the area."""
+        return cls(
+            seed=seed,
+            crop_scale=(0.6, 1.0),
+            flip_p=0.0,
+            jitter_p=0.8,
+            brightness=0.3,
+            contrast=0.3,
+            saturation=0.0,
+            hue=0.0,
+            gray_p=0.0,
+            blur_p=0.3,
+            blur_sigma=(0.1, 0.8),
+            noise_std=0.02,
+        )
+
+    def config(self) -> dict:
+        """Everything that determines the views (part of a store's fingerprint)."""
+        return {"kind": "SSLAugment", **asdict(self)}
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x must be an image batch [B, C, H, W], got {shape}")
+        if len(ids) != x.shape[0]:
+            raise ValueError(f"ids has {len(ids)} entries but x has batch size {x.shape[0]}")
+        u = torch.from_numpy(view_uniforms(self.seed, ids, view)).to(x.device, torch.float32)
+        out = self._crop_flip(x, u)
+        if x.shape[1] == 3:
+            out = self._colour(out, u)
+        out = self._blur(out, u)
+        if self.noise_std > 0:
+            out = out + self.noise_std * self._noise(out, u)
+        return out
+
+    # -- geometry -----------------------------------------------------------------------------
+    def _crop_flip(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.crop_scale
+        area = lo + (hi - lo) * u[:, _U_CROP_AREA]
+        log_r = (
+            math.log(self.crop_ratio[0])
+            + (math.log(self.crop_ratio[1]) - math.log(self.crop_ratio[0])) * u[:, _U_CROP_RATIO]
+        )
+        r = torch.exp(log_r)
+        # Crop width/height as fractions of the image, clamped to fit.
+        w = torch.sqrt(area * r).clamp(max=1.0)
+        h = torch.sqrt(area / r).clamp(max=1.0)
+        cx = (1 - w) * (2 * u[:, _U_CROP_X] - 1)  # centre in normalised [-1, 1] coordinates
+        cy = (1 - h) * (2 * u[:, _U_CROP_Y] - 1)
+        flip = torch.where(u[:, _U_FLIP] < self.flip_p, -1.0, 1.0)
+        theta = torch.zeros(x.shape[0], 2, 3, dtype=x.dtype, device=x.device)
+        theta[:, 0, 0] = (w * flip).to(x.dtype)
+        theta[:, 0, 2] = cx.to(x.dtype)
+        theta[:, 1, 1] = h.to(x.dtype)
+        theta[:, 1, 2] = cy.to(x.dtype)
+        grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+        return F.grid_sample(
+            x, grid, mode="bilinear", padding_mode="reflection", align_corners=False
+        )
+
+    # -- colour -------------------------------------------------------------------------------
+    def _colour(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        def factor(slot: int, strength: float) -> torch.Tensor:
+            return (1 + strength * (2 * u[:, slot] - 1)).to(x.dtype)[:, None, None, None]
+
+        jitter = (u[:, _U_JITTER_P] < self.jitter_p)[:, None, None, None]
+        y = x * factor(_U_BRIGHT, self.brightness)
+        mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
+        y = (y - mean) * factor(_U_CONTRAST, self.contrast) + mean
+        g = _gray(y)
+        y = (y - g) * factor(_U_SAT, self.saturation) + g
+        if self.hue > 0:
+            y = _rotate_hue(y, (2 * u[:, _U_HUE] - 1) * self.hue * 2 * math.pi)
+        x = torch.where(jitter, y, x)
+        gray = (u[:, _U_GRAY] < self.gray_p)[:, None, None, None]
+        return torch.where(gray, _gray(x).expand_as(x), x)
+
+    # -- blur and noise -----------------------------------------------------------------------
+    def _blur(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if self.blur_p <= 0:
+            return x
+        B, C, H, W = x.shape
+        lo, hi = self.blur_sigma
+        sigma = (lo + (hi - lo) * u[:, _U_BLUR_SIGMA]).to(x.dtype)
+        radius = max(1, min(int(math.ceil(2 * hi)), (min(H, W) - 1) // 2))
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        kern = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+        kern = kern / kern.sum(dim=1, keepdim=True)  # [B, 2r+1]
+        # Separable per-example kernels as one grouped convolution over B*C channels.
+        k = kern.repeat_interleave(C, dim=0)
+        y = x.reshape(1, B * C, H, W)
+        y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
+        y = F.conv2d(y, k[:, None, None, :], groups=B * C)
+        y = F.pad(y, (0, 0, radius, radius), mode="reflect")
+        y = F.conv2d(y, k[:, None, :, None], groups=B * C).reshape(B, C, H, W)
+        blur = (u[:, _U_BLUR_P] < self.blur_p)[:, None, None, None]
+        return torch.where(blur, y, x)
+
+    @staticmethod
+    def _noise(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        # A per-example generator seeded from the example's own uniforms keeps noise a pure
+        # function of (seed, id, view).
+        seeds = (u[:, _U_NOISE_SEED].double() * 2**53).long().tolist()
+        noise = torch.empty_like(x, device="cpu")
+        for b, s in enumerate(seeds):
+            gen = torch.Generator().manual_seed(s)
+            noise[b] = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
+        return noise.to(x.device)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    """ITU-R 601 luma, [B, 1, H, W]."""
+    w = torch.tensor([0.299, 0.587, 0.114], dtype=x.dtype, device=x.device)
+    return (x * w[None, :, None, None]).sum(dim=1, keepdim=True)
+
+
+def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
+    """Hue rotation by ``angle`` radians per example, as a rotation of the chroma plane in YIQ."""
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
+        dtype=x.dtype,
+        device=x.device,
+    )
+    from_yiq = torch.linalg.inv(to_yiq)
+    c, s = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+    rot = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)
+    rot[:, 0, 0] = 1
+    rot[:, 1, 1], rot[:, 1, 2], rot[:, 2, 1], rot[:, 2, 2] = c, -s, s, c
+    m = from_yiq[None] @ rot @ to_yiq[None]  # [B, 3, 3]
+    return torch.einsum("bij,bjhw->bihw", m, x)

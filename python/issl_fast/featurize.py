@@ -1,0 +1,196 @@
+"""Per-batch featurisation: one forward and one backward of ``sum_b l_b`` on all views, hooks
+collect the layer factors, and the fused kernels turn them into ``phi [B, dim]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import ops, reference
+from .capture import FactorCapture, ParamLayout, fallback_grads
+from .loss import AugmentationStability
+from .projection import Block, Projection, plan_blocks
+
+# Covariance statistics are accumulated in float64: they sum over every row of the data set.
+_STATS_DTYPE = torch.float64
+
+
+class Featurizer:
+    """Maps a batch ``(x, ids)`` to gradient features ``phi [B, dim]`` (and, with
+    ``collect_stats``, each example's projected K-FAC covariances ``{block/A: [B, k_in, k_in],
+    block/D: [B, k_out, k_out]}`` of every kron block, for EK-FAC)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ParamLayout,
+        loss: AugmentationStability,
+        projection: Projection,
+        *,
+        collect_stats: bool = False,
+        num_threads: int | None = None,
+    ) -> None:
+        self.model = model
+        self.layout = layout
+        self.loss = loss
+        self.projection = projection
+        self.blocks: list[Block] = plan_blocks(projection, layout)
+        self.dim = self.blocks[-1].stop if self.blocks else 0
+        self.collect_stats = collect_stats and projection.kind == "kron"
+        self.num_threads = num_threads
+        self._kron_mats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def feature_dtype(self) -> torch.dtype:
+        """float32 for sketches; the model's dtype for identity (keeps float64 exact)."""
+        if self.projection.kind == "identity":
+            return next(iter(self.model.parameters())).dtype
+        return torch.float32
+
+    def __call__(
+        self, x: torch.Tensor, ids: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        B = x.shape[0]
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                inputs = self.loss.encoder_inputs(x, ids)
+            with torch.enable_grad(), FactorCapture(self.layout) as cap:
+                losses = self.loss.from_outputs(self.model(inputs), B)
+                cap.backward(losses.sum())
+                phi = torch.empty(B, self.dim, dtype=self.feature_dtype)
+                stats: dict[str, torch.Tensor] = {}
+                self._layers(cap, phi, stats)
+            if self.layout.fallback:
+                g = fallback_grads(
+                    self.model, self.layout, self.loss.from_outputs, inputs, self.loss.groups
+                )
+                self._fallback(g.detach(), phi)
+        finally:
+            self.model.train(was_training)
+        return phi, stats
+
+    # ------------------------------------------------------------------------------------------
+    def _layers(
+        self, cap: FactorCapture, phi: torch.Tensor, stats: dict[str, torch.Tensor]
+    ) -> None:
+        proj, groups = self.projection, self.loss.groups
+        for i, layer in enumerate(self.layout.layers):
+            A, D = cap.factors(layer, groups)
+            if proj.kind == "identity":
+                block = self.blocks[i]
+                G = torch.einsum("bto,bti->boi", D, A).reshape(A.shape[0], -1)
+                phi[:, block.start : block.stop] = G.to(phi.dtype)
+                continue
+            A, D = _kernel_dtype(A), _kernel_dtype(D)
+            if proj.kind == "dense":
+                ops.sketch_linear(
+                    A,
+                    D,
+                    proj.k,
+                    seed=proj.seed,
+                    dist=proj.dist,
+                    col_offset=layer.offset,
+                    out=phi,
+                    accumulate=i > 0,
+                    num_threads=self.num_threads,
+                )
+                continue
+            block = self.blocks[i]
+            phi[:, block.start : block.stop] = ops.sketch_kron(
+                A,
+                D,
+                block.k_in,
+                block.k_out,
+                seed=block.seed,
+                dist=proj.dist,
+                num_threads=self.num_threads,
+            )
+            if self.collect_stats:
+                p_in, p_out = self._projections(block, layer.d_in, layer.d_out)
+                # Per-example sums over t, so the store can split a batch at a shard boundary.
+                U = (A.float() @ p_in.T).to(_STATS_DTYPE)  # [B, T, k_in]
+                V = (D.float() @ p_out.T).to(_STATS_DTYPE)  # [B, T, k_out]
+                stats[f"{block.name}/A"] = torch.einsum("bti,btj->bij", U, U)
+                stats[f"{block.name}/D"] = torch.einsum("bti,btj->bij", V, V)
+
+    def _fallback(self, g: torch.Tensor, phi: torch.Tensor) -> None:
+        proj = self.projection
+        block = self.blocks[-1]
+        if proj.kind == "identity":
+            phi[:, block.start : block.stop] = g.to(phi.dtype)
+        elif proj.kind == "dense":
+            ops.sketch_dense(
+                _kernel_dtype(g),
+                proj.k,
+                seed=proj.seed,
+                dist=proj.dist,
+                col_offset=self.layout.fallback[0].offset,
+                out=phi,
+                accumulate=bool(self.layout.layers),
+                num_threads=self.num_threads,
+            )
+        else:
+            phi[:, block.start : block.stop] = ops.sketch_dense(
+                _kernel_dtype(g),
+                block.dim,
+                seed=block.seed,
+                dist=proj.dist,
+                num_threads=self.num_threads,
+            )
+
+    def _projections(
+        self, block: Block, d_in: int, d_out: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled P_in [k_in, d_in], P_out [k_out, d_out] of a kron block (cached)."""
+        if block.name not in self._kron_mats:
+            p_in, p_out = reference.kron_matrices(
+                block.seed, d_in, d_out, block.k_in, block.k_out, self.projection.dist
+            )
+            self._kron_mats[block.name] = (
+                torch.from_numpy(p_in).float() / block.k_in**0.5,
+                torch.from_numpy(p_out).float() / block.k_out**0.5,
+            )
+        return self._kron_mats[block.name]
+
+
+def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
+    """The kernels take float32/float16/bfloat16: other float types are computed in float32."""
+    if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        t = t.float()
+    return t.contiguous()
+
+
+def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Normalise what a data loader yields to ``(x, ids or None)``.
+
+    Accepted items: a tensor ``x``; a tuple/list ``(x, ...)`` (labels ignored); a dict with
+    ``"x"``/``"image"``/``"input"`` and optionally ``"id"``/``"ids"`` (stable example ids).
+    Without ids, an example's id is its position in the stream.
+    """
+    for item in data:
+        ids = None
+        if isinstance(item, torch.Tensor):
+            x = item
+        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
+            x = item[0]
+        elif isinstance(item, dict):
+            key = next((k for k in ("x", "image", "input") if k in item), None)
+            if key is None:
+                raise ValueError(
+                    f"a dict batch needs an 'x', 'image' or 'input' entry, got keys {sorted(item)}"
+                )
+            x = item[key]
+            raw = item.get("ids", item.get("id"))
+            ids = None if raw is None else torch.as_tensor(raw, dtype=torch.int64).reshape(-1)
+        else:
+            raise TypeError(
+                f"cannot read a batch from {type(item).__name__}: yield tensors, "
+                "(x, ...) tuples or dicts with 'x'"
+            )
+        yield x, ids

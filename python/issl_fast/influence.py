@@ -1,0 +1,266 @@
+"""The user-facing object: ``InfluenceSSL``.
+
+Score convention (used everywhere a score is returned)::
+
+    score(train i -> test t) = phi_t^T F^-1 phi_i
+
+Positive: training example i *supports* test example t (upweighting i lowers t's loss). Koh &
+Liang's ``I_up,loss(z_i, z_t)`` is ``-score / n``. Self-influence ``s_i = phi_i^T F^-1 phi_i >= 0``
+(high = atypical / memorised / outlier); the normalised (cosine) influence is
+``score / sqrt(s_i s_t)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import ops
+from .capture import build_layout
+from .featurize import Featurizer, iterate_batches
+from .loss import AugmentationStability
+from .projection import Projection
+from .reference import HASH_VERSION
+from .solver import Solver
+from .store import GradientStore
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of every parameter and buffer (name, dtype, shape, bytes): the weights hash."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+@dataclass
+class TopInfluence:
+    """Top-k influence per query. ``values[q, j]`` = score of store row ``rows[q, j]`` (example
+    id ``ids[q, j]``) for query q; -1 marks empty slots. Koh-Liang: ``-values / n``."""
+
+    values: torch.Tensor
+    rows: torch.Tensor
+    ids: torch.Tensor
+    n: int
+
+    def koh_liang(self) -> torch.Tensor:
+        """``I_up,loss = -score / n`` (change of the query's loss per unit upweighting)."""
+        return -self.values / self.n
+
+
+class InfluenceSSL:
+    """Label-free influence for a self-supervised encoder.
+
+    Args:
+        encoder: any ``nn.Module``; its output (or ``loss.representation(output)``) is z.
+        loss: the per-example loss; default ``AugmentationStability(views=4, seed=0)``.
+        projection: how gradients are sketched; default ``Projection("kron", k=256)``.
+        solver: ``"identity" | "gauss_newton" | "block" | "ekfac"`` (default).
+        track: module / parameter names to track; default every Linear and Conv2d.
+        damping: relative damping (x mean eigenvalue); absolute_damping overrides it.
+        store_dtype: ``"float16" | "bfloat16" | "float32" | "float64"`` for stored features.
+        num_threads: threads for the CPU kernels (default: torch's).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        loss: AugmentationStability | None = None,
+        projection: Projection | None = None,
+        solver: str = "ekfac",
+        *,
+        track: Iterable[str] | None = None,
+        damping: float = 0.1,
+        absolute_damping: float | None = None,
+        store_dtype: str = "float16",
+        num_threads: int | None = None,
+    ) -> None:
+        if not isinstance(encoder, nn.Module):
+            raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        self.encoder = encoder
+        self.loss = loss if loss is not None else AugmentationStability(views=4, seed=0)
+        self.projection = projection if projection is not None else Projection("kron", k=256)
+        if solver == "ekfac" and self.projection.kind != "kron":
+            raise ValueError(
+                "solver='ekfac' works in the kron sketch space: use "
+                "Projection('kron', ...) or solver='block' / 'gauss_newton'"
+            )
+        self.layout = build_layout(encoder, track)
+        self.featurizer = Featurizer(
+            encoder,
+            self.layout,
+            self.loss,
+            self.projection,
+            collect_stats=solver == "ekfac",
+            num_threads=num_threads,
+        )
+        self.solver = Solver(solver, self.featurizer.blocks, damping, absolute_damping)
+        self.store_dtype = store_dtype
+        self.num_threads = num_threads
+        self.store: GradientStore | None = None
+
+    @property
+    def dim(self) -> int:
+        """Feature dimension."""
+        return self.featurizer.dim
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything that determines the stored features."""
+        return {
+            "model": model_fingerprint(self.encoder),
+            "layout": self.layout.describe(),
+            "loss": self.loss.config(),
+            "projection": self.projection.config(),
+            "hash_version": HASH_VERSION,
+            "kfac_stats": self.featurizer.collect_stats,
+        }
+
+    # -- features ---------------------------------------------------------------------------------
+    def features(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Gradient features ``[B, dim]`` of a batch (ids default to 0..B-1: pass the examples'
+        own ids when their augmentations must match the store's)."""
+        if ids is None:
+            ids = torch.arange(x.shape[0])
+        return self.featurizer(x, torch.as_tensor(ids, dtype=torch.int64))[0]
+
+    def featurize(
+        self,
+        data: Iterable[Any],
+        path: str | os.PathLike,
+        *,
+        shard_rows: int = 4096,
+        progress: bool = True,
+    ) -> GradientStore:
+        """Features of every example of ``data`` into a store at ``path``; resumes a store left
+        incomplete by a crash (the data must come in the same order). Returns the store."""
+        from tqdm.auto import tqdm
+
+        store = GradientStore.create_or_resume(
+            path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
+        )
+        if store.complete:
+            self.store = store
+            return store
+        done, seen = store.rows, 0
+        total = (
+            len(data.dataset)
+            if hasattr(data, "dataset") and hasattr(data.dataset, "__len__")
+            else None
+        )
+        with tqdm(
+            total=total, initial=done, unit="ex", desc="featurize", disable=not progress
+        ) as bar:
+            for x, ids in iterate_batches(data):
+                B = x.shape[0]
+                if ids is None:
+                    ids = torch.arange(seen, seen + B)
+                if seen + B <= done:  # already durable in the store: skip without computing
+                    seen += B
+                    continue
+                phi, stats = self.featurizer(x, ids)
+                cut = max(0, done - seen)
+                store.append(phi[cut:], ids[cut:], {k: v[cut:] for k, v in stats.items()})
+                seen += B
+                bar.update(B - cut)
+        store.finalize(meta={"rows": store.rows})
+        self.store = store
+        return store
+
+    # -- curvature and scores ---------------------------------------------------------------------
+    def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
+        if store is None:
+            if self.store is None:
+                raise ValueError("no store: call featurize(...) first or pass store=")
+            return self.store
+        if isinstance(store, GradientStore):
+            return store
+        return GradientStore.open(store, fingerprint=self.fingerprint())
+
+    def fit(self, store: GradientStore | str | os.PathLike | None = None) -> InfluenceSSL:
+        """Fit the curvature (and damping) on a store's features."""
+        store = self._store(store)
+        self.solver.fit(store)
+        self.store = store
+        return self
+
+    def preconditioned(
+        self, queries: torch.Tensor, ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]``."""
+        return self.solver.precondition(self.features(queries, ids)).float().contiguous()
+
+    def score(
+        self,
+        queries: torch.Tensor,
+        topk: int = 10,
+        *,
+        ids: torch.Tensor | None = None,
+        store: GradientStore | None = None,
+        opponents: bool = False,
+        exclude_rows: torch.Tensor | None = None,
+    ) -> TopInfluence:
+        """Top-k training examples per query by ``score = phi_t^T F^-1 phi_i``: the proponents
+        (most positive), or with ``opponents=True`` the most negative ones."""
+        store = self._store(store)
+        q = self.preconditioned(queries, ids)
+        return self.topk_from_preconditioned(
+            -q if opponents else q, topk, store, negate=opponents, exclude_rows=exclude_rows
+        )
+
+    def topk_from_preconditioned(
+        self,
+        q: torch.Tensor,
+        topk: int,
+        store: GradientStore | None = None,
+        *,
+        negate: bool = False,
+        exclude_rows: torch.Tensor | None = None,
+    ) -> TopInfluence:
+        """Streaming top-k of ``q @ phi_i`` over a store's shards (memory independent of n)."""
+        store = self._store(store)
+        m = q.shape[0]
+        values = torch.full((m, topk), -torch.inf)
+        rows = torch.full((m, topk), -1, dtype=torch.int64)
+        for i, (arr, first) in enumerate(store.shards()):
+            if store.dtype == "float64":  # exactness-test stores: the kernel scores in float32
+                arr = np.asarray(arr, dtype=np.float32)
+            ops.score_topk(
+                q,
+                arr,
+                topk,
+                index_offset=first,
+                exclude=exclude_rows,
+                out=(values, rows),
+                accumulate=i > 0,
+                num_threads=self.num_threads,
+            )
+        all_ids = torch.from_numpy(store.ids())
+        ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+        return TopInfluence(-values if negate else values, rows, ids, store.rows)
+
+    def score_matrix(
+        self,
+        queries: torch.Tensor,
+        *,
+        ids: torch.Tensor | None = None,
+        store: GradientStore | None = None,
+    ) -> torch.Tensor:
+        """Full ``[m, n]`` float64 score matrix: for small problems and tests."""
+        store = self._store(store)
+        q = self.solver.precondition(self.features(queries, ids))
+        return torch.cat([q @ rows.T for rows, _ in store.iter_rows(dtype=torch.float64)], dim=1)
+
+    def self_influence(self, store: GradientStore | None = None) -> np.ndarray:
+        """``s_i = phi_i^T F^-1 phi_i`` for every store row, float64 ``[n]``."""
+        store = self._store(store)
+        parts = [self.solver.quad(rows).numpy() for rows, _ in store.iter_rows(dtype=torch.float64)]
+        return np.concatenate(parts) if parts else np.zeros(0)

@@ -1,0 +1,111 @@
+"""The label-free loss of Influence-SSL: stability of an encoder's representation under
+augmentation.
+
+For an example x with views ``T_1 x .. T_K x`` (seeded: :mod:`issl_fast.augment`)::
+
+    l(x; theta) = (1/K) sum_v [1 - cos(f(x), f(T_v x))]          (anchor form, default)
+    l(x; theta) = 1 - cos(f(T_1 x), f(T_2 x))                      (two_view=True)
+
+``l`` is separable per example (no in-batch negatives), so per-example gradients are well defined,
+and it is evaluated with the encoder in eval mode (BatchNorm statistics and dropout frozen):
+influence is measured at fixed theta. Gradients flow through both branches of the cosine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .augment import AugmentFn, SSLAugment
+
+# Cosine similarity guard for zero representations (e.g. a dead ReLU feature map).
+_COS_EPS = 1e-8
+
+
+class AugmentationStability:
+    """Per-example augmentation-stability loss.
+
+    Args:
+        views: K, the number of augmented views per example.
+        seed: seed of the default :class:`SSLAugment` (ignored when ``augment`` is given).
+        augment: ``augment(x, ids, view) -> x_hat``; default ``SSLAugment(seed=seed)``.
+        two_view: use ``1 - cos(f(T_1 x), f(T_2 x))`` instead of the anchor form (needs K = 2).
+        representation: maps the encoder's output to the representation z (e.g. pick the
+            backbone features of a (features, projection) tuple); default: the output itself.
+    """
+
+    def __init__(
+        self,
+        views: int = 4,
+        seed: int = 0,
+        augment: AugmentFn | None = None,
+        two_view: bool = False,
+        representation: Callable[[Any], torch.Tensor] | None = None,
+    ) -> None:
+        if not isinstance(views, int) or views < 1:
+            raise ValueError(f"views must be an int >= 1, got {views!r}")
+        if two_view and views != 2:
+            raise ValueError(f"two_view=True compares exactly two views, got views={views}")
+        self.views = views
+        self.seed = seed
+        self.augment: AugmentFn = augment if augment is not None else SSLAugment(seed=seed)
+        self.two_view = two_view
+        self.representation = representation
+
+    @property
+    def groups(self) -> int:
+        """Inputs per example fed to the encoder (the clean anchor and/or its views)."""
+        return 2 if self.two_view else self.views + 1
+
+    def config(self) -> dict[str, Any]:
+        """Everything that determines the loss (part of a store's fingerprint)."""
+        aug = (
+            self.augment.config()
+            if hasattr(self.augment, "config")
+            else {
+                "kind": "callable",
+                "name": getattr(self.augment, "__qualname__", repr(self.augment)),
+            }
+        )
+        rep = (
+            None
+            if self.representation is None
+            else getattr(self.representation, "__qualname__", repr(self.representation))
+        )
+        return {
+            "kind": "AugmentationStability",
+            "views": self.views,
+            "two_view": self.two_view,
+            "augment": aug,
+            "representation": rep,
+        }
+
+    def encoder_inputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``[groups * B, ...]``: group-major stack (group g of example b is row ``g * B + b``)."""
+        if self.two_view:
+            parts = [self.augment(x, ids, 1), self.augment(x, ids, 2)]
+        else:
+            parts = [x] + [self.augment(x, ids, v) for v in range(1, self.views + 1)]
+        return torch.cat(parts, dim=0)
+
+    def from_outputs(self, out: Any, batch: int) -> torch.Tensor:
+        """Per-example losses ``[B]`` from the encoder's output on :meth:`encoder_inputs`."""
+        z = out if self.representation is None else self.representation(out)
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(
+                f"the representation must be a tensor, got {type(z).__name__}; pass "
+                "representation=... to pick it from the encoder's output"
+            )
+        z = z.reshape(self.groups, batch, -1)
+        if self.two_view:
+            return 1 - F.cosine_similarity(z[0], z[1], dim=-1, eps=_COS_EPS)
+        cos = F.cosine_similarity(z[:1], z[1:], dim=-1, eps=_COS_EPS)  # [K, B]
+        return (1 - cos).mean(dim=0)
+
+    def __call__(self, encoder: nn.Module, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Per-example losses ``[B]`` (the encoder should already be in eval mode)."""
+        return self.from_outputs(encoder(self.encoder_inputs(x, ids)), x.shape[0])

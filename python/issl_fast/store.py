@@ -1,0 +1,364 @@
+"""The gradient store: a directory holding the features ``phi`` of a training set.
+
+Layout::
+
+    manifest.json          format/hash versions, fingerprint, dim, dtype, shard list, complete flag
+    phi_000000.npy ...     [rows, dim] shards (float16 / bfloat16 as uint16 / float32 / float64)
+    ids_000000.npy ...     [rows] int64 example ids of each shard's rows
+    stats_000000.npz ...   optional per-shard sums of curvature statistics (EK-FAC covariances)
+
+Every file is written to a temporary name, fsynced and renamed, and the manifest is rewritten the
+same way after each shard, so a crash never leaves a half-written store: at worst the rows after
+the last complete shard are recomputed. Shards hold exactly ``shard_rows`` rows (the last one
+fewer), whatever the batch size, so a resumed run writes the same shards as an uninterrupted one.
+Each shard's SHA-256 is in the manifest and is checked on open. Scoring reads shards as memory
+maps: a store larger than RAM works.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .reference import HASH_VERSION
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {
+    "float16": np.float16,
+    "bfloat16": np.uint16,
+    "float32": np.float32,
+    "float64": np.float64,
+}
+# Bytes hashed per read when checksumming a shard (bounded memory for any shard size).
+_HASH_CHUNK = 1 << 24
+
+
+class StoreError(ValueError):
+    """A store that cannot be used as asked: wrong fingerprint, corrupted or incomplete."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write via ``write(file)`` to a temporary name, fsync, then rename over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint_diff(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Human-readable list of the fields that differ between two fingerprints."""
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        a, b = stored.get(key, "<missing>"), current.get(key, "<missing>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += fingerprint_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: store has {_short(a)}, now {_short(b)}")
+    return out
+
+
+def _short(v: Any, limit: int = 120) -> str:
+    s = json.dumps(v, sort_keys=True, default=str)
+    return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+def _to_numpy(phi: torch.Tensor, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":
+        return phi.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    return phi.to(getattr(torch, dtype)).numpy()
+
+
+def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
+    """Zero-copy tensor over a read-only memory map (torch warns that it is not writable; we
+    never write through it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(arr)
+
+
+class GradientStore:
+    """Append-only, crash-safe, memory-mapped store of gradient features."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        self.path = path
+        self._m = manifest
+        self._pending_phi: list[torch.Tensor] = []
+        self._pending_ids: list[torch.Tensor] = []
+        self._pending_stats: dict[str, torch.Tensor] = {}
+        self._pending_rows = 0
+
+    # -- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def create_or_resume(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: dict,
+        dim: int,
+        dtype: str = "float16",
+        shard_rows: int = 4096,
+    ) -> GradientStore:
+        """Open ``path`` for appending: new if absent, resumed if it holds the same fingerprint."""
+        if dtype not in DTYPES:
+            raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        if not isinstance(shard_rows, int) or shard_rows < 1:
+            raise ValueError(f"shard_rows must be an int >= 1, got {shard_rows!r}")
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            store = cls.open(path, fingerprint=fingerprint, require_complete=False)
+            for key, want in (("dim", dim), ("dtype", dtype), ("shard_rows", shard_rows)):
+                if store._m[key] != want:
+                    raise StoreError(f"store at {path} has {key}={store._m[key]!r}, asked {want!r}")
+            return store
+        path.mkdir(parents=True, exist_ok=True)
+        leftovers = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")]
+        if leftovers:
+            raise StoreError(
+                f"{path} is not empty and has no {MANIFEST}: refusing to write a "
+                f"store over {leftovers[:5]}"
+            )
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "hash_version": HASH_VERSION,
+            "fingerprint": fingerprint,
+            "dim": int(dim),
+            "dtype": dtype,
+            "shard_rows": shard_rows,
+            "shards": [],
+            "rows": 0,
+            "complete": False,
+        }
+        store = cls(path, manifest)
+        store._write_manifest()
+        return store
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        fingerprint: dict | None = None,
+        *,
+        verify: bool = True,
+        require_complete: bool = True,
+    ) -> GradientStore:
+        """Open an existing store; refuse a different fingerprint or a corrupted shard."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.exists():
+            raise StoreError(f"no gradient store at {path} ({MANIFEST} missing)")
+        manifest = json.loads(mpath.read_text())
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"store at {path} has format version {manifest.get('format_version')}, "
+                f"this issl_fast reads {FORMAT_VERSION}"
+            )
+        if manifest.get("hash_version") != HASH_VERSION:
+            raise StoreError(
+                f"store at {path} was sketched with hash version "
+                f"{manifest.get('hash_version')}, this issl_fast uses {HASH_VERSION}"
+            )
+        if fingerprint is not None:
+            diff = fingerprint_diff(
+                manifest["fingerprint"], json.loads(json.dumps(fingerprint, default=str))
+            )
+            if diff:
+                raise StoreError(f"store at {path} was built differently: " + "; ".join(diff))
+        if require_complete and not manifest["complete"]:
+            raise StoreError(
+                f"store at {path} is incomplete ({manifest['rows']} rows written): "
+                "run featurize again to resume it"
+            )
+        store = cls(path, manifest)
+        if verify:
+            store.verify()
+        return store
+
+    def verify(self) -> None:
+        """Check every shard file against its recorded size and SHA-256."""
+        for sh in self._m["shards"]:
+            for key in ("phi", "ids", "stats"):
+                name = sh.get(key)
+                if name is None:
+                    continue
+                p = self.path / name
+                if not p.exists():
+                    raise StoreError(f"store at {self.path}: shard file {name} is missing")
+                if _sha256(p) != sh[f"{key}_sha256"]:
+                    raise StoreError(
+                        f"store at {self.path}: shard file {name} is corrupted (SHA-256 mismatch)"
+                    )
+
+    # -- properties -------------------------------------------------------------------------------
+    @property
+    def rows(self) -> int:
+        """Rows durably written (excluding rows pending in memory)."""
+        return int(self._m["rows"])
+
+    @property
+    def dim(self) -> int:
+        return int(self._m["dim"])
+
+    @property
+    def dtype(self) -> str:
+        return str(self._m["dtype"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self._m["complete"])
+
+    @property
+    def fingerprint(self) -> dict:
+        return self._m["fingerprint"]
+
+    @property
+    def meta(self) -> dict:
+        return self._m.get("meta", {})
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __repr__(self) -> str:
+        return (
+            f"GradientStore({str(self.path)!r}, rows={self.rows}, dim={self.dim}, "
+            f"dtype={self.dtype}, shards={len(self._m['shards'])}, complete={self.complete})"
+        )
+
+    # -- writing ----------------------------------------------------------------------------------
+    def append(
+        self, phi: torch.Tensor, ids: torch.Tensor, stats: dict[str, torch.Tensor] | None = None
+    ) -> None:
+        """Queue rows ``phi [b, dim]`` with example ids ``[b]`` and optional per-example
+        statistics ``{name: [b, ...]}``; full shards are written as soon as they fill."""
+        if self.complete:
+            raise StoreError(f"store at {self.path} is complete: it takes no more rows")
+        if phi.dim() != 2 or phi.shape[1] != self.dim:
+            raise ValueError(f"phi must be [b, {self.dim}], got {tuple(phi.shape)}")
+        if ids.shape != (phi.shape[0],):
+            raise ValueError(f"ids must be [{phi.shape[0]}], got {tuple(ids.shape)}")
+        stats = stats or {}
+        rows_left = phi.shape[0]
+        start = 0
+        while rows_left:
+            take = min(rows_left, self._m["shard_rows"] - self._pending_rows)
+            sl = slice(start, start + take)
+            self._pending_phi.append(phi[sl].detach().cpu())
+            self._pending_ids.append(ids[sl].to(torch.int64).cpu())
+            for name, s in stats.items():
+                part = s[sl].sum(dim=0).to(torch.float64)
+                self._pending_stats[name] = self._pending_stats.get(name, 0) + part
+            self._pending_rows += take
+            start += take
+            rows_left -= take
+            if self._pending_rows == self._m["shard_rows"]:
+                self._write_shard()
+
+    def finalize(self, meta: dict | None = None) -> None:
+        """Write the last partial shard and mark the store complete."""
+        if self._pending_rows:
+            self._write_shard()
+        if meta is not None:
+            self._m["meta"] = meta
+        self._m["complete"] = True
+        self._write_manifest()
+
+    def _write_shard(self) -> None:
+        idx = len(self._m["shards"])
+        phi = torch.cat(self._pending_phi)
+        ids = torch.cat(self._pending_ids).numpy()
+        entry: dict[str, Any] = {"rows": int(phi.shape[0]), "first_row": self.rows}
+        files = {
+            "phi": (f"phi_{idx:06d}.npy", _to_numpy(phi, self.dtype)),
+            "ids": (f"ids_{idx:06d}.npy", ids),
+        }
+        for key, (name, arr) in files.items():
+            _atomic_write(self.path / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
+            entry[key] = name
+            entry[f"{key}_sha256"] = _sha256(self.path / name)
+        if self._pending_stats:
+            name = f"stats_{idx:06d}.npz"
+            arrays = {k: v.numpy() for k, v in self._pending_stats.items()}
+            _atomic_write(self.path / name, lambda f: np.savez(f, **arrays))
+            entry["stats"] = name
+            entry["stats_sha256"] = _sha256(self.path / name)
+        self._m["shards"].append(entry)
+        self._m["rows"] = self.rows + entry["rows"]
+        self._write_manifest()
+        self._pending_phi, self._pending_ids, self._pending_stats = [], [], {}
+        self._pending_rows = 0
+
+    def _write_manifest(self) -> None:
+        text = json.dumps(self._m, indent=1, sort_keys=True, default=str).encode()
+        _atomic_write(self.path / MANIFEST, lambda f: f.write(text))
+
+    # -- reading ----------------------------------------------------------------------------------
+    def shards(self) -> Iterator[tuple[torch.Tensor | np.ndarray, int]]:
+        """``(rows, first_row)`` per shard; rows are a read-only memory map (numpy for float16 /
+        float32, a zero-copy bfloat16 tensor view for bfloat16)."""
+        for sh in self._m["shards"]:
+            arr = np.load(self.path / sh["phi"], mmap_mode="r")
+            if self.dtype == "bfloat16":
+                yield _readonly_tensor(arr.view(np.int16)).view(torch.bfloat16), sh["first_row"]
+            else:
+                yield arr, sh["first_row"]
+
+    def ids(self) -> np.ndarray:
+        """Example ids of all rows, in row order."""
+        parts = [np.load(self.path / sh["ids"]) for sh in self._m["shards"]]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def load(self, dtype: torch.dtype = torch.float32, rows: slice | None = None) -> torch.Tensor:
+        """All (or a slice of) rows as one in-memory tensor: for small stores and fitting."""
+        chunks = []
+        for arr, _ in self.shards():
+            t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr))
+            chunks.append(t.to(dtype))
+        out = torch.cat(chunks) if chunks else torch.zeros(0, self.dim, dtype=dtype)
+        return out if rows is None else out[rows]
+
+    def iter_rows(
+        self, chunk: int = 65536, dtype: torch.dtype = torch.float32
+    ) -> Iterator[tuple[torch.Tensor, int]]:
+        """``(rows [<=chunk, dim], first_row)`` in order, converted to ``dtype``: bounded memory."""
+        for arr, first in self.shards():
+            for s in range(0, arr.shape[0], chunk):
+                part = arr[s : s + chunk]
+                t = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
+                yield t.to(dtype), first + s
+
+    def stats(self) -> dict[str, torch.Tensor]:
+        """Sum over shards of the stored statistics (float64)."""
+        total: dict[str, torch.Tensor] = {}
+        for sh in self._m["shards"]:
+            if "stats" not in sh:
+                continue
+            with np.load(self.path / sh["stats"]) as z:
+                for k in z.files:
+                    total[k] = total.get(k, 0) + torch.from_numpy(z[k])
+        return total
