@@ -27,9 +27,10 @@ struct IsaKernels {
   void (*to_f32)(const void* src, DType dt, int64_t n, float* dst);
   // y[0..n) += a * x[0..n)
   void (*axpy)(int64_t n, float a, const float* x, float* y);
-  // Sparse JL scatter of a transposed batch block (see scatter_block_impl in kernel_templates.h).
-  void (*scatter_block)(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
-                        float* yT);
+  // Sparse JL: scatter one transposed lane group of a block (scatter_group_impl in
+  // kernel_templates.h), and build such a group from kLaneGroup rows (a scaled transpose).
+  void (*scatter_group)(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg);
+  void (*pack_lanes)(const float* const* rows, int64_t pc, float scale, float* dst);
   // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng. Every (i, j)
   // pair uses the same arithmetic whatever its position in the tile, so a score never depends on
   // the batch of queries or rows it was computed with.

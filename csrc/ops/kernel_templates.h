@@ -139,32 +139,37 @@ void axpy_impl(int64_t n, float a, const float* x, float* y) {
 }
 
 // ---- sparse JL scatter ------------------------------------------------------------------------
-// Batch-transposed scatter: for p < pc, r < s with e = tab[p * s + r] (bucket in bits 0..30, sign
-// in bit 31): yT[bucket * nb + l] += (x with e's sign) for lanes l < nb, x = xT[p * nb + l].
-// Buckets are shared by the whole batch, so the nb lanes of a row update are one vector add.
-// Every lane sees the same ops in the same (p, r) order: results do not depend on nb or the ISA.
+// Rows of a batch are processed in lane groups of kLaneGroup (one 64-byte line of floats), stored
+// transposed: xg[p * kLaneGroup + l] (input, already scaled) and yg[bucket * kLaneGroup + l]
+// (output). Buckets are shared by the whole batch, so one bucket update is one full-line vector
+// add, and a group's k x 16 outputs (e.g. 256 KB at k = 4096) stay in L2. Padding lanes hold
+// zeros. Every lane sees the same ops in the same (p, r) order: results do not depend on the
+// group, the thread split or the ISA.
+constexpr int64_t kLaneGroup = 16;
+
 template <class V>
-void scatter_block_impl(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
-                        float* yT) {
+void scatter_group_impl(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg) {
   constexpr int W = V::W;
+  static_assert(kLaneGroup % W == 0, "a lane group is a whole number of vectors");
   for (int64_t p = 0; p < pc; ++p) {
-    const float* x = xT + p * nb;
+    const float* x = xg + p * kLaneGroup;
+    typename V::reg xv[kLaneGroup / W];
+    for (int v = 0; v < kLaneGroup / W; ++v) xv[v] = V::load(x + v * W);
     for (int64_t r = 0; r < s; ++r) {
       const uint32_t e = tab[p * s + r];
       const uint32_t sign = e & 0x80000000u;
-      float* y = yT + static_cast<int64_t>(e & 0x7FFFFFFFu) * nb;
-      int64_t l = 0;
-      for (; l + W <= nb; l += W) V::store(y + l, V::add(V::load(y + l), V::xor_bits(V::load(x + l), sign)));
-      for (; l < nb; ++l) {
-        uint32_t u;
-        std::memcpy(&u, x + l, sizeof u);
-        u ^= sign;
-        float v;
-        std::memcpy(&v, &u, sizeof v);
-        y[l] += v;
-      }
+      float* y = yg + static_cast<int64_t>(e & 0x7FFFFFFFu) * kLaneGroup;
+      for (int v = 0; v < kLaneGroup / W; ++v)
+        V::store(y + v * W, V::add(V::load(y + v * W), V::xor_bits(xv[v], sign)));
     }
   }
+}
+
+// dst[p * kLaneGroup + l] = scale * rows[l][p] for p < pc, l < kLaneGroup (a lane-group
+// transpose; rows[l] may point at zeros for padding lanes). Scalar version for any ISA.
+static inline void pack_lanes_scalar(const float* const* rows, int64_t pc, float scale, float* dst) {
+  for (int64_t l = 0; l < kLaneGroup; ++l)
+    for (int64_t p = 0; p < pc; ++p) dst[p * kLaneGroup + l] = rows[l][p] * scale;
 }
 
 }  // namespace issl_fast::cpu

@@ -7,6 +7,7 @@
 #include "convert.h"
 #include "isa_kernels.h"
 #include "kernel_templates.h"
+#include "transpose_avx.h"
 
 namespace issl_fast::cpu {
 namespace {
@@ -83,9 +84,12 @@ void to_f32(const void* src, DType dt, int64_t n, float* dst) {
 
 void axpy(int64_t n, float a, const float* x, float* y) { axpy_impl<VecAvx512>(n, a, x, y); }
 
-void scatter_block(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
-                   float* yT) {
-  scatter_block_impl<VecAvx512>(tab, s, pc, xT, nb, yT);
+void scatter_group(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg) {
+  scatter_group_impl<VecAvx512>(tab, s, pc, xg, yg);
+}
+
+void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
+  pack_lanes_avx(rows, pc, scale, dst);
 }
 
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
@@ -99,7 +103,7 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t l
 const IsaKernels& avx512_kernels() {
   // KC x NR x 4 B = 32 KB sliver in L1 (48 KB on Ice Lake); KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx512", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,    pack_signs, to_f32, axpy, scatter_block, dot_tile};
+                                micro,    pack_signs, to_f32, axpy, scatter_group, pack_lanes, dot_tile};
   return table;
 }
 

@@ -88,9 +88,12 @@ void to_f32(const void* src, DType dt, int64_t n, float* dst) {
 
 void axpy(int64_t n, float a, const float* x, float* y) { axpy_impl<VecGeneric>(n, a, x, y); }
 
-void scatter_block(const uint32_t* tab, int64_t s, int64_t pc, const float* xT, int64_t nb,
-                   float* yT) {
-  scatter_block_impl<VecGeneric>(tab, s, pc, xT, nb, yT);
+void scatter_group(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg) {
+  scatter_group_impl<VecGeneric>(tab, s, pc, xg, yg);
+}
+
+void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
+  pack_lanes_scalar(rows, pc, scale, dst);
 }
 
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
@@ -102,7 +105,7 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t l
 
 const IsaKernels& generic_kernels() {
   static const IsaKernels table{"generic", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,     pack_signs, to_f32, axpy, scatter_block, dot_tile};
+                                micro,     pack_signs, to_f32, axpy, scatter_group, pack_lanes, dot_tile};
   return table;
 }
 

@@ -9,6 +9,7 @@
 #include "convert.h"
 #include "gemm.h"
 #include "issl_fast/hash.h"
+#include "kernel_templates.h"
 #include "validate.h"
 
 namespace issl_fast {
@@ -47,13 +48,17 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
 
 #pragma omp parallel num_threads(threads)
   {
-    // Each thread owns rows [b0, b1) and accumulates them transposed, yT [k x nb], so that one
-    // bucket update is a contiguous vector add over its rows.
+    // Each thread owns rows [b0, b1), handled in lane groups of kLaneGroup rows kept transposed
+    // (kernel_templates.h), so one bucket update is one vector add over a group's rows.
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t b0 = B * tid / nt, b1 = B * (tid + 1) / nt, nb = b1 - b0;
-    cpu::Scratch yT(std::max<int64_t>(k * nb, 1)), xT(std::max<int64_t>(kBlock * nb, 1)),
-        row(kBlock);
-    std::fill(yT.data(), yT.data() + k * nb, 0.0f);
+    const int64_t b0 = B * tid / nt, b1 = B * (tid + 1) / nt;
+    const int64_t groups = cpu::ceil_div(b1 - b0, cpu::kLaneGroup);
+    cpu::Scratch yT(std::max<int64_t>(groups * k * cpu::kLaneGroup, 1));
+    cpu::Scratch xT(std::max<int64_t>(groups * kBlock * cpu::kLaneGroup, 1));
+    cpu::Scratch rows((b1 - b0) * kBlock + kBlock);  // converted rows + one zero row for padding
+    float* zero_row = rows.data() + (b1 - b0) * kBlock;
+    std::fill(zero_row, zero_row + kBlock, 0.0f);
+    std::fill(yT.data(), yT.data() + groups * k * cpu::kLaneGroup, 0.0f);
     for (int64_t p0 = 0, it = 0; p0 < P; p0 += kBlock, ++it) {
       const int64_t pc = std::min(kBlock, P - p0);
       uint32_t* tab = table[it & 1].data();
@@ -65,20 +70,31 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
           tab[p * s + r] = sparse_bucket(h, r, s, k) | (sparse_sign(h) < 0 ? kSignBit : 0u);
         }
       }  // implicit barrier: table `it` complete
-      for (int64_t b = b0; b < b1; ++b) {
-        K.to_f32(cpu::offset_ptr(g, dtype, b * P + p0), dtype, pc, row.data());
-        float* x = xT.data() + (b - b0);
-        for (int64_t p = 0; p < pc; ++p) x[p * nb] = row.data()[p] * scale;
+      for (int64_t grp = 0; grp < groups; ++grp) {
+        const float* lane_rows[cpu::kLaneGroup];
+        for (int64_t l = 0; l < cpu::kLaneGroup; ++l) {
+          const int64_t b = b0 + grp * cpu::kLaneGroup + l;
+          if (b < b1) {
+            float* dst = rows.data() + (b - b0) * kBlock;
+            K.to_f32(cpu::offset_ptr(g, dtype, b * P + p0), dtype, pc, dst);
+            lane_rows[l] = dst;
+          } else {
+            lane_rows[l] = zero_row;
+          }
+        }
+        float* xg = xT.data() + grp * kBlock * cpu::kLaneGroup;
+        K.pack_lanes(lane_rows, pc, scale, xg);
+        K.scatter_group(tab, s, pc, xg, yT.data() + grp * k * cpu::kLaneGroup);
       }
-      K.scatter_block(tab, s, pc, xT.data(), nb, yT.data());
     }
     for (int64_t b = b0; b < b1; ++b) {
+      const int64_t grp = (b - b0) / cpu::kLaneGroup, l = (b - b0) % cpu::kLaneGroup;
+      const float* src = yT.data() + grp * k * cpu::kLaneGroup + l;
       float* y = out + b * k;
-      const float* src = yT.data() + (b - b0);
       if (accumulate) {
-        for (int64_t j = 0; j < k; ++j) y[j] += src[j * nb];
+        for (int64_t j = 0; j < k; ++j) y[j] += src[j * cpu::kLaneGroup];
       } else {
-        for (int64_t j = 0; j < k; ++j) y[j] = src[j * nb];
+        for (int64_t j = 0; j < k; ++j) y[j] = src[j * cpu::kLaneGroup];
       }
     }
   }
