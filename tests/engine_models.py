@@ -1,0 +1,58 @@
+"""Small models and data shared by the engine tests (and by the resume test's child process)."""
+
+from __future__ import annotations
+
+import issl_fast as issl
+import torch
+from issl_fast.augment import view_uniforms
+from torch import nn
+
+
+class UniformNoise:
+    """Deterministic smooth augmentation for float64 exactness tests: x + 0.1 (u - 1/2)."""
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor:
+        u = torch.from_numpy(view_uniforms(0, ids, view, x[0].numel())).reshape(x.shape)
+        return x + 0.1 * (u.to(x.dtype) - 0.5)
+
+    def config(self) -> dict:
+        return {"kind": "UniformNoise"}
+
+
+def tiny_mlp64(seed: int = 0) -> nn.Module:
+    """A float64 MLP encoder with a few hundred parameters."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 5)
+    ).double()
+
+
+def small_cnn(seed: int = 0) -> nn.Module:
+    """Conv2d + Linear + a non-fused LayerNorm, 3x12x12 inputs."""
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, stride=2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(8 * 5 * 5, 16),
+        nn.LayerNorm(16),
+        nn.Tanh(),
+        nn.Linear(16, 8),
+    )
+
+
+def images(n: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 12, 12, generator=gen)
+
+
+def cnn_attribution(solver: str = "ekfac", kind: str = "kron", **kw) -> issl.InfluenceSSL:
+    proj = issl.Projection(kind, k=64 if kind == "kron" else 256, seed=3)
+    loss = issl.AugmentationStability(views=2, seed=5, augment=issl.SSLAugment.light(seed=5))
+    return issl.InfluenceSSL(small_cnn(), loss, proj, solver, **kw)
+
+
+def batches(x: torch.Tensor, size: int) -> list[tuple[torch.Tensor]]:
+    return [(x[i : i + size],) for i in range(0, x.shape[0], size)]

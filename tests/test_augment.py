@@ -1,0 +1,70 @@
+"""Seeded augmentations: a view is a pure function of (seed, example id, view)."""
+
+from __future__ import annotations
+
+import issl_fast as issl
+import numpy as np
+import pytest
+import torch
+from issl_fast.augment import view_uniforms
+
+
+def _imgs(n: int, c: int = 3, hw: int = 16) -> torch.Tensor:
+    return torch.rand(n, c, hw, hw, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize(
+    "aug",
+    [issl.SSLAugment(seed=3, noise_std=0.05), issl.SSLAugment.light(seed=3)],
+    ids=["full", "light"],
+)
+def test_views_independent_of_batch_composition_and_order(aug) -> None:
+    x, ids = _imgs(9), torch.tensor([5, 0, 17, 3, 2**40, 8, 9, 1, 4])
+    whole = aug(x, ids, view=2)
+    perm = torch.tensor([8, 2, 0, 5, 1, 7, 3, 6, 4])
+    shuffled = aug(x[perm], ids[perm], view=2)
+    torch.testing.assert_close(shuffled, whole[perm], rtol=0, atol=1e-6)
+    single = torch.cat([aug(x[i : i + 1], ids[i : i + 1], view=2) for i in range(9)])
+    torch.testing.assert_close(single, whole, rtol=0, atol=1e-6)
+    assert whole.shape == x.shape
+
+
+def test_views_differ_by_view_id_and_seed() -> None:
+    x, ids = _imgs(6), torch.arange(6)
+    aug = issl.SSLAugment(seed=1)
+    v1, v2 = aug(x, ids, 1), aug(x, ids, 2)
+    assert (v1 - v2).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    other_seed = issl.SSLAugment(seed=2)(x, ids, 1)
+    assert (v1 - other_seed).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    same_img = x[:1].expand(6, -1, -1, -1)
+    per_id = aug(same_img, ids, 1)  # one image, six ids -> six different views
+    assert (per_id[0] - per_id[1:]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+
+
+def test_uniforms_are_uniform_and_pinned() -> None:
+    u = view_uniforms(0, np.arange(20000), 1, 4)
+    assert u.shape == (20000, 4) and (u >= 0).all() and (u < 1).all()
+    # mean and variance of U(0,1) within ~6 standard errors
+    assert abs(u.mean() - 0.5) < 6 * np.sqrt(1 / 12 / u.size)
+    assert abs(u.var() - 1 / 12) < 0.003
+    assert np.array_equal(view_uniforms(0, [7], 3, 4), view_uniforms(0, [7], 3, 4))
+
+
+def test_grayscale_and_single_channel_inputs() -> None:
+    gray = torch.rand(4, 1, 10, 10)
+    out = issl.SSLAugment(seed=0, gray_p=1.0)(gray, torch.arange(4), 1)
+    assert out.shape == gray.shape  # colour ops are skipped for C != 3
+    rgb = _imgs(4)
+    g = issl.SSLAugment(seed=0, gray_p=1.0, jitter_p=0.0, blur_p=0.0)(rgb, torch.arange(4), 1)
+    torch.testing.assert_close(g[:, 0], g[:, 1])
+    torch.testing.assert_close(g[:, 1], g[:, 2])
+
+
+def test_bad_inputs() -> None:
+    aug = issl.SSLAugment()
+    with pytest.raises(ValueError, match=r"\[B, C, H, W\]"):
+        aug(torch.rand(3, 8, 8), torch.arange(3), 1)
+    with pytest.raises(ValueError, match="ids has 2 entries"):
+        aug(torch.rand(3, 3, 8, 8), torch.arange(2), 1)
+    with pytest.raises(ValueError, match="ids must be >= 0"):
+        view_uniforms(0, [-1], 1)

@@ -1,0 +1,120 @@
+"""Fused hook-based capture equals brute force: the sketches built from captured layer factors
+equal sketch_dense of torch.func per-example gradients of the same loss (small CNN with Conv2d,
+Linear and a non-fused LayerNorm)."""
+
+from __future__ import annotations
+
+import issl_fast as issl
+import pytest
+import torch
+from engine_models import images, small_cnn
+from issl_fast.capture import build_layout
+from issl_fast.featurize import Featurizer
+from torch.func import functional_call, grad, vmap
+
+# Sketch sums over ~4k gradient entries in float32 on both sides.
+SKETCH_RTOL = 2e-4
+
+
+def _brute_force_flat_grads(model, layout, loss, x, ids) -> torch.Tensor:
+    """Per-example flat gradients in the layout's order, from torch.func."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    inputs = loss.encoder_inputs(x, ids)
+    groups, b = loss.groups, x.shape[0]
+    per_ex = inputs.reshape(groups, b, *inputs.shape[1:]).transpose(0, 1)
+
+    def one(p, xin):
+        return loss.from_outputs(functional_call(model, p, (xin,)), 1).sum()
+
+    g = vmap(grad(one), in_dims=(None, 0))(params, per_ex)
+    parts = []
+    for layer in layout.layers:
+        w = g[f"{layer.name}.weight"].reshape(b, layer.d_out, -1)
+        if layer.has_bias:
+            w = torch.cat([w, g[f"{layer.name}.bias"][:, :, None]], dim=2)
+        parts.append(w.reshape(b, -1))
+    parts += [g[fb.name].reshape(b, -1) for fb in layout.fallback]
+    return torch.cat(parts, dim=1)
+
+
+@pytest.fixture()
+def setup():
+    model = small_cnn()
+    loss = issl.AugmentationStability(views=2, seed=4, augment=issl.SSLAugment.light(seed=4))
+    layout = build_layout(model, track=["0", "2", "5", "6", "8"])  # 6 = LayerNorm (fallback)
+    x = images(7)
+    ids = torch.tensor([3, 1, 4, 1000, 5, 9, 2])
+    return model, loss, layout, x, ids
+
+
+def test_layout_covers_every_tracked_parameter(setup) -> None:
+    model, _, layout, _, _ = setup
+    assert [layer.kind for layer in layout.layers] == ["conv2d", "conv2d", "linear", "linear"]
+    assert [fb.name for fb in layout.fallback] == ["6.weight", "6.bias"]
+    assert layout.total == sum(p.numel() for p in model.parameters())
+
+
+def test_identity_features_equal_per_example_gradients(setup) -> None:
+    model, loss, layout, x, ids = setup
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_dense_sketch_equals_sketch_of_brute_force(setup, dist) -> None:
+    model, loss, layout, x, ids = setup
+    proj = issl.Projection("dense", k=300, seed=11, dist=dist)
+    phi, _ = Featurizer(model, layout, loss, proj)(x, ids)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    want = issl.sketch_dense(brute.contiguous(), 300, seed=11, dist=dist)
+    err = (phi - want).abs().max() / want.abs().max()
+    assert err.item() < SKETCH_RTOL
+
+
+def test_kron_blocks_equal_kron_of_brute_force(setup) -> None:
+    """Each layer block is vec(P_out G P_in^T) of that layer's brute-force gradient."""
+    model, loss, layout, x, ids = setup
+    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=16, seed=2, k_fallback=20))
+    phi, _ = feat(x, ids)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    for layer, block in zip(layout.layers, feat.blocks):
+        G = brute[:, layer.offset : layer.offset + layer.numel].reshape(-1, layer.d_out, layer.d_in)
+        p_in, p_out = issl.reference.kron_matrices(
+            block.seed, layer.d_in, layer.d_out, block.k_in, block.k_out
+        )
+        p_in = torch.from_numpy(p_in).float() / block.k_in**0.5
+        p_out = torch.from_numpy(p_out).float() / block.k_out**0.5
+        want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
+        err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
+        assert err.item() < SKETCH_RTOL, layer.name
+    fb = feat.blocks[-1]
+    fb_grad = brute[:, layout.fallback[0].offset :].contiguous()
+    want = issl.sketch_dense(fb_grad, fb.dim, seed=fb.seed)
+    torch.testing.assert_close(phi[:, fb.start : fb.stop], want, rtol=SKETCH_RTOL, atol=1e-6)
+
+
+def test_representation_picks_output_and_unused_layers_get_zero(setup) -> None:
+    """With the representation taken before the last Linear, that layer's gradient is zero."""
+    model, _, layout, x, ids = setup
+    backbone = torch.nn.Sequential(*list(model.children())[:-1])
+
+    class Both(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body, self.head = backbone, list(model.children())[-1]
+
+        def forward(self, inp):
+            h = self.body(inp)
+            return h, self.head(h)
+
+    enc = Both()
+    loss = issl.AugmentationStability(
+        views=2, seed=4, augment=issl.SSLAugment.light(seed=4), representation=lambda out: out[0]
+    )
+    lay = build_layout(enc)
+    phi, _ = Featurizer(enc, lay, loss, issl.Projection("identity"))(x, ids)
+    head = lay.layers[-1]
+    assert head.name == "head"
+    assert torch.count_nonzero(phi[:, head.offset : head.offset + head.numel]) == 0
+    assert torch.count_nonzero(phi[:, : head.offset]) > 0

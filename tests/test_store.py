@@ -1,0 +1,123 @@
+"""The gradient store: determinism, order/batch invariance, integrity checks, fingerprints."""
+
+from __future__ import annotations
+
+import json
+
+import issl_fast as issl
+import numpy as np
+import pytest
+import torch
+from engine_models import batches, cnn_attribution, images
+from issl_fast.store import GradientStore, StoreError
+
+N = 37  # not a multiple of the batch or shard sizes
+
+
+def _phi_by_id(store: GradientStore) -> dict[int, np.ndarray]:
+    phi = store.load(torch.float32).numpy()
+    return {int(i): phi[r] for r, i in enumerate(store.ids())}
+
+
+def test_same_inputs_give_bit_identical_store(tmp_path) -> None:
+    x = images(N)
+    a = cnn_attribution().featurize(batches(x, 8), tmp_path / "a", shard_rows=10, progress=False)
+    b = cnn_attribution().featurize(batches(x, 8), tmp_path / "b", shard_rows=10, progress=False)
+    assert a.rows == b.rows == N
+    for name in ["phi_000000.npy", "phi_000003.npy", "ids_000002.npy", "stats_000001.npz"]:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert (
+        json.loads((tmp_path / "a/manifest.json").read_text())["shards"]
+        == json.loads((tmp_path / "b/manifest.json").read_text())["shards"]
+    )
+
+
+def test_other_batch_size_and_order_give_same_rows_per_id(tmp_path) -> None:
+    x = images(N)
+    ref = cnn_attribution(store_dtype="float32").featurize(
+        batches(x, 8), tmp_path / "r", progress=False
+    )
+    perm = torch.randperm(N, generator=torch.Generator().manual_seed(0))
+    shuffled = [{"x": x[perm[i : i + 5]], "ids": perm[i : i + 5]} for i in range(0, N, 5)]
+    other = cnn_attribution(store_dtype="float32").featurize(
+        shuffled, tmp_path / "o", progress=False
+    )
+    a, b = _phi_by_id(ref), _phi_by_id(other)
+    assert sorted(a) == sorted(b) == list(range(N))
+    for i in range(N):
+        # other batch shapes change torch's GEMM blocking in the forward/backward: float32 rounding
+        np.testing.assert_allclose(a[i], b[i], rtol=1e-3, atol=1e-4 * np.abs(a[i]).max())
+    # EK-FAC statistics are sums over the same examples
+    sa, sb = ref.stats(), other.stats()
+    for key in sa:
+        torch.testing.assert_close(
+            sa[key], sb[key], rtol=1e-4, atol=1e-6 * sa[key].abs().max().item()
+        )
+
+
+def test_corrupted_shard_is_detected_on_open(tmp_path) -> None:
+    attr = cnn_attribution()
+    attr.featurize(batches(images(20), 8), tmp_path / "s", shard_rows=8, progress=False)
+    GradientStore.open(tmp_path / "s")  # intact: opens
+    shard = tmp_path / "s" / "phi_000001.npy"
+    raw = bytearray(shard.read_bytes())
+    raw[-3] ^= 0x40
+    shard.write_bytes(bytes(raw))
+    with pytest.raises(StoreError, match="phi_000001.npy is corrupted"):
+        GradientStore.open(tmp_path / "s")
+    (tmp_path / "s" / "ids_000000.npy").unlink()
+    with pytest.raises(StoreError, match="ids_000000.npy is missing"):
+        GradientStore.open(tmp_path / "s", verify=True)
+
+
+def test_different_fingerprint_is_refused_with_the_difference(tmp_path) -> None:
+    x = images(12)
+    cnn_attribution().featurize(batches(x, 6), tmp_path / "s", progress=False)
+    other = issl.InfluenceSSL(
+        cnn_attribution().encoder,
+        issl.AugmentationStability(views=3, seed=5, augment=issl.SSLAugment.light(seed=5)),
+        issl.Projection("kron", k=64, seed=3),
+        "ekfac",
+    )
+    with pytest.raises(StoreError, match=r"loss\.views: store has 2, now 3"):
+        other.featurize(batches(x, 6), tmp_path / "s", progress=False)
+    changed = cnn_attribution()
+    with torch.no_grad():
+        next(changed.encoder.parameters())[0, 0, 0, 0] += 1e-3
+    with pytest.raises(StoreError, match="model: store has"):
+        changed.fit(tmp_path / "s")
+
+
+def test_store_refuses_to_write_into_a_foreign_directory(tmp_path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreError, match="not empty"):
+        cnn_attribution().featurize(batches(images(4), 4), tmp_path / "d", progress=False)
+    assert (tmp_path / "d" / "notes.txt").read_text() == "mine"
+
+
+def test_bfloat16_and_float16_stores_round_trip(tmp_path) -> None:
+    x = images(10)
+    ref = (
+        cnn_attribution(store_dtype="float32")
+        .featurize(batches(x, 5), tmp_path / "f32", progress=False)
+        .load()
+    )
+    for dtype, tol in (("float16", 2e-3), ("bfloat16", 1e-2)):
+        attr = cnn_attribution(store_dtype=dtype)
+        st = attr.featurize(batches(x, 5), tmp_path / dtype, progress=False)
+        got = st.load()
+        assert (got - ref).abs().max() <= tol * ref.abs().max()
+        attr.fit(st)
+        top = attr.score(x[:2], topk=3, ids=torch.arange(2))
+        assert top.ids[:, 0].tolist() == [0, 1]  # an example's own features score highest
+
+
+def test_append_validates_shapes(tmp_path) -> None:
+    st = GradientStore.create_or_resume(tmp_path / "s", {"a": 1}, dim=4)
+    with pytest.raises(ValueError, match=r"phi must be \[b, 4\]"):
+        st.append(torch.zeros(2, 5), torch.arange(2))
+    with pytest.raises(ValueError, match=r"ids must be \[2\]"):
+        st.append(torch.zeros(2, 4), torch.arange(3))
+    with pytest.raises(ValueError, match="store dtype"):
+        GradientStore.create_or_resume(tmp_path / "t", {}, dim=4, dtype="int8")
