@@ -1,5 +1,5 @@
 """Exactness of Influence-SSL on a tiny float64 MLP: with the identity projection and the
-Gauss-Newton solver, scores equal g_t^T (GN + lambda I)^-1 g_i from an explicitly built GN matrix."""
+Gauss-Newton solver, scores equal g_t^T (GN + lambda I)^-1 g_i from an explicit GN matrix."""
 
 from __future__ import annotations
 
