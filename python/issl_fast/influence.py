@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import ops
+from . import apps, ops
 from .capture import build_layout
 from .featurize import Featurizer, iterate_batches
 from .loss import AugmentationStability
@@ -264,3 +264,29 @@ class InfluenceSSL:
         store = self._store(store)
         parts = [self.solver.quad(rows).numpy() for rows, _ in store.iter_rows(dtype=torch.float64)]
         return np.concatenate(parts) if parts else np.zeros(0)
+
+    # -- applications -----------------------------------------------------------------------------
+    def find_duplicates(self, threshold: float = 0.9, topk: int = 5,
+                        store: GradientStore | None = None) -> apps.DuplicatePairs:
+        """Training pairs with normalised influence >= threshold (see apps.duplicates)."""
+        return apps.find_duplicates(self._store(store), self.solver, threshold=threshold,
+                                    topk=topk, num_threads=self.num_threads)
+
+    def find_outliers(self, normalisation: str | None = "robust",
+                      store: GradientStore | None = None) -> apps.OutlierRanking:
+        """Training examples ranked by (normalised) self-influence, most outlying first."""
+        store = self._store(store)
+        return apps.find_outliers(self.self_influence(store), store.ids(),
+                                  normalisation=normalisation)
+
+    def group_influence(self, train_groups: np.ndarray, queries: torch.Tensor | None = None,
+                        test_groups: np.ndarray | None = None, *, ids: torch.Tensor | None = None,
+                        n_boot: int = 1000, store: GradientStore | None = None,
+                        seed: int = 0) -> apps.GroupInfluence:
+        """Self-influence per training group and, with queries and their groups, the cross-group
+        influence matrix, with bootstrap confidence intervals (see apps.fairness)."""
+        store = self._store(store)
+        q = None if queries is None else self.preconditioned(queries, ids)
+        return apps.group_influence(store, self.self_influence(store), np.asarray(train_groups),
+                                    preconditioned_queries=q, test_groups=test_groups,
+                                    n_boot=n_boot, seed=seed)
