@@ -53,7 +53,13 @@ def test_uniforms_are_uniform_and_pinned() -> None:
 def test_grayscale_and_single_channel_inputs() -> None:
     gray = torch.rand(4, 1, 10, 10)
     out = issl.SSLAugment(seed=0, gray_p=1.0)(gray, torch.arange(4), 1)
-    assert out.shape == gray.shape  # colour ops are skipped for C != 3
+    assert out.shape == gray.shape  # grayscale/saturation/hue need C = 3
+    # brightness-only views of a 1-channel image are scalar multiples of the input
+    bright = issl.SSLAugment(seed=0, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0,
+                             jitter_p=1.0, contrast=0.0, blur_p=0.0)(gray, torch.arange(4), 1)
+    factor = bright.sum(dim=(1, 2, 3)) / gray.sum(dim=(1, 2, 3))
+    torch.testing.assert_close(bright, gray * factor[:, None, None, None], rtol=0, atol=1e-5)
+    assert (factor - 1).abs().max() > 1e-3
     rgb = _imgs(4)
     g = issl.SSLAugment(seed=0, gray_p=1.0, jitter_p=0.0, blur_p=0.0)(rgb, torch.arange(4), 1)
     torch.testing.assert_close(g[:, 0], g[:, 1])

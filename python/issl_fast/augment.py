@@ -5,8 +5,9 @@ through the project's counter-based hash (:mod:`issl_fast.reference`, role ``aug
 same example gets the same views in any batch, order or process — which is what makes stored
 gradient features reproducible and resumable.
 
-Images are float tensors ``[B, C, H, W]`` (any C; colour ops need C = 3 and are skipped
-otherwise), values nominally in [0, 1]. Views keep the input size.
+Images are float tensors ``[B, C, H, W]`` (any C; saturation, hue and grayscale need C = 3,
+other channel counts get brightness/contrast jitter only), values nominally in [0, 1]. Views keep
+the input size.
 """
 
 from __future__ import annotations
@@ -118,8 +119,7 @@ class SSLAugment:
             raise ValueError(f"ids has {len(ids)} entries but x has batch size {x.shape[0]}")
         u = torch.from_numpy(view_uniforms(self.seed, ids, view)).to(x.device, torch.float32)
         out = self._crop_flip(x, u)
-        if x.shape[1] == 3:
-            out = self._colour(out, u)
+        out = self._colour(out, u) if x.shape[1] == 3 else self._intensity(out, u)
         out = self._blur(out, u)
         if self.noise_std > 0:
             out = out + self.noise_std * self._noise(out, u)
@@ -166,6 +166,17 @@ class SSLAugment:
         x = torch.where(jitter, y, x)
         gray = (u[:, _U_GRAY] < self.gray_p)[:, None, None, None]
         return torch.where(gray, _gray(x).expand_as(x), x)
+
+    def _intensity(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """Brightness and contrast jitter for non-RGB images (saturation and hue need colour)."""
+        def factor(slot: int, strength: float) -> torch.Tensor:
+            return (1 + strength * (2 * u[:, slot] - 1)).to(x.dtype)[:, None, None, None]
+
+        jitter = (u[:, _U_JITTER_P] < self.jitter_p)[:, None, None, None]
+        y = x * factor(_U_BRIGHT, self.brightness)
+        mean = y.mean(dim=(1, 2, 3), keepdim=True)
+        y = (y - mean) * factor(_U_CONTRAST, self.contrast) + mean
+        return torch.where(jitter, y, x)
 
     # -- blur and noise -----------------------------------------------------------------------
     def _blur(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
