@@ -185,17 +185,10 @@ class SSLAugment:
         B, C, H, W = x.shape
         lo, hi = self.blur_sigma
         sigma = (lo + (hi - lo) * u[:, _U_BLUR_SIGMA]).to(x.dtype)
-        radius = max(1, min(int(math.ceil(2 * hi)), (min(H, W) - 1) // 2))
-        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-        kern = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))
-        kern = kern / kern.sum(dim=1, keepdim=True)  # [B, 2r+1]
-        # Separable per-example kernels as one grouped convolution over B*C channels.
-        k = kern.repeat_interleave(C, dim=0)
-        y = x.reshape(1, B * C, H, W)
-        y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-        y = F.conv2d(y, k[:, None, None, :], groups=B * C)
-        y = F.pad(y, (0, 0, radius, radius), mode="reflect")
-        y = F.conv2d(y, k[:, None, :, None], groups=B * C).reshape(B, C, H, W)
+        # Per-example separable Gaussian blur as two batched matrix products with
+        # reflect-padded 1-D blur matrices (much faster than a B*C-group convolution).
+        y = torch.einsum("bij,bcjw->bciw", _blur_matrix(sigma, H, hi), x)
+        y = torch.einsum("bcij,bkj->bcik", y, _blur_matrix(sigma, W, hi))
         blur = (u[:, _U_BLUR_P] < self.blur_p)[:, None, None, None]
         return torch.where(blur, y, x)
 
@@ -209,6 +202,23 @@ class SSLAugment:
             gen = torch.Generator().manual_seed(s)
             noise[b] = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
         return noise.to(x.device)
+
+
+def _blur_matrix(sigma: torch.Tensor, n: int, max_sigma: float) -> torch.Tensor:
+    """``[B, n, n]`` matrices applying a 1-D Gaussian blur (std ``sigma[b]``) with reflect
+    boundaries along an axis of length n."""
+    radius = max(1, min(int(math.ceil(2 * max_sigma)), n - 1))
+    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)
+    kern = torch.exp(-(t[None, :] ** 2) / (2 * sigma[:, None] ** 2))
+    kern = kern / kern.sum(dim=1, keepdim=True)  # [B, 2r+1]
+    i = torch.arange(n, device=sigma.device)[:, None] + t.long()[None, :]  # [n, 2r+1] sources
+    i = torch.where(i < 0, -i, i)
+    i = torch.where(i >= n, 2 * (n - 1) - i, i)  # reflect (no edge repeat), like F.pad reflect
+    m = torch.zeros(sigma.shape[0], n, n, dtype=sigma.dtype, device=sigma.device)
+    rows = torch.arange(n, device=sigma.device)[:, None].expand_as(i)
+    m.index_put_((torch.arange(sigma.shape[0])[:, None, None], rows[None], i[None]),
+                 kern[:, None, :].expand(-1, n, -1), accumulate=True)
+    return m
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:

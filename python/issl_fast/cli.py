@@ -1,4 +1,4 @@
-"""Command line: ``issl-fast info`` (build and machine report)."""
+"""Command line: ``issl-fast demo`` (the main job) and ``issl-fast info`` (build report)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,36 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=args.out, ssl=args.ssl, epochs=args.epochs, seed=args.seed,
+                     views=args.views, solver=args.solver, progress=not args.no_progress)
+    if args.quick:
+        cfg.epochs, cfg.n_train, cfg.n_exact, cfg.n_near, cfg.n_outliers = 8, 400, 10, 10, 12
+        cfg.n_boot = 100
+    summary = run_demo(cfg)
+    q = summary["quality"]
+    di, db = q["duplicates_influence"], q["duplicates_baseline"]
+    oi, ob = q["outliers_influence"], q["outliers_baseline"]
+    print("\n== issl_fast demo: detection quality vs the planted truth ==")
+    print(f"{'':34}{'Influence-SSL':>15}{'baseline kNN':>15}")
+    rows = [
+        (f"duplicates recall @ {cfg.dup_threshold}", di["recall"], db["recall"]),
+        (f"duplicates precision @ {cfg.dup_threshold}", di["precision"], db["precision"]),
+        ("duplicates recall @ precision>=0.9", di.get("recall_at_precision_0.9", 0.0),
+         db.get("recall_at_precision_0.9", 0.0)),
+        ("outliers AUROC", oi["auroc"], ob["auroc"]),
+        (f"outliers precision@{oi['k']}", oi["precision_at_k"], ob["precision_at_k"]),
+    ]
+    for name, a, b in rows:
+        print(f"{name:34}{a:>15.3f}{b:>15.3f}")
+    t = summary["timings_s"]
+    print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
+    print(f"report: {cfg.out}/report.md")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="issl-fast", description="Label-free influence (Influence-SSL) for SSL encoders."
@@ -28,6 +58,18 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="print build info: version, CUDA, SIMD level, threads")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_info.set_defaults(func=_info)
+    p_demo = sub.add_parser("demo", help="find planted duplicates/outliers in digits (report)")
+    p_demo.add_argument("--out", default="issl_demo", help="report directory (default issl_demo)")
+    p_demo.add_argument("--ssl", default="simclr", choices=["simclr", "byol", "barlow"],
+                        help="SSL method used to train the encoder")
+    p_demo.add_argument("--epochs", type=int, default=40)
+    p_demo.add_argument("--views", type=int, default=8, help="augmented views per example")
+    p_demo.add_argument("--solver", default="ekfac",
+                        choices=["ekfac", "block", "gauss_newton", "identity"])
+    p_demo.add_argument("--seed", type=int, default=0)
+    p_demo.add_argument("--quick", action="store_true", help="reduced setting (seconds)")
+    p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -65,6 +65,15 @@ def _check_int(v: object, name: str, minimum: int, maximum: int | None = None) -
     return v
 
 
+_INT64_MAX = 2**63 - 1
+
+
+def _check_columns(col_offset: int, P: int) -> None:
+    """The kernels index columns with int64: the last column must fit."""
+    if col_offset + P > _INT64_MAX:
+        raise ValueError(f"col_offset + P must be <= 2**63 - 1, got col_offset={col_offset}, P={P}")
+
+
 def _check_seed(seed: object) -> int:
     return _check_int(seed, "seed", 0, 2**64 - 1)
 
@@ -167,6 +176,7 @@ def sketch_dense(
     col_offset = _check_int(col_offset, "col_offset", 0)
     be = _resolve_backend(backend, g.device, "sketch_dense")
     B, P = g.shape
+    _check_columns(col_offset, P)
     if be == "reference":
         y = reference.sketch_dense(g, k, seed=seed, dist=dist, col_offset=col_offset)
         return _finish_reference(y, out, accumulate)
@@ -230,6 +240,7 @@ def sketch_linear(
     be = _resolve_backend(backend, A.device, "sketch_linear")
     B, T, d_in = A.shape
     d_out = D.shape[2]
+    _check_columns(col_offset, d_in * d_out)
     if be == "reference":
         y = reference.sketch_linear(A, D, k, seed=seed, dist=dist, col_offset=col_offset)
         return _finish_reference(y, out, accumulate)
@@ -278,6 +289,7 @@ def sketch_sparse(
     col_offset = _check_int(col_offset, "col_offset", 0)
     be = _resolve_backend(backend, g.device, "sketch_sparse")
     B, P = g.shape
+    _check_columns(col_offset, P)
     if be == "reference":
         y = reference.sketch_sparse(g, k, s=s, seed=seed, col_offset=col_offset)
         return _finish_reference(y, out, accumulate)
@@ -372,10 +384,10 @@ def _check_exclude(exclude: object, m: int) -> torch.Tensor | None:
     ex = torch.as_tensor(exclude)
     if ex.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"exclude must hold integer ids, got {ex.dtype}")
+    if ex.dim() not in (1, 2) or ex.shape[0] != m:
+        raise ValueError(f"exclude must be [m] or [m, e] with m={m}, got shape {tuple(ex.shape)}")
     if ex.dim() == 1:
         ex = ex[:, None]
-    if ex.dim() != 2 or ex.shape[0] != m:
-        raise ValueError(f"exclude must be [m] or [m, e] with m={m}, got shape {tuple(ex.shape)}")
     return ex.to(device="cpu", dtype=torch.int64).contiguous()
 
 
@@ -416,6 +428,10 @@ def score_topk(
         raise ValueError(f"k must be >= 1, got Q shape {tuple(Q.shape)}")
     topk = _check_int(topk, "topk", 1)
     index_offset = _check_int(index_offset, "index_offset", 0)
+    if index_offset + n > _INT64_MAX:
+        raise ValueError(
+            f"index_offset + n must be <= 2**63 - 1, got index_offset={index_offset}, n={n}"
+        )
     _same_device("Q", Q, "G", torch.empty(0, device=gdev))
     ex = _check_exclude(exclude, m)
     be = _resolve_backend(backend, Q.device, "score_topk")

@@ -164,7 +164,7 @@ def per_example_linear_grad(A: torch.Tensor, D: torch.Tensor, accum=torch.float3
     """``G_b = sum_t D_b[t]^T A_b[t]`` flattened row-major: A [B,T,d_in], D [B,T,d_out] ->
     [B, d_out * d_in] (index ``o * d_in + i``)."""
     G = torch.einsum("bto,bti->boi", _as(D, accum), _as(A, accum))
-    return G.reshape(G.shape[0], -1)
+    return G.reshape(G.shape[0], G.shape[1] * G.shape[2])
 
 
 def sketch_linear(
@@ -199,7 +199,7 @@ def sketch_sparse(
         c1 = min(P, c0 + _COL_BLOCK)
         buckets, signs = sparse_buckets(seed, s, k, col_offset + c0, col_offset + c1)
         contrib = g[:, c0:c1, None] * torch.from_numpy(signs).to(accum)[None]  # [B, C, s]
-        y.index_add_(1, torch.from_numpy(buckets).reshape(-1), contrib.reshape(B, -1))
+        y.index_add_(1, torch.from_numpy(buckets).reshape(-1), contrib.reshape(B, (c1 - c0) * s))
     return y / math.sqrt(s)
 
 
@@ -229,7 +229,7 @@ def sketch_kron(
     p_in, p_out = kron_matrices(seed, A.shape[2], D.shape[2], k_in, k_out, dist)
     U = A @ torch.from_numpy(p_in).to(accum).T  # [B, T, k_in]
     V = D @ torch.from_numpy(p_out).to(accum).T  # [B, T, k_out]
-    y = torch.einsum("bta,btc->bac", V, U).reshape(A.shape[0], -1)
+    y = torch.einsum("bta,btc->bac", V, U).reshape(A.shape[0], k_out * k_in)
     return y / math.sqrt(k_in * k_out)
 
 

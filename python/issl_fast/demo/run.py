@@ -1,0 +1,172 @@
+"""The demo pipeline: data with planted problems -> SSL training -> featurize -> fit -> scores,
+self-influence, duplicates, outliers, group influence -> measured quality vs the planted truth and
+vs a representation-space baseline -> report."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from ..influence import InfluenceSSL
+from ..loss import AugmentationStability
+from ..projection import Projection
+from . import baseline, metrics
+from .data import DemoData, load_demo_data
+from .train import digits_augment, make_backbone, train_ssl
+
+
+@dataclass
+class DemoConfig:
+    out: str = "issl_demo"
+    ssl: str = "simclr"
+    epochs: int = 40
+    seed: int = 0
+    views: int = 8
+    k: int = 256  # kron features per layer
+    solver: str = "ekfac"
+    n_train: int | None = None  # None: the whole training split (1,500 + planted)
+    n_exact: int = 20
+    n_near: int = 20
+    n_outliers: int = 30
+    dup_threshold: float = 0.9
+    n_queries: int = 8
+    topk: int = 8
+    n_boot: int = 500
+    progress: bool = True
+
+
+def _batches(x: torch.Tensor, size: int = 128) -> list[dict[str, torch.Tensor]]:
+    return [{"x": x[i:i + size], "ids": torch.arange(i, min(i + size, len(x)))}
+            for i in range(0, len(x), size)]
+
+
+def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Runs the whole demo; writes figures, ``report.md`` and ``summary.json`` to ``cfg.out``
+    and returns the summary."""
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str):
+        timings[name] = time.perf_counter()
+        log(f"[{name}]")
+
+    def done(name: str) -> None:
+        timings[name] = time.perf_counter() - timings[name]
+
+    stage("data")
+    data: DemoData = load_demo_data(cfg.seed, n_train=cfg.n_train, n_exact=cfg.n_exact,
+                                    n_near=cfg.n_near, n_outliers=cfg.n_outliers)
+    log(f"  {len(data.train_x)} training images ({cfg.n_exact} exact + {cfg.n_near} near "
+        f"duplicates, {cfg.n_outliers} outliers planted), {len(data.test_x)} test images")
+    done("data")
+
+    stage("train")
+    backbone = make_backbone(cfg.seed)
+    history = train_ssl(backbone, data.train_x, method=cfg.ssl, epochs=cfg.epochs,
+                        seed=cfg.seed, progress=cfg.progress, log=log)
+    done("train")
+
+    stage("featurize")
+    loss = AugmentationStability(views=cfg.views, augment=digits_augment(cfg.seed + 7))
+    attr = InfluenceSSL(backbone, loss, Projection("kron", k=cfg.k, seed=cfg.seed), cfg.solver)
+    store_path = out / "store"
+    if store_path.exists():  # a fresh run: the encoder was retrained, the old store is stale
+        import shutil
+
+        shutil.rmtree(store_path)
+    store = attr.featurize(_batches(data.train_x), store_path, progress=cfg.progress)
+    log(f"  store: {store.rows} rows x {store.dim} features ({store.dtype}) at {store_path}")
+    done("featurize")
+
+    stage("fit")
+    attr.fit(store)
+    lam = attr.solver.damping_used
+    log(f"  solver {cfg.solver}: absolute damping per block "
+        + ", ".join(f"{k}={v:.3g}" for k, v in lam.items()))
+    done("fit")
+
+    stage("scores")
+    q_rows = _pick_queries(data, cfg.n_queries, cfg.seed)
+    q_ids = torch.from_numpy(q_rows + 10**6)  # test ids: disjoint from training ids
+    pro = attr.score(data.test_x[q_rows], topk=cfg.topk, ids=q_ids)
+    opp = attr.score(data.test_x[q_rows], topk=cfg.topk, ids=q_ids, opponents=True)
+    self_inf = attr.self_influence()
+    done("scores")
+
+    stage("duplicates")
+    dups = attr.find_duplicates(threshold=-1.0, topk=5)  # every candidate pair, ranked
+    done("duplicates")
+    stage("outliers")
+    outl = attr.find_outliers()
+    done("outliers")
+    stage("groups")
+    all_test_ids = torch.arange(len(data.test_x)) + 10**6
+    groups = attr.group_influence(data.train_groups, data.test_x, data.test_groups,
+                                  ids=all_test_ids, n_boot=cfg.n_boot, seed=cfg.seed)
+    done("groups")
+
+    stage("baseline")
+    rep_train = baseline.representations(backbone, data.train_x)
+    base_pairs, base_sim = baseline.knn_pairs(rep_train, topk=5)
+    base_outlier = baseline.knn_distance(rep_train, k=5)
+    done("baseline")
+
+    truth_pairs = {tuple(p) for p in data.dup_pairs.tolist()}
+    is_outlier = data.train_kind == "outlier"
+    quality = {
+        "duplicates_influence": metrics.pair_quality(dups.rows, dups.similarity, truth_pairs,
+                                                     cfg.dup_threshold),
+        "duplicates_baseline": metrics.pair_quality(base_pairs, base_sim, truth_pairs,
+                                                    cfg.dup_threshold),
+        "outliers_influence": metrics.outlier_quality(outl.scores, is_outlier),
+        "outliers_baseline": metrics.outlier_quality(base_outlier, is_outlier),
+        "outliers_by_kind_influence": metrics.outlier_quality_by_kind(
+            outl.scores, is_outlier, data),
+        "outliers_by_kind_baseline": metrics.outlier_quality_by_kind(
+            base_outlier, is_outlier, data),
+    }
+
+    from . import report
+
+    figures = report.write_figures(out, data, q_rows, pro, opp, self_inf, dups, outl, groups,
+                                   cfg, quality)
+    summary = {
+        "config": asdict(cfg),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "train_loss": [round(h, 4) for h in history],
+        "store": {"rows": store.rows, "dim": store.dim, "dtype": store.dtype},
+        "damping": lam,
+        "quality": quality,
+        "groups": {
+            "train_groups": groups.groups,
+            "self_influence_mean": groups.self_mean.tolist(),
+            "self_influence_ci": groups.self_ci.tolist(),
+            "counts": groups.counts.tolist(),
+            "test_groups": groups.test_groups,
+            "cross": None if groups.cross is None else groups.cross.tolist(),
+        },
+        "figures": figures,
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    report.write_markdown(out, summary)
+    return summary
+
+
+def _pick_queries(data: DemoData, n: int, seed: int) -> np.ndarray:
+    """One test image of each of the first n digit classes (a readable grid)."""
+    rng = np.random.default_rng(seed + 1)
+    rows = []
+    for c in range(10):
+        cand = np.flatnonzero(data.test_labels == c)
+        if len(cand):
+            rows.append(int(rng.choice(cand)))
+        if len(rows) == n:
+            break
+    return np.array(rows)
