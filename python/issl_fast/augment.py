@@ -88,6 +88,11 @@ class SSLAugment:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     noise_std: float = 0.0
+    # True: every example gets the same K transforms (parameters from (seed, view) only). The
+    # loss is then a function of the content alone, exact duplicates get identical features, and
+    # comparisons between examples share their random draws (common random numbers: less noise
+    # in influence differences). False: per-example draws from (seed, id, view).
+    shared: bool = False
 
     @classmethod
     def light(cls, seed: int = 0) -> SSLAugment:
@@ -117,7 +122,8 @@ class SSLAugment:
             raise ValueError(f"x must be an image batch [B, C, H, W], got {shape}")
         if len(ids) != x.shape[0]:
             raise ValueError(f"ids has {len(ids)} entries but x has batch size {x.shape[0]}")
-        u = torch.from_numpy(view_uniforms(self.seed, ids, view)).to(x.device, torch.float32)
+        draw_ids = torch.zeros(len(ids), dtype=torch.int64) if self.shared else ids
+        u = torch.from_numpy(view_uniforms(self.seed, draw_ids, view)).to(x.device, torch.float32)
         out = self._crop_flip(x, u)
         out = self._colour(out, u) if x.shape[1] == 3 else self._intensity(out, u)
         out = self._blur(out, u)

@@ -33,17 +33,19 @@ def _demo(args: argparse.Namespace) -> int:
     di, db = q["duplicates_influence"], q["duplicates_baseline"]
     oi, ob = q["outliers_influence"], q["outliers_baseline"]
     print("\n== issl_fast demo: detection quality vs the planted truth ==")
-    print(f"{'':34}{'Influence-SSL':>15}{'baseline kNN':>15}")
+    print(f"{'':40}{'Influence-SSL':>15}{'baseline kNN':>15}")
     rows = [
         (f"duplicates recall @ {cfg.dup_threshold}", di["recall"], db["recall"]),
         (f"duplicates precision @ {cfg.dup_threshold}", di["precision"], db["precision"]),
         ("duplicates recall @ precision>=0.9", di.get("recall_at_precision_0.9", 0.0),
          db.get("recall_at_precision_0.9", 0.0)),
-        ("outliers AUROC", oi["auroc"], ob["auroc"]),
-        (f"outliers precision@{oi['k']}", oi["precision_at_k"], ob["precision_at_k"]),
+        ("outliers AUROC (influence kNN)", oi["auroc"], ob["auroc"]),
+        (f"outliers precision@{oi['k']} (influence kNN)", oi["precision_at_k"],
+         ob["precision_at_k"]),
+        ("outliers AUROC (self-influence)", q["outliers_self_influence"]["auroc"], ob["auroc"]),
     ]
     for name, a, b in rows:
-        print(f"{name:34}{a:>15.3f}{b:>15.3f}")
+        print(f"{name:40}{a:>15.3f}{b:>15.3f}")
     t = summary["timings_s"]
     print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()))
     print(f"report: {cfg.out}/report.md")

@@ -266,18 +266,35 @@ class InfluenceSSL:
         return np.concatenate(parts) if parts else np.zeros(0)
 
     # -- applications -----------------------------------------------------------------------------
+    def neighbours(self, topk: int = 5, store: GradientStore | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+        """Each training example's ``topk`` most similar others by normalised influence."""
+        return apps.normalised_neighbours(self._store(store), self.solver, topk, self.num_threads)
+
     def find_duplicates(self, threshold: float = 0.9, topk: int = 5,
-                        store: GradientStore | None = None) -> apps.DuplicatePairs:
+                        store: GradientStore | None = None, *,
+                        neighbours: tuple[np.ndarray, np.ndarray] | None = None
+                        ) -> apps.DuplicatePairs:
         """Training pairs with normalised influence >= threshold (see apps.duplicates)."""
         return apps.find_duplicates(self._store(store), self.solver, threshold=threshold,
-                                    topk=topk, num_threads=self.num_threads)
+                                    topk=topk, num_threads=self.num_threads,
+                                    neighbours=neighbours)
 
-    def find_outliers(self, normalisation: str | None = "robust",
-                      store: GradientStore | None = None) -> apps.OutlierRanking:
-        """Training examples ranked by (normalised) self-influence, most outlying first."""
+    def find_outliers(self, method: str = "neighbours", *, k: int = 5,
+                      normalisation: str | None = "robust", store: GradientStore | None = None,
+                      neighbours: tuple[np.ndarray, np.ndarray] | None = None
+                      ) -> apps.OutlierRanking:
+        """Training examples ranked from most to least outlying, by ``"neighbours"`` (1 - the
+        normalised influence of the k-th most similar example) or ``"self_influence"``."""
         store = self._store(store)
-        return apps.find_outliers(self.self_influence(store), store.ids(),
-                                  normalisation=normalisation)
+        if method == "self_influence":
+            scores = self.self_influence(store)
+        elif method == "neighbours":
+            sim, _ = neighbours or self.neighbours(k, store)
+            scores = apps.neighbour_scores(sim, k)
+        else:
+            raise ValueError(f"method must be one of {apps.outliers.METHODS}, got {method!r}")
+        return apps.find_outliers(scores, store.ids(), normalisation=normalisation)
 
     def group_influence(self, train_groups: np.ndarray, queries: torch.Tensor | None = None,
                         test_groups: np.ndarray | None = None, *, ids: torch.Tensor | None = None,

@@ -35,21 +35,11 @@ class DuplicatePairs:
         return len(self.similarity)
 
 
-def find_duplicates(
-    store: GradientStore,
-    solver: Solver,
-    *,
-    threshold: float = 0.9,
-    topk: int = 5,
-    num_threads: int | None = None,
-) -> DuplicatePairs:
-    """Pairs of training examples whose normalised influence is at least ``threshold``.
-
-    Each example keeps its ``topk`` most similar partners, so a cluster of more than ``topk + 1``
-    copies reports only its strongest links. Exact duplicates come out at ~1.0 and rank first.
-    """
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+def normalised_neighbours(
+    store: GradientStore, solver: Solver, topk: int, num_threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """For every store row, its ``topk`` most similar other rows by normalised influence:
+    ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding)."""
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
     n = store.rows
@@ -59,23 +49,37 @@ def find_duplicates(
     best_i = np.full((n, topk), -1, dtype=np.int64)
     for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64):
         m = q_rows.shape[0]
-        q = (solver.precondition(q_rows) * inv[q0 : q0 + m, None]).float().contiguous()
+        q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
         values = torch.full((m, topk), -torch.inf)
         idx = torch.full((m, topk), -1, dtype=torch.int64)
         self_rows = torch.arange(q0, q0 + m)
         for i, (rows, first) in enumerate(store.iter_rows(dtype=torch.float64)):
-            g = (rows * inv[first : first + rows.shape[0], None]).float().contiguous()
-            ops.score_topk(
-                q,
-                g,
-                topk,
-                exclude=self_rows,
-                index_offset=first,
-                out=(values, idx),
-                accumulate=i > 0,
-                num_threads=num_threads,
-            )
-        best_v[q0 : q0 + m], best_i[q0 : q0 + m] = values.numpy(), idx.numpy()
+            g = (rows * inv[first:first + rows.shape[0], None]).float().contiguous()
+            ops.score_topk(q, g, topk, exclude=self_rows, index_offset=first, out=(values, idx),
+                           accumulate=i > 0, num_threads=num_threads)
+        best_v[q0:q0 + m], best_i[q0:q0 + m] = values.numpy(), idx.numpy()
+    return best_v, best_i
+
+
+def find_duplicates(
+    store: GradientStore,
+    solver: Solver,
+    *,
+    threshold: float = 0.9,
+    topk: int = 5,
+    num_threads: int | None = None,
+    neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+) -> DuplicatePairs:
+    """Pairs of training examples whose normalised influence is at least ``threshold``.
+
+    Each example keeps its ``topk`` most similar partners, so a cluster of more than ``topk + 1``
+    copies reports only its strongest links. Exact duplicates come out at ~1.0 and rank first.
+    ``neighbours``: a precomputed :func:`normalised_neighbours` result to reuse.
+    """
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+    best_v, best_i = neighbours or normalised_neighbours(store, solver, topk, num_threads)
+    n, topk = best_v.shape
     a = np.repeat(np.arange(n), topk)
     b, sim = best_i.ravel(), best_v.ravel()
     keep = (b >= 0) & (sim >= threshold)

@@ -1,5 +1,13 @@
-"""Outlier identification by self-influence ``s_i = phi_i^T F^-1 phi_i``: an example the rest of
-the data does not explain (atypical, memorised, corrupted) has a large, idiosyncratic gradient."""
+"""Outlier identification from influence.
+
+- ``self_influence``: ``s_i = phi_i^T F^-1 phi_i``; an example the rest of the data does not
+  explain (memorised, corrupted) has a large, idiosyncratic gradient. Under the
+  augmentation-stability loss an atypical but *stable* input (e.g. a smooth blob) has a small
+  gradient, so this score can miss such outliers.
+- ``neighbours``: ``1 -`` the normalised influence of the k-th most similar other training
+  example: an example no other example's gradient resembles is an outlier, whatever its
+  gradient's size. Computed with the streaming top-k kernel (no n x n matrix).
+"""
 
 from __future__ import annotations
 
@@ -8,6 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 NORMALISATIONS = (None, "zscore", "robust", "rank")
+METHODS = ("self_influence", "neighbours")
 
 
 @dataclass
@@ -41,16 +50,25 @@ def normalise(s: np.ndarray, how: str | None) -> np.ndarray:
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
 
 
+def neighbour_scores(similarity: np.ndarray, k: int) -> np.ndarray:
+    """``1 - similarity[:, k-1]`` from :func:`normalised_neighbours` output (best first)."""
+    if not 1 <= k <= similarity.shape[1]:
+        raise ValueError(f"k must be in [1, {similarity.shape[1]}], got {k}")
+    kth = similarity[:, k - 1].astype(np.float64)
+    return 1.0 - np.where(np.isfinite(kth), kth, -1.0)
+
+
 def find_outliers(
-    self_influence: np.ndarray,
+    scores: np.ndarray,
     ids: np.ndarray | None = None,
     *,
     normalisation: str | None = "robust",
 ) -> OutlierRanking:
-    """Rank examples by (normalised) self-influence, highest first (ties: lower row first)."""
-    s = np.asarray(self_influence, dtype=np.float64)
+    """Rank examples by a (normalised) outlier score, highest first (ties: lower row first).
+    ``scores``: self-influence, or :func:`neighbour_scores`."""
+    s = np.asarray(scores, dtype=np.float64)
     if s.ndim != 1:
-        raise ValueError(f"self_influence must be 1-D [n], got shape {s.shape}")
+        raise ValueError(f"scores must be 1-D [n], got shape {s.shape}")
     scores = normalise(s, normalisation)
     order = np.lexsort((np.arange(len(s)), -scores))
     ids = np.arange(len(s)) if ids is None else np.asarray(ids)

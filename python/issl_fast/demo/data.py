@@ -1,5 +1,5 @@
-"""The demo's data: scikit-learn's digits (1,797 8x8 grey images, shipped inside the package)
-with known problems planted in the training split."""
+"""The demo's data: scikit-learn's digits (1,797 8x8 grey images, shipped inside the package),
+upsampled to 16x16, with known problems planted in the training split."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import torch
 NEAR_DUP_NOISE = 0.03
 # Outliers: images from outside the digit distribution.
 OUTLIER_KINDS = ("inverted", "noise", "blob")
+# Working resolution: the 8x8 digits are upsampled (bilinear) so that a 1-pixel shift is the
+# small perturbation a near-duplicate should be (at 8x8 it moves a stroke by 12% of the image).
+SIZE = 16
 # The "faded" group: ink scaled down to this fraction (a brightness shift on a subset).
 FADE = 0.45
 
@@ -45,8 +48,12 @@ def _load_digits() -> tuple[np.ndarray, np.ndarray]:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - the demo extra installs it
         raise ImportError("the demo needs scikit-learn: pip install 'issl_fast[demo]'") from exc
+    import torch.nn.functional as F
+
     d = load_digits()
-    return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)
+    x = torch.from_numpy((d.images / 16.0).astype(np.float32))[:, None]
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False)
+    return x[:, 0].clamp(0, 1).numpy(), d.target.astype(np.int64)
 
 
 def _thickness_groups(x: np.ndarray, cut: float) -> np.ndarray:
@@ -104,10 +111,11 @@ def load_demo_data(
         if kind == "inverted":
             img = 1.0 - train_x[rng.integers(n)]
         elif kind == "noise":
-            img = rng.random((8, 8))
+            img = rng.random((SIZE, SIZE))
         else:
-            yy, xx = np.mgrid[0:8, 0:8]
-            cy, cx, r = rng.uniform(1, 6), rng.uniform(1, 6), rng.uniform(1.0, 2.5)
+            yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+            cy, cx = rng.uniform(2, SIZE - 3, size=2)
+            r = rng.uniform(SIZE / 8, SIZE / 3)
             img = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
         extra_x.append(img.astype(np.float32))
         extra_y.append(-1)

@@ -76,7 +76,8 @@ def write_figures(out: Path, data, q_rows, pro, opp, self_inf, dups, outl, group
         kind = data.train_kind[row]
         label = data.outlier_kind[row] or kind.replace("_", " ")
         _show(ax, data.train_x[row], f"{outl.scores[row]:.2f} {label}", _kind_color(kind))
-    fig.suptitle("Highest self-influence (robust z-score); red = planted outlier", fontsize=9)
+    fig.suptitle("Most outlying by influence neighbourhood (robust z of 1 - k-th normalised "
+                 "influence); red = planted outlier", fontsize=9)
     fig.tight_layout()
     figs["self_influence_top"] = "self_influence_top.png"
     fig.savefig(out / figs["self_influence_top"], dpi=110)
@@ -115,7 +116,9 @@ def write_figures(out: Path, data, q_rows, pro, opp, self_inf, dups, outl, group
     ax.set_ylabel("count")
     ax.legend(fontsize=8)
     q = quality["outliers_influence"]
-    ax.set_title(f"Self-influence: outlier AUROC {q['auroc']:.3f}", fontsize=9)
+    q_self = quality["outliers_self_influence"]
+    ax.set_title(f"Self-influence (outlier AUROC {q_self['auroc']:.3f}; influence-neighbourhood "
+                 f"score: {q['auroc']:.3f})", fontsize=9)
     fig.tight_layout()
     figs["self_influence_hist"] = "self_influence_hist.png"
     fig.savefig(out / figs["self_influence_hist"], dpi=110)
@@ -179,12 +182,16 @@ def write_markdown(out: Path, summary: dict[str, Any]) -> None:
         f" | {_fmt(db.get('recall_at_precision_0.9'))} |",
         f"| duplicates | average precision | {_fmt(di['average_precision'])} | "
         f"{_fmt(db['average_precision'])} |",
-        f"| outliers | AUROC | {_fmt(oi['auroc'])} | {_fmt(ob['auroc'])} |",
-        f"| outliers | precision@{oi['k']} | {_fmt(oi['precision_at_k'])} | "
-        f"{_fmt(ob['precision_at_k'])} |",
+        f"| outliers (influence neighbourhood) | AUROC | {_fmt(oi['auroc'])} | "
+        f"{_fmt(ob['auroc'])} |",
+        f"| outliers (influence neighbourhood) | precision@{oi['k']} | "
+        f"{_fmt(oi['precision_at_k'])} | {_fmt(ob['precision_at_k'])} |",
+        f"| outliers (self-influence) | AUROC | {_fmt(q['outliers_self_influence']['auroc'])} | "
+        f"{_fmt(ob['auroc'])} |",
     ]
     for kind, v in q["outliers_by_kind_influence"].items():
-        lines.append(f"| outliers: {kind} | AUROC | {_fmt(v)} | "
+        lines.append(f"| outliers: {kind} | AUROC neighbourhood / self-influence | {_fmt(v)} / "
+                     f"{_fmt(q['outliers_by_kind_self_influence'][kind])} | "
                      f"{_fmt(q['outliers_by_kind_baseline'][kind])} |")
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.2f} |" for k, v in t.items()]

@@ -35,6 +35,7 @@ class DemoConfig:
     n_near: int = 20
     n_outliers: int = 30
     dup_threshold: float = 0.9
+    neighbours: int = 5  # k of the outlier score and candidates kept per example
     n_queries: int = 8
     topk: int = 8
     n_boot: int = 500
@@ -69,12 +70,14 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     stage("train")
     backbone = make_backbone(cfg.seed)
-    history = train_ssl(backbone, data.train_x, method=cfg.ssl, epochs=cfg.epochs,
-                        seed=cfg.seed, progress=cfg.progress, log=log)
+    history, _ = train_ssl(backbone, data.train_x, method=cfg.ssl, epochs=cfg.epochs,
+                           seed=cfg.seed, progress=cfg.progress, log=log)
     done("train")
 
     stage("featurize")
-    loss = AugmentationStability(views=cfg.views, augment=digits_augment(cfg.seed + 7))
+    # Shared views: every image gets the same K transforms, so the loss depends on content only
+    # (exact duplicates get identical features) and examples are compared under common draws.
+    loss = AugmentationStability(views=cfg.views, augment=digits_augment(cfg.seed + 7, True))
     attr = InfluenceSSL(backbone, loss, Projection("kron", k=cfg.k, seed=cfg.seed), cfg.solver)
     store_path = out / "store"
     if store_path.exists():  # a fresh run: the encoder was retrained, the old store is stale
@@ -100,12 +103,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     self_inf = attr.self_influence()
     done("scores")
 
-    stage("duplicates")
-    dups = attr.find_duplicates(threshold=-1.0, topk=5)  # every candidate pair, ranked
-    done("duplicates")
-    stage("outliers")
-    outl = attr.find_outliers()
-    done("outliers")
+    stage("neighbours")
+    neigh = attr.neighbours(topk=cfg.neighbours)  # streaming top-k over the store
+    dups = attr.find_duplicates(threshold=-1.0, neighbours=neigh)  # every candidate, ranked
+    outl = attr.find_outliers("neighbours", k=cfg.neighbours, neighbours=neigh)
+    outl_self = attr.find_outliers("self_influence")
+    done("neighbours")
     stage("groups")
     all_test_ids = torch.arange(len(data.test_x)) + 10**6
     groups = attr.group_influence(data.train_groups, data.test_x, data.test_groups,
@@ -114,8 +117,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
 
     stage("baseline")
     rep_train = baseline.representations(backbone, data.train_x)
-    base_pairs, base_sim = baseline.knn_pairs(rep_train, topk=5)
-    base_outlier = baseline.knn_distance(rep_train, k=5)
+    base_pairs, base_sim = baseline.knn_pairs(rep_train, topk=cfg.neighbours)
+    base_outlier = baseline.knn_distance(rep_train, k=cfg.neighbours)
     done("baseline")
 
     truth_pairs = {tuple(p) for p in data.dup_pairs.tolist()}
@@ -126,9 +129,12 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
         "duplicates_baseline": metrics.pair_quality(base_pairs, base_sim, truth_pairs,
                                                     cfg.dup_threshold),
         "outliers_influence": metrics.outlier_quality(outl.scores, is_outlier),
+        "outliers_self_influence": metrics.outlier_quality(outl_self.scores, is_outlier),
         "outliers_baseline": metrics.outlier_quality(base_outlier, is_outlier),
         "outliers_by_kind_influence": metrics.outlier_quality_by_kind(
             outl.scores, is_outlier, data),
+        "outliers_by_kind_self_influence": metrics.outlier_quality_by_kind(
+            outl_self.scores, is_outlier, data),
         "outliers_by_kind_baseline": metrics.outlier_quality_by_kind(
             base_outlier, is_outlier, data),
     }

@@ -17,19 +17,21 @@ FEATURES = 64  # backbone output: the representation whose stability Influence-S
 PROJ = 32
 
 
-def digits_augment(seed: int) -> SSLAugment:
-    """Views for 8x8 digits: small crops, intensity jitter, mild blur and noise; no flips (a
-    mirrored digit is another symbol)."""
+def digits_augment(seed: int, shared: bool = False) -> SSLAugment:
+    """Views for the (upsampled) digits: small crops, intensity jitter, mild blur and noise; no
+    flips (a mirrored digit is another symbol)."""
     return SSLAugment(seed=seed, crop_scale=(0.7, 1.0), crop_ratio=(0.85, 1.15), flip_p=0.0,
                       jitter_p=0.8, brightness=0.3, contrast=0.3, saturation=0.0, hue=0.0,
-                      gray_p=0.0, blur_p=0.3, blur_sigma=(0.1, 0.7), noise_std=0.04)
+                      gray_p=0.0, blur_p=0.3, blur_sigma=(0.1, 0.7), noise_std=0.04,
+                      shared=shared)
 
 
 def make_backbone(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(
+    return nn.Sequential(  # 16x16 -> 8x8 -> 4x4
         nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(),
+        nn.Conv2d(32, 32, 3, padding=1, stride=2), nn.ReLU(),
         nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, FEATURES),
     )
 
@@ -45,8 +47,9 @@ def train_ssl(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
-) -> list[float]:
-    """Trains ``backbone`` in place on images ``x [n, C, H, W]``; returns the loss per epoch."""
+) -> tuple[list[float], nn.Module]:
+    """Trains ``backbone`` in place on images ``x [n, C, H, W]``; returns the loss per epoch and
+    the trained projection head (the space where training enforced invariance)."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
@@ -89,4 +92,5 @@ def train_ssl(
         history.append(total / n)
     backbone.eval()
     log(f"trained {method} for {epochs} epochs: loss {history[0]:.3f} -> {history[-1]:.3f}")
-    return history
+    head.eval()
+    return history, head
