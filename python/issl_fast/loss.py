@@ -4,7 +4,11 @@ augmentation.
 For an example x with views ``T_1 x .. T_K x`` (seeded: :mod:`issl_fast.augment`)::
 
     l(x; theta) = (1/K) sum_v [1 - cos(f(x), f(T_v x))]          (anchor form, default)
-    l(x; theta) = 1 - cos(f(T_1 x), f(T_2 x))                      (two_view=True)
+    l(x; theta) = (2/K) sum_p [1 - cos(f(T_2p-1 x), f(T_2p x))]   (two_view=True, K even)
+
+The two-view form (K = 2: the paper's variant; K = 2m averages m pairs) never uses the clean
+image, so with many views it averages over the augmentation distribution (e.g. crop positions)
+and depends less on the exact pixel alignment of x.
 
 ``l`` is separable per example (no in-batch negatives), so per-example gradients are well defined,
 and it is evaluated with the encoder in eval mode (BatchNorm statistics and dropout frozen):
@@ -33,7 +37,8 @@ class AugmentationStability:
         views: K, the number of augmented views per example.
         seed: seed of the default :class:`SSLAugment` (ignored when ``augment`` is given).
         augment: ``augment(x, ids, view) -> x_hat``; default ``SSLAugment(seed=seed)``.
-        two_view: use ``1 - cos(f(T_1 x), f(T_2 x))`` instead of the anchor form (needs K = 2).
+        two_view: compare pairs of views ``1 - cos(f(T_2p-1 x), f(T_2p x))`` instead of each
+            view with the clean anchor (needs an even K).
         representation: maps the encoder's output to the representation z (e.g. pick the
             backbone features of a (features, projection) tuple); default: the output itself.
     """
@@ -48,8 +53,9 @@ class AugmentationStability:
     ) -> None:
         if not isinstance(views, int) or views < 1:
             raise ValueError(f"views must be an int >= 1, got {views!r}")
-        if two_view and views != 2:
-            raise ValueError(f"two_view=True compares exactly two views, got views={views}")
+        if two_view and views % 2:
+            raise ValueError(f"two_view=True compares pairs of views: views must be even, "
+                             f"got {views}")
         self.views = views
         self.seed = seed
         self.augment: AugmentFn = augment if augment is not None else SSLAugment(seed=seed)
@@ -59,7 +65,7 @@ class AugmentationStability:
     @property
     def groups(self) -> int:
         """Inputs per example fed to the encoder (the clean anchor and/or its views)."""
-        return 2 if self.two_view else self.views + 1
+        return self.views if self.two_view else self.views + 1
 
     def config(self) -> dict[str, Any]:
         """Everything that determines the loss (part of a store's fingerprint)."""
@@ -86,11 +92,8 @@ class AugmentationStability:
 
     def encoder_inputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """``[groups * B, ...]``: group-major stack (group g of example b is row ``g * B + b``)."""
-        if self.two_view:
-            parts = [self.augment(x, ids, 1), self.augment(x, ids, 2)]
-        else:
-            parts = [x] + [self.augment(x, ids, v) for v in range(1, self.views + 1)]
-        return torch.cat(parts, dim=0)
+        views = [self.augment(x, ids, v) for v in range(1, self.views + 1)]
+        return torch.cat(views if self.two_view else [x, *views], dim=0)
 
     def from_outputs(self, out: Any, batch: int) -> torch.Tensor:
         """Per-example losses ``[B]`` from the encoder's output on :meth:`encoder_inputs`."""
@@ -102,7 +105,8 @@ class AugmentationStability:
             )
         z = z.reshape(self.groups, batch, -1)
         if self.two_view:
-            return 1 - F.cosine_similarity(z[0], z[1], dim=-1, eps=_COS_EPS)
+            cos = F.cosine_similarity(z[0::2], z[1::2], dim=-1, eps=_COS_EPS)  # [K/2, B]
+            return (1 - cos).mean(dim=0)
         cos = F.cosine_similarity(z[:1], z[1:], dim=-1, eps=_COS_EPS)  # [K, B]
         return (1 - cos).mean(dim=0)
 

@@ -46,7 +46,8 @@ def normalise(s: np.ndarray, how: str | None) -> np.ndarray:
         mad = np.median(np.abs(ls - med)) * 1.4826 or 1.0
         return (ls - med) / mad
     if how == "rank":
-        return np.argsort(np.argsort(s, kind="stable"), kind="stable") / max(len(s) - 1, 1)
+        # ties share a rank, so the ranking (ties: lower row first) is that of the raw scores
+        return np.searchsorted(np.sort(s), s, side="left") / max(len(s) - 1, 1)
     raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
 
 
