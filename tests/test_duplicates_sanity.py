@@ -20,6 +20,8 @@ def test_exact_duplicate_has_normalised_influence_one(tmp_path) -> None:
     phi_q = attr.features(query, q_ids)
     s_q = attr.solver.quad(phi_q).numpy()
     cos = scores / np.sqrt(np.outer(s_q, s_train))
+    np.testing.assert_allclose(attr.score_matrix(query, ids=q_ids, normalised=True).numpy(), cos,
+                               rtol=1e-10)
     for row, i in enumerate(dup):
         assert cos[row, i] >= 0.99
         assert np.argmax(cos[row]) == i

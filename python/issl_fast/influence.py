@@ -253,11 +253,19 @@ class InfluenceSSL:
         *,
         ids: torch.Tensor | None = None,
         store: GradientStore | None = None,
+        normalised: bool = False,
     ) -> torch.Tensor:
-        """Full ``[m, n]`` float64 score matrix: for small problems and tests."""
+        """Full ``[m, n]`` float64 score matrix (for small problems and tests); with
+        ``normalised`` the cosine form ``score / sqrt(s_i s_t)``."""
         store = self._store(store)
-        q = self.solver.precondition(self.features(queries, ids))
-        return torch.cat([q @ rows.T for rows, _ in store.iter_rows(dtype=torch.float64)], dim=1)
+        phi = self.features(queries, ids)
+        q = self.solver.precondition(phi)
+        S = torch.cat([q @ rows.T for rows, _ in store.iter_rows(dtype=torch.float64)], dim=1)
+        if normalised:
+            s_t = (q * phi.double()).sum(dim=1)
+            s_i = torch.from_numpy(self.self_influence(store))
+            S = S / torch.sqrt(torch.outer(s_t, s_i)).clamp(min=1e-300)
+        return S
 
     def self_influence(self, store: GradientStore | None = None) -> np.ndarray:
         """``s_i = phi_i^T F^-1 phi_i`` for every store row, float64 ``[n]``."""
