@@ -17,6 +17,7 @@
 #include "issl_fast/sketch_linear.h"
 #include "issl_fast/sketch_sparse.h"
 #if defined(ISSL_FAST_WITH_CUDA)
+#include "issl_fast/cuda_ops.h"
 #include "issl_fast/cuda_runtime_info.h"
 #endif
 
@@ -133,5 +134,126 @@ PYBIND11_MODULE(_C, m) {
                                     ptr<uint64_t>(out), n, stream);
       },
       py::call_guard<py::gil_scoped_release>());
+
+  // CUDA ops (cuda_ops.h): device pointers as integers, the caller's stream as an integer, a
+  // workspace sized by the matching *_workspace query, `algo` 0 = auto, 1 = simt, 2 = tensor
+  // cores. issl_fast/ops.py allocates everything with torch on the tensors' device.
+  using issl_fast::CudaAlgo;
+  auto to_algo = [](int a) { return static_cast<CudaAlgo>(a); };
+  m.def("sketch_dense_cuda_workspace",
+        [to_algo](int dtype, int64_t B, int64_t P, int64_t k, int dist, int algo, int num_sms) {
+          return issl_fast::sketch_dense_cuda_workspace(to_dtype(dtype), B, P, k, to_dist(dist),
+                                                        to_algo(algo), num_sms);
+        });
+  m.def(
+      "sketch_dense_cuda",
+      [to_algo](std::uintptr_t g, int dtype, int64_t B, int64_t P, int64_t k, uint64_t seed,
+                int dist, int64_t col_offset, std::uintptr_t out, bool accumulate,
+                std::uintptr_t ws, int64_t ws_bytes, int num_sms, int algo,
+                std::uintptr_t stream) {
+        issl_fast::sketch_dense_cuda(ptr<const void>(g), to_dtype(dtype), B, P, k, seed,
+                                     to_dist(dist), col_offset, ptr<float>(out), accumulate,
+                                     ptr<void>(ws), ws_bytes, num_sms, to_algo(algo), stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("sketch_linear_cuda_workspace",
+        [to_algo](int dtype, int64_t B, int64_t T, int64_t d_in, int64_t d_out, int64_t k,
+                  int dist, int algo, int num_sms) {
+          return issl_fast::sketch_linear_cuda_workspace(to_dtype(dtype), B, T, d_in, d_out, k,
+                                                         to_dist(dist), to_algo(algo), num_sms);
+        });
+  m.def(
+      "sketch_linear_cuda",
+      [to_algo](std::uintptr_t A, std::uintptr_t D, int dtype, int64_t B, int64_t T, int64_t d_in,
+                int64_t d_out, int64_t k, uint64_t seed, int dist, int64_t col_offset,
+                std::uintptr_t out, bool accumulate, std::uintptr_t ws, int64_t ws_bytes,
+                int num_sms, int algo, std::uintptr_t stream) {
+        issl_fast::sketch_linear_cuda(ptr<const void>(A), ptr<const void>(D), to_dtype(dtype), B,
+                                      T, d_in, d_out, k, seed, to_dist(dist), col_offset,
+                                      ptr<float>(out), accumulate, ptr<void>(ws), ws_bytes,
+                                      num_sms, to_algo(algo), stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("sketch_sparse_cuda_workspace",
+        [](int64_t B, int64_t P, int64_t k, int64_t s, int num_sms) {
+          return issl_fast::sketch_sparse_cuda_workspace(B, P, k, s, num_sms);
+        });
+  m.def(
+      "sketch_sparse_cuda",
+      [](std::uintptr_t g, int dtype, int64_t B, int64_t P, int64_t k, int64_t s, uint64_t seed,
+         int64_t col_offset, std::uintptr_t out, bool accumulate, std::uintptr_t ws,
+         int64_t ws_bytes, int num_sms, std::uintptr_t stream) {
+        issl_fast::sketch_sparse_cuda(ptr<const void>(g), to_dtype(dtype), B, P, k, s, seed,
+                                      col_offset, ptr<float>(out), accumulate, ptr<void>(ws),
+                                      ws_bytes, num_sms, stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("sketch_kron_cuda_workspace",
+        [to_algo](int dtype, int64_t B, int64_t T, int64_t d_in, int64_t d_out, int64_t k_in,
+                  int64_t k_out, int dist, int algo, int num_sms) {
+          return issl_fast::sketch_kron_cuda_workspace(to_dtype(dtype), B, T, d_in, d_out, k_in,
+                                                       k_out, to_dist(dist), to_algo(algo),
+                                                       num_sms);
+        });
+  m.def(
+      "sketch_kron_cuda",
+      [to_algo](std::uintptr_t A, std::uintptr_t D, int dtype, int64_t B, int64_t T, int64_t d_in,
+                int64_t d_out, int64_t k_in, int64_t k_out, uint64_t seed, int dist,
+                std::uintptr_t out, bool accumulate, std::uintptr_t ws, int64_t ws_bytes,
+                int num_sms, int algo, std::uintptr_t stream) {
+        issl_fast::sketch_kron_cuda(ptr<const void>(A), ptr<const void>(D), to_dtype(dtype), B, T,
+                                    d_in, d_out, k_in, k_out, seed, to_dist(dist),
+                                    ptr<float>(out), accumulate, ptr<void>(ws), ws_bytes,
+                                    num_sms, to_algo(algo), stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  m.def("score_topk_cuda_workspace",
+        [to_algo](int64_t mq, std::uintptr_t G, int dtype, int64_t n, int64_t k, int64_t topk,
+                  bool accumulate, int num_sms, int algo) {
+          return issl_fast::score_topk_cuda_workspace(mq, ptr<const void>(G), to_dtype(dtype), n,
+                                                      k, topk, accumulate, num_sms,
+                                                      to_algo(algo));
+        });
+  m.def(
+      "score_topk_cuda",
+      [to_algo](std::uintptr_t Q, int64_t mq, std::uintptr_t G, int dtype, int64_t n, int64_t k,
+                int64_t topk, std::uintptr_t exclude, int64_t e, int64_t index_offset,
+                std::uintptr_t values, std::uintptr_t indices, bool accumulate, std::uintptr_t ws,
+                int64_t ws_bytes, int num_sms, int algo, std::uintptr_t stream) {
+        issl_fast::score_topk_cuda(ptr<const float>(Q), mq, ptr<const void>(G), to_dtype(dtype),
+                                   n, k, topk, ptr<const int64_t>(exclude), e, index_offset,
+                                   ptr<float>(values), ptr<int64_t>(indices), accumulate,
+                                   ptr<void>(ws), ws_bytes, num_sms, to_algo(algo), stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
+  // Launch plans (pure host functions, no device needed): for tests and benchmarks.
+  m.def("sketch_gemm_cuda_plan",
+        [to_algo](int dtype, int64_t M, int64_t cols, int64_t N, int dist, int algo,
+                  int num_sms) {
+          const auto p = issl_fast::sketch_gemm_cuda_plan(to_dtype(dtype), M, cols, N,
+                                                          to_dist(dist), to_algo(algo), num_sms);
+          py::dict d;
+          d["tensor_cores"] = p.tensor_cores;
+          d["passes"] = p.passes;
+          d["tile_m"] = p.tile_m;
+          d["tile_n"] = p.tile_n;
+          d["tiles_m"] = p.tiles_m;
+          d["tiles_n"] = p.tiles_n;
+          d["splits"] = p.splits;
+          return d;
+        });
+  m.def("score_topk_cuda_plan",
+        [to_algo](int64_t mq, std::uintptr_t G, int dtype, int64_t n, int64_t k, int64_t topk,
+                  int num_sms, int algo) {
+          const auto p = issl_fast::score_topk_cuda_plan(mq, ptr<const void>(G), to_dtype(dtype),
+                                                         n, k, topk, num_sms, to_algo(algo));
+          py::dict d;
+          d["tensor_cores"] = p.tensor_cores;
+          d["queries_per_block"] = p.queries_per_block;
+          d["query_blocks"] = p.query_blocks;
+          d["partitions"] = p.partitions;
+          d["rows_per_tile"] = p.rows_per_tile;
+          return d;
+        });
 #endif
 }

@@ -31,10 +31,11 @@ struct IsaKernels {
   // kernel_templates.h), and build such a group from kLaneGroup rows (a scaled transpose).
   void (*scatter_group)(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg);
   void (*pack_lanes)(const float* const* rows, int64_t pc, float scale, float* dst);
-  // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng. Every (i, j)
-  // pair uses the same arithmetic whatever its position in the tile, so a score never depends on
-  // the batch of queries or rows it was computed with.
-  void (*dot_tile)(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg,
+  // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng, with g rows
+  // of dtype dt widened in registers. Every (i, j) pair uses the same arithmetic whatever its
+  // position in the tile or g's dtype path, so a score never depends on the batch of queries or
+  // rows it was computed with.
+  void (*dot_tile)(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
                    int64_t ng, int64_t k, float* out, int64_t ldo);
 };
 

@@ -4,12 +4,14 @@
 //
 // V provides: reg, W (lanes), zero(), set1(a), load(p), load_tail(p, n) (n < W, rest zero),
 // store(p, r), add(a, b), fma(a, b, c) (= a*b + c), hsum(r) (a fixed reduction tree),
-// xor_bits(r, u) (xor every lane's bit pattern with u: flips signs for u = 0x80000000).
+// xor_bits(r, u) (xor every lane's bit pattern with u: flips signs for u = 0x80000000),
+// load_f16 / load_bf16 (+ _tail) (W half-precision values widened to float32, exactly).
 #pragma once
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
 
+#include "issl_fast/common.h"
 #include "issl_fast/hash.h"
 
 namespace issl_fast::cpu {
@@ -77,9 +79,30 @@ void pack_signs_impl(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t
 }
 
 // ---- score tiles -----------------------------------------------------------------------------
-template <class V, int QI, int GJ>
-void dot_block(const float* q, int64_t ldq, const float* g, int64_t ldg, int64_t k, float* out,
-               int64_t ldo) {
+// Store rows are read through a loader G (float32, or float16 / bfloat16 converted in registers:
+// exact, so a score is the same bit pattern whichever loader produced it).
+template <class V>
+struct LoadF32 {
+  using T = float;
+  static typename V::reg load(const T* p) { return V::load(p); }
+  static typename V::reg load_tail(const T* p, int n) { return V::load_tail(p, n); }
+};
+template <class V>
+struct LoadF16 {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_f16(p); }
+  static typename V::reg load_tail(const T* p, int n) { return V::load_f16_tail(p, n); }
+};
+template <class V>
+struct LoadBF16 {
+  using T = uint16_t;
+  static typename V::reg load(const T* p) { return V::load_bf16(p); }
+  static typename V::reg load_tail(const T* p, int n) { return V::load_bf16_tail(p, n); }
+};
+
+template <class V, class G, int QI, int GJ>
+void dot_block(const float* q, int64_t ldq, const typename G::T* g, int64_t ldg, int64_t k,
+               float* out, int64_t ldo) {
   constexpr int W = V::W;
   typename V::reg acc[QI][GJ];
   for (int i = 0; i < QI; ++i)
@@ -87,7 +110,7 @@ void dot_block(const float* q, int64_t ldq, const float* g, int64_t ldg, int64_t
   int64_t p = 0;
   for (; p + W <= k; p += W) {
     typename V::reg gv[GJ];
-    for (int j = 0; j < GJ; ++j) gv[j] = V::load(g + j * ldg + p);
+    for (int j = 0; j < GJ; ++j) gv[j] = G::load(g + j * ldg + p);
     for (int i = 0; i < QI; ++i) {
       const typename V::reg qv = V::load(q + i * ldq + p);
       for (int j = 0; j < GJ; ++j) acc[i][j] = V::fma(qv, gv[j], acc[i][j]);
@@ -96,7 +119,7 @@ void dot_block(const float* q, int64_t ldq, const float* g, int64_t ldg, int64_t
   if (p < k) {
     const int rem = static_cast<int>(k - p);
     typename V::reg gv[GJ];
-    for (int j = 0; j < GJ; ++j) gv[j] = V::load_tail(g + j * ldg + p, rem);
+    for (int j = 0; j < GJ; ++j) gv[j] = G::load_tail(g + j * ldg + p, rem);
     for (int i = 0; i < QI; ++i) {
       const typename V::reg qv = V::load_tail(q + i * ldq + p, rem);
       for (int j = 0; j < GJ; ++j) acc[i][j] = V::fma(qv, gv[j], acc[i][j]);
@@ -107,25 +130,41 @@ void dot_block(const float* q, int64_t ldq, const float* g, int64_t ldg, int64_t
 }
 
 // Every (query, row) pair goes through the same per-pair instruction sequence in every block
-// shape, so its score is bit-identical whatever m, the tile or the thread count.
-template <class V, int QR, int GR>
-void dot_tile_impl(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg,
-                   int64_t ng, int64_t k, float* out, int64_t ldo) {
+// shape, so its score is bit-identical whatever m, the tile, the loader or the thread count.
+template <class V, class G, int QR, int GR>
+void dot_tile_typed(const float* q, int64_t ldq, int64_t mq, const typename G::T* g, int64_t ldg,
+                    int64_t ng, int64_t k, float* out, int64_t ldo) {
   int64_t i0 = 0;
   for (; i0 + QR <= mq; i0 += QR) {
     int64_t j0 = 0;
     for (; j0 + GR <= ng; j0 += GR)
-      dot_block<V, QR, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, QR, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
     for (; j0 < ng; ++j0)
-      dot_block<V, QR, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, QR, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
   }
   for (; i0 < mq; ++i0) {
     int64_t j0 = 0;
     for (; j0 + GR <= ng; j0 += GR)
-      dot_block<V, 1, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, 1, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
     for (; j0 < ng; ++j0)
-      dot_block<V, 1, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, 1, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
   }
+}
+
+template <class V, int QR, int GR>
+void dot_tile_impl(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
+                   int64_t ng, int64_t k, float* out, int64_t ldo) {
+  switch (dt) {
+    case DType::kFloat16:
+      return dot_tile_typed<V, LoadF16<V>, QR, GR>(q, ldq, mq, static_cast<const uint16_t*>(g),
+                                                   ldg, ng, k, out, ldo);
+    case DType::kBFloat16:
+      return dot_tile_typed<V, LoadBF16<V>, QR, GR>(q, ldq, mq, static_cast<const uint16_t*>(g),
+                                                    ldg, ng, k, out, ldo);
+    case DType::kFloat32: break;
+  }
+  dot_tile_typed<V, LoadF32<V>, QR, GR>(q, ldq, mq, static_cast<const float*>(g), ldg, ng, k, out,
+                                        ldo);
 }
 
 // ---- axpy ------------------------------------------------------------------------------------

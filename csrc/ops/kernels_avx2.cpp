@@ -30,6 +30,23 @@ struct VecAvx2 {
   static reg xor_bits(reg a, uint32_t u) {
     return _mm256_xor_ps(a, _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(u))));
   }
+  static reg load_f16(const uint16_t* p) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  }
+  static reg load_f16_tail(const uint16_t* p, int n) {
+    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, p, sizeof(uint16_t) * n);
+    return load_f16(buf);
+  }
+  static reg load_bf16(const uint16_t* p) {
+    const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  }
+  static reg load_bf16_tail(const uint16_t* p, int n) {
+    alignas(16) uint16_t buf[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    std::memcpy(buf, p, sizeof(uint16_t) * n);
+    return load_bf16(buf);
+  }
   static float hsum(reg r) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(r), _mm256_extractf128_ps(r, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -96,10 +113,10 @@ void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
   pack_lanes_avx(rows, pc, scale, dst);
 }
 
-void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
-              int64_t k, float* out, int64_t ldo) {
+void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
+              int64_t ng, int64_t k, float* out, int64_t ldo) {
   // 3 x 3 pair accumulators + 3 row vectors + 1 query vector: 13 of the 16 ymm registers.
-  dot_tile_impl<VecAvx2, 3, 3>(q, ldq, mq, g, ldg, ng, k, out, ldo);
+  dot_tile_impl<VecAvx2, 3, 3>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo);
 }
 
 }  // namespace

@@ -28,6 +28,20 @@ struct VecAvx512 {
     return _mm512_castsi512_ps(
         _mm512_xor_si512(_mm512_castps_si512(a), _mm512_set1_epi32(static_cast<int>(u))));
   }
+  static reg load_f16(const uint16_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static reg load_f16_tail(const uint16_t* p, int n) {
+    return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p));
+  }
+  static reg load_bf16(const uint16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static reg load_bf16_tail(const uint16_t* p, int n) {
+    const __m256i h = _mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << n) - 1u), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
   static float hsum(reg r) {
     __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(r), _mm512_extractf32x8_ps(r, 1));
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
@@ -92,10 +106,10 @@ void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
   pack_lanes_avx(rows, pc, scale, dst);
 }
 
-void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
-              int64_t k, float* out, int64_t ldo) {
+void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
+              int64_t ng, int64_t k, float* out, int64_t ldo) {
   // 4 x 4 pair accumulators + 4 row vectors + 1 query vector: 21 of the 32 zmm registers.
-  dot_tile_impl<VecAvx512, 4, 4>(q, ldq, mq, g, ldg, ng, k, out, ldo);
+  dot_tile_impl<VecAvx512, 4, 4>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo);
 }
 
 }  // namespace

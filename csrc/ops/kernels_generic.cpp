@@ -51,6 +51,26 @@ struct VecGeneric {
     }
     return r;
   }
+  static reg load_f16(const uint16_t* p) {
+    reg r;
+    for (int l = 0; l < W; ++l) r.v[l] = f16_to_f32(p[l]);
+    return r;
+  }
+  static reg load_f16_tail(const uint16_t* p, int n) {
+    reg r{};
+    for (int l = 0; l < n; ++l) r.v[l] = f16_to_f32(p[l]);
+    return r;
+  }
+  static reg load_bf16(const uint16_t* p) {
+    reg r;
+    for (int l = 0; l < W; ++l) r.v[l] = bf16_to_f32(p[l]);
+    return r;
+  }
+  static reg load_bf16_tail(const uint16_t* p, int n) {
+    reg r{};
+    for (int l = 0; l < n; ++l) r.v[l] = bf16_to_f32(p[l]);
+    return r;
+  }
   static float hsum(const reg& r) {
     return ((r.v[0] + r.v[4]) + (r.v[2] + r.v[6])) + ((r.v[1] + r.v[5]) + (r.v[3] + r.v[7]));
   }
@@ -96,9 +116,9 @@ void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
   pack_lanes_scalar(rows, pc, scale, dst);
 }
 
-void dot_tile(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg, int64_t ng,
-              int64_t k, float* out, int64_t ldo) {
-  dot_tile_impl<VecGeneric, 2, 2>(q, ldq, mq, g, ldg, ng, k, out, ldo);
+void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
+              int64_t ng, int64_t k, float* out, int64_t ldo) {
+  dot_tile_impl<VecGeneric, 2, 2>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo);
 }
 
 }  // namespace

@@ -21,6 +21,11 @@ constexpr int64_t kMinTileRows = 16;
 constexpr int64_t kMaxTileRows = 1024;
 // Queries scored per pass over a tile: bounds the score block to kQueryBlock x tile floats.
 constexpr int64_t kQueryBlock = 256;
+// Up to this many queries, half-precision rows are widened in registers inside the dot kernel
+// (one pass over memory, no staging buffer: the bandwidth-bound case). With more queries each
+// row would be widened once per query block, so the tile is converted once into a float32
+// buffer instead. Both paths give bit-identical scores.
+constexpr int64_t kFusedMaxQueries = 4;
 
 struct Entry {
   float v;
@@ -100,22 +105,23 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<TopK>& mine = heaps[tid];
     for (TopK& h : mine) h.reset(topk);
-    cpu::Scratch buf(dtype == DType::kFloat32 ? 1 : tile * k);
+    const bool stage = dtype != DType::kFloat32 && m > kFusedMaxQueries;
+    cpu::Scratch buf(stage ? tile * k : 1);
     cpu::Scratch scores(std::min(m, kQueryBlock) * tile);
     // Contiguous ranges of tiles: each thread streams its part of the store once.
     const int64_t t_begin = n_tiles * tid / nt, t_end = n_tiles * (tid + 1) / nt;
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
-      const float* g;
-      if (dtype == DType::kFloat32) {
-        g = static_cast<const float*>(G) + r0 * k;
-      } else {
-        K.to_f32(cpu::offset_ptr(G, dtype, r0 * k), dtype, rows * k, buf.data());
+      const void* g = cpu::offset_ptr(G, dtype, r0 * k);
+      DType gdt = dtype;
+      if (stage) {
+        K.to_f32(g, dtype, rows * k, buf.data());
         g = buf.data();
+        gdt = DType::kFloat32;
       }
       for (int64_t q0 = 0; q0 < m; q0 += kQueryBlock) {
         const int64_t mq = std::min(kQueryBlock, m - q0);
-        K.dot_tile(Q + q0 * k, k, mq, g, k, rows, k, scores.data(), rows);
+        K.dot_tile(Q + q0 * k, k, mq, g, gdt, k, rows, k, scores.data(), rows);
         for (int64_t i = 0; i < mq; ++i) {
           TopK& h = mine[q0 + i];
           const float* s = scores.data() + i * rows;

@@ -1,0 +1,86 @@
+// CUDA versions of the five ops (cuda/*.cu), as plain C++: no CUDA headers needed by the caller.
+// Same contracts as the CPU headers (sketch_dense.h ... score_topk.h), with these differences:
+//   * every pointer is a device pointer of the current CUDA device (the caller selects it);
+//   * work is queued on `stream` (a cudaStream_t passed as an integer) and nothing waits for it;
+//   * nothing is allocated: outputs and a workspace come from the caller. Each op has a
+//     *_workspace query giving the workspace bytes for the same arguments (0 = none needed);
+//     the op throws std::invalid_argument if it gets less;
+//   * `num_sms` is the device's multiprocessor count (it shapes the launch plan, nothing else);
+//   * `algo` picks the kernel family: kAuto, kSimt (float32 FMA) or kTensorCore (bf16/fp16 MMA
+//     with float32 accumulation; Rademacher sketches and bfloat16 stores only), for tests and
+//     benchmarks that compare the two.
+// Argument errors throw std::invalid_argument (Python ValueError) before any CUDA work is queued;
+// CUDA failures throw std::runtime_error with the CUDA error string (Python RuntimeError).
+// Results are deterministic run to run (no float atomics). Rademacher entries are bit-identical
+// to the CPU's; sums differ from the CPU's by float rounding (another summation order).
+#pragma once
+#include <cstdint>
+
+#include "issl_fast/common.h"
+
+namespace issl_fast {
+
+enum class CudaAlgo : int { kAuto = 0, kSimt = 1, kTensorCore = 2 };
+
+// g [B, P] -> out [B, k] (sketch_dense.h).
+int64_t sketch_dense_cuda_workspace(DType dtype, int64_t B, int64_t P, int64_t k, Dist dist,
+                                    CudaAlgo algo, int num_sms);
+void sketch_dense_cuda(const void* g, DType dtype, int64_t B, int64_t P, int64_t k, uint64_t seed,
+                       Dist dist, int64_t col_offset, float* out, bool accumulate, void* ws,
+                       int64_t ws_bytes, int num_sms, CudaAlgo algo, std::uintptr_t stream);
+
+// A [B, T, d_in], D [B, T, d_out] -> out [B, k] (sketch_linear.h). G is never materialised
+// whole: either not at all (small T, tensor cores) or in column chunks of the workspace.
+int64_t sketch_linear_cuda_workspace(DType dtype, int64_t B, int64_t T, int64_t d_in,
+                                     int64_t d_out, int64_t k, Dist dist, CudaAlgo algo,
+                                     int num_sms);
+void sketch_linear_cuda(const void* A, const void* D, DType dtype, int64_t B, int64_t T,
+                        int64_t d_in, int64_t d_out, int64_t k, uint64_t seed, Dist dist,
+                        int64_t col_offset, float* out, bool accumulate, void* ws,
+                        int64_t ws_bytes, int num_sms, CudaAlgo algo, std::uintptr_t stream);
+
+// g [B, P] -> out [B, k], 1 <= s <= k < 2^31 (sketch_sparse.h). With one split per output the
+// sums are in the CPU's order (increasing p), so results then equal the CPU's bit for bit.
+int64_t sketch_sparse_cuda_workspace(int64_t B, int64_t P, int64_t k, int64_t s, int num_sms);
+void sketch_sparse_cuda(const void* g, DType dtype, int64_t B, int64_t P, int64_t k, int64_t s,
+                        uint64_t seed, int64_t col_offset, float* out, bool accumulate, void* ws,
+                        int64_t ws_bytes, int num_sms, std::uintptr_t stream);
+
+// A [B, T, d_in], D [B, T, d_out] -> out [B, k_out * k_in] (sketch_kron.h). The projected
+// factors U = A P_in^T, V = D P_out^T live in the workspace for a chunk of examples at a time.
+int64_t sketch_kron_cuda_workspace(DType dtype, int64_t B, int64_t T, int64_t d_in,
+                                   int64_t d_out, int64_t k_in, int64_t k_out, Dist dist,
+                                   CudaAlgo algo, int num_sms);
+void sketch_kron_cuda(const void* A, const void* D, DType dtype, int64_t B, int64_t T,
+                      int64_t d_in, int64_t d_out, int64_t k_in, int64_t k_out, uint64_t seed,
+                      Dist dist, float* out, bool accumulate, void* ws, int64_t ws_bytes,
+                      int num_sms, CudaAlgo algo, std::uintptr_t stream);
+
+// Q [m, k] float32, G [n, k] -> values [m, topk], indices [m, topk] (score_topk.h), all on the
+// device. One pass over G with a fused per-query top-k per thread block, then a merge of the
+// blocks' lists; never an m x n matrix. With accumulate, values/indices must hold an earlier
+// result sorted by (value desc, index asc) with empty slots (-inf, -1) last (ops.py sorts and
+// sanitises it). The workspace size depends on G's address (16-byte alignment picks the kernel).
+int64_t score_topk_cuda_workspace(int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                                  int64_t topk, bool accumulate, int num_sms, CudaAlgo algo);
+void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                     int64_t topk, const int64_t* exclude, int64_t e, int64_t index_offset,
+                     float* values, int64_t* indices, bool accumulate, void* ws, int64_t ws_bytes,
+                     int num_sms, CudaAlgo algo, std::uintptr_t stream);
+
+// The launch plans, for tests and benchmarks (pure host functions: no device needed).
+struct CudaGemmPlan {
+  bool tensor_cores = false;  // MMA kernel (else SIMT)
+  int passes = 1;             // MMA passes per product (3 for float32 inputs split in bf16)
+  int64_t tile_m = 0, tile_n = 0, tiles_m = 0, tiles_n = 0, splits = 0;
+};
+CudaGemmPlan sketch_gemm_cuda_plan(DType dtype, int64_t M, int64_t cols, int64_t N, Dist dist,
+                                   CudaAlgo algo, int num_sms);
+struct CudaTopkPlan {
+  bool tensor_cores = false;
+  int64_t queries_per_block = 0, query_blocks = 0, partitions = 0, rows_per_tile = 0;
+};
+CudaTopkPlan score_topk_cuda_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                                  int64_t topk, int num_sms, CudaAlgo algo);
+
+}  // namespace issl_fast
