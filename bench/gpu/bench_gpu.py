@@ -1,0 +1,471 @@
+"""GPU benchmarks of issl_fast's CUDA ops against the issue-5 targets, with the device's limits
+measured in the same run. Run by bench/gpu/run.sh; standalone: ``python bench/gpu/bench_gpu.py
+--out DIR``. Writes DIR/bench.json (every figure) and DIR/table.txt (the summary, also printed).
+
+Limits (measured here, on random data, never zeros): device-to-device copy bandwidth (bytes read
+plus written per second, ``y.copy_(x)`` of 2 GiB) and the dense bf16 matrix rate (``torch.mm`` of
+8192^3). Every op is checked against an exact computation before it is timed. Times are medians of
+CUDA-event timings after warm-up.
+
+Targets (issue 5): sketch_linear (B=256, T=1, 1024x1024, k=4096, bf16) >= 50% of the bf16 rate,
+counting 2 B P k flops; sketch_kron <= 1.5x the time of the two torch.mm calls plus their outer
+product; score_topk (n=4e6, k=1024, bf16 resident, topk=100) >= 80% of the copy bandwidth for
+m <= 64 (counting the n k 2 bytes of the store) and >= 50% of the bf16 rate for m=1024.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import issl_fast
+import numpy as np
+import torch
+from issl_fast import ops, reference
+
+DEV = torch.device("cuda")
+RESULTS: dict[str, Any] = {"cases": {}}
+ROWS: list[list[str]] = []
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# A benchmark repeats a call at most this long in total (slow kernels get fewer rounds, so the
+# whole run stays inside run.sh's time limit).
+MAX_CASE_SECONDS = 25.0
+
+
+def cuda_times(fn: Callable[[], object], rounds: int, warmup: int = 1) -> list[float]:
+    """Seconds per call, one CUDA-event pair around each call."""
+    t0 = time.perf_counter()
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    first = (time.perf_counter() - t0) / max(1, warmup)
+    rounds = max(1, min(rounds, int(MAX_CASE_SECONDS / max(first, 1e-9))))
+    out = []
+    for _ in range(rounds):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) / 1e3)
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def free() -> None:
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+
+
+def row(
+    case: str,
+    ours: float,
+    base: float | None,
+    base_name: str,
+    metric: str,
+    target: str,
+    ok: bool | None,
+) -> None:
+    ROWS.append(
+        [
+            case,
+            f"{ours * 1e3:.3f}",
+            "-" if base is None else f"{base * 1e3:.3f}",
+            "-" if base is None else f"{base / ours:.2f}",
+            base_name,
+            metric,
+            target,
+            "-" if ok is None else ("PASS" if ok else "FAIL"),
+        ]
+    )
+
+
+def table() -> str:
+    head = ["case", "ours ms", "base ms", "base/ours", "baseline", "metric", "target", ""]
+    rows = [head] + ROWS
+    w = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    """max over rows of ||ours - ref|| / ||ref||."""
+    ours, ref = ours.double(), ref.double()
+    num = (ours - ref).norm(dim=-1)
+    den = ref.norm(dim=-1).clamp_min(1e-300)
+    return float((num / den).max())
+
+
+# ---------------------------------------------------------------------------------------------
+# machine limits
+# ---------------------------------------------------------------------------------------------
+def limits(rounds: int) -> tuple[float, float]:
+    x = torch.randn(512 * 2**20, device=DEV)  # 2 GiB of float32
+    y = torch.empty_like(x)
+    t = med(cuda_times(lambda: y.copy_(x), rounds, warmup=2))
+    copy_bw = 2 * x.numel() * 4 / t
+    x = y = None  # noqa: F841 (frees the buffers)
+    free()
+    n = 8192
+    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=DEV, dtype=torch.bfloat16)
+    t = med(cuda_times(lambda: torch.mm(a, b, out=c), rounds, warmup=3))
+    mm_rate = 2 * n**3 / t
+    a = b = c = None  # noqa: F841
+    free()
+    log(
+        f"copy bandwidth {copy_bw / 1e12:.2f} TB/s (read + write), bf16 mm "
+        f"{mm_rate / 1e12:.0f} TFLOP/s"
+    )
+    RESULTS["copy_bandwidth_Bps"] = copy_bw
+    RESULTS["bf16_mm_flops"] = mm_rate
+    return copy_bw, mm_rate
+
+
+# ---------------------------------------------------------------------------------------------
+# sketch_linear
+# ---------------------------------------------------------------------------------------------
+def bench_linear(mm_rate: float, rounds: int) -> None:
+    B, T, d, k = 256, 1, 1024, 4096
+    P = d * d
+    flops = 2 * B * P * k
+    A = torch.randn(B, T, d, device=DEV, dtype=torch.bfloat16)
+    D = torch.randn(B, T, d, device=DEV, dtype=torch.bfloat16)
+    y = ops.sketch_linear(A, D, k, seed=1)
+    # Check: rows j < 64 come from hash word 0 alone, so an explicit 64-row matrix pins them.
+    G = torch.einsum("bto,bti->boi", D.float(), A.float()).reshape(B, P)
+    R64 = torch.from_numpy(reference.random_matrix(1, 64, 0, P)).to(DEV, torch.float32)
+    ref = (G @ R64.T) / math.sqrt(k)
+    err = rel_err(y[:, :64], ref)
+    log(f"sketch_linear check: max row rel err {err:.2e} (first 64 sketch rows)")
+    assert err < 1e-4, f"sketch_linear disagrees with the explicit matrix: {err}"
+    del R64, ref
+    free()
+    t_ours = cuda_times(lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
+    # torch.mm of the same shape with the whole random matrix stored (8 GiB of bf16).
+    Gb = G.to(torch.bfloat16)
+    G = None  # noqa: F841
+    free()
+    Rt = torch.empty(P, k, device=DEV, dtype=torch.bfloat16).bernoulli_(0.5).mul_(2).sub_(1)
+    out = torch.empty(B, k, device=DEV, dtype=torch.bfloat16)
+    t_mm = cuda_times(lambda: torch.mm(Gb, Rt, out=out), rounds)
+    Rt = out = None  # noqa: F841 (8 GiB back before the baseline)
+    free()
+
+    # Pure-PyTorch baseline: materialise G, regenerate R per call in column blocks (TRAK-style).
+    def baseline() -> torch.Tensor:
+        g = torch.einsum("bto,bti->boi", D, A).reshape(B, P)
+        acc = torch.zeros(B, k, device=DEV)
+        cb = 1 << 16
+        for c0 in range(0, P, cb):
+            r = torch.empty(k, cb, device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
+            r.mul_(2).sub_(1)
+            acc += (g[:, c0 : c0 + cb] @ r.T).float()
+        return acc / math.sqrt(k)
+
+    t_base = cuda_times(baseline, max(2, rounds - 1))
+    to, tm, tb = med(t_ours), med(t_mm), med(t_base)
+    frac = flops / to / mm_rate
+    RESULTS["cases"]["sketch_linear"] = {
+        "shape": dict(B=B, T=T, d_in=d, d_out=d, k=k, dtype="bfloat16"),
+        "flops": flops,
+        "ours_s": t_ours,
+        "mm_same_shape_s": t_mm,
+        "baseline_s": t_base,
+        "check_rel_err": err,
+        "ours_flops": flops / to,
+        "fraction_of_mm_rate": frac,
+        "mm_same_shape_flops": flops / tm,
+    }
+    log(
+        f"sketch_linear: ours {to:.3f} s = {flops / to / 1e12:.0f} TFLOP/s ({frac:.0%} of mm), "
+        f"torch.mm same shape {tm:.3f} s, pure-PyTorch {tb:.3f} s"
+    )
+    row(
+        "sketch_linear B256 1024x1024 k4096",
+        to,
+        tb,
+        "einsum+RNG blocks",
+        f"{flops / to / 1e12:.0f} TF/s = {frac:.0%} mm",
+        ">= 50% mm",
+        frac >= 0.5,
+    )
+    row("  (torch.mm, R stored 8 GiB)", tm, None, "-", f"{flops / tm / 1e12:.0f} TF/s", "-", None)
+    free()
+
+
+# ---------------------------------------------------------------------------------------------
+# sketch_kron
+# ---------------------------------------------------------------------------------------------
+def bench_kron(rounds: int) -> None:
+    B, T, d_in, d_out, k_in, k_out = 64, 256, 1024, 1024, 64, 64
+    A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
+    D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
+    y = ops.sketch_kron(A, D, k_in, k_out, seed=2)
+    ref = reference.sketch_kron(A[:2].cpu(), D[:2].cpu(), k_in, k_out, seed=2, accum=torch.float64)
+    err = rel_err(y[:2].cpu(), ref)
+    log(f"sketch_kron check: max row rel err {err:.2e}")
+    assert err < 1e-4, f"sketch_kron disagrees with the reference: {err}"
+    p_in, p_out = reference.kron_matrices(2, d_in, d_out, k_in, k_out)
+    Pin = (torch.from_numpy(p_in) / math.sqrt(k_in)).to(DEV, torch.bfloat16)
+    Pout = (torch.from_numpy(p_out) / math.sqrt(k_out)).to(DEV, torch.bfloat16)
+
+    def two_mm_and_outer() -> torch.Tensor:
+        U = torch.mm(A.view(-1, d_in), Pin.T).view(B, T, k_in)
+        V = torch.mm(D.view(-1, d_out), Pout.T).view(B, T, k_out)
+        return torch.bmm(V.transpose(1, 2), U)
+
+    def baseline_rng() -> torch.Tensor:  # the same with the projections drawn per call
+        pi = torch.empty(k_in, d_in, device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
+        po = torch.empty(k_out, d_out, device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
+        U = torch.mm(A.view(-1, d_in), pi.mul_(2).sub_(1).T).view(B, T, k_in)
+        V = torch.mm(D.view(-1, d_out), po.mul_(2).sub_(1).T).view(B, T, k_out)
+        return torch.bmm(V.transpose(1, 2).float(), U.float())
+
+    t_ours = cuda_times(lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y), rounds * 5)
+    t_mm = cuda_times(two_mm_and_outer, rounds * 5)
+    t_rng = cuda_times(baseline_rng, rounds * 5)
+    to, tm, tr = med(t_ours), med(t_mm), med(t_rng)
+    ratio = to / tm
+    RESULTS["cases"]["sketch_kron"] = {
+        "shape": dict(B=B, T=T, d_in=d_in, d_out=d_out, k_in=k_in, k_out=k_out, dtype="bfloat16"),
+        "ours_s": t_ours,
+        "two_mm_outer_s": t_mm,
+        "baseline_rng_s": t_rng,
+        "check_rel_err": err,
+        "ours_over_two_mm_outer": ratio,
+    }
+    log(
+        f"sketch_kron: ours {to * 1e3:.3f} ms, 2 mm + outer {tm * 1e3:.3f} ms "
+        f"(ours/that {ratio:.2f}), with RNG {tr * 1e3:.3f} ms"
+    )
+    row(
+        f"sketch_kron B{B} T{T} {d_in}x{d_out} k{k_in}x{k_out}",
+        to,
+        tm,
+        "2 mm + bmm (P cached)",
+        f"ours/base {ratio:.2f}",
+        "<= 1.5",
+        ratio <= 1.5,
+    )
+    row("  (pure PyTorch, P drawn per call)", to, tr, "2 mm + bmm + RNG", "-", "-", None)
+    free()
+
+
+# ---------------------------------------------------------------------------------------------
+# score_topk
+# ---------------------------------------------------------------------------------------------
+def torch_topk(Q: torch.Tensor, G: torch.Tensor, topk: int, chunk: int = 1 << 18):
+    """Pure PyTorch: bf16 matmul per chunk, torch.topk, merge with the running best."""
+    best_v = torch.empty(Q.shape[0], 0, device=DEV)
+    best_i = torch.empty(Q.shape[0], 0, device=DEV, dtype=torch.int64)
+    qb = Q.to(torch.bfloat16)
+    for r0 in range(0, G.shape[0], chunk):
+        s = (qb @ G[r0 : r0 + chunk].T).float()
+        v, i = s.topk(min(topk, s.shape[1]), dim=1)
+        best_v, pos = torch.cat([best_v, v], 1).topk(min(topk, best_v.shape[1] + v.shape[1]), 1)
+        best_i = torch.cat([best_i, i + r0], 1).gather(1, pos)
+    return best_v, best_i
+
+
+def bench_score(copy_bw: float, mm_rate: float, rounds: int) -> None:
+    n, k, topk = 4_000_000, 1024, 100
+    G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+    store_bytes = n * k * 2
+    for m in (1, 16, 64, 1024):
+        Q = torch.randn(m, k, device=DEV)
+        v, i = ops.score_topk(Q, G, topk)
+        # Check against float32 scores of the same rows (exact products of the bf16 store).
+        mc = min(m, 16)
+        sv, si = torch.empty(mc, 0, device=DEV), torch.empty(mc, 0, device=DEV, dtype=torch.int64)
+        for r0 in range(0, n, 1 << 18):
+            s = Q[:mc] @ G[r0 : r0 + (1 << 18)].float().T
+            tv, ti = s.topk(topk, dim=1)
+            sv, pos = torch.cat([sv, tv], 1).topk(topk, 1)
+            si = torch.cat([si, ti + r0], 1).gather(1, pos)
+        verr = float(((v[:mc] - sv).abs() / sv.abs().clamp_min(1e-6)).max())
+        overlap = float(
+            np.mean([len(set(i[q].tolist()) & set(si[q].tolist())) / topk for q in range(mc)])
+        )
+        log(f"score_topk m={m} check: max rel value err {verr:.2e}, index overlap {overlap:.3f}")
+        assert verr < 1e-4 and overlap > 0.98, f"score_topk m={m} disagrees: {verr}, {overlap}"
+        r = rounds * 3 if m <= 64 else rounds
+        t_ours = cuda_times(lambda Q=Q: ops.score_topk(Q, G, topk), r)
+        t_base = cuda_times(lambda Q=Q: torch_topk(Q, G, topk), max(2, r // 3))
+        to, tb = med(t_ours), med(t_base)
+        bw = store_bytes / to
+        flops = 2 * m * n * k
+        case = {
+            "m": m,
+            "n": n,
+            "k": k,
+            "topk": topk,
+            "ours_s": t_ours,
+            "baseline_s": t_base,
+            "check_value_rel_err": verr,
+            "check_index_overlap": overlap,
+            "store_read_Bps": bw,
+            "fraction_of_copy_bw": bw / copy_bw,
+            "flops": flops / to,
+            "fraction_of_mm_rate": flops / to / mm_rate,
+        }
+        RESULTS["cases"][f"score_topk_m{m}"] = case
+        log(
+            f"score_topk m={m}: ours {to * 1e3:.3f} ms ({bw / 1e12:.2f} TB/s = "
+            f"{bw / copy_bw:.0%} of copy, {flops / to / 1e12:.0f} TFLOP/s), "
+            f"pure PyTorch {tb * 1e3:.3f} ms"
+        )
+        if m <= 64:
+            row(
+                f"score_topk n4M k1024 bf16 m={m}",
+                to,
+                tb,
+                "bf16 mm + topk chunks",
+                f"{bw / 1e12:.2f} TB/s = {bw / copy_bw:.0%} copy",
+                ">= 80% copy",
+                bw / copy_bw >= 0.8,
+            )
+        else:
+            frac = flops / to / mm_rate
+            row(
+                f"score_topk n4M k1024 bf16 m={m}",
+                to,
+                tb,
+                "bf16 mm + topk chunks",
+                f"{flops / to / 1e12:.0f} TF/s = {frac:.0%} mm",
+                ">= 50% mm",
+                frac >= 0.5,
+            )
+        free()
+    G = None  # noqa: F841
+    free()
+
+
+# ---------------------------------------------------------------------------------------------
+# sketch_sparse (no target: reported against the bandwidth of reading g)
+# ---------------------------------------------------------------------------------------------
+def bench_sparse(copy_bw: float, rounds: int) -> None:
+    B, P, k, s = 64, 1 << 22, 4096, 4
+    g = torch.randn(B, P, device=DEV, dtype=torch.bfloat16)
+    y = ops.sketch_sparse(g, k, s=s, seed=3)
+    ref = reference.sketch_sparse(g[:2, : 1 << 16].cpu(), k, s=s, seed=3, accum=torch.float64)
+    part = ops.sketch_sparse(g[:2, : 1 << 16].contiguous(), k, s=s, seed=3)
+    err = rel_err(part.cpu(), ref)
+    assert err < 1e-4, f"sketch_sparse disagrees with the reference: {err}"
+
+    def baseline() -> torch.Tensor:  # index_add_ scatter with the hash tables cached
+        acc = torch.zeros(B, k, device=DEV)
+        for c0 in range(0, P, 1 << 20):
+            idx, sg = tables[c0]
+            contrib = (g[:, c0 : c0 + (1 << 20), None].float() * sg[None]).reshape(B, -1)
+            acc.index_add_(1, idx, contrib)
+        return acc / math.sqrt(s)
+
+    tables = {}
+    for c0 in range(0, P, 1 << 20):
+        b, sg = reference.sparse_buckets(3, s, k, c0, c0 + (1 << 20))
+        tables[c0] = (torch.from_numpy(b).reshape(-1).to(DEV), torch.from_numpy(sg).float().to(DEV))
+    t_ours = cuda_times(lambda: ops.sketch_sparse(g, k, s=s, seed=3, out=y), rounds * 2)
+    t_base = cuda_times(baseline, rounds)
+    to, tb = med(t_ours), med(t_base)
+    bw = B * P * 2 / to
+    RESULTS["cases"]["sketch_sparse"] = {
+        "shape": dict(B=B, P=P, k=k, s=s, dtype="bfloat16"),
+        "ours_s": t_ours,
+        "baseline_s": t_base,
+        "check_rel_err": err,
+        "g_read_Bps": bw,
+        "fraction_of_copy_bw": bw / copy_bw,
+    }
+    log(
+        f"sketch_sparse: ours {to * 1e3:.3f} ms ({bw / copy_bw:.0%} of copy bandwidth), "
+        f"index_add_ {tb * 1e3:.3f} ms"
+    )
+    row(
+        f"sketch_sparse B{B} P4M k{k} s{s}",
+        to,
+        tb,
+        "index_add_ (tables cached)",
+        f"{bw / 1e12:.2f} TB/s = {bw / copy_bw:.0%} copy",
+        "-",
+        None,
+    )
+    free()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("bench/gpu/out"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", nargs="*", default=None, help="subset of: linear kron score sparse")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not torch.cuda.is_available() or not issl_fast.has_cuda():
+        print(f"no usable CUDA device / kernels: {issl_fast.build_info()}", file=sys.stderr)
+        return 2
+    RESULTS["device"] = torch.cuda.get_device_name(0)
+    RESULTS["build_info"] = issl_fast.build_info()
+    RESULTS["torch"] = torch.__version__
+    log(f"device {RESULTS['device']}, issl_fast {issl_fast.__version__}, torch {torch.__version__}")
+    torch.manual_seed(0)
+    which = set(args.only or ["linear", "kron", "score", "sparse"])
+    failed: list[str] = []
+    copy_bw, mm_rate = limits(max(5, args.rounds * 3))
+    steps = [
+        ("kron", lambda: bench_kron(args.rounds)),
+        ("sparse", lambda: bench_sparse(copy_bw, args.rounds)),
+        ("score", lambda: bench_score(copy_bw, mm_rate, args.rounds)),
+        ("linear", lambda: bench_linear(mm_rate, args.rounds)),
+    ]
+
+    def save(final: bool) -> str:
+        (args.out / "bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+        text = table()
+        if failed:
+            text += f"\nbenchmarks that failed: {', '.join(failed)} (see bench.log)"
+        end = RESULTS.get("bf16_mm_flops_end")
+        text += (
+            f"\n{RESULTS['device']}: copy {copy_bw / 1e12:.2f} TB/s, bf16 mm "
+            f"{mm_rate / 1e12:.0f}"
+            + (f" (end of run: {end / 1e12:.0f})" if end else "")
+            + " TFLOP/s"
+        )
+        if not final:
+            text += "\n(partial: the run stopped before the last benchmark)"
+        (args.out / "table.txt").write_text(text + "\n")
+        return text
+
+    for name, fn in steps:
+        if name not in which:
+            continue
+        try:
+            fn()
+        except Exception as exc:  # keep going: one op's failure must not hide the others
+            log(f"{name} FAILED: {exc!r}")
+            failed.append(name)
+            RESULTS["cases"][f"{name}_error"] = repr(exc)
+            free()
+        save(final=False)  # partial results survive a timeout
+    _, RESULTS["bf16_mm_flops_end"] = limits(max(5, args.rounds * 3))  # limits again, at the end
+    print(save(final=True))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# One-shot GPU validation of the CUDA backend (issue 5): build for this GPU only, run the `cuda`
+# tests with ISSL_FAST_REQUIRE_CUDA=1 (so nothing can skip silently), then the GPU benchmarks.
+#
+# Needs: an NVIDIA GPU, nvcc, and python3 with torch, pybind11, scikit-build-core, cmake, ninja,
+# pytest, hypothesis, numpy already installed. No network. Run from anywhere:
+#     bash bench/gpu/run.sh            # logs in $OUT (default bench/gpu/out/)
+# Environment: OUT (log folder), PYTHON (interpreter, default python3), ISSL_GPU_ARCH (e.g. 90,
+# to skip detection), ISSL_GPU_SKIP_BENCH=1 (tests only), ISSL_GPU_PIP_TARGET (install into that
+# folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460).
+# Files written to $OUT (at most 8, flat): env.txt build.log tests.log bench.log bench.json
+# table.txt summary.txt. Exit status: non-zero if the build or any test failed (benchmarks that
+# miss a target do not fail the run; their table says PASS/FAIL).
+# Time: about 1-2 min build (one architecture), 1-3 min tests, 2-3 min benchmarks; each stage's
+# time limit is cut to what is left of 460 s (ISSL_GPU_RUN_SECONDS), so the run ends within 8 min.
+# A stage that hits its limit counts as failed (tests) or leaves a partial table (benchmarks).
+set -euo pipefail
+
+cd "$(dirname "$0")/../.."
+ROOT=$(pwd)
+OUT=${OUT:-$ROOT/bench/gpu/out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
+T0=$(date +%s)
+# Every stage's time limit is cut to what is left of the whole run's (460 s, under 8 minutes),
+# keeping `reserve` seconds for the stages after it.
+DEADLINE=$(( T0 + ${ISSL_GPU_RUN_SECONDS:-460} ))
+limit() {  # limit MAX RESERVE -> seconds for the next stage
+  local left=$(( DEADLINE - $(date +%s) - $2 ))
+  if [ "$left" -gt "$1" ]; then left=$1; fi
+  if [ "$left" -lt 10 ]; then left=10; fi
+  echo "$left"
+}
+stamp() { echo "[run.sh +$(( $(date +%s) - T0 ))s] $*"; }
+
+if ! command -v nvcc >/dev/null 2>&1 && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export PATH="$PATH:/usr/local/cuda/bin"
+fi
+
+# ---- environment --------------------------------------------------------------------------------
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "git: $(git rev-parse HEAD 2>/dev/null || echo '?') $(git status --short 2>/dev/null | wc -l) changed files"
+  echo "python: $($PY -c 'import sys; print(sys.version)' 2>&1)"
+  echo "torch: $($PY -c 'import torch; print(torch.__version__, torch.version.cuda)' 2>&1)"
+  echo "nvcc: $(nvcc --version 2>&1 | tail -n 2 | head -n 1)"
+  nvidia-smi 2>&1 || echo "nvidia-smi failed"
+} > "$OUT/env.txt" 2>&1
+
+ARCH=${ISSL_GPU_ARCH:-}
+if [ -z "$ARCH" ]; then
+  ARCH=$(timeout 120 "$PY" -c 'import torch; M, m = torch.cuda.get_device_capability(0); print(f"{M}{m}")' 2>>"$OUT/env.txt" || true)
+fi
+if [ -z "$ARCH" ]; then
+  ARCH=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '. ' || true)
+fi
+if [ -z "$ARCH" ]; then
+  stamp "no GPU found (torch.cuda and nvidia-smi both failed; see $OUT/env.txt)"
+  exit 2
+fi
+stamp "GPU compute capability $ARCH: building for ${ARCH}-real only"
+echo "arch: $ARCH" >> "$OUT/env.txt"
+
+# ---- build --------------------------------------------------------------------------------------
+# A private build folder, so a stale one from another machine is never reused.
+BUILD_DIR=$(mktemp -d /tmp/issl_gpu_build.XXXXXX)
+# ISSL_GPU_PIP_TARGET=DIR installs into DIR (put first on PYTHONPATH) instead of the environment.
+TARGET_ARGS=()
+if [ -n "${ISSL_GPU_PIP_TARGET:-}" ]; then
+  TARGET_ARGS=(--target "$ISSL_GPU_PIP_TARGET" --upgrade)
+  export PYTHONPATH="$ISSL_GPU_PIP_TARGET${PYTHONPATH:+:$PYTHONPATH}"
+fi
+set +e
+ISSL_FAST_CUDA=ON ISSL_FAST_CUDA_ARCHS="${ARCH}-real" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+  timeout "$(limit 300 200)" "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -v \
+  "${TARGET_ARGS[@]}" -C build-dir="$BUILD_DIR" -C cmake.define.ISSL_FAST_CUDA=ON . \
+  > "$OUT/build.log" 2>&1
+rc=$?
+set -e
+if [ $rc -ne 0 ]; then
+  tail -n 40 "$OUT/build.log"
+  stamp "BUILD FAILED (exit $rc); full log in $OUT/build.log"
+  exit 3
+fi
+stamp "built ($(grep -c 'Building CUDA object' "$OUT/build.log" || true) CUDA objects)"
+(cd /tmp && "$PY" -c 'import issl_fast, json; print(json.dumps(issl_fast.build_info()))') \
+  >> "$OUT/env.txt" 2>&1 || true
+
+# ---- tests --------------------------------------------------------------------------------------
+# The canary and host tests (unmarked), every `cuda`-marked test of the suite. -rs lists skips.
+set +e
+ISSL_FAST_REQUIRE_CUDA=1 timeout "$(limit 60 180)" "$PY" -m pytest -q -rs -p no:cacheprovider \
+  tests/test_cuda_canary.py tests/test_cuda_host.py > "$OUT/tests.log" 2>&1
+rc_canary=$?
+ISSL_FAST_REQUIRE_CUDA=1 timeout "$(limit 240 100)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
+  --durations=15 tests >> "$OUT/tests.log" 2>&1
+rc_cuda=$?
+set -e
+tail -n 25 "$OUT/tests.log"
+tests_ok=1
+if [ $rc_canary -ne 0 ] || [ $rc_cuda -ne 0 ]; then tests_ok=0; fi
+stamp "tests: canary/host exit $rc_canary, cuda exit $rc_cuda"
+
+# ---- benchmarks ---------------------------------------------------------------------------------
+rc_bench=0
+if [ "${ISSL_GPU_SKIP_BENCH:-0}" != "1" ]; then
+  set +e
+  timeout "$(limit 300 5)" "$PY" bench/gpu/bench_gpu.py --out "$OUT" > "$OUT/bench.log" 2>&1
+  rc_bench=$?
+  set -e
+  stamp "benchmarks exit $rc_bench (log: $OUT/bench.log)"
+  if [ $rc_bench -ne 0 ]; then tail -n 30 "$OUT/bench.log"; fi
+fi
+
+# ---- summary (last) -----------------------------------------------------------------------------
+{
+  echo "== issl_fast CUDA run: $(grep -m1 -o 'NVIDIA[^|]*' "$OUT/env.txt" | head -n 1 | sed 's/ *$//') sm_$ARCH, $(( $(date +%s) - T0 )) s"
+  echo "tests: $( [ $tests_ok -eq 1 ] && echo PASSED || echo FAILED ) (canary/host exit $rc_canary, cuda exit $rc_cuda)"
+  grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/tests.log" | tail -n 2
+  if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else echo "benchmarks: no table (exit $rc_bench)"; fi
+} > "$OUT/summary.txt" 2>&1
+cat "$OUT/summary.txt"
+rm -rf "$BUILD_DIR"
+if [ $tests_ok -ne 1 ]; then exit 1; fi
+exit 0

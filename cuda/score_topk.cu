@@ -1,0 +1,765 @@
+// score_topk on the GPU: one pass over the store G with a fused per-query top-k.
+//
+// The rows [0, n) are cut into `partitions` contiguous ranges and the queries into blocks of MQ;
+// one thread block scores one (partition, query block) pair, 128 rows x MQ queries per tile, and
+// never writes a score to memory: after each tile every score that beats its query's current
+// threshold (the block's own topk-th best so far) goes to a small per-query candidate buffer in
+// shared memory; a full buffer is sorted and merged by one warp into the block's running list in
+// the workspace (global memory, so topk may be anything), which raises the threshold. At the end,
+// a tree of pairwise merges combines the partitions' lists (and an earlier result when
+// accumulating) into values/indices.
+//
+// Ordering is the total order (value desc, index asc) everywhere, and every merge is exact, so the
+// result is the exact top-k of the scores whatever the partitioning or the order in which
+// candidates reached a buffer (they are appended with shared-memory integer atomics, then sorted).
+// A (query, row) score depends only on the kernel family: deterministic run to run.
+//
+// Scores: bfloat16 stores use the tensor cores, the float32 query split into three bf16 terms
+// whose sum is exactly the query (so each product is exact and accumulates in float32, three MMA
+// passes); float32 / float16 stores (and unaligned bf16 ones) use a float32 FMA kernel.
+#include <algorithm>
+#include <cmath>
+#include <climits>
+#include <cstdint>
+#include <utility>
+
+#include "common.cuh"
+#include "issl_fast/cuda_ops.h"
+#include "validate.h"
+
+namespace issl_fast {
+namespace {
+
+using cuda::detail::ceil_div;
+using cuda::detail::cp_async16;
+using cuda::detail::cp_async_commit;
+using cuda::detail::cp_async_wait;
+using cuda::detail::ldmatrix_x4;
+using cuda::detail::mma_16816;
+using cuda::detail::smem_u32;
+using cuda::detail::to_f32;
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Store rows per tile: 8 warps x 16 (or 4 x 32) rows; the unit of candidate processing.
+constexpr int kRowsPerTile = 128;
+// k columns per pipeline stage (two m16n8k16 steps); kStages stages of G and Q in flight.
+constexpr int kBK = 32;
+constexpr int kStages = 3;
+// Shared-memory row pitch in bf16: +8 (16 bytes) makes ldmatrix phases conflict-free.
+constexpr int kPitch = kBK + 8;
+constexpr int kQParts = 3;  // bf16 terms of a float32 query
+// A partition gets at least this many rows (a few tiles), so its list setup and final flush
+// stay small next to its streaming.
+constexpr int64_t kMinRowsPerPartition = 4 * kRowsPerTile;
+// Partitions' lists (values + indices of m x topk each) are capped at this many bytes in total.
+constexpr int64_t kListBudgetBytes = int64_t{256} << 20;
+// Row offsets inside a partition are kept as uint32 in the candidate buffers.
+constexpr int64_t kMaxPartitionRows = int64_t{1} << 30;
+// Thread blocks per SM the partitioning aims for: more blocks, more bytes in flight.
+constexpr int64_t kCtasPerSm = 2;
+constexpr int kMergeThreads = 128;
+constexpr int kElemThreads = 256;
+constexpr uint32_t kNoRow = 0xFFFFFFFFu;
+
+// (av, ai) ranks before (bv, bi): higher value, or equal value and lower index.
+__device__ __forceinline__ bool better(float av, long long ai, float bv, long long bi) {
+  return av > bv || (av == bv && ai < bi);
+}
+
+// Per-query state of a block's running top-k, in shared memory.
+template <int MQ, int CB>
+struct TopkShared {
+  float buf_v[MQ][CB];     // candidates not yet merged: value
+  uint32_t buf_r[MQ][CB];  // ... and row offset inside the partition
+  float thr_v[MQ];         // the block list's last entry (the bar a candidate must beat)
+  long long thr_i[MQ];
+  int cnt[MQ];             // candidates appended (may exceed CB: those did not fit)
+};
+
+struct TopkCtx {
+  float* lv;       // this block's list of its local query 0; query ql at lv + ql * topk
+  long long* li;
+  int64_t topk;
+  int64_t id_base;  // index_offset + first row of the partition
+  const int64_t* exclude;  // exclude of local query 0 (row stride e), or null
+  int64_t e;
+  int q_valid;  // local queries < q_valid exist (qbase + ql < m)
+};
+
+__device__ __forceinline__ bool is_excluded(const TopkCtx& c, int ql, long long id) {
+  if (c.e == 0) return false;
+  const int64_t* ex = c.exclude + static_cast<int64_t>(ql) * c.e;
+  for (int64_t x = 0; x < c.e; ++x)
+    if (ex[x] == id) return true;
+  return false;
+}
+
+// One warp merges query ql's candidate buffer into the block's list (sorted, topk long) in place,
+// then raises the threshold and empties the buffer. Ranks in the merged order: a candidate B[j]
+// goes to j + #{list entries ranking before or equal to it}, a list entry L[i] to
+// i + #{candidates ranking strictly before it}; the ranks are distinct, entries past topk drop.
+// List entries only move to higher positions, so moving them from the top down is safe.
+template <int MQ, int CB>
+__device__ void flush_query(TopkShared<MQ, CB>& ts, const TopkCtx& c, int ql, int lane) {
+  static_assert(CB % 32 == 0 && (CB & (CB - 1)) == 0, "CB: a power of two, >= 32");
+  const int n = ts.cnt[ql] < CB ? ts.cnt[ql] : CB;
+  float* bv = ts.buf_v[ql];
+  uint32_t* br = ts.buf_r[ql];
+  for (int j = n + lane; j < CB; j += 32) {  // sentinels rank after every real candidate
+    bv[j] = -INFINITY;
+    br[j] = kNoRow;
+  }
+  __syncwarp();
+  // Bitonic sort, best first.
+  for (int size = 2; size <= CB; size <<= 1) {
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      for (int x = lane; x < CB / 2; x += 32) {
+        const int i = 2 * x - (x & (stride - 1));
+        const int j = i + stride;
+        const float vi = bv[i], vj = bv[j];
+        const uint32_t ri = br[i], rj = br[j];
+        const bool j_first = vj > vi || (vj == vi && rj < ri);
+        const bool i_first = vi > vj || (vi == vj && ri < rj);
+        if ((i & size) == 0 ? j_first : i_first) {
+          bv[i] = vj;
+          bv[j] = vi;
+          br[i] = rj;
+          br[j] = ri;
+        }
+      }
+      __syncwarp();
+    }
+  }
+  float* Lv = c.lv + static_cast<int64_t>(ql) * c.topk;
+  long long* Li = c.li + static_cast<int64_t>(ql) * c.topk;
+  const int64_t topk = c.topk;
+  constexpr int kPer = CB / 32;
+  int64_t rb[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int j = lane + 32 * u;
+    rb[u] = INT64_MAX;
+    if (j < n) {
+      const float v = bv[j];
+      const long long id = c.id_base + br[j];
+      int64_t lo = 0, hi = topk;  // #{i : L[i] ranks before or equals (v, id)}
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) >> 1;
+        const float lv = Lv[mid];
+        const long long li = Li[mid];
+        if (lv > v || (lv == v && li <= id)) lo = mid + 1; else hi = mid;
+      }
+      rb[u] = j + lo;
+    }
+  }
+  const int64_t min_rank = __shfl_sync(0xFFFFFFFFu, rb[0], 0);  // the best candidate's rank
+  if (min_rank < topk) {
+    for (int64_t top = topk - 1; top >= min_rank; top -= 32) {
+      const int64_t i = top - lane;
+      const bool valid = i >= min_rank;
+      float v = 0.0f;
+      long long id = 0;
+      int64_t r = 0;
+      if (valid) {
+        v = Lv[i];
+        id = Li[i];
+        int lo = 0, hi = n;  // #{j : B[j] ranks strictly before (v, id)}
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          const float bm = bv[mid];
+          const long long bi = c.id_base + br[mid];
+          if (bm > v || (bm == v && bi < id)) lo = mid + 1; else hi = mid;
+        }
+        r = i + lo;
+      }
+      __syncwarp();  // every lane has read its entry before any lane overwrites
+      if (valid && r != i && r < topk) {
+        Lv[r] = v;
+        Li[r] = id;
+      }
+      __syncwarp();
+    }
+#pragma unroll
+    for (int u = 0; u < kPer; ++u) {
+      const int j = lane + 32 * u;
+      if (j < n && rb[u] < topk) {
+        Lv[rb[u]] = bv[j];
+        Li[rb[u]] = c.id_base + br[j];
+      }
+    }
+    __syncwarp();
+  }
+  if (lane == 0) {
+    ts.thr_v[ql] = Lv[topk - 1];
+    ts.thr_i[ql] = Li[topk - 1];
+    ts.cnt[ql] = 0;
+  }
+  __syncwarp();
+}
+
+template <int MQ, int CB>
+__device__ void init_block_lists(TopkShared<MQ, CB>& ts, const TopkCtx& c, int tid) {
+  const int64_t total = static_cast<int64_t>(c.q_valid) * c.topk;
+  for (int64_t idx = tid; idx < total; idx += kThreads) {
+    c.lv[idx] = -INFINITY;
+    c.li[idx] = -1;
+  }
+  for (int ql = tid; ql < MQ; ql += kThreads) {
+    ts.thr_v[ql] = -INFINITY;
+    ts.thr_i[ql] = -1;
+    ts.cnt[ql] = 0;
+  }
+  __syncthreads();
+}
+
+// After a tile: this thread's NS scores (value, row in tile, local query) compete for the lists.
+// Block-uniform control flow (every thread reaches every barrier).
+template <int MQ, int CB, int NS>
+__device__ void process_tile(TopkShared<MQ, CB>& ts, const TopkCtx& c, const float (&sv)[NS],
+                             const int (&srow)[NS], const int (&sq)[NS], int64_t tile_off,
+                             int64_t part_rows, int lane, int warp) {
+  static_assert(NS <= 32, "pending candidates are tracked in a 32-bit mask");
+  uint32_t pend = 0;
+#pragma unroll
+  for (int s = 0; s < NS; ++s) {
+    const int64_t off = tile_off + srow[s];
+    if (off < part_rows && sq[s] < c.q_valid) {
+      const long long id = c.id_base + off;
+      if (better(sv[s], id, ts.thr_v[sq[s]], ts.thr_i[sq[s]]) && !is_excluded(c, sq[s], id))
+        pend |= 1u << s;
+    }
+  }
+  while (true) {
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {
+      if (pend & (1u << s)) {
+        const int pos = atomicAdd(&ts.cnt[sq[s]], 1);
+        if (pos < CB) {
+          ts.buf_v[sq[s]][pos] = sv[s];
+          ts.buf_r[sq[s]][pos] = static_cast<uint32_t>(tile_off + srow[s]);
+          pend &= ~(1u << s);
+        }
+      }
+    }
+    if (!__syncthreads_or(pend != 0u)) break;  // all appended (and visible)
+    for (int ql = warp; ql < MQ; ql += kWarps)
+      if (ts.cnt[ql] >= CB) flush_query(ts, c, ql, lane);
+    __syncthreads();
+#pragma unroll
+    for (int s = 0; s < NS; ++s) {  // the bar went up: some pending scores no longer qualify
+      if ((pend & (1u << s)) &&
+          !better(sv[s], c.id_base + tile_off + srow[s], ts.thr_v[sq[s]], ts.thr_i[sq[s]]))
+        pend &= ~(1u << s);
+    }
+  }
+}
+
+template <int MQ, int CB>
+__device__ void final_flush(TopkShared<MQ, CB>& ts, const TopkCtx& c, int lane, int warp) {
+  __syncthreads();
+  for (int ql = warp; ql < MQ; ql += kWarps)
+    if (ts.cnt[ql] > 0) flush_query(ts, c, ql, lane);
+}
+
+struct ScoreParams {
+  const float* Q;       // [m, k] float32
+  const void* G;        // [n, k]
+  const uint16_t* Qs;   // tensor cores: [3][mp][kq] bf16 terms of Q, zero padded
+  int64_t m, n, k, topk, e, index_offset;
+  const int64_t* exclude;
+  float* lists_v;       // [partitions][m][topk]
+  long long* lists_i;
+  int64_t qblocks, partitions, mp, kq;
+};
+
+template <int MQ, int CB>
+__device__ __forceinline__ TopkCtx make_ctx(const ScoreParams& p, int64_t part, int64_t qbase,
+                                            int64_t row_begin) {
+  TopkCtx c;
+  c.lv = p.lists_v + (part * p.m + qbase) * p.topk;
+  c.li = p.lists_i + (part * p.m + qbase) * p.topk;
+  c.topk = p.topk;
+  c.id_base = p.index_offset + row_begin;
+  c.exclude = p.e > 0 ? p.exclude + qbase * p.e : nullptr;
+  c.e = p.e;
+  c.q_valid = static_cast<int>(p.m - qbase < MQ ? p.m - qbase : MQ);
+  return c;
+}
+
+// ---- tensor-core scoring (bfloat16 stores) -------------------------------------------------------
+// Warp grid kWarpsM x kWarpsN, each warp kWM m16 tiles (store rows) x kWN n8 tiles (queries).
+template <int kWarpsM_, int kWarpsN_, int kWM_, int kWN_, int kCB_>
+struct TcCfg {
+  static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, kWM = kWM_, kWN = kWN_;
+  static constexpr int MQ = kWarpsN * kWN * 8;
+  static constexpr int CB = kCB_;
+  static constexpr int NS = kWM * kWN * 4;
+  static_assert(kWarpsM * kWarpsN == kWarps, "8 warps");
+  static_assert(kWarpsM * kWM * 16 == kRowsPerTile, "128-row tiles");
+  static_assert(kWN % 2 == 0, "query fragments load in pairs of n8 tiles");
+};
+// m <= 16: all warps along the rows (16 x 16 each); a larger buffer (smem is plentiful here).
+using CfgSmall = TcCfg<8, 1, 1, 2, 128>;
+// m > 16: 64 queries per block, warps 32 rows x 32 queries; buffers of 32 keep it under 99 KB.
+using CfgLarge = TcCfg<4, 2, 2, 4, 32>;
+
+template <class Cfg>
+struct alignas(16) TcScoreSmem {
+  uint16_t g[kStages][kRowsPerTile][kPitch];
+  uint16_t q[kStages][kQParts][Cfg::MQ][kPitch];
+  TopkShared<Cfg::MQ, Cfg::CB> ts;
+};
+
+template <class Cfg>
+__global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p) {
+  constexpr int MQ = Cfg::MQ, CB = Cfg::CB, NS = Cfg::NS, kWM = Cfg::kWM, kWN = Cfg::kWN;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  TcScoreSmem<Cfg>& sm = *reinterpret_cast<TcScoreSmem<Cfg>*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int warp_m = warp / Cfg::kWarpsN, warp_n = warp % Cfg::kWarpsN;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t qblk = blockIdx.x % p.qblocks, part = blockIdx.x / p.qblocks;
+  const int64_t qbase = qblk * MQ;
+  const int64_t row_begin = p.n * part / p.partitions;
+  const int64_t row_end = p.n * (part + 1) / p.partitions;
+  const int64_t part_rows = row_end - row_begin;
+  const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
+  init_block_lists(sm.ts, c, tid);
+
+  const int64_t nk = p.kq / kBK;
+  const int64_t total = ceil_div(part_rows, kRowsPerTile) * nk;
+  const uint16_t* G = static_cast<const uint16_t*>(p.G);
+
+  auto issue = [&](int64_t it) {
+    const int stage = static_cast<int>(it % kStages);
+    const int64_t r0 = row_begin + (it / nk) * kRowsPerTile;
+    const int64_t c0 = (it % nk) * kBK;
+#pragma unroll
+    for (int u = 0; u < (kRowsPerTile * kBK / 8) / kThreads; ++u) {
+      const int ch = tid + u * kThreads;
+      const int row = ch >> 2, col = (ch & 3) * 8;
+      const int64_t grow = r0 + row;
+      const bool ok = grow < row_end && c0 + col < p.k;  // k % 8 == 0: chunks are all in or out
+      cp_async16(smem_u32(&sm.g[stage][row][col]), ok ? G + grow * p.k + c0 + col : G, ok);
+    }
+    constexpr int kQChunks = kQParts * MQ * (kBK / 8);
+    constexpr int kQIters = (kQChunks + kThreads - 1) / kThreads;
+#pragma unroll
+    for (int u = 0; u < kQIters; ++u) {
+      const int ch = tid + u * kThreads;
+      if (ch < kQChunks) {
+        const int qp = ch / (MQ * 4), rem = ch % (MQ * 4);
+        const int qr = rem >> 2, col = (rem & 3) * 8;
+        cp_async16(smem_u32(&sm.q[stage][qp][qr][col]),
+                   p.Qs + (qp * p.mp + qbase + qr) * p.kq + c0 + col, true);
+      }
+    }
+  };
+
+  float acc[kWM][kWN][4];
+#pragma unroll
+  for (int i = 0; i < kWM; ++i)
+#pragma unroll
+    for (int j = 0; j < kWN; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < total) issue(s);
+    cp_async_commit();  // always: keeps the group count in step with the iterations
+  }
+  for (int64_t it = 0; it < total; ++it) {
+    cp_async_wait<kStages - 2>();  // stage `it` landed (for this thread) ...
+    __syncthreads();               // ... for every thread; stage it-1 is free again
+    if (it + kStages - 1 < total) issue(it + kStages - 1);
+    cp_async_commit();
+    const int stage = static_cast<int>(it % kStages);
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t a[kWM][4];
+#pragma unroll
+      for (int mt = 0; mt < kWM; ++mt)
+        ldmatrix_x4(a[mt], smem_u32(&sm.g[stage][warp_m * kWM * 16 + mt * 16 + (lane & 15)]
+                                         [kk + (lane >> 4) * 8]));
+#pragma unroll
+      for (int qp = 0; qp < kQParts; ++qp) {
+        uint32_t b[kWN][2];
+#pragma unroll
+        for (int np = 0; np < kWN / 2; ++np) {
+          const int mat = lane >> 3, rr = lane & 7;
+          uint32_t r[4];
+          ldmatrix_x4(r, smem_u32(&sm.q[stage][qp][warp_n * kWN * 8 + np * 16 + (mat >> 1) * 8 + rr]
+                                       [kk + (mat & 1) * 8]));
+          b[2 * np][0] = r[0];
+          b[2 * np][1] = r[1];
+          b[2 * np + 1][0] = r[2];
+          b[2 * np + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int mt = 0; mt < kWM; ++mt)
+#pragma unroll
+          for (int nt = 0; nt < kWN; ++nt)
+            mma_16816<__nv_bfloat16>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
+      }
+    }
+    if (it % nk == nk - 1) {  // the tile's scores are complete
+      float sv[NS];
+      int srow[NS], sq[NS];
+#pragma unroll
+      for (int mt = 0; mt < kWM; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < kWN; ++nt)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int s = (mt * kWN + nt) * 4 + e;
+            sv[s] = acc[mt][nt][e];
+            srow[s] = warp_m * kWM * 16 + mt * 16 + g + 8 * (e >> 1);
+            sq[s] = warp_n * kWN * 8 + nt * 8 + 2 * t4 + (e & 1);
+            acc[mt][nt][e] = 0.0f;
+          }
+      process_tile(sm.ts, c, sv, srow, sq, (it / nk) * kRowsPerTile, part_rows, lane, warp);
+    }
+  }
+  cp_async_wait<0>();
+  final_flush(sm.ts, c, lane, warp);
+}
+
+// ---- SIMT scoring (float32 / float16 stores, unaligned bf16) ------------------------------------
+constexpr int kSimtMQ = 16;   // 8 warps x 2 queries
+constexpr int kSimtCB = 128;
+constexpr int kSimtNS = 8;    // 4 rows x 2 queries per thread
+
+struct SimtScoreSmem {
+  float g[kRowsPerTile][kBK + 1];  // +1: lane-strided row reads are conflict-free
+  float q[kSimtMQ][kBK + 1];
+  TopkShared<kSimtMQ, kSimtCB> ts;
+};
+
+template <class GT>
+__global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams p) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  SimtScoreSmem& sm = *reinterpret_cast<SimtScoreSmem*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int64_t qblk = blockIdx.x % p.qblocks, part = blockIdx.x / p.qblocks;
+  const int64_t qbase = qblk * kSimtMQ;
+  const int64_t row_begin = p.n * part / p.partitions;
+  const int64_t row_end = p.n * (part + 1) / p.partitions;
+  const int64_t part_rows = row_end - row_begin;
+  const TopkCtx c = make_ctx<kSimtMQ, kSimtCB>(p, part, qbase, row_begin);
+  init_block_lists(sm.ts, c, tid);
+  const GT* G = static_cast<const GT*>(p.G);
+
+  for (int64_t tile_off = 0; tile_off < part_rows; tile_off += kRowsPerTile) {
+    const int64_t r0 = row_begin + tile_off;
+    float acc[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = 0.0f;
+    for (int64_t c0 = 0; c0 < p.k; c0 += kBK) {
+      __syncthreads();  // the previous chunk's reads are done
+#pragma unroll
+      for (int u = 0; u < (kRowsPerTile * kBK) / kThreads; ++u) {
+        const int idx = tid + u * kThreads;
+        const int row = idx / kBK, col = idx % kBK;
+        const int64_t grow = r0 + row, gc = c0 + col;
+        sm.g[row][col] = (grow < row_end && gc < p.k) ? to_f32(G[grow * p.k + gc]) : 0.0f;
+      }
+#pragma unroll
+      for (int u = 0; u < (kSimtMQ * kBK) / kThreads; ++u) {
+        const int idx = tid + u * kThreads;
+        const int qr = idx / kBK, col = idx % kBK;
+        const int64_t q = qbase + qr, gc = c0 + col;
+        sm.q[qr][col] = (q < p.m && gc < p.k) ? p.Q[q * p.k + gc] : 0.0f;
+      }
+      __syncthreads();
+#pragma unroll 8
+      for (int kk = 0; kk < kBK; ++kk) {
+        const float q0 = sm.q[2 * warp][kk], q1 = sm.q[2 * warp + 1][kk];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const float gv = sm.g[lane + 32 * i][kk];
+          acc[i][0] = fmaf(gv, q0, acc[i][0]);
+          acc[i][1] = fmaf(gv, q1, acc[i][1]);
+        }
+      }
+    }
+    float sv[kSimtNS];
+    int srow[kSimtNS], sq[kSimtNS];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int jq = 0; jq < 2; ++jq) {
+        sv[i * 2 + jq] = acc[i][jq];
+        srow[i * 2 + jq] = lane + 32 * i;
+        sq[i * 2 + jq] = 2 * warp + jq;
+      }
+    process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
+  }
+  final_flush(sm.ts, c, lane, warp);
+}
+
+// ---- helpers ---------------------------------------------------------------------------------------
+__global__ void split_queries_kernel(const float* __restrict__ Q, int64_t m, int64_t k, int64_t mp,
+                                     int64_t kq, __nv_bfloat16* __restrict__ Qs) {
+  const int64_t total = mp * kq;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
+       idx += stride) {
+    const int64_t q = idx / kq, kk = idx % kq;
+    const float v = (q < m && kk < k) ? Q[q * k + kk] : 0.0f;
+    __nv_bfloat16 hi, mid, lo;
+    cuda::detail::split3_bf16(v, hi, mid, lo);
+    Qs[idx] = hi;
+    Qs[total + idx] = mid;
+    Qs[2 * total + idx] = lo;
+  }
+}
+
+// dst list `pair` = the best topk of src lists 2 pair and 2 pair + 1 (or a copy of the first when
+// it has no partner), for query q; lists are [list][m][topk].
+__global__ void merge_lists_kernel(const float* __restrict__ src_v,
+                                   const long long* __restrict__ src_i, int64_t nlists, int64_t m,
+                                   int64_t topk, float* __restrict__ dst_v,
+                                   long long* __restrict__ dst_i) {
+  const int64_t q = blockIdx.x % m, pair = blockIdx.x / m;
+  const float* xv = src_v + ((2 * pair) * m + q) * topk;
+  const long long* xi = src_i + ((2 * pair) * m + q) * topk;
+  float* ov = dst_v + (pair * m + q) * topk;
+  long long* oi = dst_i + (pair * m + q) * topk;
+  if (2 * pair + 1 >= nlists) {
+    for (int64_t i = threadIdx.x; i < topk; i += blockDim.x) {
+      ov[i] = xv[i];
+      oi[i] = xi[i];
+    }
+    return;
+  }
+  const float* yv = src_v + ((2 * pair + 1) * m + q) * topk;
+  const long long* yi = src_i + ((2 * pair + 1) * m + q) * topk;
+  for (int64_t i = threadIdx.x; i < topk; i += blockDim.x) {  // X entries: ties go to X first
+    const float v = xv[i];
+    const long long id = xi[i];
+    int64_t lo = 0, hi = topk;  // #{j : Y[j] strictly before X[i]}
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) >> 1;
+      if (better(yv[mid], yi[mid], v, id)) lo = mid + 1; else hi = mid;
+    }
+    const int64_t r = i + lo;
+    if (r < topk) {
+      ov[r] = v;
+      oi[r] = id;
+    }
+  }
+  for (int64_t j = threadIdx.x; j < topk; j += blockDim.x) {
+    const float v = yv[j];
+    const long long id = yi[j];
+    int64_t lo = 0, hi = topk;  // #{i : X[i] before or equal to Y[j]}
+    while (lo < hi) {
+      const int64_t mid = (lo + hi) >> 1;
+      if (!better(v, id, xv[mid], xi[mid])) lo = mid + 1; else hi = mid;
+    }
+    const int64_t r = j + lo;
+    if (r < topk) {
+      ov[r] = v;
+      oi[r] = id;
+    }
+  }
+}
+
+__global__ void fill_empty_kernel(float* __restrict__ v, long long* __restrict__ i, int64_t n) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n; x += stride) {
+    v[x] = -INFINITY;
+    i[x] = -1;
+  }
+}
+
+// ---- plan ----------------------------------------------------------------------------------------
+CudaTopkPlan make_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t k, int64_t topk,
+                       int num_sms, CudaAlgo algo) {
+  cuda::detail::require_arg(num_sms >= 1, "num_sms must be >= 1");
+  const bool aligned = (reinterpret_cast<std::uintptr_t>(G) & 15u) == 0;
+  const bool tc_ok = dtype == DType::kBFloat16 && k % 8 == 0 && aligned;
+  CudaTopkPlan p;
+  if (algo == CudaAlgo::kTensorCore) {
+    cuda::detail::require_arg(tc_ok, "score_topk: the tensor-core path needs a bfloat16 store "
+                                     "with k % 8 == 0 and a 16-byte aligned address");
+    p.tensor_cores = true;
+  } else {
+    cuda::detail::require_arg(algo == CudaAlgo::kAuto || algo == CudaAlgo::kSimt,
+                              "algo must be 0 (auto), 1 (simt) or 2 (tensor cores)");
+    p.tensor_cores = algo == CudaAlgo::kAuto && tc_ok;
+  }
+  p.queries_per_block = p.tensor_cores ? (m <= CfgSmall::MQ ? CfgSmall::MQ : CfgLarge::MQ) : kSimtMQ;
+  p.query_blocks = ceil_div(std::max<int64_t>(m, 1), p.queries_per_block);
+  p.rows_per_tile = kRowsPerTile;
+  int64_t parts = std::max<int64_t>(1, num_sms * kCtasPerSm / p.query_blocks);
+  parts = std::min(parts, std::max<int64_t>(1, ceil_div(n, kMinRowsPerPartition)));
+  const int64_t list_bytes = std::max<int64_t>(1, m * topk * 12);
+  parts = std::min(parts, std::max<int64_t>(1, kListBudgetBytes / list_bytes));
+  parts = std::max(parts, ceil_div(n, kMaxPartitionRows));
+  p.partitions = parts;
+  return p;
+}
+
+struct TopkWs {
+  float* av;
+  long long* ai;
+  float* bv;
+  long long* bi;
+  __nv_bfloat16* qs;
+};
+
+template <class Alloc>
+TopkWs layout(Alloc& a, const CudaTopkPlan& pl, int64_t m, int64_t k, int64_t topk,
+              bool accumulate) {
+  const int64_t lists = pl.partitions + (accumulate ? 1 : 0);
+  const int64_t per = m * topk;
+  TopkWs w;
+  w.av = a.template take<float>(lists * per);
+  w.ai = a.template take<long long>(lists * per);
+  const int64_t second = lists > 2 ? ceil_div(lists, 2) : 0;  // ping-pong half for the merge tree
+  w.bv = a.template take<float>(second * per);
+  w.bi = a.template take<long long>(second * per);
+  w.qs = nullptr;
+  if (pl.tensor_cores)
+    w.qs = a.template take<__nv_bfloat16>(kQParts * pl.query_blocks * pl.queries_per_block *
+                                          cuda::detail::round_up(k, kBK));
+  return w;
+}
+
+void validate(int64_t m, DType dtype, int64_t n, int64_t k, int64_t topk, int64_t e,
+              int64_t index_offset, int num_sms) {
+  using namespace cuda::detail;
+  require_dtype(dtype);
+  require_nonneg(m, "m");
+  require_nonneg(n, "n");
+  require_pos(k, "k");
+  require_pos(topk, "topk");
+  require_nonneg(e, "e");
+  require_nonneg(index_offset, "index_offset");
+  require_pos(num_sms, "num_sms");
+}
+
+template <class Kernel>
+void launch_score(Kernel kernel, int64_t smem, const CudaTopkPlan& pl, const ScoreParams& prm,
+                  cudaStream_t st, const char* name) {
+  cuda::detail::allow_smem(kernel, smem, name);
+  kernel<<<cuda::detail::grid_1d(pl.partitions * pl.query_blocks, name), kThreads, smem, st>>>(prm);
+  cuda::detail::check_launch(name);
+}
+
+}  // namespace
+
+CudaTopkPlan score_topk_cuda_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                                  int64_t topk, int num_sms, CudaAlgo algo) {
+  validate(m, dtype, n, k, topk, 0, 0, num_sms);
+  return make_plan(m, G, dtype, n, k, topk, num_sms, algo);
+}
+
+int64_t score_topk_cuda_workspace(int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                                  int64_t topk, bool accumulate, int num_sms, CudaAlgo algo) {
+  validate(m, dtype, n, k, topk, 0, 0, num_sms);
+  if (m == 0 || n == 0) return 0;
+  const CudaTopkPlan pl = make_plan(m, G, dtype, n, k, topk, num_sms, algo);
+  cuda::detail::Sizer sz;
+  layout(sz, pl, m, k, topk, accumulate);
+  return sz.bytes();
+}
+
+void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
+                     int64_t topk, const int64_t* exclude, int64_t e, int64_t index_offset,
+                     float* values, int64_t* indices, bool accumulate, void* ws, int64_t ws_bytes,
+                     int num_sms, CudaAlgo algo, std::uintptr_t stream) {
+  validate(m, dtype, n, k, topk, e, index_offset, num_sms);
+  using cuda::detail::require_ptr;
+  require_ptr(Q, m * k, "Q");
+  require_ptr(G, n * k, "G");
+  require_ptr(exclude, m * e, "exclude");
+  require_ptr(values, m * topk, "values");
+  require_ptr(indices, m * topk, "indices");
+  if (m == 0) return;
+  cudaStream_t st = cuda::detail::as_stream(stream);
+  long long* out_i = reinterpret_cast<long long*>(indices);
+  const int64_t per = m * topk;
+  if (n == 0) {  // no candidates: an earlier result stays as it is
+    if (!accumulate) {
+      fill_empty_kernel<<<cuda::detail::grid_stride_blocks(per, kElemThreads), kElemThreads, 0, st>>>(
+          values, out_i, per);
+      cuda::detail::check_launch("fill_empty_kernel launch");
+    }
+    return;
+  }
+  const CudaTopkPlan pl = make_plan(m, G, dtype, n, k, topk, num_sms, algo);
+  cuda::detail::Carver cv(ws, ws_bytes);
+  const TopkWs w = layout(cv, pl, m, k, topk, accumulate);
+
+  ScoreParams prm{};
+  prm.Q = Q;
+  prm.G = G;
+  prm.m = m;
+  prm.n = n;
+  prm.k = k;
+  prm.topk = topk;
+  prm.e = e;
+  prm.index_offset = index_offset;
+  prm.exclude = exclude;
+  prm.lists_v = w.av;
+  prm.lists_i = w.ai;
+  prm.qblocks = pl.query_blocks;
+  prm.partitions = pl.partitions;
+  if (pl.tensor_cores) {
+    prm.mp = pl.query_blocks * pl.queries_per_block;
+    prm.kq = cuda::detail::round_up(k, kBK);
+    prm.Qs = reinterpret_cast<const uint16_t*>(w.qs);
+    split_queries_kernel<<<cuda::detail::grid_stride_blocks(prm.mp * prm.kq, kElemThreads),
+                           kElemThreads, 0, st>>>(Q, m, k, prm.mp, prm.kq, w.qs);
+    cuda::detail::check_launch("split_queries_kernel launch");
+    if (pl.queries_per_block == CfgSmall::MQ)
+      launch_score(tc_score_kernel<CfgSmall>, sizeof(TcScoreSmem<CfgSmall>), pl, prm, st,
+                   "tc_score_kernel<16>");
+    else
+      launch_score(tc_score_kernel<CfgLarge>, sizeof(TcScoreSmem<CfgLarge>), pl, prm, st,
+                   "tc_score_kernel<64>");
+  } else {
+    prm.mp = prm.kq = 0;
+    prm.Qs = nullptr;
+    const int64_t smem = sizeof(SimtScoreSmem);
+    switch (dtype) {
+      case DType::kFloat32: launch_score(simt_score_kernel<float>, smem, pl, prm, st, "simt_score_kernel"); break;
+      case DType::kFloat16: launch_score(simt_score_kernel<__half>, smem, pl, prm, st, "simt_score_kernel"); break;
+      case DType::kBFloat16: launch_score(simt_score_kernel<__nv_bfloat16>, smem, pl, prm, st, "simt_score_kernel"); break;
+    }
+  }
+
+  // Merge the partitions' lists (and the earlier result) pairwise until one is left.
+  int64_t lists = pl.partitions;
+  if (accumulate) {
+    cuda::detail::check(cudaMemcpyAsync(w.av + lists * per, values, per * sizeof(float),
+                                        cudaMemcpyDeviceToDevice, st),
+                        "cudaMemcpyAsync(values)");
+    cuda::detail::check(cudaMemcpyAsync(w.ai + lists * per, indices, per * sizeof(long long),
+                                        cudaMemcpyDeviceToDevice, st),
+                        "cudaMemcpyAsync(indices)");
+    ++lists;
+  }
+  float* src_v = w.av;
+  long long* src_i = w.ai;
+  float* oth_v = w.bv;
+  long long* oth_i = w.bi;
+  while (true) {
+    const int64_t pairs = ceil_div(lists, 2);
+    const bool last = pairs == 1;
+    float* dv = last ? values : oth_v;
+    long long* di = last ? out_i : oth_i;
+    merge_lists_kernel<<<cuda::detail::grid_1d(pairs * m, "merge_lists_kernel"), kMergeThreads, 0,
+                         st>>>(src_v, src_i, lists, m, topk, dv, di);
+    cuda::detail::check_launch("merge_lists_kernel launch");
+    if (last) break;
+    lists = pairs;
+    std::swap(src_v, oth_v);
+    std::swap(src_i, oth_i);
+  }
+}
+
+}  // namespace issl_fast

@@ -1,0 +1,179 @@
+"""Host-side logic of the CUDA backend, testable without a GPU (the build must contain the CUDA
+kernels; skipped otherwise): launch plans, workspace sizes, argument validation (ValueError before
+any CUDA work is queued), and, on a machine without a usable device, that a failing CUDA call
+surfaces as a RuntimeError carrying the CUDA error string."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from issl_fast import _backend, ops
+from issl_fast._backend import _C
+
+pytestmark = pytest.mark.skipif(
+    not hasattr(_C, "sketch_dense_cuda"),
+    reason="this build has no CUDA kernels (built with ISSL_FAST_CUDA=OFF or without nvcc)",
+)
+
+F32, F16, BF16 = 0, 1, 2
+RADEMACHER, GAUSSIAN = 0, 1
+AUTO, SIMT, TC = 0, 1, 2
+H200_SMS = 132
+ALIGNED = 1 << 20  # a 16-byte aligned fake address: the plans only look at its alignment
+
+
+def no_device() -> bool:
+    return _backend.build_info()["cuda_devices"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# plans
+# ---------------------------------------------------------------------------------------------
+def test_gemm_plan_of_the_issue_benchmark() -> None:
+    # sketch_linear B=256, P=1024*1024, k=4096, bf16: 2 x 32 tiles of 128, split in two to fill
+    # 132 SMs without a second wave.
+    p = _C.sketch_gemm_cuda_plan(BF16, 256, 1 << 20, 4096, RADEMACHER, AUTO, H200_SMS)
+    assert p == {"tensor_cores": True, "passes": 1, "tile_m": 128, "tile_n": 128, "tiles_m": 2,
+                 "tiles_n": 32, "splits": 2}
+
+
+def test_gemm_plan_kernel_choice() -> None:
+    plan = _C.sketch_gemm_cuda_plan
+    assert not plan(BF16, 256, 4096, 4096, GAUSSIAN, AUTO, 132)["tensor_cores"]
+    assert not plan(BF16, 8, 4096, 4096, RADEMACHER, AUTO, 132)["tensor_cores"]  # few rows
+    assert plan(BF16, 8, 4096, 4096, RADEMACHER, TC, 132)["tensor_cores"]  # forced
+    assert not plan(BF16, 256, 4096, 4096, RADEMACHER, SIMT, 132)["tensor_cores"]
+    assert not plan(F32, 32, 4096, 4096, RADEMACHER, AUTO, 132)["tensor_cores"]  # 3 passes
+    p = plan(F32, 64, 4096, 4096, RADEMACHER, AUTO, 132)
+    assert p["tensor_cores"] and p["passes"] == 3
+    assert plan(F16, 16, 64, 64, RADEMACHER, AUTO, 132)["passes"] == 1
+
+
+def test_gemm_plan_splits() -> None:
+    plan = _C.sketch_gemm_cuda_plan
+    # One tile, long rows: capped at 64 splits.
+    assert plan(BF16, 8, 1 << 20, 64, RADEMACHER, SIMT, 132)["splits"] == 64
+    # Short rows: no split (each split keeps >= 256 columns).
+    assert plan(BF16, 8, 300, 64, RADEMACHER, SIMT, 132)["splits"] == 1
+    # Enough tiles to fill the device: no split.
+    assert plan(BF16, 4096, 1 << 20, 4096, RADEMACHER, AUTO, 132)["splits"] == 1
+    # The SM count sets the target (4 SIMT blocks per SM here).
+    assert plan(BF16, 8, 1 << 20, 64, RADEMACHER, SIMT, 1)["splits"] == 4
+
+
+def test_gemm_plan_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="rademacher"):
+        _C.sketch_gemm_cuda_plan(BF16, 64, 64, 64, GAUSSIAN, TC, 132)
+    with pytest.raises(ValueError, match="algo"):
+        _C.sketch_gemm_cuda_plan(BF16, 64, 64, 64, RADEMACHER, 7, 132)
+    with pytest.raises(ValueError, match="num_sms"):
+        _C.sketch_gemm_cuda_plan(BF16, 64, 64, 64, RADEMACHER, AUTO, 0)
+
+
+def test_score_plan() -> None:
+    plan = _C.score_topk_cuda_plan
+    p = plan(64, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)
+    assert p == {"tensor_cores": True, "queries_per_block": 64, "query_blocks": 1,
+                 "partitions": 264, "rows_per_tile": 128}
+    assert plan(1, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)["queries_per_block"] == 16
+    p = plan(1024, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)
+    assert p["query_blocks"] == 16 and p["partitions"] == 16
+    # Not bf16, k % 8 != 0, or a misaligned store: the SIMT scorer.
+    assert not plan(4, ALIGNED, F16, 1000, 64, 5, 132, AUTO)["tensor_cores"]
+    assert not plan(4, ALIGNED, BF16, 1000, 60, 5, 132, AUTO)["tensor_cores"]
+    assert not plan(4, ALIGNED + 2, BF16, 1000, 64, 5, 132, AUTO)["tensor_cores"]
+    assert not plan(4, ALIGNED, BF16, 1000, 64, 5, 132, SIMT)["tensor_cores"]
+    with pytest.raises(ValueError, match="tensor-core"):
+        plan(4, ALIGNED, F32, 1000, 64, 5, 132, TC)
+    # Few rows: few partitions; huge lists: one partition; 2^33 rows: partitions < 2^30 rows.
+    assert plan(4, ALIGNED, BF16, 1000, 64, 5, 132, AUTO)["partitions"] == 2
+    assert plan(1024, ALIGNED, BF16, 10**6, 64, 100_000, 132, AUTO)["partitions"] == 1
+    assert plan(1024, ALIGNED, BF16, 2**33, 64, 100_000, 132, AUTO)["partitions"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# workspace sizes
+# ---------------------------------------------------------------------------------------------
+def test_workspace_sizes() -> None:
+    # Split partials only: splits * B * k floats.
+    assert _C.sketch_dense_cuda_workspace(BF16, 8, 1 << 20, 64, RADEMACHER, SIMT, 132) == (
+        64 * 8 * 64 * 4)
+    assert _C.sketch_dense_cuda_workspace(BF16, 4096, 1 << 20, 4096, RADEMACHER, AUTO, 132) == 0
+    assert _C.sketch_dense_cuda_workspace(BF16, 0, 10, 64, RADEMACHER, AUTO, 132) == 0
+    # Direct sketch_linear (bf16, T = 1): the same partials as the dense GEMM; T = 5 forms G in
+    # chunks of at most 2^24 floats.
+    direct = _C.sketch_linear_cuda_workspace(BF16, 256, 1, 1024, 1024, 4096, RADEMACHER, AUTO, 132)
+    assert direct == 2 * 256 * 4096 * 4
+    chunked = _C.sketch_linear_cuda_workspace(BF16, 256, 5, 1024, 1024, 4096, RADEMACHER, AUTO,
+                                              132)
+    assert (1 << 24) * 4 <= chunked <= (1 << 24) * 4 + 64 * 256 * 4096 * 4 + 1024
+    assert _C.sketch_linear_cuda_workspace(BF16, 3, 0, 7, 5, 5, RADEMACHER, AUTO, 132) == 0
+    assert _C.sketch_sparse_cuda_workspace(4, 0, 64, 2, 132) == 0
+    assert _C.sketch_sparse_cuda_workspace(2, 40000, 64, 4, 132) == 64 * 2 * 64 * 4
+    assert _C.sketch_kron_cuda_workspace(BF16, 64, 64, 512, 512, 64, 64, RADEMACHER, AUTO,
+                                         132) >= 2 * 64 * 64 * 64 * 4
+    # score_topk: partitions' lists (+ the earlier result) + half of them again for the merge
+    # tree + the bf16 split queries.
+    m, topk, k = 64, 100, 1024
+    ws = _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 4_000_000, k, topk, False, 132, AUTO)
+    lists = 264 * m * topk * 12
+    assert lists + lists // 2 + 3 * m * k * 2 <= ws <= lists + lists // 2 + 3 * m * k * 2 + 2048
+    assert _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 0, k, topk, False, 132, AUTO) == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks: ValueError before any CUDA call (fake addresses are never touched)
+# ---------------------------------------------------------------------------------------------
+def test_argument_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError, match="B must be >= 0"):
+        _C.sketch_dense_cuda(0, BF16, -1, 5, 5, 0, 0, 0, 0, False, 0, 0, 132, AUTO, 0)
+    with pytest.raises(ValueError, match="g is a null pointer"):
+        _C.sketch_dense_cuda(0, BF16, 2, 5, 5, 0, 0, 0, 16, False, 0, 0, 132, AUTO, 0)
+    with pytest.raises(ValueError, match="dtype"):
+        _C.sketch_dense_cuda(16, 9, 2, 5, 5, 0, 0, 0, 16, False, 0, 0, 132, AUTO, 0)
+    with pytest.raises(ValueError, match="s must satisfy"):
+        _C.sketch_sparse_cuda(16, F32, 2, 5, 5, 6, 0, 0, 16, False, 0, 0, 132, 0)
+    with pytest.raises(ValueError, match="k must be < 2\\^31"):
+        _C.sketch_sparse_cuda_workspace(2, 5, 2**31, 2, 132)
+    with pytest.raises(ValueError, match="d_in must be >= 1"):
+        _C.sketch_linear_cuda(16, 16, BF16, 2, 1, 0, 5, 5, 0, 0, 0, 16, False, 0, 0, 132, AUTO, 0)
+    with pytest.raises(ValueError, match="k_out must be >= 1"):
+        _C.sketch_kron_cuda_workspace(BF16, 2, 1, 3, 3, 3, 0, RADEMACHER, AUTO, 132)
+    with pytest.raises(ValueError, match="topk must be >= 1"):
+        _C.score_topk_cuda(16, 1, 16, BF16, 5, 8, 0, 0, 0, 0, 16, 16, False, 0, 0, 132, AUTO, 0)
+    with pytest.raises(ValueError, match="rademacher"):
+        _C.sketch_dense_cuda(16, BF16, 64, 64, 64, 0, GAUSSIAN, 0, 16, False, 0, 0, 132, TC, 0)
+
+
+def test_too_small_workspace_is_a_value_error() -> None:
+    # A plan with split-K partials needs a workspace: refused before the launch.
+    need = _C.sketch_dense_cuda_workspace(BF16, 8, 1 << 20, 64, RADEMACHER, SIMT, 132)
+    assert need > 0
+    with pytest.raises(ValueError, match="workspace too small"):
+        _C.sketch_dense_cuda(ALIGNED, BF16, 8, 1 << 20, 64, 0, 0, 0, ALIGNED, False, ALIGNED,
+                             need - 1, 132, SIMT, 0)
+    with pytest.raises(ValueError, match="workspace too small"):
+        _C.score_topk_cuda(ALIGNED, 4, ALIGNED, BF16, 1000, 64, 5, 0, 0, 0, ALIGNED, ALIGNED,
+                           False, 0, 0, 132, AUTO, 0)
+
+
+@pytest.mark.skipif(not no_device(), reason="a CUDA device is present: fake addresses would be "
+                    "dereferenced (the GPU run checks real launches instead)")
+def test_cuda_failure_is_a_runtime_error_with_the_cuda_message() -> None:
+    err = _backend.build_info()["cuda_error"]
+    assert err, "no device, so the runtime reported why"
+    cuda_msg = err.split(": ", 1)[1]
+    # P = 0: the op zeroes out with a kernel launch, which fails without a device.
+    with pytest.raises(RuntimeError, match="issl_fast CUDA") as ei:
+        _C.sketch_dense_cuda(ALIGNED, BF16, 2, 0, 5, 0, 0, 0, ALIGNED, False, 0, 0, 132, AUTO, 0)
+    assert cuda_msg in str(ei.value)
+    # The float32 tensor-core kernel first raises its shared-memory limit (a CUDA call).
+    need = _C.sketch_dense_cuda_workspace(F32, 256, 4096, 4096, RADEMACHER, TC, 132)
+    with pytest.raises(RuntimeError, match="issl_fast CUDA"):
+        _C.sketch_dense_cuda(ALIGNED, F32, 256, 4096, 4096, 0, 0, 0, ALIGNED, False, ALIGNED,
+                             need, 132, TC, 0)
+
+
+def test_ops_cuda_backend_on_cpu_tensors_is_a_value_error() -> None:
+    with pytest.raises(ValueError, match="backend='cuda' needs CUDA tensors"):
+        ops.sketch_dense(torch.zeros(2, 3), 4, backend="cuda")
