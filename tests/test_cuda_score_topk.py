@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from inputs import dyadic, randn
-from issl_fast import _backend, ops, reference
+from issl_fast import _backend, _cuda_ops, ops, reference
 from issl_fast._backend import _C
 from tolerances import assert_topk_close
 
@@ -38,7 +38,7 @@ def _cuda_kernels() -> None:
 
 @pytest.fixture(params=list(ALGOS))
 def algo(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    monkeypatch.setattr(ops, "_CUDA_ALGO", ALGOS[request.param])
+    monkeypatch.setattr(_cuda_ops, "_CUDA_ALGO", ALGOS[request.param])
     yield request.param
 
 
@@ -202,11 +202,11 @@ def test_cpu_store_streamed_equals_resident(
         del mm
         store = np.memmap(path, dtype=G.numpy().dtype, mode="r", shape=(n, k))
     # Small steps: many double-buffered H2D copies, each merged like a shard.
-    monkeypatch.setattr(ops, "_CUDA_STREAM_CHUNK_BYTES", 333 * k * G.element_size())
+    monkeypatch.setattr(_cuda_ops, "_CUDA_STREAM_CHUNK_BYTES", 333 * k * G.element_size())
     v, i = ops.score_topk(Q, store, topk)
     assert torch.equal(v, resident[0]) and torch.equal(i, resident[1]), kind
     # ... and in one step.
-    monkeypatch.setattr(ops, "_CUDA_STREAM_CHUNK_BYTES", 1 << 30)
+    monkeypatch.setattr(_cuda_ops, "_CUDA_STREAM_CHUNK_BYTES", 1 << 30)
     v1, i1 = ops.score_topk(Q, store, topk)
     assert torch.equal(v1, resident[0]) and torch.equal(i1, resident[1]), kind
 

@@ -1,6 +1,6 @@
 """The CUDA sketches (sketch_dense, sketch_linear, sketch_sparse, sketch_kron) against the reference
 and the CPU kernels: the Rademacher matrix bit-identical on the device, both kernel families
-(float32 SIMT and tensor cores, forced through ``ops._CUDA_ALGO``), every input dtype, awkward
+(float32 SIMT and tensor cores, forced through ``_cuda_ops._CUDA_ALGO``), every input dtype, awkward
 shapes (1, primes, not multiples of any tile, empty, more than one tile and one split), column
 offsets past 2^32, accumulation, determinism and a non-default stream.
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from inputs import DISTS, DTYPE_NAMES, DTYPES, dyadic, randn
-from issl_fast import _backend, ops, reference
+from issl_fast import _backend, _cuda_ops, ops, reference
 from issl_fast._backend import _C
 from tolerances import (
     RTOL,
@@ -48,7 +48,7 @@ def _cuda_kernels() -> None:
 @pytest.fixture(params=list(ALGOS))
 def algo(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Run the test with each kernel family (auto, SIMT, tensor cores)."""
-    monkeypatch.setattr(ops, "_CUDA_ALGO", ALGOS[request.param])
+    monkeypatch.setattr(_cuda_ops, "_CUDA_ALGO", ALGOS[request.param])
     yield request.param
 
 

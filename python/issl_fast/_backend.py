@@ -12,6 +12,8 @@ import torch  # imported before _C: torch's libgomp is then the one our OpenMP k
 from . import _C  # noqa: E402
 
 SIMD_LEVELS = ("generic", "avx2", "avx512")
+# Element-type codes of the binding ABI (csrc/include/issl_fast/common.h, enum DType).
+TORCH_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @functools.lru_cache(maxsize=1)
