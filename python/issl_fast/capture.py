@@ -199,56 +199,84 @@ class FactorCapture:
             self._grads.setdefault(name, []).append(torch.zeros_like(out) if g is None else g)
         self._outputs.clear()  # release the graph
 
-    def factors(self, layer: Layer, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example ``(A, D)`` of a layer: ``[B, groups*T, d_in]``, ``[B, groups*T, d_out]``."""
+    def calls(self, layer: Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(input, output gradient)`` of each call of the layer in this pass."""
         xs, gs = self._inputs.get(layer.name, []), self._grads.get(layer.name, [])
         if not xs or len(gs) != len(xs):
             raise RuntimeError(
                 f"layer {layer.name!r} was not called in the forward pass: is it part of the "
                 "encoder whose output the loss uses?"
             )
-        As, Ds = [], []
-        for x, g in zip(xs, gs):
-            a, d = self._rows(layer, x, g)
-            As.append(_per_example(a, groups))
-            Ds.append(_per_example(d, groups))
-        return torch.cat(As, dim=1), torch.cat(Ds, dim=1)
+        return list(zip(xs, gs))
 
-    @staticmethod
-    def _rows(layer: Layer, x: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer input/grad as ``[N, T, d_in]`` / ``[N, T, d_out]`` (bias column appended)."""
+    def factors(self, layer: Layer, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example ``(A, D)`` of a layer: ``[B, groups*T, d_in]``, ``[B, groups*T, d_out]``.
+
+        Each call's rows are written straight into the per-example layout (one strided copy per
+        factor: no im2col buffer, bias concatenation or transposed copy in between)."""
+        calls = self.calls(layer)
+        xs, gs = [x for x, _ in calls], [g for _, g in calls]
+        b = xs[0].shape[0] // groups
+        positions = [_positions(layer, x) for x in xs]
+        total = groups * sum(positions)
+        A = xs[0].new_empty(b, total, layer.d_in)
+        D = gs[0].new_empty(b, total, layer.d_out)
+        off = 0
+        for x, g, t in zip(xs, gs, positions):
+            a = A[:, off:off + groups * t].unflatten(1, (groups, t))  # [B, groups, T, d_in]
+            d = D[:, off:off + groups * t].unflatten(1, (groups, t))
+            _fill_inputs(layer, x, groups, a)
+            _fill_output_grads(layer, g, groups, d)
+            off += groups * t
+        return A, D
+
+
+def _positions(layer: Layer, x: torch.Tensor) -> int:
+    """Rows T one example contributes per call: Linear leading positions, Conv2d output pixels."""
+    if layer.kind == "linear":
+        return x[0].numel() // x.shape[-1]
+    mod = layer.module
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
+    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    return ho * wo
+
+
+def _fill_inputs(layer: Layer, x: torch.Tensor, groups: int, a: torch.Tensor) -> None:
+    """Writes layer inputs (group-major rows ``g * B + b``) into ``a [B, groups, T, d_in]``:
+    Conv2d patches in the weight's (C_in, kh, kw) order, then the bias column of ones."""
+    b = a.shape[0]
+    d = layer.d_in - (1 if layer.has_bias else 0)
+    dst = a[..., :d]
+    if layer.kind == "linear":
+        src = x.reshape(groups, b, -1, d).transpose(0, 1)
+        dst.copy_(src)
+    else:
         mod = layer.module
-        if layer.kind == "linear":
-            a = x.reshape(x.shape[0], -1, x.shape[-1])
-            d = g.reshape(g.shape[0], -1, g.shape[-1])
+        (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
+        if mod.dilation != (1, 1) or isinstance(mod.padding, str):
+            cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+                            stride=mod.stride).transpose(1, 2)  # [N, L, C*kh*kw]
+            dst.copy_(cols.reshape(groups, b, -1, d).transpose(0, 1))
         else:
-            a = F.unfold(
-                x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride
-            ).transpose(1, 2)  # [N, L, C_in*kh*kw]
-            d = g.flatten(2).transpose(1, 2)  # [N, L, C_out]
-        if layer.has_bias:
-            a = torch.cat([a, a.new_ones(a.shape[0], a.shape[1], 1)], dim=2)
-        return a, d
+            xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
+            patches = xp.unfold(2, kh, sh).unfold(3, kw, sw)  # [N, C, Ho, Wo, kh, kw], a view
+            c, ho, wo = patches.shape[1:4]
+            src = patches.reshape(groups, b, c, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6)
+            dst.unflatten(2, (ho, wo)).unflatten(-1, (c, kh, kw)).copy_(src)
+    if layer.has_bias:
+        a[..., d] = 1
 
 
-def _im2col(x: torch.Tensor, mod: nn.Conv2d) -> torch.Tensor:
-    """Conv2d patches ``[N, L, C_in*kh*kw]`` in the weight's (C_in, kh, kw) order. A strided view
-    (2-3x faster than F.unfold on CPU); dilated convs use F.unfold."""
-    (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
-    if mod.dilation != (1, 1) or isinstance(mod.padding, str):
-        return F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
-                        stride=mod.stride).transpose(1, 2)
-    xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
-    patches = xp.unfold(2, kh, sh).unfold(3, kw, sw)  # [N, C, Ho, Wo, kh, kw]
-    n, c = x.shape[:2]
-    return patches.permute(0, 2, 3, 1, 4, 5).reshape(n, -1, c * kh * kw)
-
-
-def _per_example(rows: torch.Tensor, groups: int) -> torch.Tensor:
-    """``[groups*B, T, d]`` (group-major) -> ``[B, groups*T, d]``."""
-    n, t, d = rows.shape
-    b = n // groups
-    return rows.reshape(groups, b, t, d).transpose(0, 1).reshape(b, groups * t, d).contiguous()
+def _fill_output_grads(layer: Layer, g: torch.Tensor, groups: int, d: torch.Tensor) -> None:
+    """Writes output gradients into ``d [B, groups, T, d_out]``."""
+    b = d.shape[0]
+    if layer.kind == "linear":
+        d.copy_(g.reshape(groups, b, -1, g.shape[-1]).transpose(0, 1))
+    else:
+        ho, wo = g.shape[2:]
+        src = g.reshape(groups, b, g.shape[1], ho, wo).permute(1, 0, 3, 4, 2)
+        d.unflatten(2, (ho, wo)).copy_(src)
 
 
 def fallback_grads(

@@ -8,10 +8,11 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .capture import FactorCapture, ParamLayout, fallback_grads
+from .capture import FactorCapture, Layer, ParamLayout, fallback_grads
 from .loss import AugmentationStability
 from .projection import Block, Projection, plan_blocks
 
@@ -81,6 +82,9 @@ class Featurizer:
     ) -> None:
         proj, groups = self.projection, self.loss.groups
         for i, layer in enumerate(self.layout.layers):
+            if proj.kind == "kron" and layer.kind == "conv2d":
+                self._kron_conv(cap, layer, self.blocks[i], phi, stats)
+                continue
             A, D = cap.factors(layer, groups)
             if proj.kind == "identity":
                 block = self.blocks[i]
@@ -118,6 +122,36 @@ class Featurizer:
                 V = (D.float() @ p_out.T).to(_STATS_DTYPE)  # [B, T, k_out]
                 stats[f"{block.name}/A"] = torch.einsum("bti,btj->bij", U, U)
                 stats[f"{block.name}/D"] = torch.einsum("bti,btj->bij", V, V)
+
+    def _kron_conv(self, cap: FactorCapture, layer: Layer, block: Block, phi: torch.Tensor,
+                   stats: dict[str, torch.Tensor]) -> None:
+        """The kron sketch of a Conv2d without im2col: projecting every patch by P_in is a
+        convolution with P_in's rows as filters, so ``U = conv2d(x, P_in)`` and
+        ``V = P_out g`` (channel mixing), then ``y_b = sum_t V_t (x) U_t``. Equal to
+        ``sketch_kron`` of the im2col factors up to float rounding, at the cost of one conv with
+        k_in output channels (LoGra's trick for conv layers)."""
+        mod, groups = layer.module, self.loss.groups
+        p_in, p_out = self._projections(block, layer.d_in, layer.d_out)
+        d = layer.d_in - (1 if layer.has_bias else 0)
+        w = p_in[:, :d].reshape(block.k_in, *mod.weight.shape[1:])
+        bias = p_in[:, d].contiguous() if layer.has_bias else None
+        y = torch.zeros(phi.shape[0], block.k_out, block.k_in)
+        cov_a = cov_d = None
+        for x, g in cap.calls(layer):
+            b = x.shape[0] // groups
+            U = F.conv2d(x.float(), w, bias, mod.stride, mod.padding, mod.dilation)
+            U = U.flatten(2).reshape(groups, b, block.k_in, -1)  # [groups, B, k_in, L]
+            V = (p_out @ g.float().flatten(2)).reshape(groups, b, block.k_out, -1)
+            y += torch.einsum("gbal,gbcl->bac", V, U)
+            if self.collect_stats:
+                Ud, Vd = U.to(_STATS_DTYPE), V.to(_STATS_DTYPE)
+                ca = torch.einsum("gbil,gbjl->bij", Ud, Ud)
+                cd = torch.einsum("gbil,gbjl->bij", Vd, Vd)
+                cov_a = ca if cov_a is None else cov_a + ca
+                cov_d = cd if cov_d is None else cov_d + cd
+        phi[:, block.start:block.stop] = y.reshape(phi.shape[0], -1).to(phi.dtype)
+        if self.collect_stats:
+            stats[f"{block.name}/A"], stats[f"{block.name}/D"] = cov_a, cov_d
 
     def _fallback(self, g: torch.Tensor, phi: torch.Tensor) -> None:
         proj = self.projection
