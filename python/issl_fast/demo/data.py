@@ -34,6 +34,7 @@ class DemoData:
     train_groups: np.ndarray
     outlier_kind: np.ndarray  # "inverted" / "noise" / "blob" for outliers, "" otherwise
     dup_pairs: np.ndarray
+    dup_kind: np.ndarray  # per pair: "exact", "noise" (pixel noise) or "shift" (1-pixel shift)
     test_x: torch.Tensor
     test_labels: np.ndarray
     test_groups: np.ndarray
@@ -91,9 +92,10 @@ def load_demo_data(
         g[faded] = "faded"
 
     src = rng.choice(n, n_exact + n_near, replace=False)
-    extra_x, extra_y, extra_kind, extra_g, extra_ok, pairs = [], [], [], [], [], []
+    extra_x, extra_y, extra_kind, extra_g, extra_ok, pairs, pair_kind = [], [], [], [], [], [], []
     for j, s in enumerate(src):
         img = train_x[s].copy()
+        pair_kind.append("exact" if j < n_exact else ("noise" if j % 2 else "shift"))
         if j >= n_exact:
             if j % 2:
                 noisy = img + rng.normal(0, NEAR_DUP_NOISE, img.shape)
@@ -135,5 +137,5 @@ def load_demo_data(
     dup_pairs = np.sort(where[np.array(pairs)], axis=1)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[:, None]  # noqa: E731
     return DemoData(to_t(all_x[perm]), all_y[perm], kind[perm], groups[perm], okind[perm],
-                    dup_pairs,
+                    dup_pairs, np.array(pair_kind),
                     to_t(test_x), test_y, test_groups.astype(str))

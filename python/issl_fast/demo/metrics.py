@@ -57,3 +57,14 @@ def outlier_quality_by_kind(scores: np.ndarray, is_outlier: np.ndarray, data) ->
         sel = clean | (data.outlier_kind == kind)
         out[kind] = float(roc_auc_score(data.outlier_kind[sel] == kind, scores[sel]))
     return out
+
+
+def pair_recall_by_kind(rows: np.ndarray, sim: np.ndarray, data, threshold: float
+                        ) -> dict[str, float]:
+    """Recall at ``threshold`` of each planted duplicate kind (exact / noise / shift)."""
+    found = {tuple(r) for r, v in zip(rows.tolist(), sim) if v >= threshold}
+    out = {}
+    for kind in sorted(set(data.dup_kind.tolist())):
+        pairs = [tuple(p) for p, k in zip(data.dup_pairs.tolist(), data.dup_kind) if k == kind]
+        out[kind] = float(np.mean([p in found for p in pairs])) if pairs else 0.0
+    return out

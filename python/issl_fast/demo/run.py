@@ -131,6 +131,10 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
                                                      cfg.dup_threshold),
         "duplicates_baseline": metrics.pair_quality(base_pairs, base_sim, truth_pairs,
                                                     cfg.dup_threshold),
+        "duplicates_by_kind_influence": metrics.pair_recall_by_kind(
+            dups.rows, dups.similarity, data, cfg.dup_threshold),
+        "duplicates_by_kind_baseline": metrics.pair_recall_by_kind(
+            base_pairs, base_sim, data, cfg.dup_threshold),
         "outliers_influence": metrics.outlier_quality(outl.scores, is_outlier),
         "outliers_self_influence": metrics.outlier_quality(outl_self.scores, is_outlier),
         "outliers_baseline": metrics.outlier_quality(base_outlier, is_outlier),
