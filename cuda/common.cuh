@@ -11,6 +11,7 @@
 
 #include "issl_fast/common.h"
 #include "issl_fast/hash.h"
+#include "validate.h"
 
 namespace issl_fast::cuda::detail {
 
@@ -26,10 +27,8 @@ inline void check_launch(const char* what) { check(cudaGetLastError(), what); }
 
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
-// Argument errors (ValueError in Python), thrown before any CUDA work is queued.
-inline void require(bool ok, const std::string& msg) {
-  if (!ok) throw std::invalid_argument(msg);
-}
+// Argument errors (ValueError in Python) use the shared checks of cuda/validate.h, thrown before
+// any CUDA work is queued.
 
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t round_up(int64_t a, int64_t b) {

@@ -577,16 +577,16 @@ __global__ void fill_empty_kernel(float* __restrict__ v, long long* __restrict__
 // ---- plan ----------------------------------------------------------------------------------------
 CudaTopkPlan make_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t k, int64_t topk,
                        int num_sms, CudaAlgo algo) {
-  cuda::detail::require_arg(num_sms >= 1, "num_sms must be >= 1");
+  cuda::detail::require(num_sms >= 1, "num_sms must be >= 1");
   const bool aligned = (reinterpret_cast<std::uintptr_t>(G) & 15u) == 0;
   const bool tc_ok = dtype == DType::kBFloat16 && k % 8 == 0 && aligned;
   CudaTopkPlan p;
   if (algo == CudaAlgo::kTensorCore) {
-    cuda::detail::require_arg(tc_ok, "score_topk: the tensor-core path needs a bfloat16 store "
+    cuda::detail::require(tc_ok, "score_topk: the tensor-core path needs a bfloat16 store "
                                      "with k % 8 == 0 and a 16-byte aligned address");
     p.tensor_cores = true;
   } else {
-    cuda::detail::require_arg(algo == CudaAlgo::kAuto || algo == CudaAlgo::kSimt,
+    cuda::detail::require(algo == CudaAlgo::kAuto || algo == CudaAlgo::kSimt,
                               "algo must be 0 (auto), 1 (simt) or 2 (tensor cores)");
     p.tensor_cores = algo == CudaAlgo::kAuto && tc_ok;
   }

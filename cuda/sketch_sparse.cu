@@ -149,9 +149,9 @@ void validate(DType dtype, int64_t B, int64_t P, int64_t k, int64_t s, int64_t c
   require_nonneg(B, "B");
   require_nonneg(P, "P");
   require_pos(k, "k");
-  require_arg(k < (int64_t{1} << 31),
+  require(k < (int64_t{1} << 31),
               "k must be < 2^31 for sketch_sparse, got " + std::to_string(k));
-  require_arg(s >= 1 && s <= k, "s must satisfy 1 <= s <= k, got s=" + std::to_string(s) +
+  require(s >= 1 && s <= k, "s must satisfy 1 <= s <= k, got s=" + std::to_string(s) +
                                     ", k=" + std::to_string(k));
   require_nonneg(col_offset, "col_offset");
   require_pos(num_sms, "num_sms");

@@ -158,15 +158,12 @@ class SSLAugment:
 
     # -- colour -------------------------------------------------------------------------------
     def _colour(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        def factor(slot: int, strength: float) -> torch.Tensor:
-            return (1 + strength * (2 * u[:, slot] - 1)).to(x.dtype)[:, None, None, None]
-
         jitter = (u[:, _U_JITTER_P] < self.jitter_p)[:, None, None, None]
-        y = x * factor(_U_BRIGHT, self.brightness)
+        y = x * _factor(u, x.dtype, _U_BRIGHT, self.brightness)
         mean = _gray(y).mean(dim=(1, 2, 3), keepdim=True)
-        y = (y - mean) * factor(_U_CONTRAST, self.contrast) + mean
+        y = (y - mean) * _factor(u, x.dtype, _U_CONTRAST, self.contrast) + mean
         g = _gray(y)
-        y = (y - g) * factor(_U_SAT, self.saturation) + g
+        y = (y - g) * _factor(u, x.dtype, _U_SAT, self.saturation) + g
         if self.hue > 0:
             y = _rotate_hue(y, (2 * u[:, _U_HUE] - 1) * self.hue * 2 * math.pi)
         x = torch.where(jitter, y, x)
@@ -175,13 +172,10 @@ class SSLAugment:
 
     def _intensity(self, x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """Brightness and contrast jitter for non-RGB images (saturation and hue need colour)."""
-        def factor(slot: int, strength: float) -> torch.Tensor:
-            return (1 + strength * (2 * u[:, slot] - 1)).to(x.dtype)[:, None, None, None]
-
         jitter = (u[:, _U_JITTER_P] < self.jitter_p)[:, None, None, None]
-        y = x * factor(_U_BRIGHT, self.brightness)
+        y = x * _factor(u, x.dtype, _U_BRIGHT, self.brightness)
         mean = y.mean(dim=(1, 2, 3), keepdim=True)
-        y = (y - mean) * factor(_U_CONTRAST, self.contrast) + mean
+        y = (y - mean) * _factor(u, x.dtype, _U_CONTRAST, self.contrast) + mean
         return torch.where(jitter, y, x)
 
     # -- blur and noise -----------------------------------------------------------------------
@@ -225,6 +219,11 @@ def _blur_matrix(sigma: torch.Tensor, n: int, max_sigma: float) -> torch.Tensor:
     m.index_put_((torch.arange(sigma.shape[0])[:, None, None], rows[None], i[None]),
                  kern[:, None, :].expand(-1, n, -1), accumulate=True)
     return m
+
+
+def _factor(u: torch.Tensor, dtype: torch.dtype, slot: int, strength: float) -> torch.Tensor:
+    """Per-example jitter factor ``1 + strength * U(-1, 1)`` from one uniform slot, [B,1,1,1]."""
+    return (1 + strength * (2 * u[:, slot] - 1)).to(dtype)[:, None, None, None]
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
