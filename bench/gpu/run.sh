@@ -75,7 +75,7 @@ fi
 set +e
 ISSL_FAST_CUDA=ON ISSL_FAST_CUDA_ARCHS="${ARCH}-real" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
   timeout "$(limit 300 200)" "$PY" -m pip install --no-build-isolation --no-deps --no-cache-dir -v \
-  "${TARGET_ARGS[@]}" -C build-dir="$BUILD_DIR" -C cmake.define.ISSL_FAST_CUDA=ON . \
+  ${TARGET_ARGS[@]+"${TARGET_ARGS[@]}"} -C build-dir="$BUILD_DIR" -C cmake.define.ISSL_FAST_CUDA=ON . \
   > "$OUT/build.log" 2>&1
 rc=$?
 set -e
@@ -85,16 +85,31 @@ if [ $rc -ne 0 ]; then
   exit 3
 fi
 stamp "built ($(grep -c 'Building CUDA object' "$OUT/build.log" || true) CUDA objects)"
+# The runtime's own view (cuda_devices, cuda_error: e.g. a driver older than the toolkit) on
+# stdout too, so a run whose tests all fail says why at once.
 (cd /tmp && "$PY" -c 'import issl_fast, json; print(json.dumps(issl_fast.build_info()))') \
-  >> "$OUT/env.txt" 2>&1 || true
+  2>&1 | tee -a "$OUT/env.txt" | tail -n 3 || true
 
 # ---- tests --------------------------------------------------------------------------------------
 # The canary and host tests (unmarked), every `cuda`-marked test of the suite. -rs lists skips.
+# A hung kernel would otherwise eat the whole stage silently: with pytest-timeout, a test over
+# 90 s dumps every thread's stack (naming the test) and ends the run.
+PT_TIMEOUT=()
+if "$PY" -c 'import pytest_timeout' >/dev/null 2>&1; then
+  PT_TIMEOUT=(--timeout=90 --timeout_method=thread)
+fi
+# ~830 cuda tests, much of their time in the CPU references: 4 pytest-xdist workers (4 OpenMP
+# threads each on 16 cores) when the plugin is there, so a slow build still leaves them time.
+PT_XDIST=()
+if "$PY" -c 'import xdist' >/dev/null 2>&1; then
+  PT_XDIST=(-n 4)
+fi
 set +e
 ISSL_FAST_REQUIRE_CUDA=1 timeout "$(limit 60 180)" "$PY" -m pytest -q -rs -p no:cacheprovider \
   tests/test_cuda_canary.py tests/test_cuda_host.py > "$OUT/tests.log" 2>&1
 rc_canary=$?
-ISSL_FAST_REQUIRE_CUDA=1 timeout "$(limit 240 100)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
+ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 timeout "$(limit 240 100)" "$PY" -m pytest -q -rfEs \
+  -p no:cacheprovider -m cuda ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
   --durations=15 tests >> "$OUT/tests.log" 2>&1
 rc_cuda=$?
 set -e
@@ -118,7 +133,8 @@ fi
 {
   echo "== issl_fast CUDA run: $(grep -m1 -o 'NVIDIA[^|]*' "$OUT/env.txt" | head -n 1 | sed 's/ *$//') sm_$ARCH, $(( $(date +%s) - T0 )) s"
   echo "tests: $( [ $tests_ok -eq 1 ] && echo PASSED || echo FAILED ) (canary/host exit $rc_canary, cuda exit $rc_cuda)"
-  grep -E '^[0-9]+ (passed|failed)|passed|failed' "$OUT/tests.log" | tail -n 2
+  { grep -E '(passed|failed|skipped|errors?)( |,).* in [0-9.]+s' "$OUT/tests.log" \
+      || echo "(no pytest summary line in tests.log)"; } | tail -n 2
   if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else echo "benchmarks: no table (exit $rc_bench)"; fi
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

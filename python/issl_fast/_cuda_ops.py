@@ -328,6 +328,10 @@ def _score_topk_cuda_streamed(
     bufs = [torch.empty((rows, k), dtype=dtype, device=dev) for _ in range(2)]
     main = torch.cuda.current_stream(dev)
     side = torch.cuda.Stream(dev)
+    # bufs came from the caching allocator on `main`: their memory may still be in use by work
+    # queued there before this call (a block freed and reused in stream order). The side stream
+    # writes them, so it must start after that work.
+    side.wait_stream(main)
     copied = [torch.cuda.Event() for _ in range(2)]
     consumed = [torch.cuda.Event() for _ in range(2)]
     nbytes = _C.score_topk_cuda_workspace(
@@ -373,5 +377,3 @@ def _score_topk_cuda_streamed(
             stream,
         )
         consumed[s].record(main)
-
-
