@@ -39,6 +39,9 @@ def _demo(args: argparse.Namespace) -> int:
         (f"duplicates precision @ {cfg.dup_threshold}", di["precision"], db["precision"]),
         ("duplicates recall @ precision>=0.9", di.get("recall_at_precision_0.9", 0.0),
          db.get("recall_at_precision_0.9", 0.0)),
+        ("  ... aligned matching only", q["duplicates_influence_aligned"].get(
+            "recall_at_precision_0.9", 0.0), q["duplicates_baseline_aligned"].get(
+            "recall_at_precision_0.9", 0.0)),
         ("outliers AUROC (influence kNN)", oi["auroc"], ob["auroc"]),
         (f"outliers precision@{oi['k']} (influence kNN)", oi["precision_at_k"],
          ob["precision_at_k"]),

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -274,17 +274,61 @@ class InfluenceSSL:
         return np.concatenate(parts) if parts else np.zeros(0)
 
     # -- applications -----------------------------------------------------------------------------
-    def neighbours(self, topk: int = 5, store: GradientStore | None = None
+    def neighbours(self, topk: int = 5, store: GradientStore | None = None, *,
+                   data: Iterable[Any] | None = None,
+                   transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()
                    ) -> tuple[np.ndarray, np.ndarray]:
-        """Each training example's ``topk`` most similar others by normalised influence."""
-        return apps.normalised_neighbours(self._store(store), self.solver, topk, self.num_threads)
+        """Each training example's ``topk`` most similar others by normalised influence:
+        ``(similarity [n, topk], rows [n, topk])``.
+
+        ``transforms`` (e.g. ``apps.translations(1)``): each example is also featurised as
+        ``t(x)`` for every transform and compared with the store, and a neighbour keeps its best
+        similarity, so copies that differ by such a transform (a one-pixel shift) are found.
+        Needs ``data``, the examples as given to :meth:`featurize` (their ids locate the rows);
+        costs one featurisation pass over ``data`` per transform.
+        """
+        store = self._store(store)
+        result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads)
+        if transforms and data is None:
+            raise ValueError("transforms need data=: the training examples, as given to featurize")
+        for t in transforms:
+            found = apps.transformed_neighbours(store, self.solver,
+                                                self._transformed_queries(store, data, t),
+                                                topk, self.num_threads)
+            result = apps.merge_neighbours(result, found)
+        return result
+
+    def _transformed_queries(
+        self, store: GradientStore, data: Iterable[Any],
+        transform: Callable[[torch.Tensor], torch.Tensor]
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(features of transform(x), store rows)`` per batch of ``data``."""
+        ids_all = store.ids()
+        order = np.argsort(ids_all, kind="stable")
+        sorted_ids = ids_all[order]
+        seen = 0
+        for x, ids in iterate_batches(data):
+            if ids is None:
+                ids = torch.arange(seen, seen + x.shape[0])
+            seen += x.shape[0]
+            pos = np.minimum(np.searchsorted(sorted_ids, ids.numpy()), max(len(sorted_ids) - 1, 0))
+            missing = ids.numpy()[sorted_ids[pos] != ids.numpy()] if len(sorted_ids) else ids
+            if len(missing):
+                raise ValueError(f"data has example ids the store does not: {missing[:5].tolist()}")
+            yield self.features(transform(x), ids), torch.from_numpy(order[pos])
 
     def find_duplicates(self, threshold: float = 0.9, topk: int = 5,
                         store: GradientStore | None = None, *,
-                        neighbours: tuple[np.ndarray, np.ndarray] | None = None
+                        neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                        data: Iterable[Any] | None = None,
+                        transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()
                         ) -> apps.DuplicatePairs:
-        """Training pairs with normalised influence >= threshold (see apps.duplicates)."""
-        return apps.find_duplicates(self._store(store), self.solver, threshold=threshold,
+        """Training pairs with normalised influence >= threshold (see apps.duplicates);
+        ``data``/``transforms`` as in :meth:`neighbours`."""
+        store = self._store(store)
+        if neighbours is None and transforms:
+            neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
+        return apps.find_duplicates(store, self.solver, threshold=threshold,
                                     topk=topk, num_threads=self.num_threads,
                                     neighbours=neighbours)
 

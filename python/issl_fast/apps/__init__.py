@@ -1,16 +1,27 @@
 """Applications on a fitted store: duplicates, outliers, group (fairness) influence."""
 
-from .duplicates import DuplicatePairs, find_duplicates, normalised_neighbours
+from .duplicates import (
+    DuplicatePairs,
+    find_duplicates,
+    merge_neighbours,
+    normalised_neighbours,
+    transformed_neighbours,
+)
 from .fairness import GroupInfluence, group_influence
 from .outliers import OutlierRanking, find_outliers, neighbour_scores
+from .transforms import Translation, translations
 
 __all__ = [
     "DuplicatePairs",
     "GroupInfluence",
     "OutlierRanking",
+    "Translation",
     "find_duplicates",
     "find_outliers",
     "group_influence",
+    "merge_neighbours",
     "neighbour_scores",
     "normalised_neighbours",
+    "transformed_neighbours",
+    "translations",
 ]

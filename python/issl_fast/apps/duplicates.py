@@ -7,6 +7,7 @@ sqrt(s_j) in float32), so memory never holds an n x n matrix: only [query chunk 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,30 +36,136 @@ class DuplicatePairs:
         return len(self.similarity)
 
 
+def _inverse_sqrt_self_influence(store: GradientStore, solver: Solver) -> torch.Tensor:
+    s = np.concatenate([solver.quad(r).numpy() for r, _ in store.iter_rows(dtype=torch.float64)])
+    return torch.from_numpy(1.0 / np.sqrt(np.maximum(s, _EPS)))
+
+
+def _score_against_store(
+    store: GradientStore,
+    inv: torch.Tensor,
+    q: torch.Tensor,
+    self_rows: torch.Tensor,
+    topk: int,
+    num_threads: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k store rows for normalised, preconditioned float32 queries ``q [m, dim]``, each
+    excluding its own store row (``self_rows [m]``, -1 for none), in one pass over the store."""
+    m = q.shape[0]
+    values = torch.full((m, topk), -torch.inf)
+    idx = torch.full((m, topk), -1, dtype=torch.int64)
+    for i, (rows, first) in enumerate(store.iter_rows(dtype=torch.float64)):
+        g = (rows * inv[first:first + rows.shape[0], None]).float().contiguous()
+        ops.score_topk(q, g, topk, exclude=self_rows, index_offset=first, out=(values, idx),
+                       accumulate=i > 0, num_threads=num_threads)
+    return values, idx
+
+
 def normalised_neighbours(
     store: GradientStore, solver: Solver, topk: int, num_threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every store row, its ``topk`` most similar other rows by normalised influence:
     ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding)."""
-    if not isinstance(topk, int) or topk < 1:
-        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    _check_topk(topk)
     n = store.rows
-    s = np.concatenate([solver.quad(r).numpy() for r, _ in store.iter_rows(dtype=torch.float64)])
-    inv = torch.from_numpy(1.0 / np.sqrt(np.maximum(s, _EPS)))
+    inv = _inverse_sqrt_self_influence(store, solver)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
     for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64):
         m = q_rows.shape[0]
         q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
-        values = torch.full((m, topk), -torch.inf)
-        idx = torch.full((m, topk), -1, dtype=torch.int64)
-        self_rows = torch.arange(q0, q0 + m)
-        for i, (rows, first) in enumerate(store.iter_rows(dtype=torch.float64)):
-            g = (rows * inv[first:first + rows.shape[0], None]).float().contiguous()
-            ops.score_topk(q, g, topk, exclude=self_rows, index_offset=first, out=(values, idx),
-                           accumulate=i > 0, num_threads=num_threads)
-        best_v[q0:q0 + m], best_i[q0:q0 + m] = values.numpy(), idx.numpy()
+        v, i = _score_against_store(store, inv, q, torch.arange(q0, q0 + m), topk, num_threads)
+        best_v[q0:q0 + m], best_i[q0:q0 + m] = v.numpy(), i.numpy()
     return best_v, best_i
+
+
+def transformed_neighbours(
+    store: GradientStore,
+    solver: Solver,
+    queries: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    topk: int,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Neighbours of transformed copies of the store's own examples.
+
+    ``queries`` yields ``(phi [B, dim], rows [B])``: the gradient features of a transform of
+    the examples at those store rows (e.g. the image shifted by a pixel). Each copy is scored
+    against the store, excluding its own row, with the normalised influence
+    ``score(t x_i, x_j) / sqrt(s(t x_i) s_j)``. Returns ``[n, topk]`` like
+    :func:`normalised_neighbours` for the rows the queries covered (-inf / -1 elsewhere).
+    """
+    _check_topk(topk)
+    n = store.rows
+    inv = _inverse_sqrt_self_influence(store, solver)
+    best_v = np.full((n, topk), -np.inf, dtype=np.float32)
+    best_i = np.full((n, topk), -1, dtype=np.int64)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        phi = torch.cat([p for p, _ in pending]).to(torch.float64)
+        rows = torch.cat([r for _, r in pending])
+        pending.clear()
+        pre = solver.precondition(phi)
+        s = (pre * phi).sum(dim=1).clamp(min=_EPS)
+        q = (pre / s.sqrt()[:, None]).float().contiguous()
+        v, i = _score_against_store(store, inv, q, rows, topk, num_threads)
+        # A row met twice (two batches of the same transform) keeps the better result.
+        merged = merge_neighbours((best_v[rows], best_i[rows]), (v.numpy(), i.numpy()))
+        best_v[rows], best_i[rows] = merged
+
+    queued = 0
+    for phi, rows in queries:
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        if phi.ndim != 2 or phi.shape != (rows.shape[0], store.dim):
+            raise ValueError(f"query features must be [{rows.shape[0]}, {store.dim}] to match "
+                             f"{rows.shape[0]} rows and the store, got {tuple(phi.shape)}")
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise ValueError(f"query rows must be store rows in [0, {n}), got "
+                             f"[{int(rows.min())}, {int(rows.max())}]")
+        pending.append((phi, rows))
+        queued += rows.shape[0]
+        if queued >= _QUERY_CHUNK:
+            flush()
+            queued = 0
+    if pending:
+        flush()
+    return best_v, best_i
+
+
+def merge_neighbours(
+    *results: tuple[np.ndarray, np.ndarray],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Merges several ``(similarity [n, t], rows [n, t])`` neighbour lists of the same n
+    examples into one of width ``max t``: a neighbour found more than once keeps its highest
+    similarity; order by similarity (desc), then row (asc), as the top-k kernel orders ties."""
+    if not results:
+        raise ValueError("merge_neighbours needs at least one (similarity, rows) pair")
+    n = results[0][0].shape[0]
+    for v, i in results:
+        if v.shape != i.shape or v.ndim != 2 or v.shape[0] != n:
+            raise ValueError(f"neighbour lists must be matching [n, t] arrays with n = {n}, got "
+                             f"{v.shape} and {i.shape}")
+    width = max(v.shape[1] for v, _ in results)
+    v = np.concatenate([r[0] for r in results], axis=1).astype(np.float32)
+    i = np.concatenate([r[1] for r in results], axis=1).astype(np.int64)
+    v = np.where(i < 0, -np.inf, v)
+    # Sort each row by (row id, -similarity) so the best copy of a neighbour comes first, drop
+    # the later copies, then sort by (-similarity, row id).
+    order = np.lexsort((-v, i), axis=1)
+    v, i = np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
+    repeat = np.zeros_like(i, dtype=bool)
+    repeat[:, 1:] = (i[:, 1:] == i[:, :-1]) & (i[:, 1:] >= 0)
+    v = np.where(repeat | (i < 0), -np.inf, v)
+    i = np.where(repeat | (i < 0), np.iinfo(np.int64).max, i)
+    order = np.lexsort((i, -v), axis=1)[:, :width]
+    v, i = np.take_along_axis(v, order, 1), np.take_along_axis(i, order, 1)
+    i = np.where(np.isneginf(v), -1, i)
+    return v, i
+
+
+def _check_topk(topk: int) -> None:
+    if not isinstance(topk, int) or topk < 1:
+        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
 
 
 def find_duplicates(

@@ -3,6 +3,8 @@ representation space (cosine) for duplicates, distance to the k-th neighbour for
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -19,16 +21,23 @@ def representations(encoder: nn.Module, x: torch.Tensor, batch: int = 512) -> to
     return F.normalize(z.reshape(len(x), -1).double(), dim=1)
 
 
-def _neighbours(z: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _neighbours(z: torch.Tensor, topk: int, shifted: Sequence[torch.Tensor] = ()
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     sim = z @ z.T
+    for zt in shifted:  # representations of transformed copies: a pair keeps its best match
+        s = zt @ z.T
+        sim = torch.maximum(sim, torch.maximum(s, s.T))
     sim.fill_diagonal_(-np.inf)
     return torch.topk(sim, topk, dim=1)
 
 
-def knn_pairs(z: torch.Tensor, topk: int = 5) -> tuple[np.ndarray, np.ndarray]:
+def knn_pairs(z: torch.Tensor, topk: int = 5, shifted: Sequence[torch.Tensor] = ()
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Candidate duplicate pairs (i < j) among each example's top-k cosine neighbours, ranked by
-    similarity (rows [p, 2], similarity [p])."""
-    vals, idx = _neighbours(z, topk)
+    similarity (rows [p, 2], similarity [p]). ``shifted``: the representations of transformed
+    copies of the same examples (e.g. shifted by a pixel), matched the way
+    ``InfluenceSSL.neighbours(transforms=...)`` matches them."""
+    vals, idx = _neighbours(z, topk, shifted)
     a = np.repeat(np.arange(len(z)), topk)
     b, s = idx.numpy().ravel(), vals.numpy().ravel()
     lo, hi = np.minimum(a, b), np.maximum(a, b)

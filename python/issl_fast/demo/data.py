@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..apps.transforms import Translation
+
 # Planted near-duplicates: Gaussian pixel noise of this std (images are in [0, 1]) or a 1-pixel
 # shift; both leave the digit obviously the same to a person.
 NEAR_DUP_NOISE = 0.03
@@ -101,7 +103,10 @@ def load_demo_data(
                 noisy = img + rng.normal(0, NEAR_DUP_NOISE, img.shape)
                 img = np.clip(noisy, 0, 1).astype(np.float32)
             else:
-                img = np.roll(img, 1 if rng.random() < 0.5 else -1, axis=int(rng.random() < 0.5))
+                d = 1 if rng.random() < 0.5 else -1
+                dy, dx = (d, 0) if rng.random() < 0.5 else (0, d)
+                # Moved by one pixel; the uncovered edge is blank (nothing wraps around).
+                img = Translation(dy, dx)(torch.from_numpy(img)).numpy()
         extra_x.append(img)
         extra_y.append(train_y[s])
         extra_kind.append("exact_dup" if j < n_exact else "near_dup")
