@@ -277,6 +277,22 @@ def test_values_bit_identical_whatever_the_query_batch(simd: str, kind: str) -> 
         assert torch.equal(v1[0], v17[q]) and torch.equal(i1[0], i17[q])
 
 
+@pytest.mark.parametrize("kind", ["torch-float32", "torch-float16", "torch-bfloat16"])
+def test_all_three_scoring_paths_agree_bit_for_bit(simd: str, kind: str) -> None:
+    # k = 1024: 8 queries fit the L1 budget (micro-staged path, the next rows widened during the
+    # dot), 9 do not (whole tiles staged), 1 is scored straight from the store (fused path).
+    k = 1024
+    G32 = dyadic((1031, k), seed=42)
+    Q, G = randn((9, k), seed=41), _store(G32, kind)
+    v9, i9 = ops.score_topk(Q, G, 7, num_threads=2)
+    v8, i8 = ops.score_topk(Q[:8].contiguous(), G, 7, num_threads=2)
+    v1, i1 = ops.score_topk(Q[3:4].contiguous(), G, 7, num_threads=3)
+    assert torch.equal(v8, v9[:8]) and torch.equal(i8, i9[:8])
+    assert torch.equal(v1[0], v9[3]) and torch.equal(i1[0], i9[3])
+    assert_topk_close((v9, i9), reference.score_topk(Q, G32, 7, accum=torch.float64), Q, G32,
+                      what=f"three paths {kind}")
+
+
 def test_thread_count_invariance_and_determinism(simd: str) -> None:
     Q, G = randn((9, 64), seed=27), dyadic((5000, 64), seed=28).to(torch.float16)
     runs = [ops.score_topk(Q, G, 30, num_threads=t) for t in (1, 2, 3, 2)]

@@ -34,9 +34,12 @@ struct IsaKernels {
   // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng, with g rows
   // of dtype dt widened in registers. Every (i, j) pair uses the same arithmetic whatever its
   // position in the tile or g's dtype path, so a score never depends on the batch of queries or
-  // rows it was computed with.
+  // rows it was computed with. With n_side > 0 (g then float32), the n_side contiguous elements
+  // of dtype side_dt at side_src are also widened into side_dst, interleaved with the
+  // arithmetic (see SideWiden in kernel_templates.h).
   void (*dot_tile)(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
-                   int64_t ng, int64_t k, float* out, int64_t ldo);
+                   int64_t ng, int64_t k, float* out, int64_t ldo, const void* side_src,
+                   DType side_dt, int64_t n_side, float* side_dst);
 };
 
 const IsaKernels& generic_kernels();

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "convert.h"
 #include "issl_fast/common.h"
 #include "issl_fast/hash.h"
 
@@ -86,29 +87,66 @@ struct LoadF32 {
   using T = float;
   static typename V::reg load(const T* p) { return V::load(p); }
   static typename V::reg load_tail(const T* p, int n) { return V::load_tail(p, n); }
+  static float one(const T* p) { return *p; }
 };
 template <class V>
 struct LoadF16 {
   using T = uint16_t;
   static typename V::reg load(const T* p) { return V::load_f16(p); }
   static typename V::reg load_tail(const T* p, int n) { return V::load_f16_tail(p, n); }
+  static float one(const T* p) { return f16_to_f32(*p); }
 };
 template <class V>
 struct LoadBF16 {
   using T = uint16_t;
   static typename V::reg load(const T* p) { return V::load_bf16(p); }
   static typename V::reg load_tail(const T* p, int n) { return V::load_bf16_tail(p, n); }
+  static float one(const T* p) { return bf16_to_f32(*p); }
 };
 
-template <class V, class G, int QI, int GJ>
+// A dot block's optional side job: widening the next rows to score (a contiguous run of store
+// elements, float16 / bfloat16 / float32, still in DRAM) into a float32 buffer, a few vectors per
+// k-step. Interleaved with the FMAs at instruction granularity, those DRAM reads overlap the
+// arithmetic; done as a separate pass (or only prefetched) they add to it on this class of CPU,
+// where one core's streaming bandwidth is bounded by its fill buffers. The run's whole vectors
+// are converted here; the caller finishes the tail (finish_side).
+struct NoSide {
+  void step() {}
+};
+
+template <class V, class L>
+struct SideWiden {
+  // Prefetch distance of the side stream: a few lines ahead of the conversion.
+  static constexpr int64_t kAheadBytes = 512;
+  const typename L::T* src;
+  float* dst;
+  int64_t vectors;  // whole vectors left
+  int64_t per_step;
+  void step() {
+    for (int64_t r = 0; r < per_step && vectors > 0; ++r, --vectors) {
+      // One request per line (a float16 line holds two vectors).
+      if ((reinterpret_cast<uintptr_t>(src) & 63) == 0)
+        __builtin_prefetch(reinterpret_cast<const char*>(src) + kAheadBytes, 0, 3);
+      V::store(dst, L::load(src));
+      src += V::W;
+      dst += V::W;
+    }
+  }
+};
+
+template <class V, class G, int QI, int GJ, class S = NoSide>
 void dot_block(const float* q, int64_t ldq, const typename G::T* g, int64_t ldg, int64_t k,
-               float* out, int64_t ldo) {
+               float* out, int64_t ldo, S& side_state) {
   constexpr int W = V::W;
+  // A local copy: the side job's stores could alias a struct behind a reference, which would
+  // pin its fields to memory; a local stays in registers.
+  S side = side_state;
   typename V::reg acc[QI][GJ];
   for (int i = 0; i < QI; ++i)
     for (int j = 0; j < GJ; ++j) acc[i][j] = V::zero();
   int64_t p = 0;
   for (; p + W <= k; p += W) {
+    side.step();
     typename V::reg gv[GJ];
     for (int j = 0; j < GJ; ++j) gv[j] = G::load(g + j * ldg + p);
     for (int i = 0; i < QI; ++i) {
@@ -127,44 +165,85 @@ void dot_block(const float* q, int64_t ldq, const typename G::T* g, int64_t ldg,
   }
   for (int i = 0; i < QI; ++i)
     for (int j = 0; j < GJ; ++j) out[i * ldo + j] = V::hsum(acc[i][j]);
+  side_state = side;
 }
 
 // Every (query, row) pair goes through the same per-pair instruction sequence in every block
-// shape, so its score is bit-identical whatever m, the tile, the loader or the thread count.
-template <class V, class G, int QR, int GR>
+// shape, so its score is bit-identical whatever m, the tile, the loader or the thread count (the
+// side job touches other registers only).
+template <class V, class G, int QR, int GR, class S>
 void dot_tile_typed(const float* q, int64_t ldq, int64_t mq, const typename G::T* g, int64_t ldg,
-                    int64_t ng, int64_t k, float* out, int64_t ldo) {
+                    int64_t ng, int64_t k, float* out, int64_t ldo, S& side) {
   int64_t i0 = 0;
   for (; i0 + QR <= mq; i0 += QR) {
     int64_t j0 = 0;
     for (; j0 + GR <= ng; j0 += GR)
-      dot_block<V, G, QR, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, QR, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo,
+                              side);
     for (; j0 < ng; ++j0)
-      dot_block<V, G, QR, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, QR, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo,
+                             side);
   }
   for (; i0 < mq; ++i0) {
     int64_t j0 = 0;
     for (; j0 + GR <= ng; j0 += GR)
-      dot_block<V, G, 1, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, 1, GR>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo,
+                             side);
     for (; j0 < ng; ++j0)
-      dot_block<V, G, 1, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo);
+      dot_block<V, G, 1, 1>(q + i0 * ldq, ldq, g + j0 * ldg, ldg, k, out + i0 * ldo + j0, ldo,
+                            side);
   }
+}
+
+// Scores a float32 tile while widening the side run (n_side elements of dtype sdt at src into
+// dst), spread evenly over the tile's k-steps; whatever is left (and the sub-vector tail) is
+// converted at the end.
+template <class V, int QR, int GR, class L>
+void dot_tile_side(const float* q, int64_t ldq, int64_t mq, const float* g, int64_t ldg,
+                   int64_t ng, int64_t k, float* out, int64_t ldo, const typename L::T* src,
+                   int64_t n_side, float* dst) {
+  const int64_t blocks = (mq / QR + mq % QR) * (ng / GR + ng % GR);
+  const int64_t steps = std::max<int64_t>(1, blocks * (k / V::W));
+  SideWiden<V, L> side{src, dst, n_side / V::W, (n_side / V::W + steps - 1) / steps};
+  dot_tile_typed<V, LoadF32<V>, QR, GR>(q, ldq, mq, g, ldg, ng, k, out, ldo, side);
+  side.per_step = side.vectors;
+  side.step();
+  for (int64_t x = (n_side / V::W) * V::W; x < n_side; ++x) dst[x] = L::one(src + x);
 }
 
 template <class V, int QR, int GR>
 void dot_tile_impl(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
-                   int64_t ng, int64_t k, float* out, int64_t ldo) {
+                   int64_t ng, int64_t k, float* out, int64_t ldo, const void* side_src,
+                   DType side_dt, int64_t n_side, float* side_dst) {
+  if (n_side > 0) {  // the staged path: g is float32, the side run has the store's dtype
+    const float* gf = static_cast<const float*>(g);
+    switch (side_dt) {
+      case DType::kFloat16:
+        return dot_tile_side<V, QR, GR, LoadF16<V>>(q, ldq, mq, gf, ldg, ng, k, out, ldo,
+                                                    static_cast<const uint16_t*>(side_src),
+                                                    n_side, side_dst);
+      case DType::kBFloat16:
+        return dot_tile_side<V, QR, GR, LoadBF16<V>>(q, ldq, mq, gf, ldg, ng, k, out, ldo,
+                                                     static_cast<const uint16_t*>(side_src),
+                                                     n_side, side_dst);
+      case DType::kFloat32: break;
+    }
+    return dot_tile_side<V, QR, GR, LoadF32<V>>(q, ldq, mq, gf, ldg, ng, k, out, ldo,
+                                                static_cast<const float*>(side_src), n_side,
+                                                side_dst);
+  }
+  NoSide none;
   switch (dt) {
     case DType::kFloat16:
       return dot_tile_typed<V, LoadF16<V>, QR, GR>(q, ldq, mq, static_cast<const uint16_t*>(g),
-                                                   ldg, ng, k, out, ldo);
+                                                   ldg, ng, k, out, ldo, none);
     case DType::kBFloat16:
       return dot_tile_typed<V, LoadBF16<V>, QR, GR>(q, ldq, mq, static_cast<const uint16_t*>(g),
-                                                    ldg, ng, k, out, ldo);
+                                                    ldg, ng, k, out, ldo, none);
     case DType::kFloat32: break;
   }
   dot_tile_typed<V, LoadF32<V>, QR, GR>(q, ldq, mq, static_cast<const float*>(g), ldg, ng, k, out,
-                                        ldo);
+                                        ldo, none);
 }
 
 // ---- axpy ------------------------------------------------------------------------------------

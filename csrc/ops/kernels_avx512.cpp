@@ -107,9 +107,11 @@ void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
 }
 
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
-              int64_t ng, int64_t k, float* out, int64_t ldo) {
+              int64_t ng, int64_t k, float* out, int64_t ldo, const void* side_src,
+              DType side_dt, int64_t n_side, float* side_dst) {
   // 4 x 4 pair accumulators + 4 row vectors + 1 query vector: 21 of the 32 zmm registers.
-  dot_tile_impl<VecAvx512, 4, 4>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo);
+  dot_tile_impl<VecAvx512, 4, 4>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo, side_src, side_dt, n_side,
+                                   side_dst);
 }
 
 }  // namespace

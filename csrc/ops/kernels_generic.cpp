@@ -117,8 +117,10 @@ void pack_lanes(const float* const* rows, int64_t pc, float scale, float* dst) {
 }
 
 void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
-              int64_t ng, int64_t k, float* out, int64_t ldo) {
-  dot_tile_impl<VecGeneric, 2, 2>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo);
+              int64_t ng, int64_t k, float* out, int64_t ldo, const void* side_src,
+              DType side_dt, int64_t n_side, float* side_dst) {
+  dot_tile_impl<VecGeneric, 2, 2>(q, ldq, mq, g, dt, ldg, ng, k, out, ldo, side_src, side_dt, n_side,
+                                   side_dst);
 }
 
 }  // namespace

@@ -26,6 +26,14 @@ constexpr int64_t kQueryBlock = 256;
 // row would be widened once per query block, so the tile is converted once into a float32
 // buffer instead. Both paths give bit-identical scores.
 constexpr int64_t kFusedMaxQueries = 4;
+// Above that, when all queries' float32 rows fit this L1 budget, the store streams past them in
+// blocks of kStageRows rows: while one block (widened to float32, in L1) is scored, the dot
+// kernel widens the next block from DRAM a vector per k-step (dot_tile's side run). With every
+// dot operand in L1, the stream's reads overlap the arithmetic instead of adding to it: m = 16,
+// k = 512 on one thread ran 1.25-1.45x faster than staging whole tiles (about 5% with both
+// cores of the reference VM busy). Larger query sets take the tile-staged path.
+constexpr int64_t kL1QueryBytes = 32 * 1024;
+constexpr int64_t kStageRows = 4;
 
 struct Entry {
   float v;
@@ -68,6 +76,17 @@ class TopK {
   std::vector<Entry> h_;
 };
 
+// Scores are first checked against a heap's threshold a chunk at a time, branch-free (a
+// vectorisable max), instead of a test and branch per score.
+constexpr int64_t kScanChunk = 32;
+
+// Whether any of s[0..len) is > thr; `x > mx ? x : mx` skips NaN (never selected anyway).
+inline bool any_above(const float* s, int64_t len, float thr) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < len; ++j) mx = s[j] > mx ? s[j] : mx;
+  return mx > thr;
+}
+
 inline bool excluded(const int64_t* ex, int64_t e, int64_t id) {
   for (int64_t x = 0; x < e; ++x)
     if (ex[x] == id) return true;
@@ -99,20 +118,62 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(cpu::clamp_threads(num_threads), n_tiles)));
   std::vector<std::vector<TopK>> heaps(threads, std::vector<TopK>(m));
+  // Offers scores[i * rows + j] (query q0 + i, store row r0 + j) to the thread's heaps.
+  auto scan = [&](std::vector<TopK>& mine, const float* scores, int64_t rows, int64_t q0,
+                  int64_t mq, int64_t r0) {
+    for (int64_t i = 0; i < mq; ++i) {
+      TopK& h = mine[q0 + i];
+      const float* s = scores + i * rows;
+      float thr = h.threshold();
+      for (int64_t c0 = 0; c0 < rows; c0 += kScanChunk) {
+        const int64_t c1 = std::min(rows, c0 + kScanChunk);
+        if (!any_above(s + c0, c1 - c0, thr)) continue;  // the usual case once a heap is full
+        for (int64_t j = c0; j < c1; ++j) {
+          if (!(s[j] > thr)) continue;  // also drops NaN and -inf
+          const int64_t id = index_offset + r0 + j;
+          if (e > 0 && excluded(exclude + (q0 + i) * e, e, id)) continue;
+          h.push(Entry{s[j], id});
+          thr = h.threshold();
+        }
+      }
+    }
+  };
+
+  // The micro-staged path (see kL1QueryBytes) or the tile-staged one.
+  const bool micro = m > kFusedMaxQueries && m <= kQueryBlock && m * k * 4 <= kL1QueryBytes;
+  const bool stage = !micro && dtype != DType::kFloat32 && m > kFusedMaxQueries;
+  auto stored = [&](int64_t row) { return cpu::offset_ptr(G, dtype, row * k); };
 
 #pragma omp parallel num_threads(threads)
   {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<TopK>& mine = heaps[tid];
     for (TopK& h : mine) h.reset(topk);
-    const bool stage = dtype != DType::kFloat32 && m > kFusedMaxQueries;
     cpu::Scratch buf(stage ? tile * k : 1);
+    cpu::Scratch rowbuf[2] = {cpu::Scratch(micro ? kStageRows * k : 1),
+                              cpu::Scratch(micro ? kStageRows * k : 1)};
     cpu::Scratch scores(std::min(m, kQueryBlock) * tile);
     // Contiguous ranges of tiles: each thread streams its part of the store once.
     const int64_t t_begin = n_tiles * tid / nt, t_end = n_tiles * (tid + 1) / nt;
+    const int64_t row_end = std::min(n, t_end * tile);
+    if (micro && t_begin < t_end)
+      K.to_f32(stored(t_begin * tile), dtype, std::min(kStageRows, row_end - t_begin * tile) * k,
+               rowbuf[0].data());
+    int64_t block = 0;  // micro-staged blocks scored so far (picks the buffer)
     for (int64_t t = t_begin; t < t_end; ++t) {
       const int64_t r0 = t * tile, rows = std::min(tile, n - r0);
-      const void* g = cpu::offset_ptr(G, dtype, r0 * k);
+      if (micro) {
+        for (int64_t j0 = 0; j0 < rows; j0 += kStageRows, ++block) {
+          const int64_t nr = std::min(kStageRows, rows - j0), next = r0 + j0 + nr;
+          const int64_t next_rows = std::min(kStageRows, row_end - next);
+          K.dot_tile(Q, k, m, rowbuf[block % 2].data(), DType::kFloat32, k, nr, k,
+                     scores.data() + j0, rows, stored(next), dtype, next_rows * k,
+                     rowbuf[(block + 1) % 2].data());
+        }
+        scan(mine, scores.data(), rows, 0, m, r0);
+        continue;
+      }
+      const void* g = stored(r0);
       DType gdt = dtype;
       if (stage) {
         K.to_f32(g, dtype, rows * k, buf.data());
@@ -121,19 +182,9 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
       }
       for (int64_t q0 = 0; q0 < m; q0 += kQueryBlock) {
         const int64_t mq = std::min(kQueryBlock, m - q0);
-        K.dot_tile(Q + q0 * k, k, mq, g, gdt, k, rows, k, scores.data(), rows);
-        for (int64_t i = 0; i < mq; ++i) {
-          TopK& h = mine[q0 + i];
-          const float* s = scores.data() + i * rows;
-          float thr = h.threshold();
-          for (int64_t j = 0; j < rows; ++j) {
-            if (!(s[j] > thr)) continue;  // also drops NaN and -inf
-            const int64_t id = index_offset + r0 + j;
-            if (e > 0 && excluded(exclude + (q0 + i) * e, e, id)) continue;
-            h.push(Entry{s[j], id});
-            thr = h.threshold();
-          }
-        }
+        K.dot_tile(Q + q0 * k, k, mq, g, gdt, k, rows, k, scores.data(), rows, nullptr, dtype, 0,
+                   nullptr);
+        scan(mine, scores.data(), rows, q0, mq, r0);
       }
     }
   }
