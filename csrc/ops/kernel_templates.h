@@ -116,17 +116,21 @@ struct NoSide {
 
 template <class V, class L>
 struct SideWiden {
-  // Prefetch distance of the side stream: a few lines ahead of the conversion.
-  static constexpr int64_t kAheadBytes = 512;
+  // Prefetch distance of the side stream (16 lines): in A/B runs of m = 16 on both cores, 1 KiB
+  // beat 512 B by ~15% and 2-4 KiB were no better.
+  static constexpr int64_t kAheadBytes = 1024;
   const typename L::T* src;
   float* dst;
   int64_t vectors;  // whole vectors left
   int64_t per_step;
+  uintptr_t last_line = 0;  // the line prefetched last: one request per line, any alignment
   void step() {
     for (int64_t r = 0; r < per_step && vectors > 0; ++r, --vectors) {
-      // One request per line (a float16 line holds two vectors).
-      if ((reinterpret_cast<uintptr_t>(src) & 63) == 0)
-        __builtin_prefetch(reinterpret_cast<const char*>(src) + kAheadBytes, 0, 3);
+      const uintptr_t line = (reinterpret_cast<uintptr_t>(src) + kAheadBytes) & ~uintptr_t{63};
+      if (line != last_line) {
+        __builtin_prefetch(reinterpret_cast<const void*>(line), 0, 3);
+        last_line = line;
+      }
       V::store(dst, L::load(src));
       src += V::W;
       dst += V::W;
@@ -204,7 +208,7 @@ void dot_tile_side(const float* q, int64_t ldq, int64_t mq, const float* g, int6
                    int64_t n_side, float* dst) {
   const int64_t blocks = (mq / QR + mq % QR) * (ng / GR + ng % GR);
   const int64_t steps = std::max<int64_t>(1, blocks * (k / V::W));
-  SideWiden<V, L> side{src, dst, n_side / V::W, (n_side / V::W + steps - 1) / steps};
+  SideWiden<V, L> side{src, dst, n_side / V::W, (n_side / V::W + steps - 1) / steps, 0};
   dot_tile_typed<V, LoadF32<V>, QR, GR>(q, ldq, mq, g, ldg, ng, k, out, ldo, side);
   side.per_step = side.vectors;
   side.step();
