@@ -39,6 +39,5 @@ def test_planted_duplicates_are_found(summary) -> None:
     assert d["precision"] >= 0.5
     # One-pixel shifted copies are found through the shift-tolerant matching (dup_shifts=1).
     assert s["quality"]["duplicates_by_kind_influence"]["shift"] == 1.0
-    assert s["quality"]["duplicates_influence_aligned"]["recall"] <= d["recall"]
     o = s["quality"]["outliers_influence"]
     assert o["auroc"] >= 0.8

@@ -280,7 +280,8 @@ def test_values_bit_identical_whatever_the_query_batch(simd: str, kind: str) -> 
 @pytest.mark.parametrize("kind", ["torch-float32", "torch-float16", "torch-bfloat16"])
 def test_all_three_scoring_paths_agree_bit_for_bit(simd: str, kind: str) -> None:
     # k = 1024: 8 queries fit the L1 budget (micro-staged path, the next rows widened during the
-    # dot), 9 do not (whole tiles staged), 1 is scored straight from the store (fused path).
+    # dot), 9 do not (whole tiles staged; a float32 store is read in place), 1 is scored straight
+    # from the store (fused path).
     k = 1024
     G32 = dyadic((1031, k), seed=42)
     Q, G = randn((9, k), seed=41), _store(G32, kind)

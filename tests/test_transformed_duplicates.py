@@ -94,6 +94,20 @@ def test_transformed_neighbours_match_brute_force(store_and_solver) -> None:
     np.testing.assert_allclose(sim, want.values[:, :3].numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_transformed_neighbours_single_rows_and_repeated_rows(store_and_solver) -> None:
+    store, solver, phi = store_and_solver
+    gen = torch.Generator().manual_seed(6)
+    # One row alone (a numpy feature row is accepted too).
+    sim1, nbr1 = apps.transformed_neighbours(store, solver, [(phi[5:6].numpy(), [0])], topk=2)
+    assert nbr1[0, 0] == 5 and sim1[0, 0] == pytest.approx(1.0, abs=1e-5)
+    assert np.all(nbr1[1:] == -1) and np.all(np.isneginf(sim1[1:]))
+    # Row 0 met twice in one batch: the copy identical to row 5 wins, whatever the order.
+    noise = torch.randn(1, DIM, generator=gen)
+    for batch in ([(phi[5:6], [0]), (noise, [0])], [(noise, [0]), (phi[5:6], [0])]):
+        _, nbr = apps.transformed_neighbours(store, solver, batch, topk=2)
+        assert nbr[0, 0] == 5
+
+
 def test_transformed_neighbours_reject_bad_queries(store_and_solver) -> None:
     store, solver, phi = store_and_solver
     with pytest.raises(ValueError, match=r"\[2, 12\]"):
@@ -121,6 +135,11 @@ def test_influence_finds_a_shifted_copy_only_with_translations(tmp_path) -> None
     assert found.similarity[0] == pytest.approx(1.0, abs=1e-4)
     with pytest.raises(ValueError, match="data="):
         attr.neighbours(3, transforms=apps.translations(1))
+    with pytest.raises(TypeError, match="re-iterable"):
+        attr.neighbours(3, data=(b for b in data), transforms=apps.translations(1))
+    with pytest.raises(ValueError, match="not both"):
+        attr.find_duplicates(0.9, neighbours=attr.neighbours(3), data=data,
+                             transforms=apps.translations(1))
     strangers = [{"x": x[:4], "ids": torch.arange(100, 104)}]
     with pytest.raises(ValueError, match="ids the store does not"):
         attr.neighbours(3, data=strangers, transforms=apps.translations(1))

@@ -31,8 +31,11 @@ constexpr int64_t kFusedMaxQueries = 4;
 // kernel widens the next block from DRAM a vector per k-step (dot_tile's side run). With every
 // dot operand in L1, the stream's reads overlap the arithmetic instead of adding to it: m = 16,
 // k = 512 on one thread ran 1.25-1.45x faster than staging whole tiles (about 5% with both
-// cores of the reference VM busy). Larger query sets take the tile-staged path.
+// cores of the reference VM busy). Up to kMicroMaxQueries queries: beyond that (small k) the
+// per-block overhead outweighs the overlap (m = 64 at k = 128 measured slower than tile
+// staging). Other query sets take the tile-staged path.
 constexpr int64_t kL1QueryBytes = 32 * 1024;
+constexpr int64_t kMicroMaxQueries = 32;
 constexpr int64_t kStageRows = 4;
 
 struct Entry {
@@ -140,7 +143,7 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
   };
 
   // The micro-staged path (see kL1QueryBytes) or the tile-staged one.
-  const bool micro = m > kFusedMaxQueries && m <= kQueryBlock && m * k * 4 <= kL1QueryBytes;
+  const bool micro = m > kFusedMaxQueries && m <= kMicroMaxQueries && m * k * 4 <= kL1QueryBytes;
   const bool stage = !micro && dtype != DType::kFloat32 && m > kFusedMaxQueries;
   auto stored = [&](int64_t row) { return cpu::offset_ptr(G, dtype, row * k); };
 

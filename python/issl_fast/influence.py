@@ -284,13 +284,17 @@ class InfluenceSSL:
         ``transforms`` (e.g. ``apps.translations(1)``): each example is also featurised as
         ``t(x)`` for every transform and compared with the store, and a neighbour keeps its best
         similarity, so copies that differ by such a transform (a one-pixel shift) are found.
-        Needs ``data``, the examples as given to :meth:`featurize` (their ids locate the rows);
-        costs one featurisation pass over ``data`` per transform.
+        Needs ``data``, the examples as given to :meth:`featurize` (their ids locate the rows; a
+        re-iterable such as a list or a DataLoader); costs one featurisation pass over ``data``
+        and one top-k pass over the store per transform. ``data`` is unused without transforms.
         """
         store = self._store(store)
-        result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads)
         if transforms and data is None:
             raise ValueError("transforms need data=: the training examples, as given to featurize")
+        if transforms and iter(data) is data:  # a generator would be empty after one transform
+            raise TypeError("data must be re-iterable (e.g. a list or a DataLoader), not a "
+                            "one-shot iterator: it is read once per transform")
+        result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads)
         for t in transforms:
             found = apps.transformed_neighbours(store, self.solver,
                                                 self._transformed_queries(store, data, t),
@@ -326,6 +330,8 @@ class InfluenceSSL:
         """Training pairs with normalised influence >= threshold (see apps.duplicates);
         ``data``/``transforms`` as in :meth:`neighbours`."""
         store = self._store(store)
+        if neighbours is not None and transforms:
+            raise ValueError("pass either neighbours= (precomputed) or transforms=, not both")
         if neighbours is None and transforms:
             neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
         return apps.find_duplicates(store, self.solver, threshold=threshold,

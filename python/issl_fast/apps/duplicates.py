@@ -3,6 +3,9 @@
 All pairs are searched with the streaming top-k kernel: each chunk of training examples,
 preconditioned and normalised, is scored against the store read chunk by chunk (normalised by
 sqrt(s_j) in float32), so memory never holds an n x n matrix: only [query chunk x topk] results.
+Transformed copies of the examples (e.g. shifted by a pixel, :mod:`.transforms`) can be searched
+the same way (:func:`transformed_neighbours`) and merged in (:func:`merge_neighbours`), so copies
+that differ by such a transform are found too.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ class DuplicatePairs:
 
 
 def _inverse_sqrt_self_influence(store: GradientStore, solver: Solver) -> torch.Tensor:
-    s = np.concatenate([solver.quad(r).numpy() for r, _ in store.iter_rows(dtype=torch.float64)])
+    parts = [solver.quad(r).numpy() for r, _ in store.iter_rows(dtype=torch.float64)]
+    s = np.concatenate(parts) if parts else np.zeros(0)
     return torch.from_numpy(1.0 / np.sqrt(np.maximum(s, _EPS)))
 
 
@@ -109,13 +113,12 @@ def transformed_neighbours(
         s = (pre * phi).sum(dim=1).clamp(min=_EPS)
         q = (pre / s.sqrt()[:, None]).float().contiguous()
         v, i = _score_against_store(store, inv, q, rows, topk, num_threads)
-        # A row met twice (two batches of the same transform) keeps the better result.
-        merged = merge_neighbours((best_v[rows], best_i[rows]), (v.numpy(), i.numpy()))
-        best_v[rows], best_i[rows] = merged
+        _merge_rows(best_v, best_i, rows.numpy(), v.numpy(), i.numpy())
 
     queued = 0
     for phi, rows in queries:
         rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        phi = torch.as_tensor(phi)
         if phi.ndim != 2 or phi.shape != (rows.shape[0], store.dim):
             raise ValueError(f"query features must be [{rows.shape[0]}, {store.dim}] to match "
                              f"{rows.shape[0]} rows and the store, got {tuple(phi.shape)}")
@@ -130,6 +133,18 @@ def transformed_neighbours(
     if pending:
         flush()
     return best_v, best_i
+
+
+def _merge_rows(best_v: np.ndarray, best_i: np.ndarray, rows: np.ndarray, v: np.ndarray,
+                i: np.ndarray) -> None:
+    """Merges result p (v[p], i[p]) into row rows[p] of (best_v, best_i), in place; a row met
+    more than once (in this call or an earlier one) keeps the best of all its results."""
+    uniq, first = np.unique(rows, return_index=True)
+    best_v[uniq], best_i[uniq] = merge_neighbours((best_v[uniq], best_i[uniq]),
+                                                  (v[first], i[first]))
+    for p in np.setdiff1d(np.arange(len(rows)), first):  # repeats within one batch (rare)
+        r = rows[p:p + 1]
+        best_v[r], best_i[r] = merge_neighbours((best_v[r], best_i[r]), (v[p:p + 1], i[p:p + 1]))
 
 
 def merge_neighbours(

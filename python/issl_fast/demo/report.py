@@ -190,7 +190,7 @@ def write_markdown(out: Path, summary: dict[str, Any]) -> None:
         f"{cfg['solver']} solver.",
         "",
         f"Duplicates are matched up to {cfg['dup_shifts']}-pixel shifts: each image is also "
-        "featurised moved by that many pixels along each axis, and a pair keeps its best "
+        "featurised moved by up to that many pixels along each axis, and a pair keeps its best "
         "normalised influence (`InfluenceSSL.neighbours(transforms=apps.translations(...))`). "
         "The baseline gets the same matching; the 'aligned matching only' row shows both "
         "without it." if cfg["dup_shifts"] else
