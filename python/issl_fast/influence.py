@@ -269,9 +269,7 @@ class InfluenceSSL:
 
     def self_influence(self, store: GradientStore | None = None) -> np.ndarray:
         """``s_i = phi_i^T F^-1 phi_i`` for every store row, float64 ``[n]``."""
-        store = self._store(store)
-        parts = [self.solver.quad(rows).numpy() for rows, _ in store.iter_rows(dtype=torch.float64)]
-        return np.concatenate(parts) if parts else np.zeros(0)
+        return self.solver.store_quad(self._store(store))
 
     # -- applications -----------------------------------------------------------------------------
     def neighbours(self, topk: int = 5, store: GradientStore | None = None, *,
@@ -294,11 +292,13 @@ class InfluenceSSL:
         if transforms and iter(data) is data:  # a generator would be empty after one transform
             raise TypeError("data must be re-iterable (e.g. a list or a DataLoader), not a "
                             "one-shot iterator: it is read once per transform")
-        result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads)
+        s = self.self_influence(store) if transforms else None  # shared by every pass
+        result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
+                                            self_influence=s)
         for t in transforms:
             found = apps.transformed_neighbours(store, self.solver,
                                                 self._transformed_queries(store, data, t),
-                                                topk, self.num_threads)
+                                                topk, self.num_threads, self_influence=s)
             result = apps.merge_neighbours(result, found)
         return result
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 
 from .projection import Block
@@ -192,6 +193,11 @@ class Solver:
         for b, part in self._parts:
             out[:, b.start : b.stop] = part.solve(x[:, b.start : b.stop])
         return out
+
+    def store_quad(self, store: GradientStore) -> np.ndarray:
+        """:meth:`quad` of every store row (the self-influences), float64 ``[n]``."""
+        parts = [self.quad(rows).numpy() for rows, _ in store.iter_rows(dtype=torch.float64)]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def quad(self, x: torch.Tensor) -> torch.Tensor:
         """``x^T F^-1 x`` per row (self-influence), float64 ``[m]``."""

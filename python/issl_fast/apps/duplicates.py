@@ -39,9 +39,13 @@ class DuplicatePairs:
         return len(self.similarity)
 
 
-def _inverse_sqrt_self_influence(store: GradientStore, solver: Solver) -> torch.Tensor:
-    parts = [solver.quad(r).numpy() for r, _ in store.iter_rows(dtype=torch.float64)]
-    s = np.concatenate(parts) if parts else np.zeros(0)
+def _inverse_sqrt_self_influence(store: GradientStore, solver: Solver,
+                                 s: np.ndarray | None) -> torch.Tensor:
+    """1 / sqrt(s_i) per store row; ``s``: the self-influences if already computed."""
+    s = solver.store_quad(store) if s is None else np.asarray(s, dtype=np.float64)
+    if s.shape != (store.rows,):
+        raise ValueError(f"self_influence must be [{store.rows}] (one per store row), got "
+                         f"{s.shape}")
     return torch.from_numpy(1.0 / np.sqrt(np.maximum(s, _EPS)))
 
 
@@ -66,13 +70,18 @@ def _score_against_store(
 
 
 def normalised_neighbours(
-    store: GradientStore, solver: Solver, topk: int, num_threads: int | None = None
+    store: GradientStore,
+    solver: Solver,
+    topk: int,
+    num_threads: int | None = None,
+    self_influence: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every store row, its ``topk`` most similar other rows by normalised influence:
-    ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding)."""
+    ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding).
+    ``self_influence``: the store's ``s_i`` when already computed (else one pass computes it)."""
     _check_topk(topk)
     n = store.rows
-    inv = _inverse_sqrt_self_influence(store, solver)
+    inv = _inverse_sqrt_self_influence(store, solver, self_influence)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
     for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64):
@@ -89,6 +98,7 @@ def transformed_neighbours(
     queries: Iterable[tuple[torch.Tensor, torch.Tensor]],
     topk: int,
     num_threads: int | None = None,
+    self_influence: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours of transformed copies of the store's own examples.
 
@@ -97,10 +107,11 @@ def transformed_neighbours(
     against the store, excluding its own row, with the normalised influence
     ``score(t x_i, x_j) / sqrt(s(t x_i) s_j)``. Returns ``[n, topk]`` like
     :func:`normalised_neighbours` for the rows the queries covered (-inf / -1 elsewhere).
+    ``self_influence`` as in :func:`normalised_neighbours`.
     """
     _check_topk(topk)
     n = store.rows
-    inv = _inverse_sqrt_self_influence(store, solver)
+    inv = _inverse_sqrt_self_influence(store, solver, self_influence)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
