@@ -215,39 +215,34 @@ void dot_tile_side(const float* q, int64_t ldq, int64_t mq, const float* g, int6
   for (int64_t x = (n_side / V::W) * V::W; x < n_side; ++x) dst[x] = L::one(src + x);
 }
 
+// Calls f(Loader{}) with the store loader of dtype dt (one dispatch for every typed kernel).
+template <class V, class F>
+void with_loader(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat16: return f(LoadF16<V>{});
+    case DType::kBFloat16: return f(LoadBF16<V>{});
+    case DType::kFloat32: break;
+  }
+  f(LoadF32<V>{});
+}
+
 template <class V, int QR, int GR>
 void dot_tile_impl(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
                    int64_t ng, int64_t k, float* out, int64_t ldo, const void* side_src,
                    DType side_dt, int64_t n_side, float* side_dst) {
   if (n_side > 0) {  // the staged path: g is float32, the side run has the store's dtype
-    const float* gf = static_cast<const float*>(g);
-    switch (side_dt) {
-      case DType::kFloat16:
-        return dot_tile_side<V, QR, GR, LoadF16<V>>(q, ldq, mq, gf, ldg, ng, k, out, ldo,
-                                                    static_cast<const uint16_t*>(side_src),
-                                                    n_side, side_dst);
-      case DType::kBFloat16:
-        return dot_tile_side<V, QR, GR, LoadBF16<V>>(q, ldq, mq, gf, ldg, ng, k, out, ldo,
-                                                     static_cast<const uint16_t*>(side_src),
-                                                     n_side, side_dst);
-      case DType::kFloat32: break;
-    }
-    return dot_tile_side<V, QR, GR, LoadF32<V>>(q, ldq, mq, gf, ldg, ng, k, out, ldo,
-                                                static_cast<const float*>(side_src), n_side,
-                                                side_dst);
+    return with_loader<V>(side_dt, [&](auto loader) {
+      using L = decltype(loader);
+      dot_tile_side<V, QR, GR, L>(q, ldq, mq, static_cast<const float*>(g), ldg, ng, k, out, ldo,
+                                  static_cast<const typename L::T*>(side_src), n_side, side_dst);
+    });
   }
-  NoSide none;
-  switch (dt) {
-    case DType::kFloat16:
-      return dot_tile_typed<V, LoadF16<V>, QR, GR>(q, ldq, mq, static_cast<const uint16_t*>(g),
-                                                   ldg, ng, k, out, ldo, none);
-    case DType::kBFloat16:
-      return dot_tile_typed<V, LoadBF16<V>, QR, GR>(q, ldq, mq, static_cast<const uint16_t*>(g),
-                                                    ldg, ng, k, out, ldo, none);
-    case DType::kFloat32: break;
-  }
-  dot_tile_typed<V, LoadF32<V>, QR, GR>(q, ldq, mq, static_cast<const float*>(g), ldg, ng, k, out,
-                                        ldo, none);
+  with_loader<V>(dt, [&](auto loader) {
+    using L = decltype(loader);
+    NoSide none;
+    dot_tile_typed<V, L, QR, GR>(q, ldq, mq, static_cast<const typename L::T*>(g), ldg, ng, k,
+                                 out, ldo, none);
+  });
 }
 
 // ---- axpy ------------------------------------------------------------------------------------
