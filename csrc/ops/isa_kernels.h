@@ -27,8 +27,11 @@ struct IsaKernels {
   void (*to_f32)(const void* src, DType dt, int64_t n, float* dst);
   // y[0..n) += a * x[0..n)
   void (*axpy)(int64_t n, float a, const float* x, float* y);
-  // Sparse JL: scatter one transposed lane group of a block (scatter_group_impl in
-  // kernel_templates.h), and build such a group from kLaneGroup rows (a scaled transpose).
+  // Sparse JL: a block's bucket table (sparse_table_impl in kernel_templates.h; ck: pc uint64
+  // scratch), scatter one transposed lane group of the block (scatter_group_impl), and build
+  // such a group from kLaneGroup rows (a scaled transpose).
+  void (*sparse_table)(uint64_t key, int64_t col0, int64_t pc, int64_t s, int64_t k, uint64_t* ck,
+                       uint32_t* tab);
   void (*scatter_group)(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg);
   void (*pack_lanes)(const float* const* rows, int64_t pc, float scale, float* dst);
   // out[i * ldo + j] = dot(q[i * ldq ..], g[j * ldg ..]) over k, for i < mq, j < ng, with g rows

@@ -302,11 +302,32 @@ void scatter_group_impl(const uint32_t* tab, int64_t s, int64_t pc, const float*
     typename V::reg xv[kLaneGroup / W];
     for (int v = 0; v < kLaneGroup / W; ++v) xv[v] = V::load(x + v * W);
     for (int64_t r = 0; r < s; ++r) {
-      const uint32_t e = tab[p * s + r];
+      const uint32_t e = tab[r * pc + p];
       const uint32_t sign = e & 0x80000000u;
       float* y = yg + static_cast<int64_t>(e & 0x7FFFFFFFu) * kLaneGroup;
       for (int v = 0; v < kLaneGroup / W; ++v)
         V::store(y + v * W, V::add(V::load(y + v * W), V::xor_bits(xv[v], sign)));
+    }
+  }
+}
+
+// The bucket table of a block of pc input coordinates starting at col0: tab[r * pc + p] = bucket
+// of replica r of coordinate col0 + p, with its sign in bit 31 (hash.h: sparse_bucket and
+// sparse_sign of word(column_key(key, c), r)). Plain loops over p without cross-iteration
+// dependences, so that each ISA file's compiler vectorises the 64-bit hash (AVX-512DQ multiplies
+// 64-bit lanes natively); integer arithmetic, so every ISA builds the same table. ck: pc scratch.
+static inline void sparse_table_impl(uint64_t key, int64_t col0, int64_t pc, int64_t s, int64_t k,
+                                     uint64_t* ck, uint32_t* tab) {
+  for (int64_t p = 0; p < pc; ++p) ck[p] = column_key(key, static_cast<uint64_t>(col0 + p));
+  for (int64_t r = 0; r < s; ++r) {
+    const uint64_t lo = static_cast<uint64_t>(r * k / s);
+    const uint64_t span = static_cast<uint64_t>((r + 1) * k / s) - lo;
+    const uint64_t step = static_cast<uint64_t>(r) * kM2;  // hash_word(ck, r) = mix64(ck + r*M2)
+    uint32_t* t = tab + r * pc;
+    for (int64_t p = 0; p < pc; ++p) {
+      const uint64_t h = mix64(ck[p] + step);
+      t[p] = static_cast<uint32_t>(lo + (((h & 0xFFFFFFFFull) * span) >> 32)) |
+             (static_cast<uint32_t>(h >> 63) << 31);
     }
   }
 }

@@ -98,6 +98,11 @@ void to_f32(const void* src, DType dt, int64_t n, float* dst) {
 
 void axpy(int64_t n, float a, const float* x, float* y) { axpy_impl<VecAvx512>(n, a, x, y); }
 
+void sparse_table(uint64_t key, int64_t col0, int64_t pc, int64_t s, int64_t k, uint64_t* ck,
+                  uint32_t* tab) {
+  sparse_table_impl(key, col0, pc, s, k, ck, tab);
+}
+
 void scatter_group(const uint32_t* tab, int64_t s, int64_t pc, const float* xg, float* yg) {
   scatter_group_impl<VecAvx512>(tab, s, pc, xg, yg);
 }
@@ -119,7 +124,8 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, 
 const IsaKernels& avx512_kernels() {
   // KC x NR x 4 B = 32 KB sliver in L1 (48 KB on Ice Lake); KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx512", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,    pack_signs, to_f32, axpy, scatter_group, pack_lanes, dot_tile};
+                                micro,    pack_signs, to_f32, axpy, sparse_table, scatter_group, pack_lanes,
+                                dot_tile};
   return table;
 }
 

@@ -15,12 +15,9 @@
 namespace issl_fast {
 namespace {
 
-// Input coordinates per block: the block's bucket table (kBlock * s uint32, shared) and the
-// thread's transposed input block (kBlock x its rows) stay in cache while they are scattered.
-// Each block ends with a barrier (the next table is built by all threads): at 256 the barriers
-// took ~30% of a B=64, P=2^18 call; 1024 keeps a 64-row group's working set ~1 MB (in L2).
+// Input coordinates per block: the block's bucket table (kBlock * s uint32) and the thread's
+// transposed input block (kBlock x its rows) stay in cache while they are scattered.
 constexpr int64_t kBlock = 1024;
-constexpr uint32_t kSignBit = 0x80000000u;
 
 }  // namespace
 
@@ -42,36 +39,28 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
   const cpu::IsaKernels& K = cpu::isa();
   const uint64_t key = stream_key(seed, Role::kSparse, Dist::kRademacher);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
-  // Bucket in the low 31 bits, sign in bit 31. Double-buffered like the dense panel: one barrier
-  // per block.
-  std::vector<uint32_t> table[2] = {std::vector<uint32_t>(kBlock * s),
-                                    std::vector<uint32_t>(kBlock * s)};
   const int threads = static_cast<int>(std::min<int64_t>(cpu::clamp_threads(num_threads), B));
 
 #pragma omp parallel num_threads(threads)
   {
     // Each thread owns rows [b0, b1), handled in lane groups of kLaneGroup rows kept transposed
-    // (kernel_templates.h), so one bucket update is one vector add over a group's rows.
+    // (kernel_templates.h), so one bucket update is one vector add over a group's rows. Every
+    // thread builds each block's bucket table itself (vectorised hashing costs less than a
+    // shared table's barrier per block), so threads never wait for each other.
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t b0 = B * tid / nt, b1 = B * (tid + 1) / nt;
     const int64_t groups = cpu::ceil_div(b1 - b0, cpu::kLaneGroup);
+    std::vector<uint32_t> tab(kBlock * s);
+    std::vector<uint64_t> ck(kBlock);
     cpu::Scratch yT(std::max<int64_t>(groups * k * cpu::kLaneGroup, 1));
     cpu::Scratch xT(std::max<int64_t>(groups * kBlock * cpu::kLaneGroup, 1));
     cpu::Scratch rows((b1 - b0) * kBlock + kBlock);  // converted rows + one zero row for padding
     float* zero_row = rows.data() + (b1 - b0) * kBlock;
     std::fill(zero_row, zero_row + kBlock, 0.0f);
     std::fill(yT.data(), yT.data() + groups * k * cpu::kLaneGroup, 0.0f);
-    for (int64_t p0 = 0, it = 0; p0 < P; p0 += kBlock, ++it) {
+    for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
       const int64_t pc = std::min(kBlock, P - p0);
-      uint32_t* tab = table[it & 1].data();
-#pragma omp for schedule(static)
-      for (int64_t p = 0; p < pc; ++p) {
-        const uint64_t ck = column_key(key, static_cast<uint64_t>(col_offset + p0 + p));
-        for (int64_t r = 0; r < s; ++r) {
-          const uint64_t h = hash_word(ck, static_cast<uint64_t>(r));
-          tab[p * s + r] = sparse_bucket(h, r, s, k) | (sparse_sign(h) < 0 ? kSignBit : 0u);
-        }
-      }  // implicit barrier: table `it` complete
+      K.sparse_table(key, col_offset + p0, pc, s, k, ck.data(), tab.data());
       for (int64_t grp = 0; grp < groups; ++grp) {
         const float* lane_rows[cpu::kLaneGroup];
         for (int64_t l = 0; l < cpu::kLaneGroup; ++l) {
@@ -88,7 +77,7 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
         }
         float* xg = xT.data() + grp * kBlock * cpu::kLaneGroup;
         K.pack_lanes(lane_rows, pc, scale, xg);
-        K.scatter_group(tab, s, pc, xg, yT.data() + grp * k * cpu::kLaneGroup);
+        K.scatter_group(tab.data(), s, pc, xg, yT.data() + grp * k * cpu::kLaneGroup);
       }
     }
     for (int64_t b = b0; b < b1; ++b) {
