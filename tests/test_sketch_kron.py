@@ -25,6 +25,8 @@ CASES = [
     (2, 3, 7, 5, 1000, 3),  # k_in over the random panel width NC = 512
     (0, 3, 7, 5, 5, 5),
     (3, 0, 7, 5, 5, 5),  # T = 0: exactly zero
+    (150, 1, 33, 21, 19, 5),  # T = 1: many examples per projection GEMM, chunks over MR tiles
+    (41, 2, 9, 10, 7, 3),  # odd T: examples straddle micro-tile rows
 ]
 
 
@@ -112,6 +114,19 @@ def test_batch_split_is_bit_identical(simd: str, dist: str, dtype: str) -> None:
     for r0, r1 in [(0, 1), (1, 8), (8, 13)]:
         part = ops.sketch_kron(A[r0:r1].contiguous(), D[r0:r1].contiguous(), 9, 17, seed=7,
                                dist=dist)
+        assert torch.equal(part, whole[r0:r1]), (r0, r1)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_small_t_chunking_is_bit_identical(simd: str, T: int) -> None:
+    # Small T packs several examples into one projection GEMM; an example's result must not
+    # depend on which examples share its chunk, nor on the thread count.
+    A, D = randn((131, T, 37), seed=15), randn((131, T, 23), seed=16)
+    whole = ops.sketch_kron(A, D, 11, 6, seed=9, num_threads=1)
+    for t in (2, 3):
+        assert torch.equal(ops.sketch_kron(A, D, 11, 6, seed=9, num_threads=t), whole), t
+    for r0, r1 in [(0, 1), (1, 64), (64, 131), (5, 6)]:
+        part = ops.sketch_kron(A[r0:r1].contiguous(), D[r0:r1].contiguous(), 11, 6, seed=9)
         assert torch.equal(part, whole[r0:r1]), (r0, r1)
 
 
