@@ -43,6 +43,11 @@ struct IsaKernels {
   void (*dot_tile)(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, int64_t ldg,
                    int64_t ng, int64_t k, float* out, int64_t ldo, const void* side_src,
                    DType side_dt, int64_t n_side, float* side_dst);
+  // The same kernels with NR = one vector and a taller MR, for GEMMs with at most that many
+  // columns (sketch_kron projections with k <= nr: k = 16 on AVX-512 wastes half of a 32-wide
+  // tile). Same KC, so every element's FMA sequence, and thus the result, is the same as with
+  // the wide tile. nullptr where NR is already one vector.
+  const IsaKernels* narrow;
 };
 
 const IsaKernels& generic_kernels();

@@ -58,9 +58,17 @@ struct VecAvx2 {
 constexpr int kMR = 6;   // 6 x 2 ymm accumulators + 2 B vectors + 1 broadcast of the 16 registers
 constexpr int kNR = 16;
 
+// The narrow tile (IsaKernels::narrow): 12 x 1 ymm accumulators + 1 B vector + 1 broadcast.
+constexpr int kNarrowMR = 12;
+
 void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
            int64_t ldc, int64_t m, int64_t n) {
   micro_impl<VecAvx2, kMR, kNR / VecAvx2::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
+}
+
+void micro_narrow(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                  float* c, int64_t ldc, int64_t m, int64_t n) {
+  micro_impl<VecAvx2, kNarrowMR, 1>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
 // 8 sign bits -> 8 floats: lane l is -scale where bit l is set.
@@ -71,16 +79,24 @@ inline __m256 expand8(uint32_t byte, __m256 splat) {
   return _mm256_xor_ps(splat, sign);
 }
 
+// NR = 8 * NV: each sliver row is NV vectors, one byte of the sign word each.
+template <int NV>
+void pack_signs_nv(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
+                   float scale, float* dst) {
+  const __m256 splat = _mm256_set1_ps(scale);
+  pack_signs_impl<8 * NV>(key, col0, kc, j0, nc, k, scale, dst,
+                          [splat](uint64_t bits, int valid, float, float* d) {
+                            for (int v = 0; v < NV; ++v)
+                              _mm256_storeu_ps(d + 8 * v,
+                                               expand8(static_cast<uint32_t>((bits >> (8 * v)) & 0xFF),
+                                                       splat));
+                            for (int l = valid; l < 8 * NV; ++l) d[l] = 0.0f;
+                          });
+}
+
 void pack_signs(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
                 float scale, float* dst) {
-  const __m256 splat = _mm256_set1_ps(scale);
-  pack_signs_impl<kNR>(key, col0, kc, j0, nc, k, scale, dst,
-                       [splat](uint64_t bits, int valid, float, float* d) {
-                         _mm256_storeu_ps(d, expand8(static_cast<uint32_t>(bits & 0xFF), splat));
-                         _mm256_storeu_ps(d + 8,
-                                          expand8(static_cast<uint32_t>((bits >> 8) & 0xFF), splat));
-                         for (int l = valid; l < kNR; ++l) d[l] = 0.0f;
-                       });
+  pack_signs_nv<kNR / 8>(key, col0, kc, j0, nc, k, scale, dst);
 }
 
 void to_f32(const void* src, DType dt, int64_t n, float* dst) {
@@ -126,13 +142,20 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, 
                                    side_dst);
 }
 
+const IsaKernels& avx2_narrow_kernels() {
+  static const IsaKernels table{"avx2", kNarrowMR, 8, /*kc=*/256, /*nc=*/512,
+                                micro_narrow, pack_signs_nv<1>, to_f32, axpy, sparse_table,
+                                scatter_group, pack_lanes, dot_tile, nullptr};
+  return table;
+}
+
 }  // namespace
 
 const IsaKernels& avx2_kernels() {
   // KC x NR x 4 B = 16 KB sliver in L1; KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx2", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,  pack_signs, to_f32, axpy, sparse_table, scatter_group, pack_lanes,
-                                dot_tile};
+                                micro,  pack_signs, to_f32, axpy, sparse_table, scatter_group,
+                                pack_lanes, dot_tile, &avx2_narrow_kernels()};
   return table;
 }
 

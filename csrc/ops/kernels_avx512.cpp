@@ -53,27 +53,42 @@ struct VecAvx512 {
 
 constexpr int kMR = 8;   // 8 x 2 zmm accumulators: 16 FMAs per 2 loads + 8 broadcasts
 constexpr int kNR = 32;
+// The narrow tile (IsaKernels::narrow): 12 x 1 zmm accumulators. For a 16-column GEMM (4096 x
+// 512 x 16, 2 threads) it ran 1.3x faster than the 8 x 32 tile with half its columns padding.
+constexpr int kNarrowMR = 12;
 
 void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
            int64_t ldc, int64_t m, int64_t n) {
   micro_impl<VecAvx512, kMR, kNR / VecAvx512::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
-void pack_signs(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
-                float scale, float* dst) {
+void micro_narrow(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
+                  float* c, int64_t ldc, int64_t m, int64_t n) {
+  micro_impl<VecAvx512, kNarrowMR, 1>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
+}
+
+// NR = 16 * NV: each sliver row is NV vectors, one 16-bit chunk of the sign word each.
+template <int NV>
+void pack_signs_nv(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
+                   float scale, float* dst) {
   const __m512 pos = _mm512_set1_ps(scale);
   const __m512 neg = _mm512_set1_ps(-scale);
-  pack_signs_impl<kNR>(
+  pack_signs_impl<16 * NV>(
       key, col0, kc, j0, nc, k, scale, dst, [pos, neg](uint64_t bits, int valid, float, float* d) {
         // Sign bits are used directly as blend masks; rows past k are zeroed by the valid mask.
         const uint32_t vmask = valid >= 32 ? 0xFFFFFFFFu : ((1u << valid) - 1u);
-        const __mmask16 lo = static_cast<__mmask16>(bits & 0xFFFF);
-        const __mmask16 hi = static_cast<__mmask16>((bits >> 16) & 0xFFFF);
-        _mm512_storeu_ps(d, _mm512_maskz_mov_ps(static_cast<__mmask16>(vmask & 0xFFFF),
-                                                _mm512_mask_blend_ps(lo, pos, neg)));
-        _mm512_storeu_ps(d + 16, _mm512_maskz_mov_ps(static_cast<__mmask16>(vmask >> 16),
-                                                     _mm512_mask_blend_ps(hi, pos, neg)));
+        for (int v = 0; v < NV; ++v) {
+          const __mmask16 sign = static_cast<__mmask16>((bits >> (16 * v)) & 0xFFFF);
+          const __mmask16 keep = static_cast<__mmask16>((vmask >> (16 * v)) & 0xFFFF);
+          _mm512_storeu_ps(d + 16 * v,
+                           _mm512_maskz_mov_ps(keep, _mm512_mask_blend_ps(sign, pos, neg)));
+        }
       });
+}
+
+void pack_signs(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
+                float scale, float* dst) {
+  pack_signs_nv<kNR / 16>(key, col0, kc, j0, nc, k, scale, dst);
 }
 
 void to_f32(const void* src, DType dt, int64_t n, float* dst) {
@@ -119,13 +134,20 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, 
                                    side_dst);
 }
 
+const IsaKernels& avx512_narrow_kernels() {
+  static const IsaKernels table{"avx512", kNarrowMR, 16, /*kc=*/256, /*nc=*/512,
+                                micro_narrow, pack_signs_nv<1>, to_f32, axpy, sparse_table,
+                                scatter_group, pack_lanes, dot_tile, nullptr};
+  return table;
+}
+
 }  // namespace
 
 const IsaKernels& avx512_kernels() {
   // KC x NR x 4 B = 32 KB sliver in L1 (48 KB on Ice Lake); KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx512", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,    pack_signs, to_f32, axpy, sparse_table, scatter_group, pack_lanes,
-                                dot_tile};
+                                micro,    pack_signs, to_f32, axpy, sparse_table, scatter_group,
+                                pack_lanes, dot_tile, &avx512_narrow_kernels()};
   return table;
 }
 

@@ -133,7 +133,7 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, 
 const IsaKernels& generic_kernels() {
   static const IsaKernels table{"generic", kMR, kNR, /*kc=*/256, /*nc=*/512,
                                 micro,     pack_signs, to_f32, axpy, sparse_table, scatter_group, pack_lanes,
-                                dot_tile};
+                                dot_tile, nullptr};
   return table;
 }
 

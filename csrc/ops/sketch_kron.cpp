@@ -53,8 +53,14 @@ void sketch_kron_cpu(const void* A, const void* D, DType dtype, int64_t B, int64
   cpu::require_ptr(out, B * k_in * k_out, "out");
 
   const cpu::IsaKernels& K = cpu::isa();
-  PackedProjection p_in(K, stream_key(seed, Role::kKronIn, dist), dist, d_in, k_in);
-  PackedProjection p_out(K, stream_key(seed, Role::kKronOut, dist), dist, d_out, k_out);
+  // A projection to at most one vector of columns uses the narrow tile (same results).
+  auto tile_for = [&K](int64_t kp) -> const cpu::IsaKernels& {
+    return K.narrow && kp <= K.narrow->nr ? *K.narrow : K;
+  };
+  const cpu::IsaKernels& Kin = tile_for(k_in);
+  const cpu::IsaKernels& Kout = tile_for(k_out);
+  PackedProjection p_in(Kin, stream_key(seed, Role::kKronIn, dist), dist, d_in, k_in);
+  PackedProjection p_out(Kout, stream_key(seed, Role::kKronOut, dist), dist, d_out, k_out);
   const int64_t ky = k_in * k_out;
   // Examples are taken a chunk at a time, so that the projections see ~kChunkRows rows (B*T
   // flattened) whatever T is: with T = 1 (a Linear layer without a sequence axis) one example per
@@ -77,7 +83,7 @@ void sketch_kron_cpu(const void* A, const void* D, DType dtype, int64_t B, int64
     // Half-precision inputs are upcast once per chunk (vectorised) and then read in place.
     const bool upcast = dtype != DType::kFloat32;
     cpu::Scratch abuf(upcast ? std::max<int64_t>(max_rows * std::max(d_in, d_out), 1) : 1);
-    cpu::Scratch bpack(K.kc * p_in.n_pad);
+    cpu::Scratch bpack(K.kc * cpu::ceil_div(k_in, K.nr) * K.nr);  // U_b panels for the wide tile
     cpu::Scratch U(std::max<int64_t>(max_rows * k_in, 1)), V(std::max<int64_t>(max_rows * k_out, 1));
     auto as_f32 = [&](const void* src, int64_t n) -> const float* {
       if (!upcast) return static_cast<const float*>(src);
@@ -94,12 +100,13 @@ void sketch_kron_cpu(const void* A, const void* D, DType dtype, int64_t B, int64
       // U = A_chunk P_in^T [rows x k_in], V = D_chunk P_out^T [rows x k_out]
       const float* Ac = as_f32(cpu::offset_ptr(A, dtype, b0 * T * d_in), rows * d_in);
       cpu::gemm_a_inplace(
-          K, rows, k_in, d_in, Ac, d_in, 1,
-          [&](int64_t p0, int64_t) -> const float* { return p_in.panel(K, p0); }, U.data(), k_in);
+          Kin, rows, k_in, d_in, Ac, d_in, 1,
+          [&](int64_t p0, int64_t) -> const float* { return p_in.panel(Kin, p0); }, U.data(),
+          k_in);
       const float* Dc = as_f32(cpu::offset_ptr(D, dtype, b0 * T * d_out), rows * d_out);
       cpu::gemm_a_inplace(
-          K, rows, k_out, d_out, Dc, d_out, 1,
-          [&](int64_t p0, int64_t) -> const float* { return p_out.panel(K, p0); }, V.data(),
+          Kout, rows, k_out, d_out, Dc, d_out, 1,
+          [&](int64_t p0, int64_t) -> const float* { return p_out.panel(Kout, p0); }, V.data(),
           k_out);
       // y_b [k_out x k_in] += V_b^T U_b (sum over t); V_b^T is V_b read in place with swapped
       // strides.
