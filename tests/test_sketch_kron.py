@@ -27,6 +27,8 @@ CASES = [
     (3, 0, 7, 5, 5, 5),  # T = 0: exactly zero
     (150, 1, 33, 21, 19, 5),  # T = 1: many examples per projection GEMM, chunks over MR tiles
     (41, 2, 9, 10, 7, 3),  # odd T: examples straddle micro-tile rows
+    (40, 1, 50, 20, 16, 8),  # k at the narrow tile's width (16 on AVX-512, 8 on AVX2)
+    (30, 2, 70, 300, 17, 16),  # one side narrow, the other not; d_out > d_in
 ]
 
 
@@ -128,6 +130,28 @@ def test_small_t_chunking_is_bit_identical(simd: str, T: int) -> None:
     for r0, r1 in [(0, 1), (1, 64), (64, 131), (5, 6)]:
         part = ops.sketch_kron(A[r0:r1].contiguous(), D[r0:r1].contiguous(), 11, 6, seed=9)
         assert torch.equal(part, whole[r0:r1]), (r0, r1)
+
+
+@pytest.mark.parametrize("k_in,k_out", [(8, 9), (16, 17), (9, 16), (17, 8)])
+def test_narrow_and_wide_tiles_agree_bit_for_bit(k_in: int, k_out: int) -> None:
+    # AVX-512 projects k <= 16 with its narrow tile, AVX2 k <= 8 with its own: same KC, so the
+    # same FMA sequence per element as the wide tiles (generic rounds differently by design).
+    from conftest import SIMD_LEVELS
+    from issl_fast import _backend
+
+    levels = [lv for lv in ("avx2", "avx512") if lv in SIMD_LEVELS]
+    if len(levels) < 2:
+        pytest.skip(f"needs AVX2 and AVX-512, this CPU has {SIMD_LEVELS}")
+    A, D = randn((23, 5, 300), seed=21), randn((23, 5, 70), seed=22)
+    start = _backend.simd_level()
+    try:
+        runs = []
+        for level in levels:
+            _backend.set_simd_level(level)
+            runs.append(ops.sketch_kron(A, D, k_in, k_out, seed=3))
+    finally:
+        _backend.set_simd_level(start)
+    assert torch.equal(runs[0], runs[1])
 
 
 @pytest.mark.parametrize("dist", DISTS)

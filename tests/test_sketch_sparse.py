@@ -23,6 +23,8 @@ CASES = [
     (1, 257, 1000, 4, 3),
     (5, 2100, 129, 5, 2**62),
     (4, 50, 5, 5, 0),  # s = k: every bucket of every coordinate is hit
+    (3, 2500, 200, 200, 2**32 - 1300),  # large s: blocks shorter than 1024, across 2^32
+    (2, 1100, 37, 37, 0),  # s = k over a partial block
     (0, 7, 5, 2, 0),
     (3, 0, 5, 2, 0),
 ]
@@ -151,3 +153,22 @@ def test_reference_empty_batch() -> None:
     g = torch.zeros(0, 9)
     assert reference.sketch_sparse(g, 7, s=3).shape == (0, 7)
     assert ops.sketch_sparse(g, 7, s=3, backend="reference").shape == (0, 7)
+
+
+def test_same_bits_at_every_simd_level() -> None:
+    # Every ISA builds the same bucket table (integer hashing) and adds in the same order.
+    from conftest import SIMD_LEVELS
+    from issl_fast import _backend
+
+    g = randn((21, 3100), seed=17)
+    start = _backend.simd_level()
+    try:
+        runs = {}
+        for level in SIMD_LEVELS:
+            _backend.set_simd_level(level)
+            runs[level] = ops.sketch_sparse(g, 97, s=3, seed=4, col_offset=2**32 - 2000)
+    finally:
+        _backend.set_simd_level(start)
+    first = next(iter(runs.values()))
+    for level, y in runs.items():
+        assert torch.equal(y, first), level

@@ -15,7 +15,6 @@
 #include "issl_fast/common.h"
 #include "issl_fast/hash.h"
 
-
 namespace issl_fast::cpu {
 
 // ---- GEMM micro-kernel: C[m x n] += A[m x kc] * B[kc x NR], NR = NV * W --------------------
@@ -111,9 +110,14 @@ struct LoadBF16 {
 // arithmetic; done as a separate pass (or only prefetched) they add to it on this class of CPU,
 // where one core's streaming bandwidth is bounded by its fill buffers. The run's whole vectors
 // are converted here; the caller finishes the tail (finish_side).
+// NoSide and SidePrefetch sit in an anonymous namespace: this header is compiled into each ISA
+// file with its own -m flags, and an external-linkage member function (one weak copy kept by the
+// linker, built for whichever ISA) would break that separation in an unoptimised build.
+namespace {
 struct NoSide {
   void step() {}
 };
+}  // namespace
 
 template <class V, class L>
 struct SideWiden {
@@ -140,11 +144,14 @@ struct SideWiden {
 };
 
 // The side job of a sweep over a contiguous run of store rows by at most QR queries (the
-// bandwidth-bound case): software prefetch of the lines kAheadBytes past the ones being read, a
-// few per k-step. The hardware prefetchers alone leave the half-precision stream short of the
-// machine's read bandwidth: on the reference VM (2 cores, n = 1M, k = 512, m = 1, alternating
-// A/B runs) a float16 / bfloat16 store scored in 59-74 ms without and 45-57 ms with a 4 KiB
-// lead (2 KiB: 50-63 ms, 8 KiB: like 4 KiB); a float32 store was unaffected (44-49 ms).
+// bandwidth-bound case: score_topk with m <= QR, i.e. m <= 4 on AVX-512, 3 on AVX2): software
+// prefetch of the lines kAheadBytes past the ones being read, a few per k-step. With 1 < mq < QR
+// the rows are swept once per query and only the first sweep is prefetched (the others hit L2).
+// The hardware prefetchers alone leave the half-precision stream short of the machine's read
+// bandwidth: on the reference VM (2 cores, n = 1M, k = 512, m = 1, alternating A/B runs) a
+// float16 / bfloat16 store scored in 59-74 ms without and 45-57 ms with a 4 KiB lead (2 KiB:
+// 50-63 ms, 8 KiB: like 4 KiB); a float32 store was unaffected (44-49 ms).
+namespace {
 struct SidePrefetch {
   static constexpr int64_t kAheadBytes = 4096;
   // Addresses as integers: the lead runs past the end of the rows (a prefetch never faults).
@@ -156,6 +163,7 @@ struct SidePrefetch {
       __builtin_prefetch(reinterpret_cast<const void*>(next), 0, 3);
   }
 };
+}  // namespace
 
 template <class V, class G, int QI, int GJ, class S = NoSide>
 void dot_block(const float* q, int64_t ldq, const typename G::T* g, int64_t ldg, int64_t k,
@@ -259,10 +267,11 @@ void dot_tile_impl(const float* q, int64_t ldq, int64_t mq, const void* g, DType
   with_loader<V>(dt, [&](auto loader) {
     using L = decltype(loader);
     const auto* gt = static_cast<const typename L::T*>(g);
-    if (mq <= QR) {  // one sweep over the rows: prefetch ahead of it
+    if (mq <= QR) {  // one query block: prefetch ahead of its (first) sweep over the rows
       const int64_t bytes = ng * ldg * static_cast<int64_t>(sizeof(typename L::T));
       const int64_t blocks = ng / GR + ng % GR;
-      const int64_t steps = std::max<int64_t>(1, blocks * ((k + V::W - 1) / V::W));
+      // dot_block steps the side job once per whole vector of k (none for the tail).
+      const int64_t steps = std::max<int64_t>(1, blocks * (k / V::W));
       const int64_t lines = (bytes + 63) / 64;
       const uintptr_t start =
           (reinterpret_cast<uintptr_t>(gt) + SidePrefetch::kAheadBytes) & ~uintptr_t{63};

@@ -15,9 +15,12 @@
 namespace issl_fast {
 namespace {
 
-// Input coordinates per block: the block's bucket table (kBlock * s uint32) and the thread's
-// transposed input block (kBlock x its rows) stay in cache while they are scattered.
+// Input coordinates per block: the block's bucket table (block * s uint32) and the thread's
+// transposed input block (block x its rows) stay in cache while they are scattered. Every thread
+// holds its own table, so large s gets shorter blocks (the table at most kTableEntries). The
+// scatter order, coordinate by coordinate, does not depend on the block length.
 constexpr int64_t kBlock = 1024;
+constexpr int64_t kTableEntries = 64 * 1024;
 
 }  // namespace
 
@@ -40,6 +43,7 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
   const uint64_t key = stream_key(seed, Role::kSparse, Dist::kRademacher);
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s)));
   const int threads = static_cast<int>(std::min<int64_t>(cpu::clamp_threads(num_threads), B));
+  const int64_t block = std::clamp<int64_t>(kTableEntries / s, cpu::kLaneGroup, kBlock);
 
 #pragma omp parallel num_threads(threads)
   {
@@ -50,16 +54,16 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t b0 = B * tid / nt, b1 = B * (tid + 1) / nt;
     const int64_t groups = cpu::ceil_div(b1 - b0, cpu::kLaneGroup);
-    std::vector<uint32_t> tab(kBlock * s);
-    std::vector<uint64_t> ck(kBlock);
+    std::vector<uint32_t> tab(block * s);
+    std::vector<uint64_t> ck(block);
     cpu::Scratch yT(std::max<int64_t>(groups * k * cpu::kLaneGroup, 1));
-    cpu::Scratch xT(std::max<int64_t>(groups * kBlock * cpu::kLaneGroup, 1));
-    cpu::Scratch rows((b1 - b0) * kBlock + kBlock);  // converted rows + one zero row for padding
-    float* zero_row = rows.data() + (b1 - b0) * kBlock;
-    std::fill(zero_row, zero_row + kBlock, 0.0f);
+    cpu::Scratch xT(std::max<int64_t>(groups * block * cpu::kLaneGroup, 1));
+    cpu::Scratch rows((b1 - b0) * block + block);  // converted rows + one zero row for padding
+    float* zero_row = rows.data() + (b1 - b0) * block;
+    std::fill(zero_row, zero_row + block, 0.0f);
     std::fill(yT.data(), yT.data() + groups * k * cpu::kLaneGroup, 0.0f);
-    for (int64_t p0 = 0; p0 < P; p0 += kBlock) {
-      const int64_t pc = std::min(kBlock, P - p0);
+    for (int64_t p0 = 0; p0 < P; p0 += block) {
+      const int64_t pc = std::min(block, P - p0);
       K.sparse_table(key, col_offset + p0, pc, s, k, ck.data(), tab.data());
       for (int64_t grp = 0; grp < groups; ++grp) {
         const float* lane_rows[cpu::kLaneGroup];
@@ -68,14 +72,14 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
           if (b < b1 && dtype == DType::kFloat32) {  // read in place: no copy needed
             lane_rows[l] = static_cast<const float*>(g) + b * P + p0;
           } else if (b < b1) {
-            float* dst = rows.data() + (b - b0) * kBlock;
+            float* dst = rows.data() + (b - b0) * block;
             K.to_f32(cpu::offset_ptr(g, dtype, b * P + p0), dtype, pc, dst);
             lane_rows[l] = dst;
           } else {
             lane_rows[l] = zero_row;
           }
         }
-        float* xg = xT.data() + grp * kBlock * cpu::kLaneGroup;
+        float* xg = xT.data() + grp * block * cpu::kLaneGroup;
         K.pack_lanes(lane_rows, pc, scale, xg);
         K.scatter_group(tab.data(), s, pc, xg, yT.data() + grp * k * cpu::kLaneGroup);
       }
