@@ -329,14 +329,11 @@ static inline void sparse_table_impl(uint64_t key, int64_t col0, int64_t pc, int
                                      uint64_t* ck, uint32_t* tab) {
   for (int64_t p = 0; p < pc; ++p) ck[p] = column_key(key, static_cast<uint64_t>(col0 + p));
   for (int64_t r = 0; r < s; ++r) {
-    const uint64_t lo = static_cast<uint64_t>(r * k / s);
-    const uint64_t span = static_cast<uint64_t>((r + 1) * k / s) - lo;
-    const uint64_t step = static_cast<uint64_t>(r) * kM2;  // hash_word(ck, r) = mix64(ck + r*M2)
     uint32_t* t = tab + r * pc;
     for (int64_t p = 0; p < pc; ++p) {
-      const uint64_t h = mix64(ck[p] + step);
-      t[p] = static_cast<uint32_t>(lo + (((h & 0xFFFFFFFFull) * span) >> 32)) |
-             (static_cast<uint32_t>(h >> 63) << 31);
+      const uint64_t h = hash_word(ck[p], static_cast<uint64_t>(r));
+      // sparse_sign(h) is -1 exactly when bit 63 of h is set.
+      t[p] = sparse_bucket(h, r, s, k) | (static_cast<uint32_t>(h >> 63) << 31);
     }
   }
 }
