@@ -6,8 +6,8 @@
 // threshold (the block's own topk-th best so far) goes to a small per-query candidate buffer in
 // shared memory; a full buffer is sorted and merged by one warp into the block's running list in
 // the workspace (global memory, so topk may be anything), which raises the threshold. At the end,
-// a tree of pairwise merges combines the partitions' lists (and an earlier result when
-// accumulating) into values/indices.
+// a tree of merges (up to 16 lists at a time in shared memory, pairwise for very large topk)
+// combines the partitions' lists (and an earlier result when accumulating) into values/indices.
 //
 // Ordering is the total order (value desc, index asc) everywhere, and every merge is exact, so the
 // result is the exact top-k of the scores whatever the partitioning or the order in which
@@ -43,11 +43,10 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 // Store rows per tile: 8 warps x 16 (or 4 x 32) rows; the unit of candidate processing.
 constexpr int kRowsPerTile = 128;
-// k columns per pipeline stage (two m16n8k16 steps); kStages stages of G and Q in flight.
+// SIMT kernel: k columns per shared-memory chunk.
 constexpr int kBK = 32;
-constexpr int kStages = 3;
-// Shared-memory row pitch in bf16: +8 (16 bytes) makes ldmatrix phases conflict-free.
-constexpr int kPitch = kBK + 8;
+// Tensor cores: the split query's k is padded to this (every config's k step divides it).
+constexpr int kQPad = 64;
 constexpr int kQParts = 3;  // bf16 terms of a float32 query
 // A partition gets at least this many rows (a few tiles), so its list setup and final flush
 // stay small next to its streaming.
@@ -59,6 +58,12 @@ constexpr int64_t kMaxPartitionRows = int64_t{1} << 30;
 // Thread blocks per SM the partitioning aims for: more blocks, more bytes in flight.
 constexpr int64_t kCtasPerSm = 2;
 constexpr int kMergeThreads = 128;
+// The final merge takes up to kMaxFanIn lists at a time when they fit in kMergeSmemBytes of
+// shared memory (topk <= 2048): a few launches instead of log2(partitions) pairwise ones, and
+// its binary searches run in shared memory. Larger topk merges pairwise from global memory.
+constexpr int kMaxFanIn = 16;
+constexpr int64_t kMergeSmemBytes = 48 * 1024;
+constexpr int kMergeManyThreads = 256;
 constexpr int kElemThreads = 256;
 constexpr uint32_t kNoRow = 0xFFFFFFFFu;
 
@@ -74,10 +79,25 @@ struct TopkShared {
   uint32_t buf_r[MQ][CB];  // ... and row offset inside the partition
   float thr_v[MQ];         // the block list's last entry (the bar a candidate must beat)
   long long thr_i[MQ];
+  float bar_v[MQ];         // the best bar any block has published for the query (see TopkCtx)
   int cnt[MQ];             // candidates appended (may exceed CB: those did not fit)
 };
 
+// Shared bars: a block whose list holds topk real entries publishes its last value v to bars[q]
+// (atomicMax on an order-preserving int), and every block drops scores below the best bar
+// published. Safe: a score below v ranks after topk entries of one block, so it is in no
+// top-k; ties with v are kept. It only skips work (late partitions see few candidates instead
+// of each refilling its own list from -inf); the result stays the exact top-k.
+__device__ __forceinline__ int order_key(float f) {
+  const int i = __float_as_int(f);
+  return i >= 0 ? i : i ^ 0x7FFFFFFF;
+}
+__device__ __forceinline__ float from_order_key(int k) {
+  return __int_as_float(k >= 0 ? k : k ^ 0x7FFFFFFF);
+}
+
 struct TopkCtx {
+  int* bars;       // bars of local query 0 (query ql at bars + ql)
   float* lv;       // this block's list of its local query 0; query ql at lv + ql * topk
   long long* li;
   int64_t topk;
@@ -191,8 +211,13 @@ __device__ void flush_query(TopkShared<MQ, CB>& ts, const TopkCtx& c, int ql, in
     __syncwarp();
   }
   if (lane == 0) {
-    ts.thr_v[ql] = Lv[topk - 1];
+    const float last = Lv[topk - 1];
+    ts.thr_v[ql] = last;
     ts.thr_i[ql] = Li[topk - 1];
+    if (last > -INFINITY) {  // topk real entries: publish, and take the best bar so far
+      const float prev = from_order_key(atomicMax(c.bars + ql, order_key(last)));
+      ts.bar_v[ql] = prev > last ? prev : last;
+    }
     ts.cnt[ql] = 0;
   }
   __syncwarp();
@@ -208,6 +233,7 @@ __device__ void init_block_lists(TopkShared<MQ, CB>& ts, const TopkCtx& c, int t
   for (int ql = tid; ql < MQ; ql += kThreads) {
     ts.thr_v[ql] = -INFINITY;
     ts.thr_i[ql] = -1;
+    ts.bar_v[ql] = -INFINITY;
     ts.cnt[ql] = 0;
   }
   __syncthreads();
@@ -226,7 +252,8 @@ __device__ void process_tile(TopkShared<MQ, CB>& ts, const TopkCtx& c, const flo
     const int64_t off = tile_off + srow[s];
     if (off < part_rows && sq[s] < c.q_valid) {
       const long long id = c.id_base + off;
-      if (better(sv[s], id, ts.thr_v[sq[s]], ts.thr_i[sq[s]]) && !is_excluded(c, sq[s], id))
+      if (sv[s] >= ts.bar_v[sq[s]] && better(sv[s], id, ts.thr_v[sq[s]], ts.thr_i[sq[s]]) &&
+          !is_excluded(c, sq[s], id))
         pend |= 1u << s;
     }
   }
@@ -249,9 +276,19 @@ __device__ void process_tile(TopkShared<MQ, CB>& ts, const TopkCtx& c, const flo
 #pragma unroll
     for (int s = 0; s < NS; ++s) {  // the bar went up: some pending scores no longer qualify
       if ((pend & (1u << s)) &&
-          !better(sv[s], c.id_base + tile_off + srow[s], ts.thr_v[sq[s]], ts.thr_i[sq[s]]))
+          (!(sv[s] >= ts.bar_v[sq[s]]) ||
+           !better(sv[s], c.id_base + tile_off + srow[s], ts.thr_v[sq[s]], ts.thr_i[sq[s]])))
         pend &= ~(1u << s);
     }
+  }
+}
+
+// Takes up bars other blocks published since (block-uniform call, before a barrier).
+template <int MQ, int CB>
+__device__ __forceinline__ void refresh_bars(TopkShared<MQ, CB>& ts, const TopkCtx& c, int tid) {
+  if (tid < MQ && tid < c.q_valid) {
+    const float b = from_order_key(*reinterpret_cast<volatile const int*>(c.bars + tid));
+    if (b > ts.bar_v[tid]) ts.bar_v[tid] = b;
   }
 }
 
@@ -270,6 +307,7 @@ struct ScoreParams {
   const int64_t* exclude;
   float* lists_v;       // [partitions][m][topk]
   long long* lists_i;
+  int* bars;            // [m] shared bars (order_key of a value)
   int64_t qblocks, partitions, mp, kq;
 };
 
@@ -284,36 +322,47 @@ __device__ __forceinline__ TopkCtx make_ctx(const ScoreParams& p, int64_t part, 
   c.exclude = p.e > 0 ? p.exclude + qbase * p.e : nullptr;
   c.e = p.e;
   c.q_valid = static_cast<int>(p.m - qbase < MQ ? p.m - qbase : MQ);
+  c.bars = p.bars + qbase;
   return c;
 }
 
 // ---- tensor-core scoring (bfloat16 stores) -------------------------------------------------------
-// Warp grid kWarpsM x kWarpsN, each warp kWM m16 tiles (store rows) x kWN n8 tiles (queries).
-template <int kWarpsM_, int kWarpsN_, int kWM_, int kWN_, int kCB_>
+// Warp grid kWarpsM x kWarpsN, each warp kWM m16 tiles (store rows) x kWN n8 tiles (queries);
+// BK k columns per pipeline stage, Stages stages of G and Q in flight (cp.async ring).
+template <int kWarpsM_, int kWarpsN_, int kWM_, int kWN_, int kCB_, int kBK_, int kStages_>
 struct TcCfg {
   static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, kWM = kWM_, kWN = kWN_;
   static constexpr int MQ = kWarpsN * kWN * 8;
   static constexpr int CB = kCB_;
   static constexpr int NS = kWM * kWN * 4;
+  static constexpr int BK = kBK_, Stages = kStages_;
+  // Shared-memory row pitch in bf16: +8 (16 bytes, an odd number of 16-byte units per row)
+  // makes ldmatrix phases conflict-free.
+  static constexpr int Pitch = BK + 8;
   static_assert(kWarpsM * kWarpsN == kWarps, "8 warps");
   static_assert(kWarpsM * kWM * 16 == kRowsPerTile, "128-row tiles");
   static_assert(kWN % 2 == 0, "query fragments load in pairs of n8 tiles");
+  static_assert(BK % 16 == 0 && kQPad % BK == 0, "k steps of whole m16n8k16 steps");
+  static_assert(Stages >= 2, "a ring of at least two stages");
 };
-// m <= 16: all warps along the rows (16 x 16 each); a larger buffer (smem is plentiful here).
-using CfgSmall = TcCfg<8, 1, 1, 2, 128>;
+// m <= 16: all warps along the rows (16 x 16 each); a larger buffer. Memory-bound, so the deepest
+// ring that still fits 99 KB (sm_86/89; two blocks per SM on sm_90): 3 x 16 KB of G per block,
+// and 64-column steps halve the barriers per byte.
+using CfgSmall = TcCfg<8, 1, 1, 2, 128, 64, 3>;
 // m > 16: 64 queries per block, warps 32 rows x 32 queries; buffers of 32 keep it under 99 KB.
-using CfgLarge = TcCfg<4, 2, 2, 4, 32>;
+using CfgLarge = TcCfg<4, 2, 2, 4, 32, 32, 3>;
 
 template <class Cfg>
 struct alignas(16) TcScoreSmem {
-  uint16_t g[kStages][kRowsPerTile][kPitch];
-  uint16_t q[kStages][kQParts][Cfg::MQ][kPitch];
+  uint16_t g[Cfg::Stages][kRowsPerTile][Cfg::Pitch];
+  uint16_t q[Cfg::Stages][kQParts][Cfg::MQ][Cfg::Pitch];
   TopkShared<Cfg::MQ, Cfg::CB> ts;
 };
 
 template <class Cfg>
 __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p) {
   constexpr int MQ = Cfg::MQ, CB = Cfg::CB, NS = Cfg::NS, kWM = Cfg::kWM, kWN = Cfg::kWN;
+  constexpr int BK = Cfg::BK, Stages = Cfg::Stages;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   TcScoreSmem<Cfg>& sm = *reinterpret_cast<TcScoreSmem<Cfg>*>(smem_raw);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -327,34 +376,45 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
   const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
 
-  const int64_t nk = p.kq / kBK;
+  // k steps per tile (kq / BK < 2^31 for any store row that fits in memory).
+  const int nk = static_cast<int>(p.kq / BK);
   const int64_t total = ceil_div(part_rows, kRowsPerTile) * nk;
   const uint16_t* G = static_cast<const uint16_t*>(p.G);
 
-  auto issue = [&](int64_t it) {
-    const int stage = static_cast<int>(it % kStages);
-    const int64_t r0 = row_begin + (it / nk) * kRowsPerTile;
-    const int64_t c0 = (it % nk) * kBK;
+  // The copy side walks (tile, k step, ring slot) with counters of its own: no 64-bit divisions
+  // in the loop (they cost more than the MMAs of a memory-bound step).
+  int64_t ld_r0 = row_begin;
+  int ld_kc = 0, ld_stage = 0;
+  auto issue_next = [&]() {
+    const int64_t c0 = static_cast<int64_t>(ld_kc) * BK;
+    constexpr int kChunksPerRow = BK / 8;
+    constexpr int kGChunks = kRowsPerTile * kChunksPerRow;
+    static_assert(kGChunks % kThreads == 0, "whole G chunks per thread");
 #pragma unroll
-    for (int u = 0; u < (kRowsPerTile * kBK / 8) / kThreads; ++u) {
+    for (int u = 0; u < kGChunks / kThreads; ++u) {
       const int ch = tid + u * kThreads;
-      const int row = ch >> 2, col = (ch & 3) * 8;
-      const int64_t grow = r0 + row;
+      const int row = ch / kChunksPerRow, col = (ch % kChunksPerRow) * 8;
+      const int64_t grow = ld_r0 + row;
       const bool ok = grow < row_end && c0 + col < p.k;  // k % 8 == 0: chunks are all in or out
-      cp_async16(smem_u32(&sm.g[stage][row][col]), ok ? G + grow * p.k + c0 + col : G, ok);
+      cp_async16(smem_u32(&sm.g[ld_stage][row][col]), ok ? G + grow * p.k + c0 + col : G, ok);
     }
-    constexpr int kQChunks = kQParts * MQ * (kBK / 8);
+    constexpr int kQChunks = kQParts * MQ * kChunksPerRow;
     constexpr int kQIters = (kQChunks + kThreads - 1) / kThreads;
 #pragma unroll
     for (int u = 0; u < kQIters; ++u) {
       const int ch = tid + u * kThreads;
       if (ch < kQChunks) {
-        const int qp = ch / (MQ * 4), rem = ch % (MQ * 4);
-        const int qr = rem >> 2, col = (rem & 3) * 8;
-        cp_async16(smem_u32(&sm.q[stage][qp][qr][col]),
+        const int qp = ch / (MQ * kChunksPerRow), rem = ch % (MQ * kChunksPerRow);
+        const int qr = rem / kChunksPerRow, col = (rem % kChunksPerRow) * 8;
+        cp_async16(smem_u32(&sm.q[ld_stage][qp][qr][col]),
                    p.Qs + (qp * p.mp + qbase + qr) * p.kq + c0 + col, true);
       }
     }
+    if (++ld_kc == nk) {
+      ld_kc = 0;
+      ld_r0 += kRowsPerTile;
+    }
+    if (++ld_stage == Stages) ld_stage = 0;
   };
 
   float acc[kWM][kWN][4];
@@ -366,18 +426,20 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.0f;
 
 #pragma unroll
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < total) issue(s);
+  for (int s = 0; s < Stages - 1; ++s) {
+    if (s < total) issue_next();
     cp_async_commit();  // always: keeps the group count in step with the iterations
   }
+  int stage = 0, kc = 0;
+  int64_t tile_off = 0;
   for (int64_t it = 0; it < total; ++it) {
-    cp_async_wait<kStages - 2>();  // stage `it` landed (for this thread) ...
-    __syncthreads();               // ... for every thread; stage it-1 is free again
-    if (it + kStages - 1 < total) issue(it + kStages - 1);
+    if (kc == 0) refresh_bars(sm.ts, c, tid);  // read by this tile's process_tile
+    cp_async_wait<Stages - 2>();  // stage `it` landed (for this thread) ...
+    __syncthreads();              // ... for every thread; stage it-1 is free again
+    if (it + Stages - 1 < total) issue_next();
     cp_async_commit();
-    const int stage = static_cast<int>(it % kStages);
 #pragma unroll
-    for (int kk = 0; kk < kBK; kk += 16) {
+    for (int kk = 0; kk < BK; kk += 16) {
       uint32_t a[kWM][4];
 #pragma unroll
       for (int mt = 0; mt < kWM; ++mt)
@@ -404,7 +466,9 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
             mma_16816<__nv_bfloat16>(acc[mt][nt], a[mt], b[nt][0], b[nt][1]);
       }
     }
-    if (it % nk == nk - 1) {  // the tile's scores are complete
+    if (++stage == Stages) stage = 0;
+    if (++kc == nk) {  // the tile's scores are complete
+      kc = 0;
       float sv[NS];
       int srow[NS], sq[NS];
 #pragma unroll
@@ -419,7 +483,8 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
             sq[s] = warp_n * kWN * 8 + nt * 8 + 2 * t4 + (e & 1);
             acc[mt][nt][e] = 0.0f;
           }
-      process_tile(sm.ts, c, sv, srow, sq, (it / nk) * kRowsPerTile, part_rows, lane, warp);
+      process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
+      tile_off += kRowsPerTile;
     }
   }
   cp_async_wait<0>();
@@ -456,6 +521,7 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
     float acc[4][2];
 #pragma unroll
     for (int i = 0; i < 4; ++i) acc[i][0] = acc[i][1] = 0.0f;
+    refresh_bars(sm.ts, c, tid);
     for (int64_t c0 = 0; c0 < p.k; c0 += kBK) {
       __syncthreads();  // the previous chunk's reads are done
 #pragma unroll
@@ -566,6 +632,71 @@ __global__ void merge_lists_kernel(const float* __restrict__ src_v,
   }
 }
 
+// dst list `grp` = the best topk of src lists [grp fan_in, grp fan_in + fan_in) (those < nlists)
+// for query q, staged in shared memory. An entry's rank in the merged order is its position in
+// its own list plus, for every other list, the entries ranking before it: before or equal in a
+// lower list (exact ties keep list order, as in the pairwise merge), strictly before in a higher
+// one. The ranks are distinct; those below topk are written, so every output slot is filled.
+__global__ void __launch_bounds__(kMergeManyThreads) merge_many_kernel(
+    const float* __restrict__ src_v, const long long* __restrict__ src_i, int64_t nlists,
+    int64_t m, int topk, int fan_in, float* __restrict__ dst_v, long long* __restrict__ dst_i) {
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  long long* si = reinterpret_cast<long long*>(smem_raw);
+  float* sv = reinterpret_cast<float*>(si + fan_in * topk);
+  const int64_t q = blockIdx.x % m, grp = blockIdx.x / m;
+  const int64_t first = grp * fan_in;
+  const int cnt = static_cast<int>(nlists - first < fan_in ? nlists - first : fan_in);
+  const int total = cnt * topk;
+  for (int e = threadIdx.x; e < total; e += kMergeManyThreads) {
+    const int l = e / topk;
+    const int64_t src = ((first + l) * m + q) * topk + (e - l * topk);
+    sv[e] = src_v[src];
+    si[e] = src_i[src];
+  }
+  __syncthreads();
+  float* ov = dst_v + (grp * m + q) * topk;
+  long long* oi = dst_i + (grp * m + q) * topk;
+  for (int e = threadIdx.x; e < total; e += kMergeManyThreads) {
+    const int l = e / topk;
+    const float v = sv[e];
+    const long long id = si[e];
+    int rank = e - l * topk;
+    for (int l2 = 0; l2 < cnt && rank < topk; ++l2) {
+      if (l2 == l) continue;
+      const float* yv = sv + l2 * topk;
+      const long long* yi = si + l2 * topk;
+      int lo = 0, hi = topk;
+      if (l2 < l) {  // #{y before or equal to (v, id)}
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (!better(v, id, yv[mid], yi[mid])) lo = mid + 1; else hi = mid;
+        }
+      } else {  // #{y strictly before (v, id)}
+        while (lo < hi) {
+          const int mid = (lo + hi) >> 1;
+          if (better(yv[mid], yi[mid], v, id)) lo = mid + 1; else hi = mid;
+        }
+      }
+      rank += lo;
+    }
+    if (rank < topk) {
+      ov[rank] = v;
+      oi[rank] = id;
+    }
+  }
+}
+
+int merge_fan_in(int64_t topk) {
+  const int64_t fit = kMergeSmemBytes / (topk * 12);
+  return static_cast<int>(fit < kMaxFanIn ? fit : kMaxFanIn);  // < 2: pairwise from global
+}
+
+__global__ void init_bars_kernel(int* __restrict__ bars, int64_t m) {
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < m; x += stride)
+    bars[x] = order_key(-INFINITY);
+}
+
 __global__ void fill_empty_kernel(float* __restrict__ v, long long* __restrict__ i, int64_t n) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < n; x += stride) {
@@ -608,6 +739,7 @@ struct TopkWs {
   float* bv;
   long long* bi;
   __nv_bfloat16* qs;
+  int* bars;
 };
 
 template <class Alloc>
@@ -621,10 +753,11 @@ TopkWs layout(Alloc& a, const CudaTopkPlan& pl, int64_t m, int64_t k, int64_t to
   const int64_t second = lists > 2 ? ceil_div(lists, 2) : 0;  // ping-pong half for the merge tree
   w.bv = a.template take<float>(second * per);
   w.bi = a.template take<long long>(second * per);
+  w.bars = a.template take<int>(m);
   w.qs = nullptr;
   if (pl.tensor_cores)
     w.qs = a.template take<__nv_bfloat16>(kQParts * pl.query_blocks * pl.queries_per_block *
-                                          cuda::detail::round_up(k, kBK));
+                                          cuda::detail::round_up(k, kQPad));
   return w;
 }
 
@@ -706,11 +839,15 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
   prm.exclude = exclude;
   prm.lists_v = w.av;
   prm.lists_i = w.ai;
+  prm.bars = w.bars;
+  init_bars_kernel<<<cuda::detail::grid_stride_blocks(m, kElemThreads), kElemThreads, 0, st>>>(
+      w.bars, m);
+  cuda::detail::check_launch("init_bars_kernel launch");
   prm.qblocks = pl.query_blocks;
   prm.partitions = pl.partitions;
   if (pl.tensor_cores) {
     prm.mp = pl.query_blocks * pl.queries_per_block;
-    prm.kq = cuda::detail::round_up(k, kBK);
+    prm.kq = cuda::detail::round_up(k, kQPad);
     prm.Qs = reinterpret_cast<const uint16_t*>(w.qs);
     split_queries_kernel<<<cuda::detail::grid_stride_blocks(prm.mp * prm.kq, kElemThreads),
                            kElemThreads, 0, st>>>(Q, m, k, prm.mp, prm.kq, w.qs);
@@ -747,16 +884,25 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
   long long* src_i = w.ai;
   float* oth_v = w.bv;
   long long* oth_i = w.bi;
+  const int fan_in = merge_fan_in(topk);
   while (true) {
-    const int64_t pairs = ceil_div(lists, 2);
-    const bool last = pairs == 1;
+    const int64_t groups = ceil_div(lists, fan_in >= 2 ? fan_in : 2);
+    const bool last = groups == 1;
     float* dv = last ? values : oth_v;
     long long* di = last ? out_i : oth_i;
-    merge_lists_kernel<<<cuda::detail::grid_1d(pairs * m, "merge_lists_kernel"), kMergeThreads, 0,
-                         st>>>(src_v, src_i, lists, m, topk, dv, di);
-    cuda::detail::check_launch("merge_lists_kernel launch");
+    if (fan_in >= 2) {
+      const int64_t smem = static_cast<int64_t>(fan_in) * topk * 12;
+      merge_many_kernel<<<cuda::detail::grid_1d(groups * m, "merge_many_kernel"),
+                          kMergeManyThreads, smem, st>>>(src_v, src_i, lists, m,
+                                                         static_cast<int>(topk), fan_in, dv, di);
+      cuda::detail::check_launch("merge_many_kernel launch");
+    } else {
+      merge_lists_kernel<<<cuda::detail::grid_1d(groups * m, "merge_lists_kernel"),
+                           kMergeThreads, 0, st>>>(src_v, src_i, lists, m, topk, dv, di);
+      cuda::detail::check_launch("merge_lists_kernel launch");
+    }
     if (last) break;
-    lists = pairs;
+    lists = groups;
     std::swap(src_v, oth_v);
     std::swap(src_i, oth_i);
   }

@@ -49,8 +49,12 @@ constexpr int kSimtThreads = 256;
 constexpr int kSimtPad = 4;  // keeps 16-byte float4 reads aligned, shifts banks between rows
 
 // ---- split-K -------------------------------------------------------------------------------------
-// Blocks per SM the plan aims for (the MMA kernel holds one block per SM; the SIMT one several).
-constexpr int64_t kTcCtasPerSm = 1;
+// Blocks per SM the plan aims for. The dense MMA kernel fits two per SM (~125 registers), and
+// with one register-staged stage in flight per block it needs both to hide load latency (a
+// 128-tile kron projection ran at 2.5 us per K step with one); the direct kernel (225 registers)
+// holds one per SM; the SIMT one several.
+constexpr int64_t kTcCtasPerSm = 2;
+constexpr int64_t kDirectCtasPerSm = 1;
 constexpr int64_t kSimtCtasPerSm = 4;
 // A split gets at least this many input columns: below it, the partial-sum traffic outweighs it.
 constexpr int64_t kMinColsPerSplit = 256;
@@ -154,34 +158,60 @@ struct Step {
   bool last;           // direct: last K step of its (o, t): scale Z by D and fold into Y
 };
 
+// Walks the K steps in order. Decoding a step index needs 64-bit divisions by nci and T, which
+// cost more than a step's MMAs, so the kernel keeps cursors for steps s+1 and s+2 and advances
+// them with compares; only the start is divided out.
 template <bool kDirect>
-__device__ __forceinline__ Step decode_step(const TcParams& p, int64_t s, int64_t unit_begin,
-                                            int64_t nci) {
-  Step st;
-  if constexpr (kDirect) {
-    const int64_t c = s % nci;
-    const int64_t r = s / nci;
-    const int64_t t = r % p.T;
-    const int64_t o = unit_begin + r / p.T;
-    st.row_stride = p.T * p.d_in;
-    st.elem_off = t * p.d_in + c * kTcBK;
-    st.kbase = c * kTcBK;
-    st.klimit = p.d_in;
-    st.hash_col = p.col_offset + static_cast<uint64_t>(o * p.d_in + c * kTcBK);
-    st.d_off = t * p.d_out + o;
-    st.last = c == nci - 1;
-  } else {
-    const int64_t p0 = (unit_begin + s) * kTcBK;
-    st.row_stride = p.ld;
-    st.elem_off = p0;
-    st.kbase = p0;
-    st.klimit = p.cols;
-    st.hash_col = p.col_offset + static_cast<uint64_t>(p0);
-    st.d_off = 0;
-    st.last = false;
+struct StepCursor {
+  int64_t c = 0, t = 0, o = 0;  // direct: column chunk, t, output row o; dense: c = K step
+
+  __device__ __forceinline__ void init(const TcParams& p, int64_t s, int64_t unit_begin,
+                                       int64_t nci) {
+    if constexpr (kDirect) {
+      c = s % nci;
+      const int64_t r = s / nci;
+      t = r % p.T;
+      o = unit_begin + r / p.T;
+    } else {
+      c = unit_begin + s;
+    }
   }
-  return st;
-}
+  __device__ __forceinline__ void next(const TcParams& p, int64_t nci) {
+    if constexpr (kDirect) {
+      if (++c == nci) {
+        c = 0;
+        if (++t == p.T) {
+          t = 0;
+          ++o;
+        }
+      }
+    } else {
+      ++c;
+    }
+  }
+  __device__ __forceinline__ Step step(const TcParams& p, int64_t nci) const {
+    Step st;
+    if constexpr (kDirect) {
+      st.row_stride = p.T * p.d_in;
+      st.elem_off = t * p.d_in + c * kTcBK;
+      st.kbase = c * kTcBK;
+      st.klimit = p.d_in;
+      st.hash_col = p.col_offset + static_cast<uint64_t>(o * p.d_in + c * kTcBK);
+      st.d_off = t * p.d_out + o;
+      st.last = c == nci - 1;
+    } else {
+      const int64_t p0 = c * kTcBK;
+      st.row_stride = p.ld;
+      st.elem_off = p0;
+      st.kbase = p0;
+      st.klimit = p.cols;
+      st.hash_col = p.col_offset + static_cast<uint64_t>(p0);
+      st.d_off = 0;
+      st.last = false;
+    }
+    return st;
+  }
+};
 
 // Global -> register staging of one A tile (loaded before the MMAs of the current stage, stored
 // to shared memory after them, so the loads' latency hides behind the math).
@@ -421,25 +451,30 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
   // barrier of step s-1 (a, b, d: by the MMAs / fold of s-1; bits[(s+2)%3]: by the expansion in
   // step s-2), and everything read in step s+1 was written before the barrier of step s.
   if (nsteps > 0) {
-    Step st = decode_step<kDirect>(p, 0, unit_begin, nci);
+    StepCursor<kDirect> c1, c2;  // steps s + 1 and s + 2
+    c1.init(p, 0, unit_begin, nci);
+    Step st = c1.step(p, nci);
+    c1.next(p, nci);
+    c2 = c1;
+    c2.next(p, nci);
     load_stage(st);
     hash_stage(st, 0);
-    if (nsteps > 1) hash_stage(decode_step<kDirect>(p, 1, unit_begin, nci), 1);
+    if (nsteps > 1) hash_stage(c1.step(p, nci), 1);
     store_stage(st, 0);
     __syncthreads();  // bits[0], bits[1] and the LUT are visible
     expand_stage(0, 0);
     __syncthreads();  // stage 0 complete
+    int ring1 = 1, ring2 = 2;  // (s + 1) % 3 and (s + 2) % 3
     for (int64_t s = 0; s < nsteps; ++s) {
       const int cur = static_cast<int>(s & 1), nxt = cur ^ 1;
       const bool has_next = s + 1 < nsteps;
       const bool fold = kDirect && st.last;
       Step nst;
       if (has_next) {
-        nst = decode_step<kDirect>(p, s + 1, unit_begin, nci);
+        nst = c1.step(p, nci);
         load_stage(nst);  // global loads in flight during the MMAs
       }
-      if (s + 2 < nsteps)
-        hash_stage(decode_step<kDirect>(p, s + 2, unit_begin, nci), static_cast<int>((s + 2) % 3));
+      if (s + 2 < nsteps) hash_stage(c2.step(p, nci), ring2);
       if constexpr (kDirect) {
         compute_stage(cur, z);
       } else {
@@ -448,10 +483,14 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
       if (fold) fold_stage(cur);
       if (has_next) {
         store_stage(nst, nxt);
-        expand_stage(static_cast<int>((s + 1) % 3), nxt);
+        expand_stage(ring1, nxt);
       }
       __syncthreads();
       if (has_next) st = nst;
+      c1.next(p, nci);
+      c2.next(p, nci);
+      ring1 = ring2;
+      ring2 = ring2 == 2 ? 0 : ring2 + 1;
     }
   }
 
@@ -788,7 +827,7 @@ CudaGemmPlan direct_plan(int64_t B, int64_t T, int64_t d_in, int64_t d_out, int6
   p.tiles_n = ceil_div(std::max<int64_t>(N, 1), kTcBN);
   const int64_t ksteps = d_out * T * ceil_div(d_in, kTcBK);
   p.splits = std::min(d_out, pick_splits(p.tiles_m * p.tiles_n, ksteps, kMinColsPerSplit / kTcBK,
-                                         num_sms * kTcCtasPerSm));
+                                         num_sms * kDirectCtasPerSm));
   return p;
 }
 }  // namespace

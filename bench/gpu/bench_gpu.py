@@ -66,6 +66,30 @@ def med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def kernel_breakdown(name: str, fn: Callable[[], object], calls: int = 3) -> None:
+    """Logs (and records) the device time of each kernel one call of ``fn`` launches: where the
+    time goes, without hardware counters (torch.profiler's CUDA activity, mean of ``calls``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = {}
+    for ev in prof.key_averages():
+        t = getattr(ev, "self_device_time_total", None)
+        if t is None:
+            t = getattr(ev, "self_cuda_time_total", 0.0)
+        if t > 0:
+            per[ev.key] = [t / calls / 1e3, ev.count / calls]
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:8]
+    RESULTS.setdefault("kernels", {})[name] = {k: v for k, v in top}
+    parts = ", ".join(f"{k[:60]} {v[0]:.3f} ms x{v[1]:g}" for k, v in top)
+    log(f"{name} kernels per call: {parts}")
+
+
 def free() -> None:
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -158,6 +182,7 @@ def bench_linear(mm_rate: float, rounds: int) -> None:
     del R64, ref
     free()
     t_ours = cuda_times(lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
+    kernel_breakdown("sketch_linear", lambda: ops.sketch_linear(A, D, k, seed=1, out=y), 1)
     # torch.mm of the same shape with the whole random matrix stored (8 GiB of bf16).
     Gb = G.to(torch.bfloat16)
     G = None  # noqa: F841
@@ -239,6 +264,8 @@ def bench_kron(rounds: int) -> None:
         return torch.bmm(V.transpose(1, 2).float(), U.float())
 
     t_ours = cuda_times(lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y), rounds * 5)
+    kernel_breakdown("sketch_kron", lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y))
+    kernel_breakdown("sketch_kron torch", two_mm_and_outer)
     t_mm = cuda_times(two_mm_and_outer, rounds * 5)
     t_rng = cuda_times(baseline_rng, rounds * 5)
     to, tm, tr = med(t_ours), med(t_mm), med(t_rng)
@@ -307,6 +334,7 @@ def bench_score(copy_bw: float, mm_rate: float, rounds: int) -> None:
         assert verr < 1e-4 and overlap > 0.98, f"score_topk m={m} disagrees: {verr}, {overlap}"
         r = rounds * 3 if m <= 64 else rounds
         t_ours = cuda_times(lambda Q=Q: ops.score_topk(Q, G, topk), r)
+        kernel_breakdown(f"score_topk m={m}", lambda Q=Q: ops.score_topk(Q, G, topk), 1)
         t_base = cuda_times(lambda Q=Q: torch_topk(Q, G, topk), max(2, r // 3))
         to, tb = med(t_ours), med(t_base)
         bw = store_bytes / to
@@ -382,6 +410,7 @@ def bench_sparse(copy_bw: float, rounds: int) -> None:
         b, sg = reference.sparse_buckets(3, s, k, c0, c0 + (1 << 20))
         tables[c0] = (torch.from_numpy(b).reshape(-1).to(DEV), torch.from_numpy(sg).float().to(DEV))
     t_ours = cuda_times(lambda: ops.sketch_sparse(g, k, s=s, seed=3, out=y), rounds * 2)
+    kernel_breakdown("sketch_sparse", lambda: ops.sketch_sparse(g, k, s=s, seed=3, out=y), 1)
     t_base = cuda_times(baseline, rounds)
     to, tb = med(t_ours), med(t_base)
     bw = B * P * 2 / to
