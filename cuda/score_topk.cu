@@ -16,7 +16,8 @@
 //
 // Scores: bfloat16 stores use the tensor cores, the float32 query split into three bf16 terms
 // whose sum is exactly the query (so each product is exact and accumulates in float32, three MMA
-// passes); float32 / float16 stores (and unaligned bf16 ones) use a float32 FMA kernel.
+// passes; one pass when the caller says the queries are bfloat16 numbers, whose two lower terms
+// are zero); float32 / float16 stores (and unaligned bf16 ones) use a float32 FMA kernel.
 #include <algorithm>
 #include <cmath>
 #include <climits>
@@ -329,13 +330,15 @@ __device__ __forceinline__ TopkCtx make_ctx(const ScoreParams& p, int64_t part, 
 // ---- tensor-core scoring (bfloat16 stores) -------------------------------------------------------
 // Warp grid kWarpsM x kWarpsN, each warp kWM m16 tiles (store rows) x kWN n8 tiles (queries);
 // BK k columns per pipeline stage, Stages stages of G and Q in flight (cp.async ring).
-template <int kWarpsM_, int kWarpsN_, int kWM_, int kWN_, int kCB_, int kBK_, int kStages_>
+// QP bf16 terms per query: 3 for float32 queries, 1 when the queries are bfloat16 numbers.
+template <int kWarpsM_, int kWarpsN_, int kWM_, int kWN_, int kCB_, int kBK_, int kStages_,
+          int kQP_>
 struct TcCfg {
   static constexpr int kWarpsM = kWarpsM_, kWarpsN = kWarpsN_, kWM = kWM_, kWN = kWN_;
   static constexpr int MQ = kWarpsN * kWN * 8;
   static constexpr int CB = kCB_;
   static constexpr int NS = kWM * kWN * 4;
-  static constexpr int BK = kBK_, Stages = kStages_;
+  static constexpr int BK = kBK_, Stages = kStages_, QP = kQP_;
   // Shared-memory row pitch in bf16: +8 (16 bytes, an odd number of 16-byte units per row)
   // makes ldmatrix phases conflict-free.
   static constexpr int Pitch = BK + 8;
@@ -344,18 +347,23 @@ struct TcCfg {
   static_assert(kWN % 2 == 0, "query fragments load in pairs of n8 tiles");
   static_assert(BK % 16 == 0 && kQPad % BK == 0, "k steps of whole m16n8k16 steps");
   static_assert(Stages >= 2, "a ring of at least two stages");
+  static_assert(QP == 1 || QP == kQParts, "one term, or the three of a float32 query");
 };
 // m <= 16: all warps along the rows (16 x 16 each); a larger buffer. Memory-bound, so the deepest
 // ring that still fits 99 KB (sm_86/89; two blocks per SM on sm_90): 3 x 16 KB of G per block,
 // and 64-column steps halve the barriers per byte.
-using CfgSmall = TcCfg<8, 1, 1, 2, 128, 64, 3>;
+using CfgSmall = TcCfg<8, 1, 1, 2, 128, 64, 3, kQParts>;
 // m > 16: 64 queries per block, warps 32 rows x 32 queries; buffers of 32 keep it under 99 KB.
-using CfgLarge = TcCfg<4, 2, 2, 4, 32, 32, 3>;
+using CfgLarge = TcCfg<4, 2, 2, 4, 32, 32, 3, kQParts>;
+// bfloat16 queries: one MMA pass; the smaller query tiles leave room for a deeper ring (small m)
+// or 64-column steps (large m) within 99 KB.
+using CfgSmall1 = TcCfg<8, 1, 1, 2, 128, 64, 4, 1>;
+using CfgLarge1 = TcCfg<4, 2, 2, 4, 32, 64, 3, 1>;
 
 template <class Cfg>
 struct alignas(16) TcScoreSmem {
   uint16_t g[Cfg::Stages][kRowsPerTile][Cfg::Pitch];
-  uint16_t q[Cfg::Stages][kQParts][Cfg::MQ][Cfg::Pitch];
+  uint16_t q[Cfg::Stages][Cfg::QP][Cfg::MQ][Cfg::Pitch];
   TopkShared<Cfg::MQ, Cfg::CB> ts;
 };
 
@@ -398,7 +406,7 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
       const bool ok = grow < row_end && c0 + col < p.k;  // k % 8 == 0: chunks are all in or out
       cp_async16(smem_u32(&sm.g[ld_stage][row][col]), ok ? G + grow * p.k + c0 + col : G, ok);
     }
-    constexpr int kQChunks = kQParts * MQ * kChunksPerRow;
+    constexpr int kQChunks = Cfg::QP * MQ * kChunksPerRow;
     constexpr int kQIters = (kQChunks + kThreads - 1) / kThreads;
 #pragma unroll
     for (int u = 0; u < kQIters; ++u) {
@@ -446,7 +454,7 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
         ldmatrix_x4(a[mt], smem_u32(&sm.g[stage][warp_m * kWM * 16 + mt * 16 + (lane & 15)]
                                          [kk + (lane >> 4) * 8]));
 #pragma unroll
-      for (int qp = 0; qp < kQParts; ++qp) {
+      for (int qp = 0; qp < Cfg::QP; ++qp) {
         uint32_t b[kWN][2];
 #pragma unroll
         for (int np = 0; np < kWN / 2; ++np) {
@@ -803,7 +811,7 @@ int64_t score_topk_cuda_workspace(int64_t m, const void* G, DType dtype, int64_t
 void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
                      int64_t topk, const int64_t* exclude, int64_t e, int64_t index_offset,
                      float* values, int64_t* indices, bool accumulate, void* ws, int64_t ws_bytes,
-                     int num_sms, CudaAlgo algo, std::uintptr_t stream) {
+                     int num_sms, CudaAlgo algo, std::uintptr_t stream, bool query_bf16) {
   validate(m, dtype, n, k, topk, e, index_offset, num_sms);
   using cuda::detail::require_ptr;
   require_ptr(Q, m * k, "Q");
@@ -852,7 +860,15 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
     split_queries_kernel<<<cuda::detail::grid_stride_blocks(prm.mp * prm.kq, kElemThreads),
                            kElemThreads, 0, st>>>(Q, m, k, prm.mp, prm.kq, w.qs);
     cuda::detail::check_launch("split_queries_kernel launch");
-    if (pl.queries_per_block == CfgSmall::MQ)
+    static_assert(CfgSmall::MQ == CfgSmall1::MQ && CfgLarge::MQ == CfgLarge1::MQ, "same plans");
+    const bool small = pl.queries_per_block == CfgSmall::MQ;
+    if (query_bf16 && small)
+      launch_score(tc_score_kernel<CfgSmall1>, sizeof(TcScoreSmem<CfgSmall1>), pl, prm, st,
+                   "tc_score_kernel<16, bf16 query>");
+    else if (query_bf16)
+      launch_score(tc_score_kernel<CfgLarge1>, sizeof(TcScoreSmem<CfgLarge1>), pl, prm, st,
+                   "tc_score_kernel<64, bf16 query>");
+    else if (small)
       launch_score(tc_score_kernel<CfgSmall>, sizeof(TcScoreSmem<CfgSmall>), pl, prm, st,
                    "tc_score_kernel<16>");
     else

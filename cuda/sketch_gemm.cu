@@ -20,18 +20,16 @@ constexpr int kTcBN = 128;
 // (three bf16 copies of the A tile) still fits the 99 KB a block may use on sm_86 / sm_89.
 constexpr int kTcBK = 32;
 constexpr int kTcStages = 2;
-// Sign words are hashed two steps ahead (a ring of three), so that step s can expand step s + 1's
-// words, hashed during step s - 1, with one barrier per step.
-constexpr int kTcBitStages = 3;
 constexpr int kTcThreads = 256;
 constexpr int kTcWarpM = 64;
 constexpr int kTcWarpN = 32;
 constexpr int kTcMT = kTcWarpM / 16;  // m16 tiles per warp
 constexpr int kTcNT = kTcWarpN / 8;   // n8 tiles per warp
-// Row pitches in 16-bit elements. +8 (16 bytes) makes the 8 rows an ldmatrix phase reads start in
-// 8 different 16-byte bank groups (80 B and 272 B pitches), i.e. conflict-free.
+// A row pitch in 16-bit elements. +8 (16 bytes) makes the 8 rows an ldmatrix phase reads start in
+// 8 different 16-byte bank groups (80 B pitch), i.e. conflict-free.
 constexpr int kTcAPitch = kTcBK + 8;
-constexpr int kTcBPitch = kTcBN + 8;
+static_assert(kTcWarpN == 32 && kTcBN == 4 * kTcWarpN,
+              "a warp's columns are one 32-bit half of a tile row's two sign words");
 // Rows below which the 128-row MMA tile wastes more than the SIMT kernel costs, per MMA pass.
 constexpr int64_t kTcMinRowsPerPass = 16;
 // Direct sketch_linear (no G): worth it while T MMA passes cost no more than forming G and
@@ -141,10 +139,10 @@ struct TcParams {
 template <int kParts>
 struct alignas(16) TcSmem {
   uint16_t a[kTcStages][kParts][kTcBM][kTcAPitch];  // X rows (kParts bf16 terms for float32)
-  uint16_t b[kTcStages][kTcBK][kTcBPitch];          // +-1 tile, [p][j]
-  unsigned long long bits[kTcBitStages][kTcBK][kTcBN / 64];  // sign words, ring of three
+  // The +-1 tile as sign bits: bit j of row p's 128 bits is R[n0 + j, p] < 0. The MMAs' B
+  // fragments are made from them in registers (no expanded tile, no ldmatrix for B).
+  unsigned long long bits[kTcStages][kTcBK][kTcBN / 64];
   float d[kTcStages][kTcBM];                        // direct: D[b, t, o] of the tile rows
-  uint4 lut[256];                                   // byte -> eight +-1 values
 };
 
 // Which K step is which: input columns, hash columns, and (direct) the (o, t) it belongs to.
@@ -335,18 +333,6 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
   const int64_t unit_end = p.kunits * (split + 1) / p.splits;
   const int64_t nsteps = kDirect ? (unit_end - unit_begin) * p.T * nci : unit_end - unit_begin;
 
-  // byte -> eight +-1 values of MmaT (bit e of the byte is the sign of element e).
-  for (int v = tid; v < 256; v += kTcThreads) {
-    uint32_t w[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const uint32_t lo = PlusOne<MmaT>::kBits | (((v >> (2 * e)) & 1u) << 15);
-      const uint32_t hi = PlusOne<MmaT>::kBits | (((v >> (2 * e + 1)) & 1u) << 15);
-      w[e] = lo | (hi << 16);
-    }
-    sm.lut[v] = make_uint4(w[0], w[1], w[2], w[3]);
-  }
-
   float acc[kTcMT][kTcNT][4];
   float z[kDirect ? kTcMT : 1][kDirect ? kTcNT : 1][4];
 #pragma unroll
@@ -375,14 +361,6 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
       sm.bits[stage][pp][w] = hash_word(ck, static_cast<uint64_t>(n0 >> 6) + w);
     }
   };
-  // Expand the sign words into the +-1 B tile: each thread writes 16 values of one column.
-  auto expand_stage = [&](int bit_stage, int stage) {
-    const int pp = tid >> 3, jg = tid & 7;
-    const unsigned long long word = sm.bits[bit_stage][pp][jg >> 2];
-    const uint32_t v16 = static_cast<uint32_t>(word >> ((jg & 3) * 16)) & 0xFFFFu;
-    *reinterpret_cast<uint4*>(&sm.b[stage][pp][jg * 16]) = sm.lut[v16 & 0xFFu];
-    *reinterpret_cast<uint4*>(&sm.b[stage][pp][jg * 16 + 8]) = sm.lut[v16 >> 8];
-  };
   auto load_stage = [&](const Step& st) {
     loader.load(p, st, m0, tid);
     if constexpr (kDirect) {
@@ -399,19 +377,22 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
     }
   };
   auto compute_stage = [&](int stage, float (&target)[kTcMT][kTcNT][4]) {
+    // Row p's sign bits as four 32-bit halves; this warp's 32 columns are half warp_n.
+    const uint32_t* sb = reinterpret_cast<const uint32_t*>(&sm.bits[stage][0][0]) + warp_n;
 #pragma unroll
     for (int kk = 0; kk < kTcBK; kk += 16) {
+      // B fragment of an m16n8k16 step: b0 holds rows k = 2 t4, 2 t4 + 1 of column g, b1 the
+      // same rows + 8 (low half the even row). A set bit is -1: +1 with the sign bit set.
+      const int r0 = kk + 2 * t4;
+      const uint32_t x0 = sb[(r0 + 0) * 4] >> g, x1 = sb[(r0 + 1) * 4] >> g;
+      const uint32_t x8 = sb[(r0 + 8) * 4] >> g, x9 = sb[(r0 + 9) * 4] >> g;
+      constexpr uint32_t kOnes = PlusOne<MmaT>::kBits * 0x10001u;
       uint32_t bf[kTcNT][2];
 #pragma unroll
-      for (int np = 0; np < kTcNT / 2; ++np) {
-        const int mat = lane >> 3, rr = lane & 7;
-        uint32_t r[4];
-        ldmatrix_x4_trans(
-            r, smem_u32(&sm.b[stage][kk + (mat & 1) * 8 + rr][warp_n * kTcWarpN + np * 16 + (mat >> 1) * 8]));
-        bf[2 * np][0] = r[0];
-        bf[2 * np][1] = r[1];
-        bf[2 * np + 1][0] = r[2];
-        bf[2 * np + 1][1] = r[3];
+      for (int nt = 0; nt < kTcNT; ++nt) {
+        const int sh = 8 * nt;
+        bf[nt][0] = kOnes | (((x0 >> sh) & 1u) << 15) | (((x1 >> sh) & 1u) << 31);
+        bf[nt][1] = kOnes | (((x8 >> sh) & 1u) << 15) | (((x9 >> sh) & 1u) << 31);
       }
 #pragma unroll
       for (int part = 0; part < kParts; ++part) {
@@ -421,7 +402,8 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
           ldmatrix_x4(a, smem_u32(&sm.a[stage][part][warp_m * kTcWarpM + mt * 16 + (lane & 15)]
                                        [kk + (lane >> 4) * 8]));
 #pragma unroll
-          for (int nt = 0; nt < kTcNT; ++nt) mma_16816<MmaT>(target[mt][nt], a, bf[nt][0], bf[nt][1]);
+          for (int nt = 0; nt < kTcNT; ++nt)
+            mma_16816<MmaT>(target[mt][nt], a, bf[nt][0], bf[nt][1]);
         }
       }
     }
@@ -445,26 +427,20 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
     }
   };
 
-  // Pipeline, one barrier per step. Step s: load A(s+1) into registers, hash the sign words of
-  // step s+2, MMAs on stage s&1, then store A(s+1) and expand the words of s+1 (hashed in step
-  // s-1) into stage (s+1)&1, barrier. Every buffer written in step s was last read before the
-  // barrier of step s-1 (a, b, d: by the MMAs / fold of s-1; bits[(s+2)%3]: by the expansion in
-  // step s-2), and everything read in step s+1 was written before the barrier of step s.
   if (nsteps > 0) {
-    StepCursor<kDirect> c1, c2;  // steps s + 1 and s + 2
+    // Pipeline, one barrier per step. Step s: load A(s+1) into registers and hash the sign
+    // words of step s+1 into bits[(s+1)&1], MMAs on stage s&1, then store A(s+1) into stage
+    // (s+1)&1, barrier. Every buffer written in step s was last read by the MMAs / fold of step
+    // s-1, before its barrier, and everything read in step s+1 was written before the barrier
+    // of step s.
+    StepCursor<kDirect> c1;  // step s + 1
     c1.init(p, 0, unit_begin, nci);
     Step st = c1.step(p, nci);
     c1.next(p, nci);
-    c2 = c1;
-    c2.next(p, nci);
     load_stage(st);
     hash_stage(st, 0);
-    if (nsteps > 1) hash_stage(c1.step(p, nci), 1);
     store_stage(st, 0);
-    __syncthreads();  // bits[0], bits[1] and the LUT are visible
-    expand_stage(0, 0);
     __syncthreads();  // stage 0 complete
-    int ring1 = 1, ring2 = 2;  // (s + 1) % 3 and (s + 2) % 3
     for (int64_t s = 0; s < nsteps; ++s) {
       const int cur = static_cast<int>(s & 1), nxt = cur ^ 1;
       const bool has_next = s + 1 < nsteps;
@@ -473,24 +449,18 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
       if (has_next) {
         nst = c1.step(p, nci);
         load_stage(nst);  // global loads in flight during the MMAs
+        hash_stage(nst, nxt);
       }
-      if (s + 2 < nsteps) hash_stage(c2.step(p, nci), ring2);
       if constexpr (kDirect) {
         compute_stage(cur, z);
       } else {
         compute_stage(cur, acc);
       }
       if (fold) fold_stage(cur);
-      if (has_next) {
-        store_stage(nst, nxt);
-        expand_stage(ring1, nxt);
-      }
+      if (has_next) store_stage(nst, nxt);
       __syncthreads();
       if (has_next) st = nst;
       c1.next(p, nci);
-      c2.next(p, nci);
-      ring1 = ring2;
-      ring2 = ring2 == 2 ? 0 : ring2 + 1;
     }
   }
 

@@ -141,7 +141,8 @@ def test_argument_errors_are_value_errors() -> None:
     with pytest.raises(ValueError, match="k_out must be >= 1"):
         _C.sketch_kron_cuda_workspace(BF16, 2, 1, 3, 3, 3, 0, RADEMACHER, AUTO, 132)
     with pytest.raises(ValueError, match="topk must be >= 1"):
-        _C.score_topk_cuda(16, 1, 16, BF16, 5, 8, 0, 0, 0, 0, 16, 16, False, 0, 0, 132, AUTO, 0)
+        _C.score_topk_cuda(16, 1, 16, BF16, 5, 8, 0, 0, 0, 0, 16, 16, False, 0, 0, 132, AUTO, 0,
+                           False)
     with pytest.raises(ValueError, match="rademacher"):
         _C.sketch_dense_cuda(16, BF16, 64, 64, 64, 0, GAUSSIAN, 0, 16, False, 0, 0, 132, TC, 0)
 
@@ -155,7 +156,7 @@ def test_too_small_workspace_is_a_value_error() -> None:
                              need - 1, 132, SIMT, 0)
     with pytest.raises(ValueError, match="workspace too small"):
         _C.score_topk_cuda(ALIGNED, 4, ALIGNED, BF16, 1000, 64, 5, 0, 0, 0, ALIGNED, ALIGNED,
-                           False, 0, 0, 132, AUTO, 0)
+                           False, 0, 0, 132, AUTO, 0, False)
 
 
 @pytest.mark.skipif(not no_device(), reason="a CUDA device is present: fake addresses would be "

@@ -114,6 +114,21 @@ def test_merge_tree_levels_and_large_topk(algo: str, n: int, topk: int) -> None:
     assert_sorted_with_ties_by_lower_index(*got)
 
 
+@pytest.mark.parametrize("m,n,k", [(1, 5000, 64), (5, 1031, 40), (17, 3000, 136), (70, 2000, 96)])
+def test_bfloat16_queries_one_pass_equals_three(algo: str, m: int, n: int, k: int) -> None:
+    # bf16 queries take the one-pass tensor-core kernels (16- and 64-query blocks); the two lower
+    # terms of the three-pass split are zero for them, so both give the same bits.
+    _skip_unsupported(algo, "bfloat16", k)
+    Qb = randn((m, k), seed=m + k).to(torch.bfloat16).to(DEV)
+    G = dyadic((n, k), seed=n + k).to(torch.bfloat16).to(DEV)
+    got = ops.score_topk(Qb, G, 13)
+    three = ops.score_topk(Qb.float(), G, 13)
+    assert torch.equal(got[0], three[0]) and torch.equal(got[1], three[1])
+    ref = reference.score_topk(Qb.float().cpu(), G.float().cpu(), 13, accum=torch.float64)
+    assert_topk_close((got[0].cpu(), got[1].cpu()), ref, Qb.float().cpu(), G.float().cpu(),
+                      what=f"bf16 queries cuda/{algo} m={m}")
+
+
 @pytest.mark.parametrize("n", [40, 4100])
 def test_exact_ties_broken_by_lower_index(algo: str, n: int) -> None:
     _skip_unsupported(algo, "bfloat16", 64)

@@ -137,9 +137,9 @@ def test_num_threads() -> None:
 # ---------------------------------------------------------------------------------------------
 # score_topk
 # ---------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
-def test_score_topk_q_must_be_float32(dtype: torch.dtype) -> None:
-    with pytest.raises(TypeError, match=f"Q must be float32.*{re.escape(str(dtype))}"):
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float64, torch.int32])
+def test_score_topk_q_must_be_float32_or_bfloat16(dtype: torch.dtype) -> None:
+    with pytest.raises(TypeError, match=f"Q must be float32 or bfloat16.*{re.escape(str(dtype))}"):
         ops.score_topk(Q.to(dtype), G, 3)
 
 

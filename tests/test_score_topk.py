@@ -103,6 +103,14 @@ def test_bfloat16_store_via_numpy_bits_view(simd: str) -> None:
                         reference.score_topk(Q, G, 7, accum=torch.float64), Q, G, what="bf16")
 
 
+def test_bfloat16_query_is_scored_as_its_float32_value() -> None:
+    Qb = randn((5, 48), seed=21).to(torch.bfloat16)
+    G = dyadic((700, 48), seed=22).to(torch.bfloat16)
+    got = ops.score_topk(Qb, G, 11)
+    want = ops.score_topk(Qb.float(), G, 11)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @pytest.mark.parametrize("n", [40, 4100])
 def test_exact_ties_broken_by_lower_index(simd: str, n: int) -> None:
     # Rows repeat with period 3 (G[j] = base[j % 3]), so every score occurs ~n/3 times exactly.

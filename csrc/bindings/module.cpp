@@ -219,11 +219,12 @@ PYBIND11_MODULE(_C, m) {
       [to_algo](std::uintptr_t Q, int64_t mq, std::uintptr_t G, int dtype, int64_t n, int64_t k,
                 int64_t topk, std::uintptr_t exclude, int64_t e, int64_t index_offset,
                 std::uintptr_t values, std::uintptr_t indices, bool accumulate, std::uintptr_t ws,
-                int64_t ws_bytes, int num_sms, int algo, std::uintptr_t stream) {
+                int64_t ws_bytes, int num_sms, int algo, std::uintptr_t stream, bool query_bf16) {
         issl_fast::score_topk_cuda(ptr<const float>(Q), mq, ptr<const void>(G), to_dtype(dtype),
                                    n, k, topk, ptr<const int64_t>(exclude), e, index_offset,
                                    ptr<float>(values), ptr<int64_t>(indices), accumulate,
-                                   ptr<void>(ws), ws_bytes, num_sms, to_algo(algo), stream);
+                                   ptr<void>(ws), ws_bytes, num_sms, to_algo(algo), stream,
+                                   query_bf16);
       },
       py::call_guard<py::gil_scoped_release>());
   // Launch plans (pure host functions, no device needed): for tests and benchmarks.

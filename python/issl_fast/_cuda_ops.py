@@ -208,6 +208,7 @@ def _score_topk_cuda(
     index_offset: int,
     out: tuple[torch.Tensor, torch.Tensor] | None,
     accumulate: bool,
+    query_bf16: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """score_topk with Q on a GPU; G on the same GPU, or on the CPU (a tensor, pinned or not, or a
     numpy array / memmap), streamed to the GPU in double-buffered steps. ``out`` may live on
@@ -263,10 +264,12 @@ def _score_topk_cuda(
                 sms,
                 _CUDA_ALGO,
                 stream,
+                query_bf16,
             )
         else:
             _score_topk_cuda_streamed(
-                Q, G, gcode, n, topk, ex_ptr, e, index_offset, dv, di, accumulate, stream, sms
+                Q, G, gcode, n, topk, ex_ptr, e, index_offset, dv, di, accumulate, stream, sms,
+                query_bf16,
             )
     if not on_dev:
         values.copy_(dv)
@@ -288,6 +291,7 @@ def _score_topk_cuda_streamed(
     accumulate: bool,
     stream: int,
     sms: int,
+    query_bf16: bool,
 ) -> None:
     """A CPU store through the GPU: step c copies rows into a pinned staging buffer (skipped for a
     pinned tensor), then to device buffer c % 2 on a side stream, while the kernel of step c - 1
@@ -316,6 +320,7 @@ def _score_topk_cuda_streamed(
             sms,
             _CUDA_ALGO,
             stream,
+            query_bf16,
         )
         return
     rows = max(1, min(n, _CUDA_STREAM_CHUNK_BYTES // (k * dtype.itemsize)))
@@ -375,5 +380,6 @@ def _score_topk_cuda_streamed(
             sms,
             _CUDA_ALGO,
             stream,
+            query_bf16,
         )
         consumed[s].record(main)

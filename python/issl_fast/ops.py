@@ -422,20 +422,27 @@ def score_topk(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Streaming top-k of the scores ``Q @ G.T`` for each query row, in one pass over G.
 
-    Q: [m, k] float32. G: [n, k] store, a float32/float16/bfloat16 tensor or a float32/float16
-    numpy array (a ``numpy.memmap`` is read tile by tile, never loaded whole; memory is
-    independent of n). ``exclude``: [m] or [m, e] ids never returned for a query (-1 = unused),
-    in the id space of the result. Returns ``values [m, topk]`` float32 descending (ties broken
-    by the lower index) and ``indices [m, topk]`` int64 (row + ``index_offset``); slots beyond
-    the available candidates are ``(-inf, -1)``. NaN and -inf scores are never selected.
-    With ``out=(values, indices)`` and ``accumulate=True``, the result of an earlier call (e.g.
+    Q: [m, k] float32, or bfloat16 (scored exactly as its float32 value; on a GPU with a
+    bfloat16 store that takes one tensor-core pass instead of three). G: [n, k] store, a
+    float32/float16/bfloat16 tensor or a float32/float16 numpy array (a ``numpy.memmap`` is
+    read tile by tile, never loaded whole; memory is independent of n). ``exclude``: [m] or
+    [m, e] ids never returned for a query (-1 = unused), in the id space of the result.
+    Returns ``values [m, topk]`` float32 descending (ties broken by the lower index) and
+    ``indices [m, topk]`` int64 (row + ``index_offset``); slots beyond the available
+    candidates are ``(-inf, -1)``. NaN and -inf scores are never selected. With
+    ``out=(values, indices)`` and ``accumulate=True``, the result of an earlier call (e.g.
     another shard, with its own ``index_offset``) is merged in.
     """
     if not isinstance(Q, torch.Tensor):
         raise TypeError(f"Q must be a torch.Tensor [m, k], got {type(Q).__name__}")
-    if Q.dtype != torch.float32:
-        raise TypeError(f"Q must be float32 (precondition queries in float32), got {Q.dtype}")
+    if Q.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(
+            f"Q must be float32 or bfloat16 (precondition queries in float32), got {Q.dtype}"
+        )
+    query_bf16 = Q.dtype == torch.bfloat16
     Q = _check_tensor(Q, "Q", 2, "[m, k]")
+    if query_bf16:
+        Q = Q.float()  # exact: every kernel scores the float32 value
     gptr, gcode, gshape, gdev = _store_pointer(G)
     m, k = Q.shape
     n = gshape[0]
@@ -454,7 +461,9 @@ def score_topk(
     ex = _check_exclude(exclude, m)
     be = _resolve_backend(backend, Q.device, "score_topk")
     if be == "cuda":
-        return _score_topk_cuda(Q, G, gptr, gcode, n, gdev, topk, ex, index_offset, out, accumulate)
+        return _score_topk_cuda(
+            Q, G, gptr, gcode, n, gdev, topk, ex, index_offset, out, accumulate, query_bf16
+        )
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs out=(values, indices) to merge into")

@@ -61,12 +61,14 @@ void sketch_kron_cuda(const void* A, const void* D, DType dtype, int64_t B, int6
 // blocks' lists; never an m x n matrix. With accumulate, values/indices must hold an earlier
 // result sorted by (value desc, index asc) with empty slots (-inf, -1) last (ops.py sorts and
 // sanitises it). The workspace size depends on G's address (16-byte alignment picks the kernel).
+// query_bf16: every Q value is a bfloat16 number (ops.py sets it for bfloat16 queries), so the
+// tensor-core scorer needs one MMA pass instead of three; the scores are the same.
 int64_t score_topk_cuda_workspace(int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
                                   int64_t topk, bool accumulate, int num_sms, CudaAlgo algo);
 void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
                      int64_t topk, const int64_t* exclude, int64_t e, int64_t index_offset,
                      float* values, int64_t* indices, bool accumulate, void* ws, int64_t ws_bytes,
-                     int num_sms, CudaAlgo algo, std::uintptr_t stream);
+                     int num_sms, CudaAlgo algo, std::uintptr_t stream, bool query_bf16 = false);
 
 // The launch plans, for tests and benchmarks (pure host functions: no device needed).
 struct CudaGemmPlan {
