@@ -7,7 +7,9 @@
 #     bash bench/gpu/run.sh            # logs in $OUT (default bench/gpu/out/)
 # Environment: OUT (log folder), PYTHON (interpreter, default python3), ISSL_GPU_ARCH (e.g. 90,
 # to skip detection), ISSL_GPU_SKIP_BENCH=1 (tests only), ISSL_GPU_PIP_TARGET (install into that
-# folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460).
+# folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
+# ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
+# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse"; default all).
 # Files written to $OUT (at most 8, flat): env.txt build.log tests.log bench.log bench.json
 # table.txt summary.txt. Exit status: non-zero if the build or any test failed (benchmarks that
 # miss a target do not fail the run; their table says PASS/FAIL).
@@ -108,9 +110,11 @@ set +e
 ISSL_FAST_REQUIRE_CUDA=1 timeout "$(limit 60 180)" "$PY" -m pytest -q -rs -p no:cacheprovider \
   tests/test_cuda_canary.py tests/test_cuda_host.py > "$OUT/tests.log" 2>&1
 rc_canary=$?
+PT_FILTER=()
+if [ -n "${ISSL_GPU_TEST_FILTER:-}" ]; then PT_FILTER=(-k "$ISSL_GPU_TEST_FILTER"); fi
 ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 timeout "$(limit 240 100)" "$PY" -m pytest -q -rfEs \
   -p no:cacheprovider -m cuda ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
-  --durations=15 tests >> "$OUT/tests.log" 2>&1
+  ${PT_FILTER[@]+"${PT_FILTER[@]}"} --durations=15 tests >> "$OUT/tests.log" 2>&1
 rc_cuda=$?
 set -e
 tail -n 25 "$OUT/tests.log"
@@ -122,7 +126,11 @@ stamp "tests: canary/host exit $rc_canary, cuda exit $rc_cuda"
 rc_bench=0
 if [ "${ISSL_GPU_SKIP_BENCH:-0}" != "1" ]; then
   set +e
-  timeout "$(limit 300 5)" "$PY" bench/gpu/bench_gpu.py --out "$OUT" > "$OUT/bench.log" 2>&1
+  BENCH_ONLY=()
+  # shellcheck disable=SC2206  # word splitting of the list is intended
+  if [ -n "${ISSL_GPU_BENCH_ONLY:-}" ]; then BENCH_ONLY=(--only $ISSL_GPU_BENCH_ONLY); fi
+  timeout "$(limit 300 5)" "$PY" bench/gpu/bench_gpu.py --out "$OUT" \
+    ${BENCH_ONLY[@]+"${BENCH_ONLY[@]}"} > "$OUT/bench.log" 2>&1
   rc_bench=$?
   set -e
   stamp "benchmarks exit $rc_bench (log: $OUT/bench.log)"
