@@ -109,6 +109,10 @@ def test_bfloat16_query_is_scored_as_its_float32_value() -> None:
     got = ops.score_topk(Qb, G, 11)
     want = ops.score_topk(Qb.float(), G, 11)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # ... and those are the scores of the bf16 values (not of a further-rounded query).
+    Qf, Gf = Qb.float(), G.float()
+    ref = reference.score_topk(Qf, Gf, 11, accum=torch.float64)
+    assert_topk_close(got, ref, Qf, Gf, what="bf16 query")
 
 
 @pytest.mark.parametrize("n", [40, 4100])
