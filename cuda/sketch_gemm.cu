@@ -20,6 +20,10 @@ constexpr int kTcBN = 128;
 // (three bf16 copies of the A tile) still fits the 99 KB a block may use on sm_86 / sm_89.
 constexpr int kTcBK = 32;
 constexpr int kTcStages = 2;
+// 16-bit inputs whose rows are 16-byte aligned copy A with cp.async into a deeper ring instead:
+// three steps in flight per block hide the global latency that one register-staged step did not
+// (a 128-tile kron projection spent ~3.7 us per K step with it).
+constexpr int kTcAsyncStages = 4;
 constexpr int kTcThreads = 256;
 constexpr int kTcWarpM = 64;
 constexpr int kTcWarpN = 32;
@@ -136,13 +140,13 @@ struct TcParams {
   int vec;  // 16-byte row loads are aligned and never straddle the valid column range
 };
 
-template <int kParts>
+template <int kParts, int kStages>
 struct alignas(16) TcSmem {
-  uint16_t a[kTcStages][kParts][kTcBM][kTcAPitch];  // X rows (kParts bf16 terms for float32)
+  uint16_t a[kStages][kParts][kTcBM][kTcAPitch];  // X rows (kParts bf16 terms for float32)
   // The +-1 tile as sign bits: bit j of row p's 128 bits is R[n0 + j, p] < 0. The MMAs' B
   // fragments are made from them in registers (no expanded tile, no ldmatrix for B).
-  unsigned long long bits[kTcStages][kTcBK][kTcBN / 64];
-  float d[kTcStages][kTcBM];                        // direct: D[b, t, o] of the tile rows
+  unsigned long long bits[kStages][kTcBK][kTcBN / 64];
+  float d[kStages][kTcBM];                        // direct: D[b, t, o] of the tile rows
 };
 
 // Which K step is which: input columns, hash columns, and (direct) the (o, t) it belongs to.
@@ -311,12 +315,21 @@ __device__ __forceinline__ float load_d(const void* d, int64_t i) {
   return to_f32(static_cast<const InT*>(d)[i]);
 }
 
-template <class InT, bool kDirect>
+// kAsync: 16-bit inputs with p.vec (every 16-byte chunk of a row is wholly valid or wholly
+// outside the columns), copied with cp.async into a ring of kTcAsyncStages.
+template <class InT, bool kAsync>
+__host__ __device__ constexpr int tc_stages() {
+  static_assert(!kAsync || sizeof(InT) == 2, "cp.async path: 16-bit inputs");
+  return kAsync ? kTcAsyncStages : kTcStages;
+}
+
+template <class InT, bool kDirect, bool kAsync>
 __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p) {
   using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
   constexpr int kParts = std::is_same_v<InT, float> ? 3 : 1;
+  constexpr int kStages = tc_stages<InT, kAsync>();
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  TcSmem<kParts>& sm = *reinterpret_cast<TcSmem<kParts>*>(smem_raw);
+  TcSmem<kParts, kStages>& sm = *reinterpret_cast<TcSmem<kParts, kStages>*>(smem_raw);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int warp_m = warp >> 2, warp_n = warp & 3;  // 2 x 4 warps
@@ -376,6 +389,29 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
       if (st.last && tid < kTcBM) sm.d[stage][tid] = dreg;
     }
   };
+  // cp.async path: the whole step into ring slot `stage` (A asynchronously; the sign words and
+  // D with ordinary stores, seen after the barriers before the step's MMAs).
+  auto issue_async = [&](const Step& st, int stage) {
+    if constexpr (kAsync) {
+      const uint16_t* base = static_cast<const uint16_t*>(p.x);
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {  // 128 x 32 elements = 512 chunks of 8
+        const int c = tid + u * kTcThreads;
+        const int row = c >> 2, col = (c & 3) * 8;
+        const int64_t b = m0 + row;
+        const bool ok = b < p.M && st.kbase + col < st.klimit;
+        cp_async16(smem_u32(&sm.a[stage][0][row][col]),
+                   ok ? base + b * st.row_stride + st.elem_off + col : base, ok);
+      }
+      hash_stage(st, stage);
+      if constexpr (kDirect) {
+        if (st.last && tid < kTcBM) {
+          const int64_t b = m0 + tid;
+          sm.d[stage][tid] = b < p.M ? load_d<InT>(p.d, b * p.T * p.d_out + st.d_off) : 0.0f;
+        }
+      }
+    }
+  };
   auto compute_stage = [&](int stage, float (&target)[kTcMT][kTcNT][4]) {
     // Row p's sign bits as four 32-bit halves; this warp's 32 columns are half warp_n.
     const uint32_t* sb = reinterpret_cast<const uint32_t*>(&sm.bits[stage][0][0]) + warp_n;
@@ -427,12 +463,47 @@ __global__ void __launch_bounds__(kTcThreads) tc_sketch_kernel(const TcParams p)
     }
   };
 
-  if (nsteps > 0) {
-    // Pipeline, one barrier per step. Step s: load A(s+1) into registers and hash the sign
-    // words of step s+1 into bits[(s+1)&1], MMAs on stage s&1, then store A(s+1) into stage
-    // (s+1)&1, barrier. Every buffer written in step s was last read by the MMAs / fold of step
-    // s-1, before its barrier, and everything read in step s+1 was written before the barrier
-    // of step s.
+  if constexpr (kAsync) {
+    // Ring of kStages: step s + kStages - 1 is issued into the slot step s - 1 used, after the
+    // barrier that ends every read of it; step s waits for its own copies, then the barrier
+    // makes them (and its sign words and D, stored when it was issued) visible to all.
+    StepCursor<kDirect> ci, cc;  // the next step to issue; the step being computed
+    ci.init(p, 0, unit_begin, nci);
+    cc = ci;
+#pragma unroll
+    for (int i = 0; i < kStages - 1; ++i) {
+      if (i < nsteps) {
+        issue_async(ci.step(p, nci), i);
+        ci.next(p, nci);
+      }
+      cp_async_commit();  // always: keeps the group count in step with the iterations
+    }
+    int slot = 0, issue_slot = kStages - 1;
+    for (int64_t s = 0; s < nsteps; ++s) {
+      cp_async_wait<kStages - 2>();
+      __syncthreads();
+      if (s + kStages - 1 < nsteps) {
+        issue_async(ci.step(p, nci), issue_slot);
+        ci.next(p, nci);
+      }
+      cp_async_commit();
+      if constexpr (kDirect) {
+        compute_stage(slot, z);
+        if (cc.c == nci - 1) fold_stage(slot);
+      } else {
+        compute_stage(slot, acc);
+      }
+      cc.next(p, nci);
+      slot = slot + 1 == kStages ? 0 : slot + 1;
+      issue_slot = issue_slot + 1 == kStages ? 0 : issue_slot + 1;
+    }
+    cp_async_wait<0>();
+  } else if (nsteps > 0) {
+    // Register-staged pipeline, one barrier per step. Step s: load A(s+1) into registers and
+    // hash the sign words of step s+1 into bits[(s+1)&1], MMAs on stage s&1, then store A(s+1)
+    // into stage (s+1)&1, barrier. Every buffer written in step s was last read by the MMAs /
+    // fold of step s-1, before its barrier, and everything read in step s+1 was written before
+    // the barrier of step s.
     StepCursor<kDirect> c1;  // step s + 1
     c1.init(p, 0, unit_begin, nci);
     Step st = c1.step(p, nci);
@@ -692,14 +763,27 @@ void reduce_splits(const CudaGemmPlan& pl, const float* part, int64_t M, int64_t
 
 bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0; }
 
-template <class InT, bool kDirect>
-void launch_tc(const TcParams& prm, const CudaGemmPlan& pl, cudaStream_t st) {
+template <class InT, bool kDirect, bool kAsync>
+void launch_tc_kernel(const TcParams& prm, const CudaGemmPlan& pl, cudaStream_t st) {
   constexpr int kParts = std::is_same_v<InT, float> ? 3 : 1;
-  const int64_t smem = sizeof(TcSmem<kParts>);
-  auto kernel = tc_sketch_kernel<InT, kDirect>;
+  const int64_t smem = sizeof(TcSmem<kParts, tc_stages<InT, kAsync>()>);
+  auto kernel = tc_sketch_kernel<InT, kDirect, kAsync>;
   allow_smem(kernel, smem, "tc_sketch_kernel");
   kernel<<<grid_1d(pl.tiles_m * pl.tiles_n * pl.splits, "tc_sketch_kernel"), kTcThreads, smem, st>>>(prm);
   check_launch("tc_sketch_kernel launch");
+}
+
+// The cp.async ring is experimental (CudaExperimental::kGemmAsyncRing) until a GPU run validates
+// it; the register-staged pipeline is the default.
+template <class InT, bool kDirect>
+void launch_tc(const TcParams& prm, const CudaGemmPlan& pl, cudaStream_t st) {
+  if constexpr (sizeof(InT) == 2) {
+    if (prm.vec && cuda_experimental_on(CudaExperimental::kGemmAsyncRing)) {
+      launch_tc_kernel<InT, kDirect, true>(prm, pl, st);
+      return;
+    }
+  }
+  launch_tc_kernel<InT, kDirect, false>(prm, pl, st);
 }
 
 }  // namespace

@@ -1,12 +1,14 @@
 // sketch_kron on the GPU: for a chunk of examples at a time, U = A P_in^T and V = D P_out^T (the
 // dense GEMM of sketch_gemm.cu over the B*T rows of A and D, roles kron_in / kron_out), then
 // out[b] (+)= V_b^T U_b (float32, t in increasing order). G is never formed; U and V exist for
-// one chunk of examples only.
+// one chunk of examples only. With the experimental fused kernel on (kron_fused.cu), 16-bit
+// Rademacher calls with k_in, k_out of a few 64-blocks run in one kernel instead.
 #include <algorithm>
 #include <cmath>
 
 #include "common.cuh"
 #include "issl_fast/cuda_ops.h"
+#include "kron_fused.h"
 #include "sketch_gemm.h"
 #include "validate.h"
 
@@ -65,6 +67,12 @@ int64_t sketch_kron_cuda_workspace(DType dtype, int64_t B, int64_t T, int64_t d_
   validate(dtype, B, T, d_in, d_out, k_in, k_out, dist, num_sms);
   if (B == 0 || T == 0) return 0;
   cuda::detail::Sizer sz;
+  const CudaKronPlan plan =
+      cuda::detail::kron_plan(dtype, B, T, k_in, k_out, dist, algo, num_sms);
+  if (plan.fused) {
+    sz.take<float>(cuda::detail::kron_fused_partial_floats(plan, B, k_in, k_out));
+    return sz.bytes();
+  }
   float *U, *V;
   char* gemm_ws;
   int64_t gemm_bytes;
@@ -87,6 +95,29 @@ void sketch_kron_cuda(const void* A, const void* D, DType dtype, int64_t B, int6
     return;
   }
   cuda::detail::Carver cv(ws, ws_bytes);
+  const CudaKronPlan plan =
+      cuda::detail::kron_plan(dtype, B, T, k_in, k_out, dist, algo, num_sms);
+  if (plan.fused) {
+    float* part = cv.take<float>(cuda::detail::kron_fused_partial_floats(plan, B, k_in, k_out));
+    cuda::detail::KronFused kf;
+    kf.A = A;
+    kf.D = D;
+    kf.dtype = dtype;
+    kf.B = B;
+    kf.T = T;
+    kf.d_in = d_in;
+    kf.d_out = d_out;
+    kf.k_in = k_in;
+    kf.k_out = k_out;
+    kf.key_in = stream_key(seed, Role::kKronIn, dist);
+    kf.key_out = stream_key(seed, Role::kKronOut, dist);
+    kf.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(k_in) *
+                                                  static_cast<double>(k_out)));
+    kf.out = out;
+    kf.accumulate = accumulate;
+    cuda::detail::kron_fused(kf, plan, part, stream);
+    return;
+  }
   float *U, *V;
   char* gemm_ws;
   int64_t gemm_bytes;
@@ -122,6 +153,12 @@ void sketch_kron_cuda(const void* A, const void* D, DType dtype, int64_t B, int6
     cuda::detail::kron_outer(U, V, rows, T, k_in, k_out, out + b0 * k_out * k_in, accumulate,
                              stream);
   }
+}
+
+CudaKronPlan sketch_kron_cuda_plan(DType dtype, int64_t B, int64_t T, int64_t k_in, int64_t k_out,
+                                   Dist dist, CudaAlgo algo, int num_sms) {
+  validate(dtype, B, T, 1, 1, k_in, k_out, dist, num_sms);
+  return cuda::detail::kron_plan(dtype, B, T, k_in, k_out, dist, algo, num_sms);
 }
 
 }  // namespace issl_fast

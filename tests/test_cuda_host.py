@@ -5,9 +5,14 @@ surfaces as a RuntimeError carrying the CUDA error string."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
 import pytest
 import torch
-from issl_fast import _backend, ops
+from issl_fast import _backend, _cuda_ops, ops
 from issl_fast._backend import _C
 
 pytestmark = pytest.mark.skipif(
@@ -24,6 +29,13 @@ ALIGNED = 1 << 20  # a 16-byte aligned fake address: the plans only look at its 
 
 def no_device() -> bool:
     return _backend.build_info()["cuda_devices"] == 0
+
+
+@pytest.fixture(autouse=True)
+def _default_kernels() -> Iterator[None]:
+    """The plans below are the default kernels' (whatever ISSL_FAST_CUDA_EXPERIMENTAL says)."""
+    with _cuda_ops.experimental_kernels(()):
+        yield
 
 
 # ---------------------------------------------------------------------------------------------
@@ -91,6 +103,79 @@ def test_score_plan() -> None:
     assert plan(1024, ALIGNED, BF16, 2**33, 64, 100_000, 132, AUTO)["partitions"] == 8
 
 
+def test_kron_plan() -> None:
+    plan = _C.sketch_kron_cuda_plan
+    # Off by default: the two projections and the outer product.
+    assert not plan(BF16, 64, 256, 64, 64, RADEMACHER, AUTO, H200_SMS)["fused"]
+    with _cuda_ops.experimental_kernels(["kron_fused"]):
+        # The issue's benchmark: 64 examples x 4 row chunks of 64 -> 256 blocks, two per SM.
+        assert plan(BF16, 64, 256, 64, 64, RADEMACHER, AUTO, H200_SMS) == {
+            "fused": True, "in_blocks": 1, "out_blocks": 1, "splits": 4, "row_chunks": 4}
+        assert plan(BF16, 300, 256, 64, 64, RADEMACHER, AUTO, H200_SMS)["splits"] == 1
+        assert plan(BF16, 2, 10_000, 64, 64, RADEMACHER, AUTO, H200_SMS)["splits"] == 64  # cap
+        assert plan(F16, 150, 200, 16, 16, RADEMACHER, AUTO, H200_SMS)["splits"] == 2
+        # Sketch-row blocks of 64 along each factor, at most 4 in all (U, V recomputed per block).
+        p = plan(BF16, 3, 17, 65, 65, RADEMACHER, TC, H200_SMS)
+        assert p["fused"] and (p["in_blocks"], p["out_blocks"]) == (2, 2)
+        assert plan(BF16, 3, 17, 129, 64, RADEMACHER, AUTO, H200_SMS)["fused"]
+        assert not plan(BF16, 3, 17, 1000, 3, RADEMACHER, AUTO, H200_SMS)["fused"]
+        assert not plan(BF16, 3, 17, 129, 65, RADEMACHER, AUTO, H200_SMS)["fused"]
+        # 16-bit Rademacher only, never under a forced SIMT run.
+        assert not plan(F32, 64, 256, 64, 64, RADEMACHER, AUTO, H200_SMS)["fused"]
+        assert not plan(BF16, 64, 256, 64, 64, GAUSSIAN, AUTO, H200_SMS)["fused"]
+        assert not plan(BF16, 64, 256, 64, 64, RADEMACHER, SIMT, H200_SMS)["fused"]
+
+
+# ---------------------------------------------------------------------------------------------
+# experimental kernels: names, switching, the environment variable
+# ---------------------------------------------------------------------------------------------
+def test_experimental_kernels_switch_and_restore() -> None:
+    names = _cuda_ops.experimental_kernel_names()
+    assert names == ("gemm_async_ring", "kron_fused")
+    assert _cuda_ops.enabled_experimental_kernels() == ()
+    with _cuda_ops.experimental_kernels(["kron_fused"]):
+        assert _cuda_ops.enabled_experimental_kernels() == ("kron_fused",)
+        assert _C.cuda_experimental() == _C.CUDA_EXPERIMENTAL["kron_fused"]
+        with _cuda_ops.experimental_kernels(names):
+            assert _cuda_ops.enabled_experimental_kernels() == names
+        assert _cuda_ops.enabled_experimental_kernels() == ("kron_fused",)
+    assert _cuda_ops.enabled_experimental_kernels() == ()
+    with pytest.raises(KeyError), _cuda_ops.experimental_kernels(names):
+        raise KeyError("restored on the way out")
+    assert _C.cuda_experimental() == 0
+
+
+def test_experimental_kernel_errors_change_nothing() -> None:
+    with _cuda_ops.experimental_kernels(["gemm_async_ring"]):
+        with pytest.raises(ValueError, match="unknown experimental CUDA kernel 'fast'"):
+            _cuda_ops.set_experimental_kernels(["kron_fused", "fast"])
+        with pytest.raises(ValueError, match="unknown experimental kernel bits 64"):
+            _C.set_cuda_experimental(64 | 1)
+        assert _cuda_ops.enabled_experimental_kernels() == ("gemm_async_ring",)
+    assert _cuda_ops.parse_experimental_env(" ALL ") == _cuda_ops.experimental_kernel_names()
+    assert _cuda_ops.parse_experimental_env(" kron_fused , ") == ("kron_fused",)
+    assert _cuda_ops.parse_experimental_env("") == ()
+    with pytest.raises(ValueError, match="'nope'"):
+        _cuda_ops.parse_experimental_env("kron_fused,nope")
+
+
+@pytest.mark.parametrize("value,expected", [("kron_fused", "kron_fused"),
+                                            ("all", "gemm_async_ring,kron_fused"),
+                                            ("nope", "environment variable")])
+def test_experimental_environment_variable_at_import(value: str, expected: str) -> None:
+    code = ("import torch, issl_fast\nfrom issl_fast import _cuda_ops\n"
+            "print(','.join(_cuda_ops.enabled_experimental_kernels()))")
+    env = dict(os.environ, ISSL_FAST_CUDA_EXPERIMENTAL=value)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+    if value == "nope":
+        assert r.returncode != 0 and "ISSL_FAST_CUDA_EXPERIMENTAL" in r.stderr, r.stderr
+        assert "'nope'" in r.stderr
+    else:
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == expected
+
+
 # ---------------------------------------------------------------------------------------------
 # workspace sizes
 # ---------------------------------------------------------------------------------------------
@@ -112,6 +197,12 @@ def test_workspace_sizes() -> None:
     assert _C.sketch_sparse_cuda_workspace(2, 40000, 64, 4, 132) == 64 * 2 * 64 * 4
     assert _C.sketch_kron_cuda_workspace(BF16, 64, 64, 512, 512, 64, 64, RADEMACHER, AUTO,
                                          132) >= 2 * 64 * 64 * 64 * 4
+    with _cuda_ops.experimental_kernels(["kron_fused"]):
+        # Fused: only the split partials (splits * B * k_in * k_out floats), none with one split.
+        assert _C.sketch_kron_cuda_workspace(BF16, 64, 256, 1024, 1024, 64, 64, RADEMACHER, AUTO,
+                                             132) == 4 * 64 * 64 * 64 * 4
+        assert _C.sketch_kron_cuda_workspace(BF16, 64, 64, 512, 512, 64, 64, RADEMACHER, AUTO,
+                                             132) == 0
     # score_topk: partitions' lists (+ the earlier result) + half of them again for the merge
     # tree + the bf16 split queries + one shared bar (int32) per query.
     m, topk, k = 64, 100, 1024

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import issl_fast
 import numpy as np
 import torch
-from issl_fast import ops, reference
+from issl_fast import _cuda_ops, ops, reference
 
 DEV = torch.device("cuda")
 RESULTS: dict[str, Any] = {"cases": {}}
@@ -307,7 +307,90 @@ def bench_kron(rounds: int) -> None:
         dev_ours / dev_mm <= 1.5,
     )
     RESULTS["cases"]["sketch_kron"]["device_time_ratio"] = dev_ours / dev_mm
+    RESULTS["cases"]["sketch_kron"]["two_mm_outer_device_s"] = dev_mm
     row("  (pure PyTorch, P drawn per call)", to, tr, "2 mm + bmm + RNG", "-", "-", None)
+    free()
+
+
+# ---------------------------------------------------------------------------------------------
+# experimental kernels (issl_fast._cuda_ops.experimental_kernels): each against the default
+# kernel in the same step, after the default benchmarks (a broken one cannot spoil those)
+# ---------------------------------------------------------------------------------------------
+def timed_variant(
+    label: str, names: list[str], fn: Callable[[], torch.Tensor], rounds: int
+) -> tuple[float, float, torch.Tensor]:
+    """(median wall s, device s per call, result) of ``fn`` with exactly ``names`` switched on."""
+    with _cuda_ops.experimental_kernels(names):
+        got = fn().clone()
+        t = med(cuda_times(fn, rounds))
+        dev = kernel_breakdown(f"{label} [{'+'.join(names) or 'default'}]", fn)
+    return t, dev, got
+
+
+def compare_variant(
+    label: str, names: list[str], fn: Callable[[], torch.Tensor], rounds: int
+) -> tuple[float, float, float, float] | None:
+    """Default vs ``names``: (default wall, default device, variant wall, variant device) seconds,
+    or None when the variant fails or disagrees with the default (logged and recorded)."""
+    key = f"{label} [{'+'.join(names)}]"
+    try:
+        t0, d0, y0 = timed_variant(label, [], fn, rounds)
+        t1, d1, y1 = timed_variant(label, names, fn, rounds)
+        err = rel_err(y1, y0)
+        log(f"{key}: default {t0 * 1e3:.3f} ms (device {d0 * 1e3:.3f}), experimental "
+            f"{t1 * 1e3:.3f} ms (device {d1 * 1e3:.3f}), rel err vs default {err:.1e}")
+        if not err < 1e-4:
+            raise AssertionError(f"result differs from the default kernel's: rel err {err:.2e}")
+    except Exception as exc:  # record and go on: the default rows are already in the table
+        log(f"{key} FAILED: {exc!r}")
+        RESULTS.setdefault("experimental", {})[key] = {"error": repr(exc)}
+        row(f"exp {key}", float("nan"), None, "-", f"FAILED: {type(exc).__name__}", "-", False)
+        return None
+    RESULTS.setdefault("experimental", {})[key] = {
+        "default_s": t0, "default_device_s": d0, "experimental_s": t1,
+        "experimental_device_s": d1, "rel_err_vs_default": err}
+    return t0, d0, t1, d1
+
+
+def bench_experimental(mm_rate: float, rounds: int) -> None:
+    log(f"experimental kernels in this build: {_cuda_ops.experimental_kernel_names()}")
+    B, T, d_in, d_out, k_in, k_out = 64, 256, 1024, 1024, 64, 64
+    A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
+    D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
+    y = torch.empty(B, k_in * k_out, device=DEV)
+    kron = RESULTS["cases"].get("sketch_kron", {})
+    t_mm = med(kron["two_mm_outer_s"]) if "two_mm_outer_s" in kron else None
+    d_mm = kron.get("two_mm_outer_device_s")
+    case = f"sketch_kron B{B} T{T} {d_in}x{d_out} k{k_in}x{k_out}"
+    for names in (["kron_fused"], ["gemm_async_ring"]):
+        r = compare_variant(case, names, lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y),
+                            rounds * 5)
+        if r is None:
+            continue
+        t0, d0, t1, d1 = r
+        tag = f"exp {'+'.join(names)} kron"
+        if t_mm is not None and d_mm is not None:
+            row(f"{tag} (wall)", t1, t_mm, "2 mm + bmm (P cached)", f"ours/base {t1 / t_mm:.2f}",
+                "<= 1.5", t1 / t_mm <= 1.5)
+            row(f"{tag} (device)", d1, d_mm, "2 mm + bmm kernels", f"ours/base {d1 / d_mm:.2f}",
+                "<= 1.5", d1 / d_mm <= 1.5)
+        row(f"{tag} vs default (wall)", t1, t0, "default kernels", f"speedup {t0 / t1:.2f}", "-",
+            None)
+    A = D = y = None  # noqa: F841
+    free()
+
+    B, d, k = 256, 1024, 4096
+    flops = 2 * B * d * d * k
+    A = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
+    D = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
+    y = torch.empty(B, k, device=DEV)
+    r = compare_variant("sketch_linear B256 1024x1024 k4096", ["gemm_async_ring"],
+                        lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
+    if r is not None:
+        t0, _, t1, _ = r
+        frac = flops / t1 / mm_rate
+        row("exp gemm_async_ring linear", t1, t0, "default kernels",
+            f"{flops / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm", frac >= 0.5)
     free()
 
 
@@ -471,7 +554,8 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench/gpu/out"))
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", nargs="*", default=None, help="subset of: linear kron score sparse")
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="subset of: linear kron score sparse experimental")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() or not issl_fast.has_cuda():
@@ -482,7 +566,7 @@ def main() -> int:
     RESULTS["torch"] = torch.__version__
     log(f"device {RESULTS['device']}, issl_fast {issl_fast.__version__}, torch {torch.__version__}")
     torch.manual_seed(0)
-    which = set(args.only or ["linear", "kron", "score", "sparse"])
+    which = set(args.only or ["linear", "kron", "score", "sparse", "experimental"])
     failed: list[str] = []
     copy_bw, mm_rate = limits(max(5, args.rounds * 3))
     steps = [
@@ -490,6 +574,9 @@ def main() -> int:
         ("sparse", lambda: bench_sparse(copy_bw, args.rounds)),
         ("score", lambda: bench_score(copy_bw, mm_rate, args.rounds)),
         ("linear", lambda: bench_linear(mm_rate, args.rounds)),
+        # Last: each experimental kernel against the default (and kron's torch baseline, when
+        # the kron step ran), so a faulting one cannot spoil the rows above.
+        ("experimental", lambda: bench_experimental(mm_rate, args.rounds)),
     ]
 
     def save(final: bool) -> str:

@@ -9,7 +9,10 @@
 # to skip detection), ISSL_GPU_SKIP_BENCH=1 (tests only), ISSL_GPU_PIP_TARGET (install into that
 # folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
 # ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
-# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse"; default all).
+# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse experimental"; default all).
+# The cuda tests run twice: as they are, then the sketch tests with ISSL_FAST_CUDA_EXPERIMENTAL=all
+# (every experimental kernel on); the last benchmark compares each experimental kernel with the
+# default one.
 # Files written to $OUT (at most 8, flat): env.txt build.log tests.log bench.log bench.json
 # table.txt summary.txt. Exit status: non-zero if the build or any test failed (benchmarks that
 # miss a target do not fail the run; their table says PASS/FAIL).
@@ -116,11 +119,19 @@ ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 timeout "$(limit 240 100)" "$PY" -m p
   -p no:cacheprovider -m cuda ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
   ${PT_FILTER[@]+"${PT_FILTER[@]}"} --durations=15 tests >> "$OUT/tests.log" 2>&1
 rc_cuda=$?
+# Second pass: the sketch tests again with every experimental kernel on (cuda_ops.h:
+# CudaExperimental), so a variant is checked by the whole suite before it becomes the default.
+echo "== second pass: ISSL_FAST_CUDA_EXPERIMENTAL=all" >> "$OUT/tests.log"
+ISSL_FAST_CUDA_EXPERIMENTAL=all ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 \
+  timeout "$(limit 150 90)" "$PY" -m pytest -q -rfE -p no:cacheprovider -m cuda \
+  ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
+  ${PT_FILTER[@]+"${PT_FILTER[@]}"} tests/test_cuda_sketches.py >> "$OUT/tests.log" 2>&1
+rc_exp=$?
 set -e
 tail -n 25 "$OUT/tests.log"
 tests_ok=1
-if [ $rc_canary -ne 0 ] || [ $rc_cuda -ne 0 ]; then tests_ok=0; fi
-stamp "tests: canary/host exit $rc_canary, cuda exit $rc_cuda"
+if [ $rc_canary -ne 0 ] || [ $rc_cuda -ne 0 ] || [ $rc_exp -ne 0 ]; then tests_ok=0; fi
+stamp "tests: canary/host exit $rc_canary, cuda exit $rc_cuda, experimental pass exit $rc_exp"
 
 # ---- benchmarks ---------------------------------------------------------------------------------
 rc_bench=0
@@ -140,9 +151,9 @@ fi
 # ---- summary (last) -----------------------------------------------------------------------------
 {
   echo "== issl_fast CUDA run: $(grep -m1 -o 'NVIDIA[^|]*' "$OUT/env.txt" | head -n 1 | sed 's/ *$//') sm_$ARCH, $(( $(date +%s) - T0 )) s"
-  echo "tests: $( [ $tests_ok -eq 1 ] && echo PASSED || echo FAILED ) (canary/host exit $rc_canary, cuda exit $rc_cuda)"
-  { grep -E '(passed|failed|skipped|errors?)( |,).* in [0-9.]+s' "$OUT/tests.log" \
-      || echo "(no pytest summary line in tests.log)"; } | tail -n 2
+  echo "tests: $( [ $tests_ok -eq 1 ] && echo PASSED || echo FAILED ) (canary/host exit $rc_canary, cuda exit $rc_cuda, experimental pass exit $rc_exp)"
+  { grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected).* in [0-9.]+s' "$OUT/tests.log" \
+      || echo "(no pytest summary line in tests.log)"; } | tail -n 3
   if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else echo "benchmarks: no table (exit $rc_bench)"; fi
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

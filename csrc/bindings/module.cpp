@@ -227,7 +227,30 @@ PYBIND11_MODULE(_C, m) {
                                    query_bf16);
       },
       py::call_guard<py::gil_scoped_release>());
+  // Experimental kernels (cuda_ops.h): names -> bits, and the process-wide mask.
+  {
+    using issl_fast::CudaExperimental;
+    py::dict flags;
+    flags["gemm_async_ring"] = static_cast<uint32_t>(CudaExperimental::kGemmAsyncRing);
+    flags["kron_fused"] = static_cast<uint32_t>(CudaExperimental::kKronFused);
+    m.attr("CUDA_EXPERIMENTAL") = flags;
+  }
+  m.def("set_cuda_experimental", [](uint32_t mask) { issl_fast::set_cuda_experimental(mask); });
+  m.def("cuda_experimental", [] { return issl_fast::cuda_experimental(); });
   // Launch plans (pure host functions, no device needed): for tests and benchmarks.
+  m.def("sketch_kron_cuda_plan",
+        [to_algo](int dtype, int64_t B, int64_t T, int64_t k_in, int64_t k_out, int dist, int algo,
+                  int num_sms) {
+          const auto p = issl_fast::sketch_kron_cuda_plan(to_dtype(dtype), B, T, k_in, k_out,
+                                                          to_dist(dist), to_algo(algo), num_sms);
+          py::dict d;
+          d["fused"] = p.fused;
+          d["in_blocks"] = p.in_blocks;
+          d["out_blocks"] = p.out_blocks;
+          d["splits"] = p.splits;
+          d["row_chunks"] = p.row_chunks;
+          return d;
+        });
   m.def("sketch_gemm_cuda_plan",
         [to_algo](int dtype, int64_t M, int64_t cols, int64_t N, int dist, int algo,
                   int num_sms) {

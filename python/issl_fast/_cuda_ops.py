@@ -7,6 +7,9 @@ queue work on torch's current stream of that device.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Union
 
 import numpy as np
@@ -29,6 +32,75 @@ _STORE_DTYPES = {0: torch.float32, 1: torch.float16, 2: torch.bfloat16}
 
 def _cuda_ops_compiled() -> bool:
     return hasattr(_C, "sketch_dense_cuda")
+
+
+# ---------------------------------------------------------------------------------------------
+# Experimental kernels (cuda_ops.h): compiled and tested on the host, not yet validated on a GPU,
+# so off by default. ISSL_FAST_CUDA_EXPERIMENTAL ("all" or comma-separated names) turns them on
+# when the package is imported; bench/gpu/run.sh runs the cuda tests a second time that way, and
+# its benchmarks compare each with the default through experimental_kernels().
+EXPERIMENTAL_ENV = "ISSL_FAST_CUDA_EXPERIMENTAL"
+
+
+def experimental_kernel_names() -> tuple[str, ...]:
+    """Every experimental kernel this build has (empty without CUDA)."""
+    return tuple(sorted(getattr(_C, "CUDA_EXPERIMENTAL", {})))
+
+
+def _experimental_mask(names: Iterable[str]) -> int:
+    flags = getattr(_C, "CUDA_EXPERIMENTAL", {})
+    mask = 0
+    for name in names:
+        if name not in flags:
+            raise ValueError(
+                f"unknown experimental CUDA kernel {name!r}; this build has "
+                f"{sorted(flags) or 'none (no CUDA kernels)'}"
+            )
+        mask |= int(flags[name])
+    return mask
+
+
+def enabled_experimental_kernels() -> tuple[str, ...]:
+    """The experimental kernels switched on in this process."""
+    if not _cuda_ops_compiled():
+        return ()
+    mask = int(_C.cuda_experimental())
+    return tuple(n for n in experimental_kernel_names() if mask & int(_C.CUDA_EXPERIMENTAL[n]))
+
+
+def set_experimental_kernels(names: Iterable[str]) -> None:
+    """Switch on exactly ``names`` (process-wide; the ops read it when they plan a call)."""
+    mask = _experimental_mask(list(names))
+    if _cuda_ops_compiled():
+        _C.set_cuda_experimental(mask)
+
+
+@contextmanager
+def experimental_kernels(names: Iterable[str]) -> Iterator[None]:
+    """Run a block with exactly ``names`` switched on, restoring the previous set after it."""
+    before = enabled_experimental_kernels()
+    set_experimental_kernels(names)
+    try:
+        yield
+    finally:
+        set_experimental_kernels(before)
+
+
+def parse_experimental_env(value: str) -> tuple[str, ...]:
+    """``"all"``, ``""`` or comma-separated names -> the names (validated)."""
+    value = value.strip()
+    if value.lower() == "all":
+        return experimental_kernel_names()
+    names = tuple(n.strip() for n in value.split(",") if n.strip())
+    _experimental_mask(names)
+    return names
+
+
+if os.environ.get(EXPERIMENTAL_ENV):
+    try:
+        set_experimental_kernels(parse_experimental_env(os.environ[EXPERIMENTAL_ENV]))
+    except ValueError as exc:
+        raise ValueError(f"environment variable {EXPERIMENTAL_ENV}: {exc}") from None
 
 
 def _cuda_launch(device: torch.device) -> tuple[int, int]:

@@ -22,6 +22,20 @@ namespace issl_fast {
 
 enum class CudaAlgo : int { kAuto = 0, kSimt = 1, kTensorCore = 2 };
 
+// Experimental kernels: written and compiled, not yet validated on a GPU, so off by default. A
+// process-wide bit mask read when an op is planned (workspace query and launch alike): turning one
+// on changes which kernel runs, never the contract. bench/gpu/run.sh runs the cuda tests a second
+// time with all of them on and benchmarks each against the default; a variant that passes and is
+// faster becomes the default and leaves this list.
+enum class CudaExperimental : uint32_t {
+  kGemmAsyncRing = 1u << 0,  // 16-bit aligned GEMM inputs: cp.async into a 4-deep ring
+  kKronFused = 1u << 1,      // sketch_kron in one kernel per (example, rows, output block)
+};
+constexpr uint32_t kCudaExperimentalAll = 0x3u;
+void set_cuda_experimental(uint32_t mask);  // throws std::invalid_argument on unknown bits
+uint32_t cuda_experimental();
+bool cuda_experimental_on(CudaExperimental which);
+
 // g [B, P] -> out [B, k] (sketch_dense.h).
 int64_t sketch_dense_cuda_workspace(DType dtype, int64_t B, int64_t P, int64_t k, Dist dist,
                                     CudaAlgo algo, int num_sms);
@@ -82,6 +96,15 @@ struct CudaTopkPlan {
   bool tensor_cores = false;
   int64_t queries_per_block = 0, query_blocks = 0, partitions = 0, rows_per_tile = 0;
 };
+// sketch_kron: fused (one kernel, CudaExperimental::kKronFused) or the two projections plus the
+// outer product; for the fused kernel, blocks of 64 outputs along k_in / k_out and the splits of
+// the T rows (partials reduced in split order).
+struct CudaKronPlan {
+  bool fused = false;
+  int64_t in_blocks = 0, out_blocks = 0, splits = 0, row_chunks = 0;
+};
+CudaKronPlan sketch_kron_cuda_plan(DType dtype, int64_t B, int64_t T, int64_t k_in, int64_t k_out,
+                                   Dist dist, CudaAlgo algo, int num_sms);
 CudaTopkPlan score_topk_cuda_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t k,
                                   int64_t topk, int num_sms, CudaAlgo algo);
 

@@ -1,0 +1,156 @@
+"""The experimental CUDA kernels (``issl_fast._cuda_ops.experimental_kernels``) against the default
+ones and the reference, each switched on alone, so a failure names the kernel.
+
+* ``gemm_async_ring`` changes only how the GEMM's input tiles reach shared memory, never the order
+  of the MMAs: its results must equal the default kernel's bit for bit, on any input.
+* ``kron_fused`` sums in another order (per 64-row chunk, unscaled until the end): it must match
+  the float64 reference within the tolerance policy on awkward shapes (several sketch-row blocks,
+  T across chunks and splits, unaligned rows), and the default path bit for bit where every
+  product and partial sum is exact (quarter-integer inputs, k_in and k_out powers of four, so
+  both scales are powers of two).
+
+``bench/gpu/run.sh`` also reruns every ``cuda`` test with all of them on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from inputs import dyadic, randn
+from issl_fast import _backend, _cuda_ops, ops, reference
+from issl_fast._backend import _C
+from tolerances import assert_close, kron_magnitude
+
+pytestmark = pytest.mark.cuda
+
+DEV = torch.device("cuda")
+HALF = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@pytest.fixture(autouse=True)
+def _cuda_kernels() -> Iterator[None]:
+    if not hasattr(_C, "sketch_dense_cuda"):
+        msg = f"this build has no CUDA kernels (build_info: {_backend.build_info()})"
+        if os.environ.get("ISSL_FAST_REQUIRE_CUDA") == "1":
+            pytest.fail(msg)
+        pytest.skip(msg)
+    with _cuda_ops.experimental_kernels(()):  # each test picks its own
+        yield
+
+
+def _on(name: str):  # noqa: ANN202 - a context manager
+    return _cuda_ops.experimental_kernels([name])
+
+
+# ---------------------------------------------------------------------------------------------
+# gemm_async_ring: bit-identical to the register-staged pipeline
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("B,P,k", [(1, 8, 1), (37, 1000, 129), (130, 4096, 300), (16, 40, 4096)])
+def test_ring_dense_equals_default_bit_for_bit(dtype: str, B: int, P: int, k: int) -> None:
+    g = randn((B, P), seed=B + P).to(HALF[dtype]).to(DEV)
+    base = ops.sketch_dense(g, k, seed=3, col_offset=2**33 + 1)
+    with _on("gemm_async_ring"):
+        ring = ops.sketch_dense(g, k, seed=3, col_offset=2**33 + 1)
+    assert torch.equal(ring, base), f"ring {dtype} B={B} P={P} k={k}"
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("B,T,d_in,d_out,k", [(20, 1, 64, 33, 200), (40, 2, 96, 7, 96),
+                                               (130, 1, 256, 3, 129)])
+def test_ring_linear_direct_equals_default_bit_for_bit(
+    dtype: str, B: int, T: int, d_in: int, d_out: int, k: int
+) -> None:
+    A = randn((B, T, d_in), seed=1).to(HALF[dtype]).to(DEV)
+    D = randn((B, T, d_out), seed=2).to(HALF[dtype]).to(DEV)
+    base = ops.sketch_linear(A, D, k, seed=8)
+    with _on("gemm_async_ring"):
+        ring = ops.sketch_linear(A, D, k, seed=8)
+        acc = ops.sketch_linear(A, D, k, seed=8, out=torch.ones_like(base), accumulate=True)
+    assert torch.equal(ring, base)
+    assert torch.equal(acc, ops.sketch_linear(A, D, k, seed=8, out=torch.ones_like(base),
+                                              accumulate=True))
+
+
+def test_ring_unaligned_rows_take_the_default_kernel() -> None:
+    # A row start that is not 16-byte aligned cannot use cp.async: same results either way.
+    flat = randn((33 * 1000 + 1,), seed=4).to(torch.bfloat16).to(DEV)
+    g = flat[1:].view(33, 1000)
+    assert g.data_ptr() % 16 != 0
+    base = ops.sketch_dense(g, 70, seed=1)
+    with _on("gemm_async_ring"):
+        assert torch.equal(ops.sketch_dense(g, 70, seed=1), base)
+
+
+# ---------------------------------------------------------------------------------------------
+# kron_fused
+# ---------------------------------------------------------------------------------------------
+# (B, T, d_in, d_out, k_in, k_out): one block and several along each factor, T within one chunk,
+# across chunks and across splits, d not a multiple of 8 (element loads), large d.
+KRON_FUSED_CASES = [
+    (1, 1, 1, 1, 1, 1),
+    (3, 3, 7, 5, 5, 63),
+    (13, 17, 257, 7, 65, 5),
+    (67, 3, 31, 17, 63, 64),
+    (1, 130, 300, 260, 65, 65),
+    (2, 200, 64, 72, 129, 64),
+    (4, 1000, 40, 24, 16, 16),
+    (150, 200, 40, 24, 16, 16),  # two row chunks per split
+    (300, 2, 1024, 8, 64, 64),
+]
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("B,T,d_in,d_out,k_in,k_out", KRON_FUSED_CASES)
+def test_kron_fused_matches_reference(
+    dtype: str, B: int, T: int, d_in: int, d_out: int, k_in: int, k_out: int
+) -> None:
+    A = dyadic((B, T, d_in), seed=B * 7 + T).to(HALF[dtype])
+    D = dyadic((B, T, d_out), seed=B * 7 + T + 1).to(HALF[dtype])
+    with _on("kron_fused"):
+        plan = _C.sketch_kron_cuda_plan(2 if dtype == "bfloat16" else 1, B, T, k_in, k_out, 0, 0,
+                                        torch.cuda.get_device_properties(0).multi_processor_count)
+        assert plan["fused"], plan
+        y = ops.sketch_kron(A.to(DEV), D.to(DEV), k_in, k_out, seed=55).cpu()
+    ref = reference.sketch_kron(A, D, k_in, k_out, seed=55, accum=torch.float64)
+    mag = kron_magnitude(A, D, k_in, k_out, seed=55, dist="rademacher")
+    assert_close(y, ref, mag, f"kron_fused {dtype} B={B} T={T} {d_in}x{d_out} {k_in}x{k_out}")
+
+
+def _quarters(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Values in {-1/2, -1/4, 0, 1/4, 1/2}: with d <= 96 and T <= 256 every product and partial
+    sum of sketch_kron (and every power-of-two scaling of one) is exact in float32."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-2, 3, shape, generator=g).to(torch.bfloat16) / 4
+
+
+@pytest.mark.parametrize("k", [4, 16, 64])
+@pytest.mark.parametrize("T", [1, 64, 65, 256])
+def test_kron_fused_equals_default_where_sums_are_exact(k: int, T: int) -> None:
+    A = _quarters((9, T, 96), seed=T).to(DEV)
+    D = _quarters((9, T, 40), seed=T + 1).to(DEV)
+    base = ops.sketch_kron(A, D, k, k, seed=3)
+    with _on("kron_fused"):
+        fused = ops.sketch_kron(A, D, k, k, seed=3)
+    assert torch.equal(fused, base), f"T={T} k={k}"
+
+
+def test_kron_fused_unaligned_rows_accumulate_and_determinism() -> None:
+    # Element loads instead of cp.async: A's rows are 97 long (not a multiple of 8), D's rows are
+    # 48 long but start one element past a 16-byte boundary (a contiguous view at offset 1).
+    A = randn((6, 70, 97), seed=1).to(torch.float16).to(DEV)
+    flat = randn((6 * 70 * 48 + 1,), seed=2).to(torch.float16).to(DEV)
+    D = flat[1:].view(6, 70, 48)
+    assert D.is_contiguous() and D.data_ptr() % 16 != 0
+    with _on("kron_fused"):
+        a = ops.sketch_kron(A, D, 33, 17, seed=5)
+        assert torch.equal(a, ops.sketch_kron(A, D, 33, 17, seed=5))
+        acc = ops.sketch_kron(A, D, 33, 17, seed=5, out=torch.ones_like(a), accumulate=True)
+    # One rounding more than a + 1 at most (the split reduction adds 1 before the scaled sum).
+    assert_close(acc.cpu(), (a + 1).cpu().double(), (a.abs() + 1).cpu().double(), "accumulate")
+    base = ops.sketch_kron(A, D, 33, 17, seed=5)
+    mag = kron_magnitude(A.cpu(), D.cpu(), 33, 17, seed=5, dist="rademacher")
+    assert_close(a.cpu(), base.cpu().double(), 2 * mag, "fused vs default")
