@@ -6,6 +6,9 @@
 
 #include "common.cuh"
 #include "sketch_gemm.h"
+#if defined(ISSL_FAST_WITH_SM90A)
+#include "linear_wgmma.h"
+#endif
 
 namespace issl_fast::cuda::detail {
 namespace {
@@ -892,7 +895,16 @@ int64_t linear_direct_workspace(DType, int64_t B, int64_t T, int64_t d_in, int64
   const CudaGemmPlan pl = direct_plan(B, T, d_in, d_out, N, num_sms);
   Sizer sz;
   carve_partials(sz, pl, B, N);
-  return sz.bytes();
+  int64_t bytes = sz.bytes();
+#if defined(ISSL_FAST_WITH_SM90A)
+  // The wgmma route is chosen at launch (it needs the device and A's alignment): room for either.
+  if (cuda_experimental_on(CudaExperimental::kLinearWgmma)) {
+    Sizer wz;
+    wz.take<float>(linear_wgmma_partial_floats(linear_wgmma_plan(B, N, d_out, num_sms), B, N));
+    bytes = std::max(bytes, wz.bytes());
+  }
+#endif
+  return bytes;
 }
 
 void linear_direct(const LinearDirect& g, int num_sms, void* ws, int64_t ws_bytes,
@@ -902,6 +914,14 @@ void linear_direct(const LinearDirect& g, int num_sms, void* ws, int64_t ws_byte
     zero_unless_accumulate(g.out, g.B * g.N, g.accumulate, stream);
     return;
   }
+#if defined(ISSL_FAST_WITH_SM90A)
+  if (linear_wgmma_usable(g)) {
+    const WgmmaLinearPlan wp = linear_wgmma_plan(g.B, g.N, g.d_out, num_sms);
+    Carver wcv(ws, ws_bytes);
+    linear_wgmma(g, wp, wcv.take<float>(linear_wgmma_partial_floats(wp, g.B, g.N)), stream);
+    return;
+  }
+#endif
   const CudaGemmPlan pl = direct_plan(g.B, g.T, g.d_in, g.d_out, g.N, num_sms);
   Carver cv(ws, ws_bytes);
   float* part = carve_partials(cv, pl, g.B, g.N);

@@ -3,6 +3,9 @@ ones and the reference, each switched on alone, so a failure names the kernel.
 
 * ``gemm_async_ring`` changes only how the GEMM's input tiles reach shared memory, never the order
   of the MMAs: its results must equal the default kernel's bit for bit, on any input.
+* ``linear_wgmma`` (compute capability 9.0 only) sums the same exact products in another order:
+  it must match the float64 reference within the tolerance policy and the default route within
+  twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
 * ``kron_fused`` sums in another order (per 64-row chunk, unscaled until the end): it must match
   the float64 reference within the tolerance policy on awkward shapes (several sketch-row blocks,
   T across chunks and splits, unaligned rows), and the default path bit for bit where every
@@ -22,7 +25,7 @@ import torch
 from inputs import dyadic, randn
 from issl_fast import _backend, _cuda_ops, ops, reference
 from issl_fast._backend import _C
-from tolerances import assert_close, kron_magnitude
+from tolerances import assert_close, kron_magnitude, linear_magnitude
 
 pytestmark = pytest.mark.cuda
 
@@ -83,6 +86,51 @@ def test_ring_unaligned_rows_take_the_default_kernel() -> None:
     base = ops.sketch_dense(g, 70, seed=1)
     with _on("gemm_async_ring"):
         assert torch.equal(ops.sketch_dense(g, 70, seed=1), base)
+
+
+# ---------------------------------------------------------------------------------------------
+# linear_wgmma: the direct sketch_linear route on wgmma (sm_90a code, compute capability 9.0)
+# ---------------------------------------------------------------------------------------------
+def _require_hopper() -> None:
+    if torch.cuda.get_device_capability(0) != (9, 0):
+        pytest.skip(f"wgmma needs compute capability 9.0, this GPU is "
+                    f"{torch.cuda.get_device_capability(0)} (the default route runs there)")
+    assert _C.CUDA_SM90A, "a build for this GPU (sm_90) must contain the sm_90a wgmma kernels"
+
+
+# (B, T, d_in, d_out, k): partial tiles along both block dimensions, one and several splits of
+# d_out, T up to 3 (the direct route), d_in from one 8-column chunk to several 64-column steps.
+LINEAR_WGMMA_CASES = [
+    (16, 1, 8, 1, 1),
+    (20, 1, 64, 33, 200),
+    (37, 2, 136, 3, 257),
+    (130, 3, 40, 5, 300),
+    (300, 1, 96, 2, 64),
+    (64, 1, 1024, 16, 4096),
+]
+
+
+@pytest.mark.parametrize("dtype", list(HALF))
+@pytest.mark.parametrize("B,T,d_in,d_out,k", LINEAR_WGMMA_CASES)
+def test_linear_wgmma_matches_reference_and_default(
+    dtype: str, B: int, T: int, d_in: int, d_out: int, k: int
+) -> None:
+    _require_hopper()
+    A = dyadic((B, T, d_in), seed=B + T + d_in).to(HALF[dtype])
+    D = dyadic((B, T, d_out), seed=B + T + d_out + 1).to(HALF[dtype])
+    Ad, Dd = A.to(DEV), D.to(DEV)
+    base = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3).cpu()
+    with _on("linear_wgmma"):
+        y = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3)
+        assert torch.equal(y, ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3))
+        acc = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3,
+                                out=torch.ones_like(y), accumulate=True)
+    ref = reference.sketch_linear(A, D, k, seed=9, col_offset=2**32 + 3, accum=torch.float64)
+    mag = linear_magnitude(A, D, k, seed=9, dist="rademacher", col_offset=2**32 + 3)
+    what = f"linear_wgmma {dtype} B={B} T={T} {d_in}x{d_out} k={k}"
+    assert_close(y.cpu(), ref, mag, what)
+    assert_close(y.cpu(), base.double(), 2 * mag, what + " vs default route")
+    assert_close(acc.cpu(), ref + 1, mag + 1, what + " accumulate")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def test_kron_plan() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_experimental_kernels_switch_and_restore() -> None:
     names = _cuda_ops.experimental_kernel_names()
-    assert names == ("gemm_async_ring", "kron_fused")
+    assert names == ("gemm_async_ring", "kron_fused", "linear_wgmma")
     assert _cuda_ops.enabled_experimental_kernels() == ()
     with _cuda_ops.experimental_kernels(["kron_fused"]):
         assert _cuda_ops.enabled_experimental_kernels() == ("kron_fused",)
@@ -160,7 +160,7 @@ def test_experimental_kernel_errors_change_nothing() -> None:
 
 
 @pytest.mark.parametrize("value,expected", [("kron_fused", "kron_fused"),
-                                            ("all", "gemm_async_ring,kron_fused"),
+                                            ("all", "gemm_async_ring,kron_fused,linear_wgmma"),
                                             ("nope", "environment variable")])
 def test_experimental_environment_variable_at_import(value: str, expected: str) -> None:
     code = ("import torch, issl_fast\nfrom issl_fast import _cuda_ops\n"
@@ -203,6 +203,13 @@ def test_workspace_sizes() -> None:
                                              132) == 4 * 64 * 64 * 64 * 4
         assert _C.sketch_kron_cuda_workspace(BF16, 64, 64, 512, 512, 64, 64, RADEMACHER, AUTO,
                                              132) == 0
+    # Direct sketch_linear, B=64, k=4096: 32 mma.sync tiles of 128 x 128 -> 4 splits; with the
+    # wgmma kernel possible (chosen at launch), room for its 16 tiles of 256 x 64 -> 8 splits.
+    args = (BF16, 64, 1, 1024, 1024, 4096, RADEMACHER, AUTO, 132)
+    assert _C.sketch_linear_cuda_workspace(*args) == 4 * 64 * 4096 * 4
+    with _cuda_ops.experimental_kernels(["linear_wgmma"]):
+        want = 8 if _C.CUDA_SM90A else 4
+        assert _C.sketch_linear_cuda_workspace(*args) == want * 64 * 4096 * 4
     # score_topk: partitions' lists (+ the earlier result) + half of them again for the merge
     # tree + the bf16 split queries + one shared bar (int32) per query.
     m, topk, k = 64, 100, 1024

@@ -384,12 +384,14 @@ def bench_experimental(mm_rate: float, rounds: int) -> None:
     A = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k, device=DEV)
-    r = compare_variant("sketch_linear B256 1024x1024 k4096", ["gemm_async_ring"],
-                        lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
-    if r is not None:
+    for names in (["linear_wgmma"], ["gemm_async_ring"]):
+        r = compare_variant("sketch_linear B256 1024x1024 k4096", names,
+                            lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
+        if r is None:
+            continue
         t0, _, t1, _ = r
         frac = flops / t1 / mm_rate
-        row("exp gemm_async_ring linear", t1, t0, "default kernels",
+        row(f"exp {'+'.join(names)} linear", t1, t0, "default kernels",
             f"{flops / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm", frac >= 0.5)
     free()
 

@@ -233,8 +233,14 @@ PYBIND11_MODULE(_C, m) {
     py::dict flags;
     flags["gemm_async_ring"] = static_cast<uint32_t>(CudaExperimental::kGemmAsyncRing);
     flags["kron_fused"] = static_cast<uint32_t>(CudaExperimental::kKronFused);
+    flags["linear_wgmma"] = static_cast<uint32_t>(CudaExperimental::kLinearWgmma);
     m.attr("CUDA_EXPERIMENTAL") = flags;
   }
+#if defined(ISSL_FAST_WITH_SM90A)
+  m.attr("CUDA_SM90A") = true;  // the wgmma kernels (sm_90a code) are in this build
+#else
+  m.attr("CUDA_SM90A") = false;
+#endif
   m.def("set_cuda_experimental", [](uint32_t mask) { issl_fast::set_cuda_experimental(mask); });
   m.def("cuda_experimental", [] { return issl_fast::cuda_experimental(); });
   // Launch plans (pure host functions, no device needed): for tests and benchmarks.

@@ -1,0 +1,392 @@
+// The direct sketch_linear route (sketch_gemm.h: LinearDirect) on Hopper's warpgroup MMA. Built
+// for sm_90a only (its own library, cuda/CMakeLists.txt); experimental until a GPU run validates
+// it (CudaExperimental::kLinearWgmma).
+//
+// Why: the mma.sync kernel tops out near 22% of the H200's bf16 rate here, with its issue slots
+// spent on ldmatrix, B-fragment building and MMAs of one warp at a time. wgmma issues a
+// 64 x 64 x 16 product per instruction, asynchronously, so the same warps build the next +-1
+// fragments while the tensor cores work.
+//
+// Roles are swapped relative to the mma.sync kernel: per (o, t)
+//   Z[j, b] = sum_i R[j, p(o, i)] A[b, t, i]          (wgmma: M = sketch rows j, N = examples b)
+//   Y[j, b] += D[b, t, o] * Z[j, b]                   (float32 FMA, once per (o, t))
+// so the +-1 operand is A, taken from registers: each thread builds its four fragment registers
+// straight from the hash words' sign bits (as the mma.sync kernel builds its B fragments), and no
+// +-1 tile is ever written to shared memory. The B operand is the example rows A[b, t, i0:i0+64],
+// copied with cp.async into a 128-byte-swizzled K-major tile (the canonical wgmma layout: 16-byte
+// chunk c of row r stored at chunk c ^ (r % 8) of a 1024-byte-aligned 8-row atom).
+//
+// Block: 4 warpgroups (512 threads) x 256 sketch rows (64 per warpgroup) x 64 examples, over a
+// split of the output rows o. Z lives in registers (32 per thread), Y in shared memory (thread-
+// private slots, so no barrier). Per step (64 input columns): barrier; copies of step s + 2
+// issued into the slot step s - 2 used; fragments of step s built; four wgmmas committed as one
+// group; then wait until only that group is in flight (step s - 1 done: its slot and its
+// fragment registers are free; the fragments alternate between two register sets). The last step
+// of an (o, t) waits for its own group and folds Z into Y. Every sum is float32 in a fixed order:
+// deterministic, and within the tolerance of the mma.sync route (another order of the same exact
+// products).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <type_traits>
+
+#include "common.cuh"
+#include "issl_fast/cuda_ops.h"
+#include "linear_wgmma.h"
+
+namespace issl_fast::cuda::detail {
+namespace {
+
+constexpr int kWgRowsJ = 256;  // sketch rows per block: 4 warpgroups x wgmma M = 64
+constexpr int kWgB = 64;       // examples per block: wgmma N
+constexpr int kWgK = 64;       // input columns per step: one 128-byte swizzle row per example
+constexpr int kWgStages = 4;   // ring slots: step s computing, s - 1 draining, s + 1, s + 2 copying
+constexpr int kWgThreads = 512;
+constexpr int kWgAcc = kWgB / 2;  // float32 accumulators per thread for m64n64
+constexpr int64_t kWgMaxSplits = 64;
+static_assert(kWgB * kWgK * 2 == kWgThreads * 16, "one 16-byte chunk per thread per step");
+
+// Shared memory, from a 1024-byte-aligned base: the swizzled tiles first (each 8 KB, so every
+// slot and every 8-row atom stays 1024-aligned), then the sign words, D, and Y.
+struct WgSmem {
+  unsigned char a[kWgStages][kWgB * kWgK * 2];
+  unsigned long long bits[kWgStages][kWgK][kWgRowsJ / 64];  // word w: sketch rows 64 w .. + 63
+  float dv[kWgStages][kWgB];                                 // D[b0 + n, t, o] of a last step
+  float y[kWgAcc][kWgThreads];                               // Y, thread-private columns
+};
+constexpr int64_t kWgSmemBytes = sizeof(WgSmem) + 1024;  // + alignment slack
+
+struct WgParams {
+  const void* A;
+  const void* D;
+  int64_t B, T, d_in, d_out, N;
+  uint64_t key, col_offset;
+  float scale;
+  float* out;
+  float* part;
+  int64_t tiles_j, tiles_b, splits;
+  int accumulate;
+};
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ISSL_WGMMA_DEVICE 1
+#else
+#define ISSL_WGMMA_DEVICE 0
+#endif
+
+// Matrix descriptor of a K-major, 128-byte-swizzled operand (PTX "matrix descriptor"): start
+// address >> 4 (bits 0-13), leading byte offset (unused for swizzled K-major; 1), stride byte
+// offset >> 4 (bits 32-45: 1024 bytes between 8-row atoms), layout 1 = 128-byte swizzle (62-63).
+__device__ __forceinline__ uint64_t kmajor_sw128_desc(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Generic-proxy shared-memory writes (cp.async, st.shared) made visible to the async proxy that
+// wgmma reads through; each thread after its own writes, before the barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving register reads/writes of an operand of an in-flight wgmma
+// across the fence (the asm says it reads and rewrites the register here).
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Z (+)= A_frag (64 x 16, registers) * B (16 x 64, shared, K-major) for one warpgroup.
+template <class MmaT>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&z)[kWgAcc], const uint32_t (&a)[4],
+                                                uint64_t desc, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  if constexpr (std::is_same_v<MmaT, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
+          "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]),
+          "+f"(z[13]), "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]),
+          "+f"(z[19]), "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]),
+          "+f"(z[25]), "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]),
+          "+f"(z[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
+          "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]),
+          "+f"(z[13]), "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]),
+          "+f"(z[19]), "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]),
+          "+f"(z[25]), "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]),
+          "+f"(z[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
+#endif
+}
+
+// Step cursor over (o, t, column chunk c), c fastest: the mma.sync direct kernel's order.
+struct WgCursor {
+  int64_t c = 0, t = 0, o = 0;
+  __device__ __forceinline__ void next(int64_t nci, int64_t T) {
+    if (++c == nci) {
+      c = 0;
+      if (++t == T) {
+        t = 0;
+        ++o;
+      }
+    }
+  }
+};
+
+template <class InT>
+__global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgParams p) {
+#if ISSL_WGMMA_DEVICE
+  using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  WgSmem& sm = *reinterpret_cast<WgSmem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wg = warp >> 2, wq = warp & 3;  // warpgroup (64 sketch rows), warp within it
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t bid = blockIdx.x;
+  const int64_t jt = bid % p.tiles_j;
+  const int64_t bt = (bid / p.tiles_j) % p.tiles_b;
+  const int64_t split = bid / (p.tiles_j * p.tiles_b);
+  const int64_t j0 = jt * kWgRowsJ, b0 = bt * kWgB;
+  const int64_t o_begin = p.d_out * split / p.splits, o_end = p.d_out * (split + 1) / p.splits;
+  const int64_t nci = ceil_div(p.d_in, kWgK);
+  const int64_t nsteps = (o_end - o_begin) * p.T * nci;
+  const uint16_t* A = static_cast<const uint16_t*>(p.A);
+  const InT* D = static_cast<const InT*>(p.D);
+
+#pragma unroll
+  for (int i = 0; i < kWgAcc; ++i) sm.y[i][tid] = 0.0f;
+
+  // Issue one step into ring slot `slot`: this thread's 16-byte chunk of the 64 x 64 example
+  // tile (swizzled), the sign words of its 64 columns for the block's 256 sketch rows, and D of
+  // the (o, t) when the step is its last.
+  const int crow = tid >> 3, cch = tid & 7;
+  const uint32_t a_dst0 = smem_u32(&sm.a[0][0]) + crow * 128 + ((cch ^ (crow & 7)) << 4);
+  auto issue = [&](const WgCursor& cu, int slot) {
+    const int64_t b = b0 + crow;
+    const int64_t col = cu.c * kWgK + cch * 8;
+    const bool ok = b < p.B && col < p.d_in;
+    cp_async16(a_dst0 + slot * (kWgB * kWgK * 2),
+               ok ? A + (b * p.T + cu.t) * p.d_in + col : A, ok);
+    if (tid < kWgK * (kWgRowsJ / 64)) {
+      const int cx = tid >> 2, w = tid & 3;
+      const uint64_t ck = column_key(
+          p.key, p.col_offset + static_cast<uint64_t>(cu.o * p.d_in + cu.c * kWgK + cx));
+      sm.bits[slot][cx][w] = hash_word(ck, static_cast<uint64_t>(j0 >> 6) + w);
+    }
+    if (cu.c == nci - 1 && tid < kWgB) {
+      const int64_t bb = b0 + tid;
+      sm.dv[slot][tid] = bb < p.B ? to_f32(D[(bb * p.T + cu.t) * p.d_out + cu.o]) : 0.0f;
+    }
+  };
+
+  // The A fragments of one step (4 k16 slices) from the sign bits: this warp's 16 sketch rows
+  // are bits [16 wq, 16 wq + 16) of word wg, i.e. bits [16 (wq & 1), +16) of its 32-bit half
+  // wq >> 1. Register r of slice kk: rows g (+8 for r = 1, 3), columns 2 t4, 2 t4 + 1 (+8 for
+  // r = 2, 3) -- the mma.sync m16n8k16 A layout per warp, which wgmma's register A uses.
+  constexpr uint32_t kOnes = PlusOne<MmaT>::kBits * 0x10001u;
+  const int half = wg * 2 + (wq >> 1), sh = (wq & 1) * 16 + g;
+  auto build = [&](int slot, uint32_t (&af)[4][4]) {
+    const uint32_t* sb = reinterpret_cast<const uint32_t*>(&sm.bits[slot][0][0]) + half;
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      const int c0 = kk * 16 + 2 * t4;
+      const uint32_t x0 = sb[(c0 + 0) * 8] >> sh, x1 = sb[(c0 + 1) * 8] >> sh;
+      const uint32_t x8 = sb[(c0 + 8) * 8] >> sh, x9 = sb[(c0 + 9) * 8] >> sh;
+      af[kk][0] = kOnes | ((x0 & 1u) << 15) | ((x1 & 1u) << 31);
+      af[kk][1] = kOnes | (((x0 >> 8) & 1u) << 15) | (((x1 >> 8) & 1u) << 31);
+      af[kk][2] = kOnes | ((x8 & 1u) << 15) | ((x9 & 1u) << 31);
+      af[kk][3] = kOnes | (((x8 >> 8) & 1u) << 15) | (((x9 >> 8) & 1u) << 31);
+    }
+  };
+
+  float z[kWgAcc];
+#pragma unroll
+  for (int i = 0; i < kWgAcc; ++i) z[i] = 0.0f;
+  uint32_t af[2][4][4];
+  bool fresh = true;  // the next wgmma starts a new Z (scale-d = 0)
+  WgCursor ci, cc;
+  ci.o = cc.o = o_begin;
+
+  auto fence_all = [&]() {
+#pragma unroll
+    for (int i = 0; i < kWgAcc; ++i) fence_reg(z[i]);
+#pragma unroll
+    for (int s = 0; s < 2; ++s)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) fence_reg(af[s][kk][r]);
+  };
+
+  auto step = [&](int64_t s, auto set_tag) {
+    constexpr int kSet = decltype(set_tag)::value;
+    const int slot = static_cast<int>(s % kWgStages);
+    cp_async_wait<kWgStages - 3>();  // this thread's copies of step s have landed
+    fence_proxy_async();
+    __syncthreads();  // step s visible to all; every warpgroup is done with step s - 2
+    if (s + kWgStages - 2 < nsteps) {
+      issue(ci, static_cast<int>((s + kWgStages - 2) % kWgStages));
+      ci.next(nci, p.T);
+    }
+    cp_async_commit();
+    build(slot, af[kSet]);
+    const uint32_t base = smem_u32(&sm.a[slot][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_m64n64k16<MmaT>(z, af[kSet][kk], kmajor_sw128_desc(base + kk * 32),
+                            (fresh && kk == 0) ? 0 : 1);
+    wgmma_commit();
+    fresh = false;
+    if (cc.c == nci - 1) {
+      wgmma_wait<0>();
+      fence_all();
+      // Y += D[b, t, o] Z: accumulator i is row 16 wq + g + 8 ((i >> 1) & 1), column
+      // 8 (i >> 2) + 2 t4 + (i & 1) of the warpgroup's 64 x 64 tile.
+#pragma unroll
+      for (int i = 0; i < kWgAcc; ++i) {
+        const float dv = sm.dv[slot][8 * (i >> 2) + 2 * t4 + (i & 1)];
+        sm.y[i][tid] = fmaf(dv, z[i], sm.y[i][tid]);
+      }
+      fresh = true;
+    } else {
+      wgmma_wait<1>();  // step s - 1 done: its slot and fragment registers are free
+      fence_all();
+    }
+    cc.next(nci, p.T);
+  };
+
+  // Prologue: steps 0 and 1 in flight (one commit group each, empty past the end).
+#pragma unroll
+  for (int i = 0; i < kWgStages - 2; ++i) {
+    if (i < nsteps) {
+      issue(ci, i);
+      ci.next(nci, p.T);
+    }
+    cp_async_commit();
+  }
+  int64_t s = 0;
+  for (; s + 1 < nsteps; s += 2) {
+    step(s, std::integral_constant<int, 0>{});
+    step(s + 1, std::integral_constant<int, 1>{});
+  }
+  if (s < nsteps) step(s, std::integral_constant<int, 0>{});
+  wgmma_wait<0>();
+  cp_async_wait<0>();
+
+  // Epilogue: scale * Y (+ out) into out[b, j], or raw Y into this split's partial slice.
+#pragma unroll
+  for (int i = 0; i < kWgAcc; ++i) {
+    const int64_t j = j0 + wg * 64 + wq * 16 + g + 8 * ((i >> 1) & 1);
+    const int64_t b = b0 + 8 * (i >> 2) + 2 * t4 + (i & 1);
+    if (j >= p.N || b >= p.B) continue;
+    const float v = sm.y[i][tid];
+    if (p.splits == 1) {
+      float* o = p.out + b * p.N + j;
+      *o = p.accumulate ? *o + p.scale * v : p.scale * v;
+    } else {
+      p.part[(split * p.B + b) * p.N + j] = v;
+    }
+  }
+#else
+  __trap();  // never launched: linear_wgmma_usable requires a compute capability 9.0 device
+#endif
+}
+
+bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0; }
+
+}  // namespace
+
+WgmmaLinearPlan linear_wgmma_plan(int64_t B, int64_t N, int64_t d_out, int num_sms) {
+  WgmmaLinearPlan p;
+  p.tiles_j = ceil_div(std::max<int64_t>(N, 1), kWgRowsJ);
+  p.tiles_b = ceil_div(std::max<int64_t>(B, 1), kWgB);
+  const int64_t tiles = p.tiles_j * p.tiles_b, target = std::max(1, num_sms);  // one block / SM
+  p.splits = tiles >= target ? 1 : std::max<int64_t>(1, std::min({target / tiles, d_out,
+                                                                    kWgMaxSplits}));
+  return p;
+}
+
+int64_t linear_wgmma_partial_floats(const WgmmaLinearPlan& pl, int64_t B, int64_t N) {
+  return pl.splits > 1 ? pl.splits * B * N : 0;
+}
+
+bool linear_wgmma_usable(const LinearDirect& g) {
+  if (!cuda_experimental_on(CudaExperimental::kLinearWgmma)) return false;
+  if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return false;
+  int dev = 0, major = 0, minor = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
+        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
+}
+
+void linear_wgmma(const LinearDirect& g, const WgmmaLinearPlan& pl, float* part,
+                  std::uintptr_t stream) {
+  WgParams prm{};
+  prm.A = g.A;
+  prm.D = g.D;
+  prm.B = g.B;
+  prm.T = g.T;
+  prm.d_in = g.d_in;
+  prm.d_out = g.d_out;
+  prm.N = g.N;
+  prm.key = g.key;
+  prm.col_offset = g.col_offset;
+  prm.scale = g.scale;
+  prm.out = g.out;
+  prm.part = part;
+  prm.tiles_j = pl.tiles_j;
+  prm.tiles_b = pl.tiles_b;
+  prm.splits = pl.splits;
+  prm.accumulate = g.accumulate ? 1 : 0;
+  cudaStream_t st = as_stream(stream);
+  auto launch = [&](auto kernel) {
+    allow_smem(kernel, kWgSmemBytes, "linear_wgmma_kernel");
+    kernel<<<grid_1d(pl.tiles_j * pl.tiles_b * pl.splits, "linear_wgmma_kernel"), kWgThreads,
+             kWgSmemBytes, st>>>(prm);
+    check_launch("linear_wgmma_kernel launch");
+  };
+  if (g.dtype == DType::kBFloat16) {
+    launch(linear_wgmma_kernel<__nv_bfloat16>);
+  } else {
+    launch(linear_wgmma_kernel<__half>);
+  }
+  if (pl.splits > 1)
+    reduce_partials(part, pl.splits, g.B * g.N, g.scale, g.out, g.accumulate, stream);
+}
+
+}  // namespace issl_fast::cuda::detail

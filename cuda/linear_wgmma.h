@@ -1,0 +1,27 @@
+// Internal (host-only interface): the direct sketch_linear route on Hopper's warpgroup MMA
+// (wgmma, sm_90a only), implemented in linear_wgmma.cu. Experimental
+// (CudaExperimental::kLinearWgmma) until a GPU run validates it; linear_direct in sketch_gemm.cu
+// picks it when linear_wgmma_usable says so and otherwise runs its mma.sync kernel.
+#pragma once
+#include <cstdint>
+
+#include "sketch_gemm.h"
+
+namespace issl_fast::cuda::detail {
+
+struct WgmmaLinearPlan {
+  int64_t tiles_j = 0, tiles_b = 0, splits = 0;  // 256 sketch rows x 64 examples per block
+};
+WgmmaLinearPlan linear_wgmma_plan(int64_t B, int64_t N, int64_t d_out, int num_sms);
+// Floats of split partials the plan needs (0 with one split).
+int64_t linear_wgmma_partial_floats(const WgmmaLinearPlan& pl, int64_t B, int64_t N);
+
+// The switch is on, this binary holds sm_90a code, the current device is compute capability 9.0,
+// and A's rows can be copied in 16-byte chunks (aligned, d_in % 8 == 0).
+bool linear_wgmma_usable(const LinearDirect& g);
+
+// Same contract as linear_direct; `part` holds linear_wgmma_partial_floats floats.
+void linear_wgmma(const LinearDirect& g, const WgmmaLinearPlan& pl, float* part,
+                  std::uintptr_t stream);
+
+}  // namespace issl_fast::cuda::detail
