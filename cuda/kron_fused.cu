@@ -37,8 +37,8 @@ constexpr int kKfNT = kKfWarpN / 8;
 // U and V are recomputed for every output block of the other factor: above this many blocks the
 // unfused path (each projection once) does less work.
 constexpr int64_t kKfMaxBlocks = 4;
-// ~73 KB of shared memory and few registers: two blocks per SM on every target architecture
-// with 164 KB or more (three on sm_90); the split count aims for two.
+// ~73 KB of shared memory and ~103 registers: two blocks per SM (registers allow no more) on
+// every target architecture with 164 KB or more; the split count aims for two.
 constexpr int64_t kKfCtasPerSm = 2;
 constexpr int64_t kKfMaxSplits = 64;
 static_assert(kKfRows * kKfBK == 2 * 8 * kKfThreads, "two 16-byte chunks per thread per step");

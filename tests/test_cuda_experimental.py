@@ -148,6 +148,7 @@ KRON_FUSED_CASES = [
     (4, 1000, 40, 24, 16, 16),
     (150, 200, 40, 24, 16, 16),  # two row chunks per split
     (300, 2, 1024, 8, 64, 64),
+    (300, 150, 200, 130, 64, 64),  # one split (B >= 2 blocks per SM): 3 chunks of 4 + 3 K steps
 ]
 
 
@@ -162,10 +163,14 @@ def test_kron_fused_matches_reference(
         plan = _C.sketch_kron_cuda_plan(2 if dtype == "bfloat16" else 1, B, T, k_in, k_out, 0, 0,
                                         torch.cuda.get_device_properties(0).multi_processor_count)
         assert plan["fused"], plan
-        y = ops.sketch_kron(A.to(DEV), D.to(DEV), k_in, k_out, seed=55).cpu()
+        y = ops.sketch_kron(A.to(DEV), D.to(DEV), k_in, k_out, seed=55)
+        acc = ops.sketch_kron(A.to(DEV), D.to(DEV), k_in, k_out, seed=55,
+                              out=torch.full_like(y, 0.5), accumulate=True).cpu()
     ref = reference.sketch_kron(A, D, k_in, k_out, seed=55, accum=torch.float64)
     mag = kron_magnitude(A, D, k_in, k_out, seed=55, dist="rademacher")
-    assert_close(y, ref, mag, f"kron_fused {dtype} B={B} T={T} {d_in}x{d_out} {k_in}x{k_out}")
+    what = f"kron_fused {dtype} B={B} T={T} {d_in}x{d_out} {k_in}x{k_out} splits={plan['splits']}"
+    assert_close(y.cpu(), ref, mag, what)
+    assert_close(acc, ref + 0.5, mag + 0.5, what + " accumulate")
 
 
 def _quarters(shape: tuple[int, ...], seed: int) -> torch.Tensor:
@@ -197,7 +202,7 @@ def test_kron_fused_unaligned_rows_accumulate_and_determinism() -> None:
         a = ops.sketch_kron(A, D, 33, 17, seed=5)
         assert torch.equal(a, ops.sketch_kron(A, D, 33, 17, seed=5))
         acc = ops.sketch_kron(A, D, 33, 17, seed=5, out=torch.ones_like(a), accumulate=True)
-    # One rounding more than a + 1 at most (the split reduction adds 1 before the scaled sum).
+    # out + scale * sum is one fused multiply-add: within an ulp of a + 1.
     assert_close(acc.cpu(), (a + 1).cpu().double(), (a.abs() + 1).cpu().double(), "accumulate")
     base = ops.sketch_kron(A, D, 33, 17, seed=5)
     mag = kron_magnitude(A.cpu(), D.cpu(), 33, 17, seed=5, dist="rademacher")
