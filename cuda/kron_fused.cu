@@ -340,6 +340,7 @@ void kron_fused(const KronFused& k, const CudaKronPlan& plan, float* part, std::
   } else {
     launch(kron_fused_kernel<__half>);
   }
+  note_cuda_experimental_launch(CudaExperimental::kKronFused);
   if (plan.splits > 1)
     reduce_partials(part, plan.splits, k.B * k.k_in * k.k_out, k.scale, k.out, k.accumulate,
                     stream);

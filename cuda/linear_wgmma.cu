@@ -385,6 +385,7 @@ void linear_wgmma(const LinearDirect& g, const WgmmaLinearPlan& pl, float* part,
   } else {
     launch(linear_wgmma_kernel<__half>);
   }
+  note_cuda_experimental_launch(CudaExperimental::kLinearWgmma);
   if (pl.splits > 1)
     reduce_partials(part, pl.splits, g.B * g.N, g.scale, g.out, g.accumulate, stream);
 }

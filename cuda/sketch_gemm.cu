@@ -783,6 +783,7 @@ void launch_tc(const TcParams& prm, const CudaGemmPlan& pl, cudaStream_t st) {
   if constexpr (sizeof(InT) == 2) {
     if (prm.vec && cuda_experimental_on(CudaExperimental::kGemmAsyncRing)) {
       launch_tc_kernel<InT, kDirect, true>(prm, pl, st);
+      note_cuda_experimental_launch(CudaExperimental::kGemmAsyncRing);
       return;
     }
   }

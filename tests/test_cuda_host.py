@@ -145,6 +145,15 @@ def test_experimental_kernels_switch_and_restore() -> None:
     assert _C.cuda_experimental() == 0
 
 
+def test_builds_listing_sm90_carry_the_sm90a_wgmma_kernels() -> None:
+    info = _backend.build_info()
+    archs = info["cuda_architectures"].split(",")
+    major = int(str(info["cuda_version"]).split(".")[0])
+    lists_90 = any(a.split("-")[0].startswith("90") or a.split("-")[0] in ("native", "all")
+                   for a in archs)
+    assert _C.CUDA_SM90A == (lists_90 and major >= 12), (archs, info["cuda_version"])
+
+
 def test_experimental_kernel_errors_change_nothing() -> None:
     with _cuda_ops.experimental_kernels(["gemm_async_ring"]):
         with pytest.raises(ValueError, match="unknown experimental CUDA kernel 'fast'"):
@@ -152,6 +161,11 @@ def test_experimental_kernel_errors_change_nothing() -> None:
         with pytest.raises(ValueError, match="unknown experimental kernel bits 64"):
             _C.set_cuda_experimental(64 | 1)
         assert _cuda_ops.enabled_experimental_kernels() == ("gemm_async_ring",)
+    with pytest.raises(ValueError, match="not a single experimental kernel bit: 3"):
+        _C.cuda_experimental_launches(3)
+    with pytest.raises(ValueError, match="'nope'"):
+        _cuda_ops.experimental_launches("nope")
+    assert _cuda_ops.experimental_launches("kron_fused") >= 0
     assert _cuda_ops.parse_experimental_env(" ALL ") == _cuda_ops.experimental_kernel_names()
     assert _cuda_ops.parse_experimental_env(" kron_fused , ") == ("kron_fused",)
     assert _cuda_ops.parse_experimental_env("") == ()

@@ -319,11 +319,16 @@ def bench_kron(rounds: int) -> None:
 def timed_variant(
     label: str, names: list[str], fn: Callable[[], torch.Tensor], rounds: int
 ) -> tuple[float, float, torch.Tensor]:
-    """(median wall s, device s per call, result) of ``fn`` with exactly ``names`` switched on."""
+    """(median wall s, device s per call, result) of ``fn`` with exactly ``names`` switched on;
+    raises if one of them never launched (the call fell back to a default kernel)."""
+    before = {n: _cuda_ops.experimental_launches(n) for n in names}
     with _cuda_ops.experimental_kernels(names):
         got = fn().clone()
         t = med(cuda_times(fn, rounds))
         dev = kernel_breakdown(f"{label} [{'+'.join(names) or 'default'}]", fn)
+    idle = [n for n in names if _cuda_ops.experimental_launches(n) == before[n]]
+    if idle:
+        raise RuntimeError(f"experimental kernel(s) {idle} never launched for {label}")
     return t, dev, got
 
 

@@ -243,6 +243,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
   m.def("set_cuda_experimental", [](uint32_t mask) { issl_fast::set_cuda_experimental(mask); });
   m.def("cuda_experimental", [] { return issl_fast::cuda_experimental(); });
+  m.def("cuda_experimental_launches", [](uint32_t bit) {
+    return issl_fast::cuda_experimental_launches(static_cast<issl_fast::CudaExperimental>(bit));
+  });
   // Launch plans (pure host functions, no device needed): for tests and benchmarks.
   m.def("sketch_kron_cuda_plan",
         [to_algo](int dtype, int64_t B, int64_t T, int64_t k_in, int64_t k_out, int dist, int algo,

@@ -86,6 +86,12 @@ def experimental_kernels(names: Iterable[str]) -> Iterator[None]:
         set_experimental_kernels(before)
 
 
+def experimental_launches(name: str) -> int:
+    """How many times the experimental kernel ``name`` was launched in this process."""
+    mask = _experimental_mask([name])
+    return int(_C.cuda_experimental_launches(mask)) if _cuda_ops_compiled() else 0
+
+
 def parse_experimental_env(value: str) -> tuple[str, ...]:
     """``"all"``, ``""`` or comma-separated names -> the names (validated)."""
     value = value.strip()

@@ -36,6 +36,9 @@ constexpr uint32_t kCudaExperimentalAll = 0x7u;
 void set_cuda_experimental(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_experimental();
 bool cuda_experimental_on(CudaExperimental which);
+// Launches of each experimental kernel in this process (tests check that a switch took effect).
+void note_cuda_experimental_launch(CudaExperimental which);
+uint64_t cuda_experimental_launches(CudaExperimental which);
 
 // g [B, P] -> out [B, k] (sketch_dense.h).
 int64_t sketch_dense_cuda_workspace(DType dtype, int64_t B, int64_t P, int64_t k, Dist dist,
