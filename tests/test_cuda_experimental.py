@@ -6,6 +6,9 @@ ones and the reference, each switched on alone, so a failure names the kernel.
 * ``linear_wgmma`` (compute capability 9.0 only) sums the same exact products in another order:
   it must match the float64 reference within the tolerance policy and the default route within
   twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
+* ``score_wgmma`` (compute capability 9.0 only) scores 64-query blocks on wgmma: the top-k must
+  match the float64 reference under the tolerance policy (``assert_topk_close``), with exact ties
+  by lower index, exclusion, and bfloat16 queries giving the same bits in one pass as in three.
 * ``kron_fused`` sums in another order (per 64-row chunk, unscaled until the end): it must match
   the float64 reference within the tolerance policy on awkward shapes (several sketch-row blocks,
   T across chunks and splits, unaligned rows), and the default path bit for bit where every
@@ -26,7 +29,7 @@ import torch
 from inputs import dyadic, randn
 from issl_fast import _backend, _cuda_ops, ops, reference
 from issl_fast._backend import _C
-from tolerances import assert_close, kron_magnitude, linear_magnitude
+from tolerances import assert_close, assert_topk_close, kron_magnitude, linear_magnitude
 
 pytestmark = pytest.mark.cuda
 
@@ -149,6 +152,59 @@ def test_linear_wgmma_matches_reference_and_default(
     assert_close(y.cpu(), ref, mag, what)
     assert_close(y.cpu(), base.double(), 2 * mag, what + " vs default route")
     assert_close(acc.cpu(), ref + 1, mag + 1, what + " accumulate")
+
+
+# ---------------------------------------------------------------------------------------------
+# score_wgmma: score_topk's 64-query blocks on wgmma (compute capability 9.0)
+# ---------------------------------------------------------------------------------------------
+# (m, n, k, topk): m > 16 (64-query blocks, one partial), several blocks; n across tiles and
+# partitions, not a multiple of 128; k a multiple of 8 but not of 64 (zero-padded steps), one
+# step, many; topk above the candidate buffer (32).
+SCORE_WGMMA_CASES = [
+    (17, 257, 64, 10),
+    (65, 2000, 96, 7),
+    (130, 1100, 16, 4),
+    (64, 5000, 1024, 100),
+    (20, 3000, 136, 300),
+]
+
+
+@pytest.mark.parametrize("query", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,n,k,topk", SCORE_WGMMA_CASES)
+def test_score_wgmma_matches_reference(query: str, m: int, n: int, k: int, topk: int) -> None:
+    _require_hopper()
+    Q = randn((m, k), seed=m * 31 + k)
+    if query == "bfloat16":
+        Q = Q.to(torch.bfloat16).float()  # the reference sees the same (bf16) values
+    G = dyadic((n, k), seed=n * 7 + k)
+    Qd = Q.to(DEV).to(torch.bfloat16) if query == "bfloat16" else Q.to(DEV)
+    Gd = G.to(torch.bfloat16).to(DEV)
+    with _running("score_wgmma"):
+        v, i = ops.score_topk(Qd, Gd, topk)
+        v2, i2 = ops.score_topk(Qd, Gd, topk)
+    assert torch.equal(v, v2) and torch.equal(i, i2), "deterministic"
+    ref = reference.score_topk(Q, G, topk, accum=torch.float64)
+    assert_topk_close((v.cpu(), i.cpu()), ref, Q, G, what=f"score_wgmma {query} m={m} n={n} k={k}")
+    base = ops.score_topk(Qd, Gd, topk)  # the mma.sync scorer
+    assert_topk_close((base[0].cpu(), base[1].cpu()), (v.cpu().double(), i.cpu()), Q, G,
+                      what="default vs score_wgmma")
+
+
+def test_score_wgmma_bf16_one_pass_ties_and_exclusion() -> None:
+    _require_hopper()
+    m, n, k = 70, 4100, 96
+    Qb = randn((m, k), seed=3).to(torch.bfloat16).to(DEV)
+    G = dyadic((n, k), seed=4)
+    G[2000:2010] = G[17]  # exact ties with row 17: broken by lower index
+    Gd = G.to(torch.bfloat16).to(DEV)
+    ex = torch.tensor([[17, 2001]] * m, device=DEV)
+    with _running("score_wgmma"):
+        one = ops.score_topk(Qb, Gd, 13, exclude=ex)
+        three = ops.score_topk(Qb.float(), Gd, 13, exclude=ex)
+    assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
+    assert not bool(((one[1] == 17) | (one[1] == 2001)).any()), "excluded rows"
+    ref = reference.score_topk(Qb.float().cpu(), G, 13, exclude=ex.cpu(), accum=torch.float64)
+    assert_topk_close((one[0].cpu(), one[1].cpu()), ref, Qb.float().cpu(), G, what="ties")
 
 
 # ---------------------------------------------------------------------------------------------

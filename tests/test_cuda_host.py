@@ -131,7 +131,7 @@ def test_kron_plan() -> None:
 # ---------------------------------------------------------------------------------------------
 def test_experimental_kernels_switch_and_restore() -> None:
     names = _cuda_ops.experimental_kernel_names()
-    assert names == ("gemm_async_ring", "kron_fused", "linear_wgmma")
+    assert names == ("gemm_async_ring", "kron_fused", "linear_wgmma", "score_wgmma")
     assert _cuda_ops.enabled_experimental_kernels() == ()
     with _cuda_ops.experimental_kernels(["kron_fused"]):
         assert _cuda_ops.enabled_experimental_kernels() == ("kron_fused",)
@@ -174,7 +174,8 @@ def test_experimental_kernel_errors_change_nothing() -> None:
 
 
 @pytest.mark.parametrize("value,expected", [("kron_fused", "kron_fused"),
-                                            ("all", "gemm_async_ring,kron_fused,linear_wgmma"),
+                                            ("all", "gemm_async_ring,kron_fused,linear_wgmma,"
+                                                    "score_wgmma"),
                                             ("nope", "environment variable")])
 def test_experimental_environment_variable_at_import(value: str, expected: str) -> None:
     code = ("import torch, issl_fast\nfrom issl_fast import _cuda_ops\n"

@@ -398,6 +398,34 @@ def bench_experimental(mm_rate: float, rounds: int) -> None:
         frac = flops / t1 / mm_rate
         row(f"exp {'+'.join(names)} linear", t1, t0, "default kernels",
             f"{flops / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm", frac >= 0.5)
+    A = D = y = None  # noqa: F841
+    free()
+
+    # score_topk's 64-query blocks on wgmma: m = 64 against the copy bandwidth, m = 1024 against
+    # the bf16 mm rate, float32 and bfloat16 queries (the values of the top-k are compared).
+    n, k, topk = 4_000_000, 1024, 100
+    G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
+    copy_bw = RESULTS["copy_bandwidth_Bps"]
+    for m in (64, 1024):
+        Q = torch.randn(m, k, device=DEV)
+        for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):
+            r = compare_variant(f"score_topk m={m} {qname}", ["score_wgmma"],
+                                lambda Qx=Qx: ops.score_topk(Qx, G, topk)[0],
+                                rounds * 3 if m <= 64 else rounds)
+            if r is None:
+                continue
+            t0, _, t1, _ = r
+            if m <= 64:
+                bw = n * k * 2 / t1
+                row(f"exp score_wgmma m={m} {qname}", t1, t0, "default kernels",
+                    f"{bw / 1e12:.2f} TB/s = {bw / copy_bw:.0%} copy", ">= 80% copy",
+                    bw / copy_bw >= 0.8)
+            else:
+                frac = 2 * m * n * k / t1 / mm_rate
+                row(f"exp score_wgmma m={m} {qname}", t1, t0, "default kernels",
+                    f"{2 * m * n * k / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm",
+                    frac >= 0.5)
+    G = None  # noqa: F841
     free()
 
 

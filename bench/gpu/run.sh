@@ -10,7 +10,8 @@
 # folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
 # ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
 # ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse experimental"; default all).
-# The cuda tests run twice: as they are, then the sketch tests with ISSL_FAST_CUDA_EXPERIMENTAL=all
+# The cuda tests run twice: as they are, then the sketch and score tests with
+# ISSL_FAST_CUDA_EXPERIMENTAL=all
 # (every experimental kernel on); the last benchmark compares each experimental kernel with the
 # default one.
 # Files written to $OUT (at most 8, flat): env.txt build.log tests.log bench.log bench.json
@@ -119,13 +120,14 @@ ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 timeout "$(limit 240 100)" "$PY" -m p
   -p no:cacheprovider -m cuda ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
   ${PT_FILTER[@]+"${PT_FILTER[@]}"} --durations=15 tests >> "$OUT/tests.log" 2>&1
 rc_cuda=$?
-# Second pass: the sketch tests again with every experimental kernel on (cuda_ops.h:
+# Second pass: the sketch and score tests again with every experimental kernel on (cuda_ops.h:
 # CudaExperimental), so a variant is checked by the whole suite before it becomes the default.
 echo "== second pass: ISSL_FAST_CUDA_EXPERIMENTAL=all" >> "$OUT/tests.log"
 ISSL_FAST_CUDA_EXPERIMENTAL=all ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 \
   timeout "$(limit 150 90)" "$PY" -m pytest -q -rfE -p no:cacheprovider -m cuda \
   ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
-  ${PT_FILTER[@]+"${PT_FILTER[@]}"} tests/test_cuda_sketches.py >> "$OUT/tests.log" 2>&1
+  ${PT_FILTER[@]+"${PT_FILTER[@]}"} tests/test_cuda_sketches.py tests/test_cuda_score_topk.py \
+  >> "$OUT/tests.log" 2>&1
 rc_exp=$?
 set -e
 tail -n 25 "$OUT/tests.log"

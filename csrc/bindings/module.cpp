@@ -234,6 +234,7 @@ PYBIND11_MODULE(_C, m) {
     flags["gemm_async_ring"] = static_cast<uint32_t>(CudaExperimental::kGemmAsyncRing);
     flags["kron_fused"] = static_cast<uint32_t>(CudaExperimental::kKronFused);
     flags["linear_wgmma"] = static_cast<uint32_t>(CudaExperimental::kLinearWgmma);
+    flags["score_wgmma"] = static_cast<uint32_t>(CudaExperimental::kScoreWgmma);
     m.attr("CUDA_EXPERIMENTAL") = flags;
   }
 #if defined(ISSL_FAST_WITH_SM90A)

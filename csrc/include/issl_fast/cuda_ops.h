@@ -31,8 +31,9 @@ enum class CudaExperimental : uint32_t {
   kGemmAsyncRing = 1u << 0,  // 16-bit aligned GEMM inputs: cp.async into a 4-deep ring
   kKronFused = 1u << 1,      // sketch_kron in one kernel per (example, rows, output block)
   kLinearWgmma = 1u << 2,    // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
+  kScoreWgmma = 1u << 3,     // score_topk's 64-query blocks scored with wgmma (same)
 };
-constexpr uint32_t kCudaExperimentalAll = 0x7u;
+constexpr uint32_t kCudaExperimentalAll = 0xFu;
 void set_cuda_experimental(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_experimental();
 bool cuda_experimental_on(CudaExperimental which);

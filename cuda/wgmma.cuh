@@ -1,0 +1,121 @@
+// Internal: Hopper warpgroup-MMA (wgmma) helpers shared by the sm_90a kernels (linear_wgmma.cu,
+// score_wgmma.cu). Their bodies exist only when compiling for sm_90a; those kernels are launched
+// only on compute capability 9.0 devices.
+//
+// Conventions (PTX ISA, "asynchronous warpgroup level matrix"): a warpgroup is 4 consecutive
+// warps; for m64nNk16 with 16-bit inputs, warp w of the group owns rows 16 w .. 16 w + 15 of the
+// 64 x N float32 accumulator, register i of a thread holding row 16 w + g + 8 ((i >> 1) & 1),
+// column 8 (i >> 2) + 2 t4 + (i & 1) (g = lane / 4, t4 = lane % 4); a register A operand uses the
+// mma.sync m16n8k16 A layout per warp. Shared operands are K-major, 128-byte swizzled: 8-row x
+// 128-byte atoms, 1024-byte aligned, 16-byte chunk c of row r stored at chunk c ^ (r % 8).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace issl_fast::cuda::detail {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define ISSL_WGMMA_DEVICE 1
+#else
+#define ISSL_WGMMA_DEVICE 0
+#endif
+
+// Matrix descriptor of a K-major, 128-byte-swizzled operand (PTX "matrix descriptor"): start
+// address >> 4 (bits 0-13), leading byte offset (unused for swizzled K-major; 1), stride byte
+// offset >> 4 (bits 32-45: 1024 bytes between 8-row atoms), layout 1 = 128-byte swizzle (62-63).
+__device__ __forceinline__ uint64_t kmajor_sw128_desc(uint32_t smem_addr) {
+  return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
+         (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#endif
+}
+// Generic-proxy shared-memory writes (cp.async, st.shared) made visible to the async proxy that
+// wgmma reads through; each thread after its own writes, before the barrier.
+__device__ __forceinline__ void fence_proxy_async() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
+// Keeps the compiler from moving register reads/writes of an operand of an in-flight wgmma
+// across the fence (the asm says it reads and rewrites the register here).
+__device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
+
+// Z (+)= A_frag (64 x 16, registers) * B (16 x 64, shared, K-major) for one warpgroup.
+template <class MmaT>
+__device__ __forceinline__ void wgmma_m64n64k16(float (&z)[32], const uint32_t (&a)[4],
+                                                uint64_t desc, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  if constexpr (std::is_same_v<MmaT, __nv_bfloat16>) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
+          "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]),
+          "+f"(z[13]), "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]),
+          "+f"(z[19]), "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]),
+          "+f"(z[25]), "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]),
+          "+f"(z[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  } else {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
+        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+        : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
+          "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]),
+          "+f"(z[13]), "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]),
+          "+f"(z[19]), "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]),
+          "+f"(z[25]), "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]),
+          "+f"(z[31])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+  }
+#endif
+}
+
+// D (+)= A (64 x 16, shared, K-major) * B (16 x 64, shared, K-major) for one warpgroup.
+template <class MmaT>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&z)[32], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  static_assert(std::is_same_v<MmaT, __nv_bfloat16>, "bf16 operands");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
+        "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]), "+f"(z[13]),
+        "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]), "+f"(z[19]),
+        "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]), "+f"(z[25]),
+        "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]), "+f"(z[31])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
+}  // namespace issl_fast::cuda::detail
