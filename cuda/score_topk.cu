@@ -12,7 +12,8 @@
 // Ordering is the total order (value desc, index asc) everywhere, and every merge is exact, so the
 // result is the exact top-k of the scores whatever the partitioning or the order in which
 // candidates reached a buffer (they are appended with shared-memory integer atomics, then sorted).
-// A (query, row) score depends only on the kernel family: deterministic run to run.
+// A (query, row) score depends only on the kernel family: deterministic run to run. (With the
+// experimental wgmma scorer on, 64-query blocks are a family of their own: score_wgmma.cu.)
 //
 // Scores: bfloat16 stores use the tensor cores, the float32 query split into three bf16 terms
 // whose sum is exactly the query (so each product is exact and accumulates in float32, three MMA

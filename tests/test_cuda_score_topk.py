@@ -270,7 +270,17 @@ def test_score_of_a_pair_independent_of_query_batch(algo: str) -> None:
     Q = randn((70, 64), seed=5).to(DEV)
     G = randn((3000, 64), seed=6).to(torch.bfloat16).to(DEV)
     full = ops.score_topk(Q, G, 9)
+    # With the experimental wgmma scorer on, blocks of 64 queries (m > 16) and of 16 (m <= 16) are
+    # two kernel families (wgmma, mma.sync): equal within float rounding, and bit for bit within
+    # each family, which a 20-query batch of the same query checks.
+    wgmma = "score_wgmma" in _cuda_ops.enabled_experimental_kernels()
     for q in (0, 33, 69):
         one = ops.score_topk(Q[q:q + 1].contiguous(), G, 9)
+        if wgmma:
+            assert_topk_close((one[0].cpu(), one[1].cpu()),
+                              (full[0][q:q + 1].cpu().double(), full[1][q:q + 1].cpu()),
+                              Q[q:q + 1].cpu(), G.float().cpu(), what="16- vs 64-query blocks")
+            rep = ops.score_topk(Q[q:q + 1].repeat(20, 1).contiguous(), G, 9)
+            one = (rep[0][:1], rep[1][:1])
         assert torch.equal(one[1], full[1][q:q + 1])
         assert torch.equal(one[0], full[0][q:q + 1])
