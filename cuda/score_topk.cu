@@ -12,8 +12,8 @@
 // Ordering is the total order (value desc, index asc) everywhere, and every merge is exact, so the
 // result is the exact top-k of the scores whatever the partitioning or the order in which
 // candidates reached a buffer (they are appended with shared-memory integer atomics, then sorted).
-// A (query, row) score depends only on the kernel family: deterministic run to run. (With the
-// experimental wgmma scorer on, 64-query blocks are a family of their own: score_wgmma.cu.)
+// A (query, row) score depends only on the kernel family: deterministic run to run. (The
+// experimental wgmma scorer, score_wgmma.cu, is a family of its own.)
 //
 // Scores: bfloat16 stores use the tensor cores, the float32 query split into three bf16 terms
 // whose sum is exactly the query (so each product is exact and accumulates in float32, three MMA
@@ -603,14 +603,17 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
     static_assert(CfgSmall::MQ == CfgSmall1::MQ && CfgLarge::MQ == CfgLarge1::MQ, "same plans");
     const bool small = pl.queries_per_block == CfgSmall::MQ;
 #if defined(ISSL_FAST_WITH_SM90A)
-    static_assert(CfgLarge::MQ == kWgmmaScoreMQ, "the wgmma scorer takes the 64-query blocks");
-    const bool wgmma = !small && score_wgmma_usable();
+    static_assert(CfgLarge::MQ == kWgmmaScoreMQ && CfgSmall::MQ == kWgmmaScoreSmallMQ &&
+                      CfgLarge::CB == 32 && CfgSmall::CB == 128,
+                  "the wgmma scorer takes the same blocks and candidate buffers");
+    const bool wgmma = score_wgmma_usable();
 #else
     const bool wgmma = false;
 #endif
     if (wgmma) {
 #if defined(ISSL_FAST_WITH_SM90A)
-      launch_score_wgmma(prm, pl.partitions * pl.query_blocks, query_bf16, st);
+      launch_score_wgmma(prm, static_cast<int>(pl.queries_per_block),
+                         pl.partitions * pl.query_blocks, query_bf16, st);
 #endif
     } else if (query_bf16 && small)
       launch_score(tc_score_kernel<CfgSmall1>, sizeof(TcScoreSmem<CfgSmall1>), pl, prm, st,

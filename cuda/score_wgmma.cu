@@ -3,16 +3,17 @@
 // score_topk.cu (score_topk_blocks.cuh); only how a tile's scores are computed differs.
 //
 // Why: for 64-query blocks the mma.sync scorer is compute-bound (m = 64: 22% / 30% of the copy
-// bandwidth with float32 / bfloat16 queries on an H200; m = 1024: 11% / 20% of the bf16 mm rate).
-// wgmma reads both operands from shared memory and runs asynchronously, with no ldmatrix or
-// fragment traffic in the issuing warps.
+// bandwidth with float32 / bfloat16 queries on an H200; m = 1024: 11% / 20% of the bf16 mm rate),
+// and for 16-query blocks its warps spend their shared-memory bandwidth on ldmatrix of the query
+// terms (m = 1, 16: 69-77% / 56-62% of copy). wgmma reads both operands from shared memory and
+// runs asynchronously, with no ldmatrix or fragment traffic in the issuing warps.
 //
 // Block: 2 warpgroups (256 threads, like the other scorers) x 128 store rows (64 per warpgroup:
-// wgmma M) x 64 queries (wgmma N), 64-column k steps. G rows and the bf16 query terms stream
-// through one cp.async ring of 128-byte-swizzled K-major tiles (16 KB of G and 8 KB per query
-// term per step). Per step: barrier; copies of step s + 2 into the slot step s - 2 used; 4 k16
-// slices x QP terms of wgmma m64n64k16 committed as one group; wait until only that group is in
-// flight. The last step of a tile waits for its group and hands the 32 scores per thread to
+// wgmma M) x MQ = 64 or 16 queries (wgmma N), 64-column k steps. G rows and the bf16 query terms
+// stream through one cp.async ring of 128-byte-swizzled K-major tiles (16 KB of G and MQ x 128
+// bytes per query term per step). Per step: barrier; copies of step s + 2 into the slot step s - 2 used; 4 k16
+// slices x QP terms of wgmma m64nMQk16 committed as one group; wait until only that group is in
+// flight. The last step of a tile waits for its group and hands the MQ / 2 scores per thread to
 // process_tile. Accumulation order per score: k16 slices in increasing k, the QP terms of a slice
 // in order (as in tc_score_kernel), so bfloat16 queries give the same scores in one pass as in
 // three (the lower terms are zero).
@@ -37,44 +38,45 @@ using cuda::detail::kmajor_sw128_desc;
 using cuda::detail::smem_u32;
 using cuda::detail::wgmma_commit;
 using cuda::detail::wgmma_fence;
-using cuda::detail::wgmma_m64n64k16_ss;
+using cuda::detail::wgmma_ss;
 using cuda::detail::wgmma_wait;
 
-constexpr int kSwMQ = kWgmmaScoreMQ;
-constexpr int kSwCB = 32;      // candidate buffer per query (as tc_score_kernel's 64-query configs)
 constexpr int kSwBK = 64;      // k columns per step: one 128-byte swizzle row
 constexpr int kSwStages = 4;   // step s computing, s - 1 draining, s + 1 and s + 2 copying
-constexpr int kSwNS = 32;      // scores per thread per tile (m64n64 float32 accumulators)
 constexpr int kRowBytes = kSwBK * 2;
 static_assert(kThreads == 256 && kRowsPerTile == 128, "two warpgroups of 64 store rows");
 static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
 
-template <int QP>
+// MQ queries per block (the plan's 16- or 64-query blocks), CB candidates buffered per query
+// (as tc_score_kernel's configs of the same MQ), QP bf16 terms per query.
+template <int MQ, int CB, int QP>
 struct SwSmem {
   unsigned char g[kSwStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
-  unsigned char q[kSwStages][QP][kSwMQ * kRowBytes];     // 8 KB per term per slot
-  TopkShared<kSwMQ, kSwCB> ts;
+  unsigned char q[kSwStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
+  TopkShared<MQ, CB> ts;
 };
-template <int QP>
+template <int MQ, int CB, int QP>
 constexpr int64_t sw_smem_bytes() {
-  return static_cast<int64_t>(sizeof(SwSmem<QP>)) + 1024;  // + alignment slack
+  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP>)) + 1024;  // + alignment slack
 }
 
-template <int QP>
+template <int MQ, int CB, int QP>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
 #if ISSL_WGMMA_DEVICE
+  static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
+  constexpr int kNS = MQ / 2;  // scores per thread per tile (m64nMQ float32 accumulators)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  SwSmem<QP>& sm = *reinterpret_cast<SwSmem<QP>*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+  auto& sm = *reinterpret_cast<SwSmem<MQ, CB, QP>*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t qblk = blockIdx.x % p.qblocks, part = blockIdx.x / p.qblocks;
-  const int64_t qbase = qblk * kSwMQ;
+  const int64_t qbase = qblk * MQ;
   const int64_t row_begin = p.n * part / p.partitions;
   const int64_t row_end = p.n * (part + 1) / p.partitions;
   const int64_t part_rows = row_end - row_begin;
-  const TopkCtx c = make_ctx<kSwMQ, kSwCB>(p, part, qbase, row_begin);
+  const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
 
   const int nk = static_cast<int>(p.kq / kSwBK);
@@ -97,9 +99,10 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
                  ok ? G + grow * p.k + c0 + cc * 8 : G, ok);
     }
 #pragma unroll
-    for (int u = 0; u < QP * kSwMQ * 8 / kThreads; ++u) {  // the query terms: zero padded
+    for (int u = 0; u < (QP * MQ * 8 + kThreads - 1) / kThreads; ++u) {  // query terms
       const int ch = tid + u * kThreads;
-      const int qp = ch / (kSwMQ * 8), rem = ch % (kSwMQ * 8);
+      if (ch >= QP * MQ * 8) break;
+      const int qp = ch / (MQ * 8), rem = ch % (MQ * 8);
       const int qr = rem >> 3, cc = rem & 7;
       cp_async16(smem_u32(&sm.q[slot][qp][0]) + qr * kRowBytes + ((cc ^ (qr & 7)) << 4),
                  p.Qs + (qp * p.mp + qbase + qr) * p.kq + c0 + cc * 8, true);
@@ -110,9 +113,9 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
     }
   };
 
-  float acc[kSwNS];
+  float acc[kNS];
 #pragma unroll
-  for (int i = 0; i < kSwNS; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kNS; ++i) acc[i] = 0.0f;
   bool fresh = true;  // the next wgmma starts a new tile (scale-d = 0)
 
 #pragma unroll
@@ -135,7 +138,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
     for (int kk = 0; kk < kSwBK / 16; ++kk)
 #pragma unroll
       for (int qp = 0; qp < QP; ++qp)
-        wgmma_m64n64k16_ss<__nv_bfloat16>(
+        wgmma_ss<MQ>(
             acc, kmajor_sw128_desc(ga + kk * 32),
             kmajor_sw128_desc(smem_u32(&sm.q[slot][qp][0]) + kk * 32),
             (fresh && kk == 0 && qp == 0) ? 0 : 1);
@@ -146,11 +149,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
       kc = 0;
       wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < kSwNS; ++i) fence_reg(acc[i]);
-      float sv[kSwNS];
-      int srow[kSwNS], sq[kSwNS];
+      for (int i = 0; i < kNS; ++i) fence_reg(acc[i]);
+      float sv[kNS];
+      int srow[kNS], sq[kNS];
 #pragma unroll
-      for (int i = 0; i < kSwNS; ++i) {
+      for (int i = 0; i < kNS; ++i) {
         sv[i] = acc[i];
         srow[i] = wg * 64 + wq * 16 + g + 8 * ((i >> 1) & 1);
         sq[i] = 8 * (i >> 2) + 2 * t4 + (i & 1);
@@ -161,7 +164,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
     } else {
       wgmma_wait<1>();  // step it - 1 done: its slot is free after the next barrier
 #pragma unroll
-      for (int i = 0; i < kSwNS; ++i) fence_reg(acc[i]);
+      for (int i = 0; i < kNS; ++i) fence_reg(acc[i]);
     }
   }
   wgmma_wait<0>();
@@ -172,12 +175,12 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
 #endif
 }
 
-template <int QP>
+template <int MQ, int CB, int QP>
 void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  auto kernel = wgmma_score_kernel<QP>;
-  cuda::detail::allow_smem(kernel, sw_smem_bytes<QP>(), "wgmma_score_kernel");
-  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, sw_smem_bytes<QP>(),
-           st>>>(p);
+  auto kernel = wgmma_score_kernel<MQ, CB, QP>;
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP>();
+  cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
+  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
   cuda::detail::check_launch("wgmma_score_kernel launch");
 }
 
@@ -194,11 +197,22 @@ bool score_wgmma_usable() {
   return major == 9 && minor == 0;
 }
 
-void launch_score_wgmma(const ScoreParams& p, int64_t blocks, bool query_bf16, cudaStream_t st) {
-  if (query_bf16) {
-    launch<1>(p, blocks, st);
+void launch_score_wgmma(const ScoreParams& p, int queries_per_block, int64_t blocks,
+                        bool query_bf16, cudaStream_t st) {
+  if (queries_per_block == kWgmmaScoreSmallMQ) {
+    if (query_bf16) {
+      launch<kWgmmaScoreSmallMQ, 128, 1>(p, blocks, st);
+    } else {
+      launch<kWgmmaScoreSmallMQ, 128, kQParts>(p, blocks, st);
+    }
   } else {
-    launch<kQParts>(p, blocks, st);
+    cuda::detail::require(queries_per_block == kWgmmaScoreMQ,
+                          "score_wgmma: blocks of 16 or 64 queries");
+    if (query_bf16) {
+      launch<kWgmmaScoreMQ, 32, 1>(p, blocks, st);
+    } else {
+      launch<kWgmmaScoreMQ, 32, kQParts>(p, blocks, st);
+    }
   }
   note_cuda_experimental_launch(CudaExperimental::kScoreWgmma);
 }

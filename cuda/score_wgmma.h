@@ -1,6 +1,6 @@
-// Internal: the sm_90a (wgmma) scorer of score_topk for blocks of 64 queries, implemented in
-// score_wgmma.cu. Experimental (CudaExperimental::kScoreWgmma) until a GPU run validates it;
-// score_topk.cu uses it in place of tc_score_kernel<CfgLarge / CfgLarge1> when usable.
+// Internal: the sm_90a (wgmma) scorer of score_topk, implemented in score_wgmma.cu.
+// Experimental (CudaExperimental::kScoreWgmma) until a GPU run validates it; score_topk.cu uses it
+// in place of tc_score_kernel (all four configs) when usable.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -10,14 +10,16 @@
 
 namespace issl_fast::topk {
 
-constexpr int kWgmmaScoreMQ = 64;  // queries per block: the plan's blocks for m > 16
+constexpr int kWgmmaScoreMQ = 64;       // queries per block: the plan's blocks for m > 16
+constexpr int kWgmmaScoreSmallMQ = 16;  // ... and for m <= 16
 
 // The switch is on and the current device is compute capability 9.0 (the caller has checked the
-// tensor-core plan: bfloat16 store, 16-byte aligned, k % 8 == 0, 64 queries per block).
+// tensor-core plan: bfloat16 store, 16-byte aligned, k % 8 == 0).
 bool score_wgmma_usable();
 
-// Scores `blocks` (partition, query block) pairs into the partitions' lists, like
-// tc_score_kernel: query_bf16 selects one MMA pass instead of three.
-void launch_score_wgmma(const ScoreParams& p, int64_t blocks, bool query_bf16, cudaStream_t st);
+// Scores `blocks` (partition, query block) pairs of 16 or 64 queries into the partitions' lists,
+// like tc_score_kernel: query_bf16 selects one MMA pass instead of three.
+void launch_score_wgmma(const ScoreParams& p, int queries_per_block, int64_t blocks,
+                        bool query_bf16, cudaStream_t st);
 
 }  // namespace issl_fast::topk

@@ -118,4 +118,32 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&z)[32], uint64_t desc
 #endif
 }
 
+// The same with N = 16 (8 accumulators per thread): the 16-query blocks of score_topk.
+template <class MmaT>
+__device__ __forceinline__ void wgmma_m64n16k16_ss(float (&z)[8], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  static_assert(std::is_same_v<MmaT, __nv_bfloat16>, "bf16 operands");
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
+        "+f"(z[7])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
+// Shared-shared wgmma m64nNk16 (bf16 in, float32 accumulators) for the N above.
+template <int N>
+__device__ __forceinline__ void wgmma_ss(float (&z)[N / 2], uint64_t desc_a, uint64_t desc_b,
+                                         int scale_d) {
+  static_assert(N == 16 || N == 64, "m64n16k16 and m64n64k16");
+  if constexpr (N == 16) {
+    wgmma_m64n16k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+  } else {
+    wgmma_m64n64k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+  }
+}
+
 }  // namespace issl_fast::cuda::detail

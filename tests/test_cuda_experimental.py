@@ -6,7 +6,8 @@ ones and the reference, each switched on alone, so a failure names the kernel.
 * ``linear_wgmma`` (compute capability 9.0 only) sums the same exact products in another order:
   it must match the float64 reference within the tolerance policy and the default route within
   twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
-* ``score_wgmma`` (compute capability 9.0 only) scores 64-query blocks on wgmma: the top-k must
+* ``score_wgmma`` (compute capability 9.0 only) scores score_topk's 16- and 64-query blocks on
+  wgmma: the top-k must
   match the float64 reference under the tolerance policy (``assert_topk_close``), with exact ties
   by lower index, exclusion, and bfloat16 queries giving the same bits in one pass as in three.
 * ``kron_fused`` sums in another order (per 64-row chunk, unscaled until the end): it must match
@@ -155,12 +156,15 @@ def test_linear_wgmma_matches_reference_and_default(
 
 
 # ---------------------------------------------------------------------------------------------
-# score_wgmma: score_topk's 64-query blocks on wgmma (compute capability 9.0)
+# score_wgmma: score_topk's 16- and 64-query blocks on wgmma (compute capability 9.0)
 # ---------------------------------------------------------------------------------------------
-# (m, n, k, topk): m > 16 (64-query blocks, one partial), several blocks; n across tiles and
-# partitions, not a multiple of 128; k a multiple of 8 but not of 64 (zero-padded steps), one
-# step, many; topk above the candidate buffer (32).
+# (m, n, k, topk): m <= 16 (16-query blocks: wgmma N = 16) and m > 16 (64-query blocks, one
+# partial, several); n across tiles and partitions, not a multiple of 128; k a multiple of 8 but
+# not of 64 (zero-padded steps), one step, many; topk above the candidate buffers (32 / 128).
 SCORE_WGMMA_CASES = [
+    (1, 5000, 64, 17),
+    (5, 1031, 40, 1),
+    (16, 3000, 136, 200),
     (17, 257, 64, 10),
     (65, 2000, 96, 7),
     (130, 1100, 16, 4),

@@ -401,12 +401,12 @@ def bench_experimental(mm_rate: float, rounds: int) -> None:
     A = D = y = None  # noqa: F841
     free()
 
-    # score_topk's 64-query blocks on wgmma: m = 64 against the copy bandwidth, m = 1024 against
-    # the bf16 mm rate, float32 and bfloat16 queries (the values of the top-k are compared).
+    # score_topk on wgmma: m <= 64 against the copy bandwidth, m = 1024 against the bf16 mm rate,
+    # float32 and bfloat16 queries (the values of the top-k are compared).
     n, k, topk = 4_000_000, 1024, 100
     G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     copy_bw = RESULTS["copy_bandwidth_Bps"]
-    for m in (64, 1024):
+    for m in (1, 16, 64, 1024):
         Q = torch.randn(m, k, device=DEV)
         for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):
             r = compare_variant(f"score_topk m={m} {qname}", ["score_wgmma"],
