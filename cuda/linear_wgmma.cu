@@ -112,7 +112,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
   // tile (swizzled), the sign words of its 64 columns for the block's 256 sketch rows, and D of
   // the (o, t) when the step is its last.
   const int crow = tid >> 3, cch = tid & 7;
-  const uint32_t a_dst0 = smem_u32(&sm.a[0][0]) + crow * 128 + ((cch ^ (crow & 7)) << 4);
+  const uint32_t a_dst0 = smem_u32(&sm.a[0][0]) + sw128_offset(crow, cch);
   auto issue = [&](const WgCursor& cu, int slot) {
     const int64_t b = b0 + crow;
     const int64_t col = cu.c * kWgK + cch * 8;
@@ -131,24 +131,13 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
     }
   };
 
-  // The A fragments of one step (4 k16 slices) from the sign bits: this warp's 16 sketch rows
-  // are bits [16 wq, 16 wq + 16) of word wg, i.e. bits [16 (wq & 1), +16) of its 32-bit half
-  // wq >> 1. Register r of slice kk: rows g (+8 for r = 1, 3), columns 2 t4, 2 t4 + 1 (+8 for
-  // r = 2, 3) -- the mma.sync m16n8k16 A layout per warp, which wgmma's register A uses.
-  constexpr uint32_t kOnes = PlusOne<MmaT>::kBits * 0x10001u;
+  // The A fragments of one step from the sign bits: this warp's 16 sketch rows are bits
+  // [16 wq, 16 wq + 16) of word wg, i.e. bits [16 (wq & 1), +16) of its 32-bit half wq >> 1
+  // (columns 4 words = 8 halves apart).
   const int half = wg * 2 + (wq >> 1), sh = (wq & 1) * 16 + g;
   auto build = [&](int slot, uint32_t (&af)[4][4]) {
-    const uint32_t* sb = reinterpret_cast<const uint32_t*>(&sm.bits[slot][0][0]) + half;
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      const int c0 = kk * 16 + 2 * t4;
-      const uint32_t x0 = sb[(c0 + 0) * 8] >> sh, x1 = sb[(c0 + 1) * 8] >> sh;
-      const uint32_t x8 = sb[(c0 + 8) * 8] >> sh, x9 = sb[(c0 + 9) * 8] >> sh;
-      af[kk][0] = kOnes | ((x0 & 1u) << 15) | ((x1 & 1u) << 31);
-      af[kk][1] = kOnes | (((x0 >> 8) & 1u) << 15) | (((x1 >> 8) & 1u) << 31);
-      af[kk][2] = kOnes | ((x8 & 1u) << 15) | ((x9 & 1u) << 31);
-      af[kk][3] = kOnes | (((x8 >> 8) & 1u) << 15) | (((x9 >> 8) & 1u) << 31);
-    }
+    pm1_a_fragments<MmaT>(reinterpret_cast<const uint32_t*>(&sm.bits[slot][0][0]) + half, 8, sh,
+                          t4, af);
   };
 
   float z[kWgAcc];

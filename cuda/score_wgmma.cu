@@ -36,6 +36,7 @@ using cuda::detail::fence_proxy_async;
 using cuda::detail::fence_reg;
 using cuda::detail::kmajor_sw128_desc;
 using cuda::detail::smem_u32;
+using cuda::detail::sw128_offset;
 using cuda::detail::wgmma_commit;
 using cuda::detail::wgmma_fence;
 using cuda::detail::wgmma_ss;
@@ -95,7 +96,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
       const int row = ch >> 3, cc = ch & 7;
       const int64_t grow = ld_r0 + row;
       const bool ok = grow < row_end && c0 + cc * 8 < p.k;  // k % 8 == 0: whole chunks
-      cp_async16(gbase + row * kRowBytes + ((cc ^ (row & 7)) << 4),
+      cp_async16(gbase + sw128_offset(row, cc),
                  ok ? G + grow * p.k + c0 + cc * 8 : G, ok);
     }
 #pragma unroll
@@ -104,7 +105,7 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
       if (ch >= QP * MQ * 8) break;
       const int qp = ch / (MQ * 8), rem = ch % (MQ * 8);
       const int qr = rem >> 3, cc = rem & 7;
-      cp_async16(smem_u32(&sm.q[slot][qp][0]) + qr * kRowBytes + ((cc ^ (qr & 7)) << 4),
+      cp_async16(smem_u32(&sm.q[slot][qp][0]) + sw128_offset(qr, cc),
                  p.Qs + (qp * p.mp + qbase + qr) * p.kq + c0 + cc * 8, true);
     }
     if (++ld_kc == nk) {

@@ -15,6 +15,8 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common.cuh"
+
 namespace issl_fast::cuda::detail {
 
 #if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -29,6 +31,12 @@ namespace issl_fast::cuda::detail {
 __device__ __forceinline__ uint64_t kmajor_sw128_desc(uint32_t smem_addr) {
   return static_cast<uint64_t>((smem_addr & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) |
          (uint64_t{1024 >> 4} << 32) | (uint64_t{1} << 62);
+}
+
+// Byte offset of 16-byte chunk `chunk` (0..7) of row `row` in a K-major, 128-byte-swizzled tile
+// of 128-byte rows (the layout kmajor_sw128_desc describes), from a 1024-aligned base.
+__device__ __forceinline__ uint32_t sw128_offset(int row, int chunk) {
+  return static_cast<uint32_t>(row * 128 + ((chunk ^ (row & 7)) << 4));
 }
 
 __device__ __forceinline__ void wgmma_fence() {
@@ -132,6 +140,27 @@ __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&z)[8], uint64_t desc_
         "+f"(z[7])
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 #endif
+}
+
+// Register A fragments of 4 k16 slices (64 columns) of +-1 rows, for one warp: `sb` points at
+// the 32-bit word holding this warp's rows of column 0 (consecutive columns `stride` words
+// apart), and bit sh (sh + 8) of it is the warp's row g (g + 8), set = -1. Register r of slice
+// kk holds rows g (+8 for r = 1, 3), columns 16 kk + 2 t4, + 1 (+8 for r = 2, 3): the mma.sync
+// m16n8k16 A layout per warp, which wgmma's register A uses.
+template <class MmaT>
+__device__ __forceinline__ void pm1_a_fragments(const uint32_t* sb, int stride, int sh, int t4,
+                                                uint32_t (&af)[4][4]) {
+  constexpr uint32_t kOnes = PlusOne<MmaT>::kBits * 0x10001u;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+    const int c0 = kk * 16 + 2 * t4;
+    const uint32_t x0 = sb[(c0 + 0) * stride] >> sh, x1 = sb[(c0 + 1) * stride] >> sh;
+    const uint32_t x8 = sb[(c0 + 8) * stride] >> sh, x9 = sb[(c0 + 9) * stride] >> sh;
+    af[kk][0] = kOnes | ((x0 & 1u) << 15) | ((x1 & 1u) << 31);
+    af[kk][1] = kOnes | (((x0 >> 8) & 1u) << 15) | (((x1 >> 8) & 1u) << 31);
+    af[kk][2] = kOnes | ((x8 & 1u) << 15) | ((x9 & 1u) << 31);
+    af[kk][3] = kOnes | (((x8 >> 8) & 1u) << 15) | (((x9 >> 8) & 1u) << 31);
+  }
 }
 
 // Shared-shared wgmma m64nNk16 (bf16 in, float32 accumulators) for the N above.

@@ -120,6 +120,27 @@ def _require_hopper() -> None:
         pytest.skip(f"this build has no sm_90a code (architectures {archs})")
 
 
+@pytest.mark.parametrize("mode,n", [(0, 64), (1, 16), (2, 64)])
+def test_wgmma_probe_layouts(mode: int, n: int) -> None:
+    # One tile through the wgmma kernels' helpers (swizzled placement, descriptors, register-A
+    # fragments from sign bits, accumulator mapping): small integers, so C is exact. If the
+    # linear/score wgmma tests fail while this passes, the fault is in their pipelines.
+    _require_hopper()
+    g = torch.Generator().manual_seed(mode)
+    A = torch.randint(-8, 9, (64, 64), generator=g).to(torch.bfloat16)
+    B = torch.randint(-8, 9, (n, 64), generator=g).to(torch.bfloat16)
+    signs = torch.randint(-(2**62), 2**62, (64,), generator=g, dtype=torch.int64)
+    if mode == 2:  # S[j, c] = -1 where bit j of signs[c] is set
+        bits = (signs[None, :] >> torch.arange(64)[:, None]) & 1
+        A = (1 - 2 * bits).to(torch.bfloat16)
+    C = torch.full((64, n), float("nan"), device=DEV)
+    Ad, Bd, Sd = A.to(DEV), B.to(DEV), signs.to(DEV)
+    _C.cuda_wgmma_probe(mode, Ad.data_ptr(), Bd.data_ptr(), Sd.data_ptr(), C.data_ptr(),
+                        torch.cuda.current_stream().cuda_stream)
+    expect = A.double() @ B.double().T
+    assert torch.equal(C.cpu().double(), expect), f"mode {mode}: {(C.cpu() - expect).abs().max()}"
+
+
 # (B, T, d_in, d_out, k): partial tiles along both block dimensions, one and several splits of
 # d_out, T up to 3 (the direct route), d_in from one 8-column chunk to several 64-column steps.
 LINEAR_WGMMA_CASES = [

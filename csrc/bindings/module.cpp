@@ -239,6 +239,14 @@ PYBIND11_MODULE(_C, m) {
   }
 #if defined(ISSL_FAST_WITH_SM90A)
   m.attr("CUDA_SM90A") = true;  // the wgmma kernels (sm_90a code) are in this build
+  m.def(
+      "cuda_wgmma_probe",
+      [](int mode, std::uintptr_t A, std::uintptr_t B, std::uintptr_t signs, std::uintptr_t C,
+         std::uintptr_t stream) {
+        issl_fast::cuda_wgmma_probe(mode, ptr<const void>(A), ptr<const void>(B),
+                                    ptr<const uint64_t>(signs), ptr<float>(C), stream);
+      },
+      py::call_guard<py::gil_scoped_release>());
 #else
   m.attr("CUDA_SM90A") = false;
 #endif

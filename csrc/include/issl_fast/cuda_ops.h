@@ -89,6 +89,17 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
                      float* values, int64_t* indices, bool accumulate, void* ws, int64_t ws_bytes,
                      int num_sms, CudaAlgo algo, std::uintptr_t stream, bool query_bf16 = false);
 
+// Tests only, sm_90a builds (ISSL_FAST_WITH_SM90A), compute capability 9.0 devices: one
+// warpgroup computes one tile through the helpers of the experimental wgmma kernels (cuda/wgmma.cuh),
+// isolating their layout conventions from their pipelines. Device pointers, queued on `stream`:
+//   mode 0: C[64, 64] = A[64, 64] B[64, 64]^T  (bf16, shared-shared wgmma m64n64k16)
+//   mode 1: C[64, 16] = A[64, 64] B[16, 64]^T  (shared-shared m64n16k16)
+//   mode 2: C[64, 64] = S B[64, 64]^T, S[j, c] = -1 if bit j of signs[c] is set, else +1
+//           (register-A m64n64k16 built from sign bits)
+// A, B row-major bfloat16 with 64 columns, 16-byte aligned; signs[64]; C row-major float32.
+void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* signs, float* C,
+                      std::uintptr_t stream);
+
 // The launch plans, for tests and benchmarks (pure host functions: no device needed).
 struct CudaGemmPlan {
   bool tensor_cores = false;  // MMA kernel (else SIMT)
