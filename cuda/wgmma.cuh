@@ -1,6 +1,6 @@
 // Internal: Hopper warpgroup-MMA (wgmma) helpers shared by the sm_90a kernels (linear_wgmma.cu,
-// score_wgmma.cu). Their bodies exist only when compiling for sm_90a; those kernels are launched
-// only on compute capability 9.0 devices.
+// score_wgmma.cu, and the tests' layout probe wgmma_probe.cu). Their bodies exist only when
+// compiling for sm_90a; those kernels are launched only on compute capability 9.0 devices.
 //
 // Conventions (PTX ISA, "asynchronous warpgroup level matrix"): a warpgroup is 4 consecutive
 // warps; for m64nNk16 with 16-bit inputs, warp w of the group owns rows 16 w .. 16 w + 15 of the
