@@ -43,7 +43,14 @@ using cuda::detail::wgmma_ss;
 using cuda::detail::wgmma_wait;
 
 constexpr int kSwBK = 64;      // k columns per step: one 128-byte swizzle row
-constexpr int kSwStages = 4;   // step s computing, s - 1 draining, s + 1 and s + 2 copying
+// Ring slots: step s computing, s - 1 draining, s + 1 (and s + 2 with four slots) copying. Four,
+// except for 64-query blocks with one query term, where three keep the block under half of
+// sm_90's 227 KB, so two blocks share an SM as the plan assumes (the same bytes in flight per SM,
+// twice the warps); with three terms one block per SM fits either way.
+template <int MQ, int QP>
+constexpr int sw_stages() {
+  return MQ == 64 && QP == 1 ? 3 : 4;
+}
 constexpr int kRowBytes = kSwBK * 2;
 static_assert(kThreads == 256 && kRowsPerTile == 128, "two warpgroups of 64 store rows");
 static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
@@ -52,8 +59,9 @@ static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
 // (as tc_score_kernel's configs of the same MQ), QP bf16 terms per query.
 template <int MQ, int CB, int QP>
 struct SwSmem {
-  unsigned char g[kSwStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
-  unsigned char q[kSwStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
+  static constexpr int kStages = sw_stages<MQ, QP>();
+  unsigned char g[kStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
+  unsigned char q[kStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
   TopkShared<MQ, CB> ts;
 };
 template <int MQ, int CB, int QP>
@@ -65,6 +73,7 @@ template <int MQ, int CB, int QP>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
 #if ISSL_WGMMA_DEVICE
   static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
+  constexpr int kSwStages = SwSmem<MQ, CB, QP>::kStages;
   constexpr int kNS = MQ / 2;  // scores per thread per tile (m64nMQ float32 accumulators)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
