@@ -20,7 +20,7 @@
 // split of the output rows o. Z lives in registers (32 per thread), Y in shared memory (thread-
 // private slots, so no barrier). Per step (64 input columns): barrier; copies of step s + 2
 // issued into the slot step s - 2 used; fragments of step s built; four wgmmas committed as one
-// group; then wait until only that group is in flight (step s - 1 done: its slot and its
+// group; the sign words of step s + 2 hashed; then wait until only that group is in flight (step s - 1 done: its slot and its
 // fragment registers are free; the fragments alternate between two register sets). The last step
 // of an (o, t) waits for its own group and folds Z into Y. Every sum is float32 in a fixed order:
 // deterministic, and within the tolerance of the mma.sync route (another order of the same exact
@@ -109,16 +109,19 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
   for (int i = 0; i < kWgAcc; ++i) sm.y[i][tid] = 0.0f;
 
   // Issue one step into ring slot `slot`: this thread's 16-byte chunk of the 64 x 64 example
-  // tile (swizzled), the sign words of its 64 columns for the block's 256 sketch rows, and D of
-  // the (o, t) when the step is its last.
+  // tile (swizzled, cp.async) ...
   const int crow = tid >> 3, cch = tid & 7;
   const uint32_t a_dst0 = smem_u32(&sm.a[0][0]) + sw128_offset(crow, cch);
-  auto issue = [&](const WgCursor& cu, int slot) {
+  auto issue_copy = [&](const WgCursor& cu, int slot) {
     const int64_t b = b0 + crow;
     const int64_t col = cu.c * kWgK + cch * 8;
     const bool ok = b < p.B && col < p.d_in;
     cp_async16(a_dst0 + slot * (kWgB * kWgK * 2),
                ok ? A + (b * p.T + cu.t) * p.d_in + col : A, ok);
+  };
+  // ... then the sign words of its 64 columns for the block's 256 sketch rows, and D of the
+  // (o, t) when the step is its last (ordinary stores, seen after the barriers before the step).
+  auto issue_words = [&](const WgCursor& cu, int slot) {
     if (tid < kWgK * (kWgRowsJ / 64)) {
       const int cx = tid >> 2, w = tid & 3;
       const uint64_t ck = column_key(
@@ -165,10 +168,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
     cp_async_wait<kWgStages - 3>();  // this thread's copies of step s have landed
     fence_proxy_async();
     __syncthreads();  // step s visible to all; every warpgroup is done with step s - 2
-    if (s + kWgStages - 2 < nsteps) {
-      issue(ci, static_cast<int>((s + kWgStages - 2) % kWgStages));
-      ci.next(nci, p.T);
-    }
+    const bool more = s + kWgStages - 2 < nsteps;
+    const int islot = static_cast<int>((s + kWgStages - 2) % kWgStages);
+    if (more) issue_copy(ci, islot);
     cp_async_commit();
     build(slot, af[kSet]);
     const uint32_t base = smem_u32(&sm.a[slot][0]);
@@ -179,6 +181,12 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
                             (fresh && kk == 0) ? 0 : 1);
     wgmma_commit();
     fresh = false;
+    // Hashing step s + 2's sign words after the wgmmas are queued keeps it off the path to them
+    // (its slot's words and D were last read by step s - 2, before the previous barrier).
+    if (more) {
+      issue_words(ci, islot);
+      ci.next(nci, p.T);
+    }
     if (cc.c == nci - 1) {
       wgmma_wait<0>();
       fence_all();
@@ -201,7 +209,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
 #pragma unroll
   for (int i = 0; i < kWgStages - 2; ++i) {
     if (i < nsteps) {
-      issue(ci, i);
+      issue_copy(ci, i);
+      issue_words(ci, i);
       ci.next(nci, p.T);
     }
     cp_async_commit();
