@@ -9,7 +9,8 @@
 # to skip detection), ISSL_GPU_SKIP_BENCH=1 (tests only), ISSL_GPU_PIP_TARGET (install into that
 # folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
 # ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
-# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse experimental"; default all).
+# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse experimental"; default all),
+# ISSL_GPU_BUILD_DIR (a build folder kept for incremental rebuilds on a warm machine).
 # The cuda tests run twice: as they are, then the sketch and score tests with
 # ISSL_FAST_CUDA_EXPERIMENTAL=all
 # (every experimental kernel on); the last benchmark compares each experimental kernel with the
@@ -74,7 +75,14 @@ echo "arch: $ARCH" >> "$OUT/env.txt"
 
 # ---- build --------------------------------------------------------------------------------------
 # A private build folder, so a stale one from another machine is never reused.
-BUILD_DIR=$(mktemp -d /tmp/issl_gpu_build.XXXXXX)
+# ISSL_GPU_BUILD_DIR=DIR keeps the build folder for the next call on the same (warm) machine, so a
+# follow-up run after a one-file fix rebuilds only that file.
+if [ -n "${ISSL_GPU_BUILD_DIR:-}" ]; then
+  BUILD_DIR=$ISSL_GPU_BUILD_DIR
+  mkdir -p "$BUILD_DIR"
+else
+  BUILD_DIR=$(mktemp -d /tmp/issl_gpu_build.XXXXXX)
+fi
 # ISSL_GPU_PIP_TARGET=DIR installs into DIR (put first on PYTHONPATH) instead of the environment.
 TARGET_ARGS=()
 if [ -n "${ISSL_GPU_PIP_TARGET:-}" ]; then
@@ -166,6 +174,6 @@ fi
   if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else echo "benchmarks: no table (exit $rc_bench)"; fi
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"
-rm -rf "$BUILD_DIR"
+if [ -z "${ISSL_GPU_BUILD_DIR:-}" ]; then rm -rf "$BUILD_DIR"; fi
 if [ $tests_ok -ne 1 ]; then exit 1; fi
 exit 0
