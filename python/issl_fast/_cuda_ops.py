@@ -37,8 +37,8 @@ def _cuda_ops_compiled() -> bool:
 # ---------------------------------------------------------------------------------------------
 # Experimental kernels (cuda_ops.h): compiled and tested on the host, not yet validated on a GPU,
 # so off by default. ISSL_FAST_CUDA_EXPERIMENTAL ("all" or comma-separated names) turns them on
-# when the package is imported; bench/gpu/run.sh runs the cuda tests a second time that way, and
-# its benchmarks compare each with the default through experimental_kernels().
+# when the package is imported; bench/gpu/run.sh runs its second test pass that way, and its
+# benchmarks compare each with the default through experimental_kernels().
 EXPERIMENTAL_ENV = "ISSL_FAST_CUDA_EXPERIMENTAL"
 
 
@@ -77,7 +77,8 @@ def set_experimental_kernels(names: Iterable[str]) -> None:
 
 @contextmanager
 def experimental_kernels(names: Iterable[str]) -> Iterator[None]:
-    """Run a block with exactly ``names`` switched on, restoring the previous set after it."""
+    """Run a block with exactly ``names`` switched on, restoring the previous set after it. The
+    switch is process-wide: calls from other threads during the block see it too."""
     before = enabled_experimental_kernels()
     set_experimental_kernels(names)
     try:
