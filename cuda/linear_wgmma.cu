@@ -2,8 +2,9 @@
 // for sm_90a only (its own library, cuda/CMakeLists.txt); experimental until a GPU run validates
 // it (CudaExperimental::kLinearWgmma).
 //
-// Why: the mma.sync kernel tops out near 22% of the H200's bf16 rate here, with its issue slots
-// spent on ldmatrix, B-fragment building and MMAs of one warp at a time. wgmma issues a
+// Why: the mma.sync kernel reached 22% of the H200's bf16 rate here; our reading (no profile yet)
+// is that its issue slots go to ldmatrix, B-fragment building and MMAs of one warp at a time,
+// with one block per SM to hide their latency. wgmma issues a
 // 64 x 64 x 16 product per instruction, asynchronously, so the same warps build the next +-1
 // fragments while the tensor cores work.
 //
