@@ -357,9 +357,19 @@ def compare_variant(
     return t0, d0, t1, d1
 
 
-def bench_experimental(mm_rate: float, rounds: int) -> None:
+# The benchmark shapes; tests pass tiny ones to check this step's logic on the CPU.
+EXPERIMENTAL_SIZES: dict[str, tuple[int, ...]] = {
+    "kron": (64, 256, 1024, 1024, 64, 64),  # B, T, d_in, d_out, k_in, k_out
+    "linear": (256, 1024, 4096),  # B, d (= d_in = d_out), k
+    "score": (4_000_000, 1024, 100, 1, 16, 64, 1024),  # n, k, topk, then the m values
+}
+
+
+def bench_experimental(
+    mm_rate: float, rounds: int, sizes: dict[str, tuple[int, ...]] = EXPERIMENTAL_SIZES
+) -> None:
     log(f"experimental kernels in this build: {_cuda_ops.experimental_kernel_names()}")
-    B, T, d_in, d_out, k_in, k_out = 64, 256, 1024, 1024, 64, 64
+    B, T, d_in, d_out, k_in, k_out = sizes["kron"]
     A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k_in * k_out, device=DEV)
@@ -384,13 +394,13 @@ def bench_experimental(mm_rate: float, rounds: int) -> None:
     A = D = y = None  # noqa: F841
     free()
 
-    B, d, k = 256, 1024, 4096
+    B, d, k = sizes["linear"]
     flops = 2 * B * d * d * k
     A = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k, device=DEV)
     for names in (["linear_wgmma"], ["gemm_async_ring"]):
-        r = compare_variant("sketch_linear B256 1024x1024 k4096", names,
+        r = compare_variant(f"sketch_linear B{B} {d}x{d} k{k}", names,
                             lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
         if r is None:
             continue
@@ -403,10 +413,10 @@ def bench_experimental(mm_rate: float, rounds: int) -> None:
 
     # score_topk on wgmma: m <= 64 against the copy bandwidth, m = 1024 against the bf16 mm rate,
     # float32 and bfloat16 queries (the values of the top-k are compared).
-    n, k, topk = 4_000_000, 1024, 100
+    n, k, topk, *ms = sizes["score"]
     G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     copy_bw = RESULTS["copy_bandwidth_Bps"]
-    for m in (1, 16, 64, 1024):
+    for m in ms:
         Q = torch.randn(m, k, device=DEV)
         for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):
             r = compare_variant(f"score_topk m={m} {qname}", ["score_wgmma"],
