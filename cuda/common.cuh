@@ -99,6 +99,22 @@ void allow_smem(Kernel kernel, int64_t bytes, const char* name) {
         name);
 }
 
+// 16-byte alignment of a device pointer (cp.async / vector loads of whole rows).
+inline bool aligned16(const void* ptr) {
+  return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0;
+}
+
+// The current device is compute capability 9.0: the only one sm_90a code (wgmma) runs on.
+inline bool current_device_is_cc90() {
+  int dev = 0, major = 0, minor = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
+        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
+  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
+        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
+  return major == 9 && minor == 0;
+}
+
 // One-dimensional grids: blockIdx.x carries every tile index (no 65535 limits on y/z).
 inline unsigned grid_1d(int64_t blocks, const char* name) {
   if (blocks > 0x7FFFFFFF)

@@ -272,8 +272,6 @@ __global__ void __launch_bounds__(kKfThreads, 2) kron_fused_kernel(const KfParam
   }
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0; }
-
 }  // namespace
 
 CudaKronPlan kron_plan(DType dtype, int64_t B, int64_t T, int64_t k_in, int64_t k_out, Dist dist,

@@ -244,8 +244,6 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
 #endif
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0; }
-
 }  // namespace
 
 WgmmaLinearPlan linear_wgmma_plan(int64_t B, int64_t N, int64_t d_out, int num_sms) {
@@ -265,13 +263,7 @@ int64_t linear_wgmma_partial_floats(const WgmmaLinearPlan& pl, int64_t B, int64_
 bool linear_wgmma_usable(const LinearDirect& g) {
   if (!cuda_experimental_on(CudaExperimental::kLinearWgmma)) return false;
   if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return false;
-  int dev = 0, major = 0, minor = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-        "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
-        "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  return major == 9 && minor == 0;  // sm_90a code runs on compute capability 9.0 only
+  return current_device_is_cc90();
 }
 
 void linear_wgmma(const LinearDirect& g, const WgmmaLinearPlan& pl, float* part,

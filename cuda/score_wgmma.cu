@@ -197,14 +197,8 @@ void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
 }  // namespace
 
 bool score_wgmma_usable() {
-  if (!cuda_experimental_on(CudaExperimental::kScoreWgmma)) return false;
-  int dev = 0, major = 0, minor = 0;
-  cuda::detail::check(cudaGetDevice(&dev), "cudaGetDevice");
-  cuda::detail::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev),
-                      "cudaDeviceGetAttribute(ComputeCapabilityMajor)");
-  cuda::detail::check(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev),
-                      "cudaDeviceGetAttribute(ComputeCapabilityMinor)");
-  return major == 9 && minor == 0;
+  return cuda_experimental_on(CudaExperimental::kScoreWgmma) &&
+         cuda::detail::current_device_is_cc90();
 }
 
 void launch_score_wgmma(const ScoreParams& p, int queries_per_block, int64_t blocks,

@@ -764,8 +764,6 @@ void reduce_splits(const CudaGemmPlan& pl, const float* part, int64_t M, int64_t
   check_launch("reduce_splits_kernel launch");
 }
 
-bool aligned16(const void* ptr) { return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0; }
-
 template <class InT, bool kDirect, bool kAsync>
 void launch_tc_kernel(const TcParams& prm, const CudaGemmPlan& pl, cudaStream_t st) {
   constexpr int kParts = std::is_same_v<InT, float> ? 3 : 1;

@@ -68,39 +68,35 @@ __device__ __forceinline__ void fence_proxy_async() {
 __device__ __forceinline__ void fence_reg(float& r) { asm volatile("" : "+f"(r)::"memory"); }
 __device__ __forceinline__ void fence_reg(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 
-// Z (+)= A_frag (64 x 16, registers) * B (16 x 64, shared, K-major) for one warpgroup.
+// The 32 float32 accumulators of an m64n64 wgmma: the asm output operands %0..%31 (array z) and
+// their register list in the instruction text.
+#define ISSL_WGMMA_Z32_OUT                                                                       \
+  "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),           \
+      "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]), "+f"(z[13]),   \
+      "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]), "+f"(z[19]),             \
+      "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]), "+f"(z[25]),             \
+      "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]), "+f"(z[31])
+#define ISSL_WGMMA_Z32_REGS                                                                      \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                      \
+  "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// Z (+)= A_frag (64 x 16, registers) * B (16 x 64, shared, K-major) for one warpgroup; TYPE is
+// the PTX input type (bf16 or f16).
+#define ISSL_WGMMA_RS_M64N64K16(TYPE)                                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                     \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                   \
+               ISSL_WGMMA_Z32_REGS ", {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"              \
+               : ISSL_WGMMA_Z32_OUT                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d))
+
 template <class MmaT>
 __device__ __forceinline__ void wgmma_m64n64k16(float (&z)[32], const uint32_t (&a)[4],
                                                 uint64_t desc, int scale_d) {
 #if ISSL_WGMMA_DEVICE
   if constexpr (std::is_same_v<MmaT, __nv_bfloat16>) {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
-          "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]),
-          "+f"(z[13]), "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]),
-          "+f"(z[19]), "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]),
-          "+f"(z[25]), "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]),
-          "+f"(z[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+    ISSL_WGMMA_RS_M64N64K16("bf16");
   } else {
-    asm volatile(
-        "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-        "{%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
-        : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
-          "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]),
-          "+f"(z[13]), "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]),
-          "+f"(z[19]), "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]),
-          "+f"(z[25]), "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]),
-          "+f"(z[31])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc), "r"(scale_d));
+    ISSL_WGMMA_RS_M64N64K16("f16");
   }
 #endif
 }
@@ -111,18 +107,11 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&z)[32], uint64_t desc
                                                    uint64_t desc_b, int scale_d) {
 #if ISSL_WGMMA_DEVICE
   static_assert(std::is_same_v<MmaT, __nv_bfloat16>, "bf16 operands");
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "%32, %33, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
-        "+f"(z[7]), "+f"(z[8]), "+f"(z[9]), "+f"(z[10]), "+f"(z[11]), "+f"(z[12]), "+f"(z[13]),
-        "+f"(z[14]), "+f"(z[15]), "+f"(z[16]), "+f"(z[17]), "+f"(z[18]), "+f"(z[19]),
-        "+f"(z[20]), "+f"(z[21]), "+f"(z[22]), "+f"(z[23]), "+f"(z[24]), "+f"(z[25]),
-        "+f"(z[26]), "+f"(z[27]), "+f"(z[28]), "+f"(z[29]), "+f"(z[30]), "+f"(z[31])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " ISSL_WGMMA_Z32_REGS
+               ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : ISSL_WGMMA_Z32_OUT
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 #endif
 }
 
