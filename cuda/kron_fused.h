@@ -1,5 +1,5 @@
 // Internal (host-only interface): sketch_kron in one kernel, implemented in kron_fused.cu. Used by
-// sketch_kron.cu when its plan says so (experimental until validated on a GPU: cuda_ops.h).
+// sketch_kron.cu when its plan says so (kernel variant kKronFused, on by default: cuda_ops.h).
 #pragma once
 #include <cstdint>
 

@@ -1,6 +1,6 @@
 // Internal (host-only interface): the direct sketch_linear route on Hopper's warpgroup MMA
-// (wgmma, sm_90a only), implemented in linear_wgmma.cu. Experimental
-// (CudaExperimental::kLinearWgmma) until a GPU run validates it; linear_direct in sketch_gemm.cu
+// (wgmma, sm_90a only), implemented in linear_wgmma.cu. A kernel variant
+// (CudaVariant::kLinearWgmma, on by default); linear_direct in sketch_gemm.cu
 // picks it when linear_wgmma_usable says so and otherwise runs its mma.sync kernel.
 #pragma once
 #include <cstdint>

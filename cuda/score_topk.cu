@@ -13,7 +13,7 @@
 // result is the exact top-k of the scores whatever the partitioning or the order in which
 // candidates reached a buffer (they are appended with shared-memory integer atomics, then sorted).
 // A (query, row) score depends only on the kernel family: deterministic run to run. (The
-// experimental wgmma scorer, score_wgmma.cu, is a family of its own.)
+// wgmma scorer, score_wgmma.cu, used on compute capability 9.0, is a family of its own.)
 //
 // Scores: bfloat16 stores use the tensor cores, the float32 query split into three bf16 terms
 // whose sum is exactly the query (so each product is exact and accumulates in float32, three MMA

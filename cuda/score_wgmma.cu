@@ -1,5 +1,5 @@
-// score_topk's tensor-core scoring on Hopper's warpgroup MMA (sm_90a; experimental,
-// CudaExperimental::kScoreWgmma). Same contract and top-k machinery as tc_score_kernel in
+// score_topk's tensor-core scoring on Hopper's warpgroup MMA (sm_90a; kernel variant
+// CudaVariant::kScoreWgmma, on by default: 1.0-1.18x tc_score_kernel on an H200, run 5). Same contract and top-k machinery as tc_score_kernel in
 // score_topk.cu (score_topk_blocks.cuh); only how a tile's scores are computed differs.
 //
 // Why: for 64-query blocks the mma.sync scorer is compute-bound (m = 64: 22% / 30% of the copy
@@ -52,32 +52,45 @@ constexpr int sw_stages() {
   return MQ == 64 && QP == 1 ? 3 : 4;
 }
 constexpr int kRowBytes = kSwBK * 2;
+// Experimental (CudaVariant::kScoreDeepRing): as many slots as sm_90's 227 KB per block holds
+// (one block per SM; 8-11 slots with bf16 queries). Why: on an H200 the scorer moved about
+// (G bytes in flight per SM) / 3 us; the 64-query blocks with 3 slots keep 2 x 16 KB of G in
+// flight per SM (1.3 TB/s measured), the 16-query ones 4 x 16 KB (3.2 TB/s), against ~95 KB needed
+// for the copy rate. Deep rings keep 96-160 KB in flight with bf16 queries; the plan's partitions
+// (sized for two blocks per SM) then run in two waves.
+constexpr int64_t kSmemOptin = 232448;  // sm_90: 227 KB of dynamic shared memory per block
+template <int MQ, int CB, int QP>
+constexpr int deep_stages() {
+  constexpr int64_t slot = kRowsPerTile * kRowBytes + QP * MQ * kRowBytes;
+  return static_cast<int>((kSmemOptin - 1024 - 64 - sizeof(TopkShared<MQ, CB>)) / slot);
+}
 static_assert(kThreads == 256 && kRowsPerTile == 128, "two warpgroups of 64 store rows");
 static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
 
 // MQ queries per block (the plan's 16- or 64-query blocks), CB candidates buffered per query
 // (as tc_score_kernel's configs of the same MQ), QP bf16 terms per query.
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, int S>
 struct SwSmem {
-  static constexpr int kStages = sw_stages<MQ, QP>();
+  static constexpr int kStages = S;
   unsigned char g[kStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
   unsigned char q[kStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
   TopkShared<MQ, CB> ts;
 };
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, int S>
 constexpr int64_t sw_smem_bytes() {
-  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP>)) + 1024;  // + alignment slack
+  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, S>)) + 1024;  // + alignment slack
 }
 
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, int S>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
 #if ISSL_WGMMA_DEVICE
   static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
-  constexpr int kSwStages = SwSmem<MQ, CB, QP>::kStages;
+  static_assert(S >= 3, "slots: computing, draining, copying");
+  constexpr int kSwStages = S;
   constexpr int kNS = MQ / 2;  // scores per thread per tile (m64nMQ float32 accumulators)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  auto& sm = *reinterpret_cast<SwSmem<MQ, CB, QP>*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+  auto& sm = *reinterpret_cast<SwSmem<MQ, CB, QP, S>*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
@@ -185,19 +198,30 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
 #endif
 }
 
-template <int MQ, int CB, int QP>
-void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  auto kernel = wgmma_score_kernel<MQ, CB, QP>;
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP>();
+template <int MQ, int CB, int QP, int S>
+void launch_slots(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, S>();
+  static_assert(smem <= kSmemOptin, "fits sm_90's shared memory per block");
+  auto kernel = wgmma_score_kernel<MQ, CB, QP, S>;
   cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
   kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
   cuda::detail::check_launch("wgmma_score_kernel launch");
 }
 
+template <int MQ, int CB, int QP>
+void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
+  if (cuda_variant_on(CudaVariant::kScoreDeepRing)) {
+    launch_slots<MQ, CB, QP, deep_stages<MQ, CB, QP>()>(p, blocks, st);
+    note_cuda_variant_launch(CudaVariant::kScoreDeepRing);
+  } else {
+    launch_slots<MQ, CB, QP, sw_stages<MQ, QP>()>(p, blocks, st);
+  }
+}
+
 }  // namespace
 
 bool score_wgmma_usable() {
-  return cuda_experimental_on(CudaExperimental::kScoreWgmma) &&
+  return cuda_variant_on(CudaVariant::kScoreWgmma) &&
          cuda::detail::current_device_is_cc90();
 }
 
@@ -218,7 +242,7 @@ void launch_score_wgmma(const ScoreParams& p, int queries_per_block, int64_t blo
       launch<kWgmmaScoreMQ, 32, kQParts>(p, blocks, st);
     }
   }
-  note_cuda_experimental_launch(CudaExperimental::kScoreWgmma);
+  note_cuda_variant_launch(CudaVariant::kScoreWgmma);
 }
 
 }  // namespace issl_fast::topk

@@ -1,5 +1,5 @@
 // Internal: the sm_90a (wgmma) scorer of score_topk, implemented in score_wgmma.cu.
-// Experimental (CudaExperimental::kScoreWgmma) until a GPU run validates it; score_topk.cu uses it
+// A kernel variant (CudaVariant::kScoreWgmma, on by default); score_topk.cu uses it
 // in place of tc_score_kernel (all four configs) when usable.
 #pragma once
 #include <cuda_runtime.h>

@@ -1,7 +1,7 @@
 // sketch_kron on the GPU: for a chunk of examples at a time, U = A P_in^T and V = D P_out^T (the
 // dense GEMM of sketch_gemm.cu over the B*T rows of A and D, roles kron_in / kron_out), then
 // out[b] (+)= V_b^T U_b (float32, t in increasing order). G is never formed; U and V exist for
-// one chunk of examples only. With the experimental fused kernel on (kron_fused.cu), 16-bit
+// one chunk of examples only. With the fused kernel variant on (kron_fused.cu; the default), 16-bit
 // Rademacher calls with k_in, k_out of a few 64-blocks run in one kernel instead.
 #include <algorithm>
 #include <cmath>

@@ -1,5 +1,5 @@
 // A one-warpgroup wgmma probe (sm_90a) for tests: C = A B^T for one 64 x N x 64 tile through the
-// exact helpers the experimental wgmma kernels use (wgmma.cuh: swizzled cp.async placement,
+// exact helpers the wgmma kernels use (wgmma.cuh: swizzled cp.async placement,
 // descriptors, register-A fragments from sign bits, fences, accumulator mapping). If those
 // kernels disagree with the reference, this isolates whether a layout convention is at fault
 // (the probe fails too) or their pipelines are (the probe passes).

@@ -1,6 +1,6 @@
-"""The GPU benchmark's experimental step (bench/gpu/bench_gpu.py) run on the CPU with tiny shapes:
-device time on a lent GPU is scarce (minutes per session), so a Python slip in that step must show
-up here, not there. The CUDA-only pieces (CUDA-event timing, the profiler, the experimental
+"""The GPU benchmark's kernel-variants step (bench/gpu/bench_gpu.py) run on the CPU with tiny
+shapes: device time on a lent GPU is scarce (minutes per session), so a Python slip in that step
+must show up here, not there. The CUDA-only pieces (CUDA-event timing, the profiler, the variant
 switch and its launch counters) are replaced by CPU stand-ins; the ops, the agreement checks and
 the table rows are the real ones."""
 
@@ -18,7 +18,8 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "bench_gpu.py"
-NAMES = ("gemm_async_ring", "kron_fused", "linear_wgmma", "score_wgmma")
+NAMES = ("kron_fused", "linear_wgmma", "score_deep_ring", "score_wgmma")
+DEFAULT = ("kron_fused", "linear_wgmma", "score_wgmma")
 
 
 def _load_bench() -> ModuleType:
@@ -30,21 +31,26 @@ def _load_bench() -> ModuleType:
     return mod
 
 
-def _fake_switch(launches: dict[str, int], idle: set[str]) -> SimpleNamespace:
-    """experimental_kernels / experimental_launches as the step uses them: every kernel switched
-    on "launches" on each call of the block, except those in ``idle``."""
+def _fake_switch(launches: dict[str, int], idle: set[str], sets: list[tuple[str, ...]]
+                 ) -> SimpleNamespace:
+    """variants / variant_launches as the step uses them: every variant switched on "launches" on
+    each call of the block, except those in ``idle``; each block's set is appended to ``sets``."""
 
     @contextlib.contextmanager
-    def experimental_kernels(names: Iterable[str]) -> Iterator[None]:
+    def variants(names: Iterable[str]) -> Iterator[None]:
+        names = tuple(names)
+        sets.append(names)
         for n in names:
             if n not in idle:
                 launches[n] += 1
         yield
 
     return SimpleNamespace(
-        experimental_kernel_names=lambda: NAMES,
-        experimental_kernels=experimental_kernels,
-        experimental_launches=lambda n: launches[n],
+        variant_names=lambda: NAMES,
+        default_variants=lambda: DEFAULT,
+        experimental_variants=lambda: ("score_deep_ring",),
+        variants=variants,
+        variant_launches=lambda n: launches[n],
     )
 
 
@@ -80,34 +86,39 @@ def bench(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
     return mod
 
 
-def test_experimental_step_produces_every_row(bench: ModuleType) -> None:
+def test_variants_step_produces_every_row(bench: ModuleType) -> None:
     launches = dict.fromkeys(NAMES, 0)
-    bench._cuda_ops = _fake_switch(launches, idle=set())
-    bench.bench_experimental(mm_rate=1e11, rounds=1, sizes=TINY)
+    sets: list[tuple[str, ...]] = []
+    bench._cuda_ops = _fake_switch(launches, idle=set(), sets=sets)
+    bench.bench_variants(mm_rate=1e11, rounds=1, sizes=TINY)
     rows = {r[0]: r for r in bench.ROWS}
-    expected = [
-        "exp kron_fused kron (wall)", "exp kron_fused kron (device)",
-        "exp kron_fused kron vs default (wall)", "exp gemm_async_ring kron (wall)",
-        "exp linear_wgmma linear", "exp gemm_async_ring linear",
-        "exp score_wgmma m=1 f32 Q", "exp score_wgmma m=1 bf16 Q",
-        "exp score_wgmma m=20 f32 Q", "exp score_wgmma m=20 bf16 Q",
-    ]
+    expected = ["var kron_fused kron (wall)", "var kron_fused kron (device)",
+                "var linear_wgmma linear"]
+    expected += [f"{tag} {name} m={m} {q} Q" for tag, name in (("var", "score_wgmma"),
+                                                               ("exp", "score_deep_ring"))
+                 for m in (1, 20) for q in ("f32", "bf16")]
     for name in expected:
         assert name in rows, (name, sorted(rows))
     assert not [r for r in bench.ROWS if "FAILED" in r[5]], bench.ROWS
+    # A default variant is timed against the default set without it (the portable kernel), an
+    # experimental one against the default set.
+    assert ("linear_wgmma", "score_wgmma") in sets and ("kron_fused", "linear_wgmma") in sets
+    assert DEFAULT in sets and (*DEFAULT, "score_deep_ring") in sets
+    assert rows["var score_wgmma m=1 f32 Q"][4] == "portable kernels"
+    assert rows["exp score_deep_ring m=1 f32 Q"][4] == "default kernels"
     # m <= 64 is judged against the copy bandwidth, larger m against the mm rate (the m=20 row
     # here is <= 64; the issue's m=1024 row takes the other branch).
-    assert rows["exp score_wgmma m=1 f32 Q"][6] == ">= 80% copy"
-    exp = bench.RESULTS["experimental"]
+    assert rows["exp score_deep_ring m=1 f32 Q"][6] == ">= 80% copy"
+    res = bench.RESULTS["variants"]
     key = "sketch_kron B3 T70 40x24 k16x16 [kron_fused]"
-    assert exp[key]["rel_err_vs_default"] < 1e-4 and exp[key]["experimental_s"] > 0
+    assert res[key]["rel_err"] < 1e-4 and res[key]["with_s"] > 0
 
 
-def test_a_kernel_that_never_launches_is_a_failed_row(bench: ModuleType) -> None:
+def test_a_variant_that_never_launches_is_a_failed_row(bench: ModuleType) -> None:
     launches = dict.fromkeys(NAMES, 0)
-    bench._cuda_ops = _fake_switch(launches, idle={"linear_wgmma"})
-    bench.bench_experimental(mm_rate=1e11, rounds=1, sizes=TINY)
+    bench._cuda_ops = _fake_switch(launches, idle={"linear_wgmma"}, sets=[])
+    bench.bench_variants(mm_rate=1e11, rounds=1, sizes=TINY)
     failed = [r for r in bench.ROWS if "FAILED" in r[5]]
-    assert [r[0] for r in failed] == ["exp sketch_linear B20 32x32 k96 [linear_wgmma]"]
-    assert "never launched" in bench.RESULTS["experimental"][
+    assert [r[0] for r in failed] == ["var sketch_linear B20 32x32 k96 [linear_wgmma]"]
+    assert "never launched" in bench.RESULTS["variants"][
         "sketch_linear B20 32x32 k96 [linear_wgmma]"]["error"]

@@ -32,9 +32,10 @@ def no_device() -> bool:
 
 
 @pytest.fixture(autouse=True)
-def _default_kernels() -> Iterator[None]:
-    """The plans below are the default kernels' (whatever ISSL_FAST_CUDA_EXPERIMENTAL says)."""
-    with _cuda_ops.experimental_kernels(()):
+def _portable_kernels() -> Iterator[None]:
+    """The plans below are the portable kernels' unless a test switches a variant on (whatever
+    ISSL_FAST_CUDA_VARIANTS says)."""
+    with _cuda_ops.variants(()):
         yield
 
 
@@ -105,9 +106,9 @@ def test_score_plan() -> None:
 
 def test_kron_plan() -> None:
     plan = _C.sketch_kron_cuda_plan
-    # Off by default: the two projections and the outer product.
+    # The variant off: the two projections and the outer product.
     assert not plan(BF16, 64, 256, 64, 64, RADEMACHER, AUTO, H200_SMS)["fused"]
-    with _cuda_ops.experimental_kernels(["kron_fused"]):
+    with _cuda_ops.variants(["kron_fused"]):
         # The issue's benchmark: 64 examples x 4 row chunks of 64 -> 256 blocks, two per SM.
         assert plan(BF16, 64, 256, 64, 64, RADEMACHER, AUTO, H200_SMS) == {
             "fused": True, "in_blocks": 1, "out_blocks": 1, "splits": 4, "row_chunks": 4}
@@ -127,22 +128,30 @@ def test_kron_plan() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# experimental kernels: names, switching, the environment variable
+# kernel variants: names, the default set, switching, the environment variable
 # ---------------------------------------------------------------------------------------------
-def test_experimental_kernels_switch_and_restore() -> None:
-    names = _cuda_ops.experimental_kernel_names()
-    assert names == ("gemm_async_ring", "kron_fused", "linear_wgmma", "score_wgmma")
-    assert _cuda_ops.enabled_experimental_kernels() == ()
-    with _cuda_ops.experimental_kernels(["kron_fused"]):
-        assert _cuda_ops.enabled_experimental_kernels() == ("kron_fused",)
-        assert _C.cuda_experimental() == _C.CUDA_EXPERIMENTAL["kron_fused"]
-        with _cuda_ops.experimental_kernels(names):
-            assert _cuda_ops.enabled_experimental_kernels() == names
-        assert _cuda_ops.enabled_experimental_kernels() == ("kron_fused",)
-    assert _cuda_ops.enabled_experimental_kernels() == ()
-    with pytest.raises(KeyError), _cuda_ops.experimental_kernels(names):
+DEFAULT = ("kron_fused", "linear_wgmma", "score_wgmma")
+ALL = ("kron_fused", "linear_wgmma", "score_deep_ring", "score_wgmma")
+
+
+def test_variant_sets() -> None:
+    assert _cuda_ops.variant_names() == ALL
+    assert _cuda_ops.default_variants() == DEFAULT
+    assert _cuda_ops.experimental_variants() == ("score_deep_ring",)
+
+
+def test_variants_switch_and_restore() -> None:
+    assert _cuda_ops.enabled_variants() == ()  # the fixture
+    with _cuda_ops.variants(["kron_fused"]):
+        assert _cuda_ops.enabled_variants() == ("kron_fused",)
+        assert _C.cuda_variants() == _C.CUDA_VARIANTS["kron_fused"]
+        with _cuda_ops.variants(ALL):
+            assert _cuda_ops.enabled_variants() == ALL
+        assert _cuda_ops.enabled_variants() == ("kron_fused",)
+    assert _cuda_ops.enabled_variants() == ()
+    with pytest.raises(KeyError), _cuda_ops.variants(ALL):
         raise KeyError("restored on the way out")
-    assert _C.cuda_experimental() == 0
+    assert _C.cuda_variants() == 0
 
 
 def test_builds_listing_sm90_carry_the_sm90a_wgmma_kernels() -> None:
@@ -154,37 +163,51 @@ def test_builds_listing_sm90_carry_the_sm90a_wgmma_kernels() -> None:
     assert _C.CUDA_SM90A == (lists_90 and major >= 12), (archs, info["cuda_version"])
 
 
-def test_experimental_kernel_errors_change_nothing() -> None:
-    with _cuda_ops.experimental_kernels(["gemm_async_ring"]):
-        with pytest.raises(ValueError, match="unknown experimental CUDA kernel 'fast'"):
-            _cuda_ops.set_experimental_kernels(["kron_fused", "fast"])
-        with pytest.raises(ValueError, match="unknown experimental kernel bits 64"):
-            _C.set_cuda_experimental(64 | 1)
-        assert _cuda_ops.enabled_experimental_kernels() == ("gemm_async_ring",)
-    with pytest.raises(ValueError, match="not a single experimental kernel bit: 3"):
-        _C.cuda_experimental_launches(3)
+def test_variant_errors_change_nothing() -> None:
+    with _cuda_ops.variants(["score_wgmma"]):
+        with pytest.raises(ValueError, match="unknown CUDA kernel variant 'fast'"):
+            _cuda_ops.set_variants(["kron_fused", "fast"])
+        with pytest.raises(ValueError, match="unknown kernel variant bits 64"):
+            _C.set_cuda_variants(64 | 1)
+        assert _cuda_ops.enabled_variants() == ("score_wgmma",)
+    with pytest.raises(ValueError, match="not a single kernel variant bit: 3"):
+        _C.cuda_variant_launches(3)
     with pytest.raises(ValueError, match="'nope'"):
-        _cuda_ops.experimental_launches("nope")
-    assert _cuda_ops.experimental_launches("kron_fused") >= 0
-    assert _cuda_ops.parse_experimental_env(" ALL ") == _cuda_ops.experimental_kernel_names()
-    assert _cuda_ops.parse_experimental_env(" kron_fused , ") == ("kron_fused",)
-    assert _cuda_ops.parse_experimental_env("") == ()
-    with pytest.raises(ValueError, match="'nope'"):
-        _cuda_ops.parse_experimental_env("kron_fused,nope")
+        _cuda_ops.variant_launches("nope")
+    assert _cuda_ops.variant_launches("kron_fused") >= 0
 
 
-@pytest.mark.parametrize("value,expected", [("kron_fused", "kron_fused"),
-                                            ("all", "gemm_async_ring,kron_fused,linear_wgmma,"
-                                                    "score_wgmma"),
+@pytest.mark.parametrize("value,expected", [
+    ("", DEFAULT), (" ALL ", ALL), ("none", ()), ("default", DEFAULT),
+    (" kron_fused , ", ("kron_fused",)),  # a bare name first: that variant alone
+    ("+score_deep_ring", ALL), ("-score_wgmma,-linear_wgmma", ("kron_fused",)),
+    ("none,score_wgmma,+kron_fused", ("kron_fused", "score_wgmma")),
+    ("all,-score_deep_ring", DEFAULT), ("-kron_fused,+KRON_FUSED", DEFAULT),
+])
+def test_parse_variants_env(value: str, expected: tuple[str, ...]) -> None:
+    assert _cuda_ops.parse_variants_env(value) == expected
+
+
+@pytest.mark.parametrize("value", ["kron_fused,nope", "+nope", "-", "none,+"])
+def test_parse_variants_env_rejects_unknown_names(value: str) -> None:
+    with pytest.raises(ValueError, match="unknown CUDA kernel variant"):
+        _cuda_ops.parse_variants_env(value)
+
+
+@pytest.mark.parametrize("value,expected", [(None, ",".join(DEFAULT)),
+                                            ("kron_fused", "kron_fused"),
+                                            ("all", ",".join(ALL)),
                                             ("nope", "environment variable")])
-def test_experimental_environment_variable_at_import(value: str, expected: str) -> None:
+def test_variants_environment_variable_at_import(value: str | None, expected: str) -> None:
     code = ("import torch, issl_fast\nfrom issl_fast import _cuda_ops\n"
-            "print(','.join(_cuda_ops.enabled_experimental_kernels()))")
-    env = dict(os.environ, ISSL_FAST_CUDA_EXPERIMENTAL=value)
+            "print(','.join(_cuda_ops.enabled_variants()))")
+    env = {k: v for k, v in os.environ.items() if k != "ISSL_FAST_CUDA_VARIANTS"}
+    if value is not None:
+        env["ISSL_FAST_CUDA_VARIANTS"] = value
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
     if value == "nope":
-        assert r.returncode != 0 and "ISSL_FAST_CUDA_EXPERIMENTAL" in r.stderr, r.stderr
+        assert r.returncode != 0 and "ISSL_FAST_CUDA_VARIANTS" in r.stderr, r.stderr
         assert "'nope'" in r.stderr
     else:
         assert r.returncode == 0, r.stderr
@@ -212,7 +235,7 @@ def test_workspace_sizes() -> None:
     assert _C.sketch_sparse_cuda_workspace(2, 40000, 64, 4, 132) == 64 * 2 * 64 * 4
     assert _C.sketch_kron_cuda_workspace(BF16, 64, 64, 512, 512, 64, 64, RADEMACHER, AUTO,
                                          132) >= 2 * 64 * 64 * 64 * 4
-    with _cuda_ops.experimental_kernels(["kron_fused"]):
+    with _cuda_ops.variants(["kron_fused"]):
         # Fused: only the split partials (splits * B * k_in * k_out floats), none with one split.
         assert _C.sketch_kron_cuda_workspace(BF16, 64, 256, 1024, 1024, 64, 64, RADEMACHER, AUTO,
                                              132) == 4 * 64 * 64 * 64 * 4
@@ -222,7 +245,7 @@ def test_workspace_sizes() -> None:
     # wgmma kernel possible (chosen at launch), room for its 16 tiles of 256 x 64 -> 8 splits.
     args = (BF16, 64, 1, 1024, 1024, 4096, RADEMACHER, AUTO, 132)
     assert _C.sketch_linear_cuda_workspace(*args) == 4 * 64 * 4096 * 4
-    with _cuda_ops.experimental_kernels(["linear_wgmma"]):
+    with _cuda_ops.variants(["linear_wgmma"]):
         want = 8 if _C.CUDA_SM90A else 4
         assert _C.sketch_linear_cuda_workspace(*args) == want * 64 * 4096 * 4
     # score_topk: partitions' lists (+ the earlier result) + half of them again for the merge

@@ -270,10 +270,12 @@ def test_score_of_a_pair_independent_of_query_batch(algo: str) -> None:
     Q = randn((70, 64), seed=5).to(DEV)
     G = randn((3000, 64), seed=6).to(torch.bfloat16).to(DEV)
     full = ops.score_topk(Q, G, 9)
-    # With the experimental wgmma scorer on, blocks of 64 queries (m > 16) and of 16 (m <= 16) run
-    # different instructions (wgmma m64n64 / m64n16): equal within float rounding, and bit for bit
-    # within each block size, which a 20-query batch of the same query checks.
-    wgmma = "score_wgmma" in _cuda_ops.enabled_experimental_kernels()
+    # With the wgmma scorer on (the default on compute capability 9.0), blocks of 64 queries
+    # (m > 16) and of 16 (m <= 16) run different instructions (wgmma m64n64 / m64n16): equal
+    # within float rounding, and bit for bit within each block size, which a 20-query batch of
+    # the same query checks.
+    wgmma = ("score_wgmma" in _cuda_ops.enabled_variants()
+             and torch.cuda.get_device_capability(0) == (9, 0) and bool(_C.CUDA_SM90A))
     for q in (0, 33, 69):
         one = ops.score_topk(Q[q:q + 1].contiguous(), G, 9)
         if wgmma:

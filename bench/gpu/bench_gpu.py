@@ -313,84 +313,100 @@ def bench_kron(rounds: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# experimental kernels (issl_fast._cuda_ops.experimental_kernels): each against the default
-# kernel in the same step, after the default benchmarks (a broken one cannot spoil those)
+# kernel variants (issl_fast._cuda_ops.variants): each against the kernel it replaces in the same
+# step, after the main benchmarks (a broken experimental one cannot spoil those). The default
+# variants are timed against the portable kernels (what GPUs without them run); the experimental
+# ones against the default set, with the issue's targets.
 # ---------------------------------------------------------------------------------------------
 def timed_variant(
-    label: str, names: list[str], fn: Callable[[], torch.Tensor], rounds: int
+    label: str, names: list[str], must_launch: list[str], fn: Callable[[], torch.Tensor],
+    rounds: int,
 ) -> tuple[float, float, torch.Tensor]:
     """(median wall s, device s per call, result) of ``fn`` with exactly ``names`` switched on;
-    raises if one of them never launched (the call fell back to a default kernel)."""
-    before = {n: _cuda_ops.experimental_launches(n) for n in names}
-    with _cuda_ops.experimental_kernels(names):
+    raises if one of ``must_launch`` never launched (the call fell back to another kernel)."""
+    before = {n: _cuda_ops.variant_launches(n) for n in must_launch}
+    with _cuda_ops.variants(names):
         got = fn().clone()
         t = med(cuda_times(fn, rounds))
-        dev = kernel_breakdown(f"{label} [{'+'.join(names) or 'default'}]", fn)
-    idle = [n for n in names if _cuda_ops.experimental_launches(n) == before[n]]
+        dev = kernel_breakdown(f"{label} [{'+'.join(names) or 'portable'}]", fn)
+    idle = [n for n in must_launch if _cuda_ops.variant_launches(n) == before[n]]
     if idle:
-        raise RuntimeError(f"experimental kernel(s) {idle} never launched for {label}")
+        raise RuntimeError(f"kernel variant(s) {idle} never launched for {label}")
     return t, dev, got
 
 
 def compare_variant(
-    label: str, names: list[str], fn: Callable[[], torch.Tensor], rounds: int
+    label: str, name: str, fn: Callable[[], torch.Tensor], rounds: int
 ) -> tuple[float, float, float, float] | None:
-    """Default vs ``names``: (default wall, default device, variant wall, variant device) seconds,
-    or None when the variant fails or disagrees with the default (logged and recorded)."""
-    key = f"{label} [{'+'.join(names)}]"
+    """The kernel ``name`` replaces vs ``name``: (base wall, base device, variant wall, variant
+    device) seconds, or None when the variant fails or disagrees (logged and recorded). A default
+    variant's base is the default set without it; an experimental one's, the default set."""
+    default = list(_cuda_ops.default_variants())
+    if name in default:
+        base = [n for n in default if n != name]
+        test = default
+    else:
+        base = default
+        test = default + [name]
+    key = f"{label} [{name}]"
     try:
-        t0, d0, y0 = timed_variant(label, [], fn, rounds)
-        t1, d1, y1 = timed_variant(label, names, fn, rounds)
+        t0, d0, y0 = timed_variant(label, base, [], fn, rounds)
+        t1, d1, y1 = timed_variant(label, test, [name], fn, rounds)
         err = rel_err(y1, y0)
-        log(f"{key}: default {t0 * 1e3:.3f} ms (device {d0 * 1e3:.3f}), experimental "
-            f"{t1 * 1e3:.3f} ms (device {d1 * 1e3:.3f}), rel err vs default {err:.1e}")
+        log(f"{key}: without {t0 * 1e3:.3f} ms (device {d0 * 1e3:.3f}), with {t1 * 1e3:.3f} ms "
+            f"(device {d1 * 1e3:.3f}), rel err {err:.1e}")
         if not err < 1e-4:
-            raise AssertionError(f"result differs from the default kernel's: rel err {err:.2e}")
-    except Exception as exc:  # record and go on: the default rows are already in the table
+            raise AssertionError(f"result differs from the replaced kernel's: rel err {err:.2e}")
+    except Exception as exc:  # record and go on: the main rows are already in the table
         log(f"{key} FAILED: {exc!r}")
-        RESULTS.setdefault("experimental", {})[key] = {"error": repr(exc)}
-        row(f"exp {key}", float("nan"), None, "-", f"FAILED: {type(exc).__name__}", "-", False)
+        RESULTS.setdefault("variants", {})[key] = {"error": repr(exc)}
+        row(f"{_tag(name)} {key}", float("nan"), None, "-", f"FAILED: {type(exc).__name__}", "-",
+            False)
         return None
-    RESULTS.setdefault("experimental", {})[key] = {
-        "default_s": t0, "default_device_s": d0, "experimental_s": t1,
-        "experimental_device_s": d1, "rel_err_vs_default": err}
+    RESULTS.setdefault("variants", {})[key] = {
+        "without_s": t0, "without_device_s": d0, "with_s": t1, "with_device_s": d1,
+        "rel_err": err}
     return t0, d0, t1, d1
 
 
+def _tag(name: str) -> str:
+    """Row prefix: ``var`` for a default variant (vs the portable kernel), ``exp`` for an
+    experimental one (vs the default set)."""
+    return "var" if name in _cuda_ops.default_variants() else "exp"
+
+
+def _base(name: str) -> str:
+    return "portable kernels" if name in _cuda_ops.default_variants() else "default kernels"
+
+
 # The issue's benchmark shapes; tests pass tiny ones to check this step's logic on the CPU.
-EXPERIMENTAL_SIZES: dict[str, tuple[int, ...]] = {
+VARIANT_SIZES: dict[str, tuple[int, ...]] = {
     "kron": (64, 256, 1024, 1024, 64, 64),  # B, T, d_in, d_out, k_in, k_out
     "linear": (256, 1024, 4096),  # B, d (= d_in = d_out), k
     "score": (4_000_000, 1024, 100, 1, 16, 64, 1024),  # n, k, topk, then the m values
 }
 
 
-def bench_experimental(
-    mm_rate: float, rounds: int, sizes: dict[str, tuple[int, ...]] = EXPERIMENTAL_SIZES
+def bench_variants(
+    mm_rate: float, rounds: int, sizes: dict[str, tuple[int, ...]] = VARIANT_SIZES
 ) -> None:
-    log(f"experimental kernels in this build: {_cuda_ops.experimental_kernel_names()}")
+    log(f"kernel variants in this build: default {_cuda_ops.default_variants()}, "
+        f"experimental {_cuda_ops.experimental_variants()}")
+    names = set(_cuda_ops.variant_names())
     B, T, d_in, d_out, k_in, k_out = sizes["kron"]
     A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k_in * k_out, device=DEV)
-    kron = RESULTS["cases"].get("sketch_kron", {})
-    t_mm = med(kron["two_mm_outer_s"]) if "two_mm_outer_s" in kron else None
-    d_mm = kron.get("two_mm_outer_device_s")
-    case = f"sketch_kron B{B} T{T} {d_in}x{d_out} k{k_in}x{k_out}"
-    for names in (["kron_fused"], ["gemm_async_ring"]):
-        r = compare_variant(case, names, lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y),
-                            rounds * 5)
-        if r is None:
-            continue
-        t0, d0, t1, d1 = r
-        tag = f"exp {'+'.join(names)} kron"
-        if t_mm is not None and d_mm is not None:
-            row(f"{tag} (wall)", t1, t_mm, "2 mm + bmm (P cached)", f"ours/base {t1 / t_mm:.2f}",
-                "<= 1.5", t1 / t_mm <= 1.5)
-            row(f"{tag} (device)", d1, d_mm, "2 mm + bmm kernels", f"ours/base {d1 / d_mm:.2f}",
-                "<= 1.5", d1 / d_mm <= 1.5)
-        row(f"{tag} vs default (wall)", t1, t0, "default kernels", f"speedup {t0 / t1:.2f}", "-",
-            None)
+    if "kron_fused" in names:
+        case = f"sketch_kron B{B} T{T} {d_in}x{d_out} k{k_in}x{k_out}"
+        r = compare_variant(case, "kron_fused",
+                            lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y), rounds * 5)
+        if r is not None:
+            t0, d0, t1, d1 = r
+            row(f"{_tag('kron_fused')} kron_fused kron (wall)", t1, t0, _base("kron_fused"),
+                f"speedup {t0 / t1:.2f}", "-", None)
+            row(f"{_tag('kron_fused')} kron_fused kron (device)", d1, d0, _base("kron_fused"),
+                f"speedup {d0 / d1:.2f}", "-", None)
     A = D = y = None  # noqa: F841
     free()
 
@@ -399,42 +415,44 @@ def bench_experimental(
     A = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k, device=DEV)
-    for names in (["linear_wgmma"], ["gemm_async_ring"]):
-        r = compare_variant(f"sketch_linear B{B} {d}x{d} k{k}", names,
+    if "linear_wgmma" in names:
+        r = compare_variant(f"sketch_linear B{B} {d}x{d} k{k}", "linear_wgmma",
                             lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
-        if r is None:
-            continue
-        t0, _, t1, _ = r
-        frac = flops / t1 / mm_rate
-        row(f"exp {'+'.join(names)} linear", t1, t0, "default kernels",
-            f"{flops / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm", frac >= 0.5)
+        if r is not None:
+            t0, _, t1, _ = r
+            frac = flops / t1 / mm_rate
+            row(f"{_tag('linear_wgmma')} linear_wgmma linear", t1, t0, _base("linear_wgmma"),
+                f"{flops / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm", frac >= 0.5)
     A = D = y = None  # noqa: F841
     free()
 
-    # score_topk on wgmma: m <= 64 against the copy bandwidth, m = 1024 against the bf16 mm rate,
-    # float32 and bfloat16 queries (the values of the top-k are compared).
+    # score_topk: m <= 64 against the copy bandwidth, m = 1024 against the bf16 mm rate, float32
+    # and bfloat16 queries (the values of the top-k are compared).
     n, k, topk, *ms = sizes["score"]
     G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     copy_bw = RESULTS["copy_bandwidth_Bps"]
+    score_variants = [v for v in ("score_wgmma", "score_deep_ring") if v in names]
     for m in ms:
         Q = torch.randn(m, k, device=DEV)
         for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):
-            r = compare_variant(f"score_topk m={m} {qname}", ["score_wgmma"],
-                                lambda Qx=Qx: ops.score_topk(Qx, G, topk)[0],
-                                rounds * 3 if m <= 64 else rounds)
-            if r is None:
-                continue
-            t0, _, t1, _ = r
-            if m <= 64:
-                bw = n * k * 2 / t1
-                row(f"exp score_wgmma m={m} {qname}", t1, t0, "default kernels",
-                    f"{bw / 1e12:.2f} TB/s = {bw / copy_bw:.0%} copy", ">= 80% copy",
-                    bw / copy_bw >= 0.8)
-            else:
-                frac = 2 * m * n * k / t1 / mm_rate
-                row(f"exp score_wgmma m={m} {qname}", t1, t0, "default kernels",
-                    f"{2 * m * n * k / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm",
-                    frac >= 0.5)
+            for name in score_variants:
+                r = compare_variant(f"score_topk m={m} {qname}", name,
+                                    lambda Qx=Qx: ops.score_topk(Qx, G, topk)[0],
+                                    rounds * 3 if m <= 64 else rounds)
+                if r is None:
+                    continue
+                t0, _, t1, _ = r
+                label = f"{_tag(name)} {name} m={m} {qname}"
+                if m <= 64:
+                    bw = n * k * 2 / t1
+                    row(label, t1, t0, _base(name),
+                        f"{bw / 1e12:.2f} TB/s = {bw / copy_bw:.0%} copy", ">= 80% copy",
+                        bw / copy_bw >= 0.8)
+                else:
+                    frac = 2 * m * n * k / t1 / mm_rate
+                    row(label, t1, t0, _base(name),
+                        f"{2 * m * n * k / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm",
+                        frac >= 0.5)
     G = None  # noqa: F841
     free()
 
@@ -600,7 +618,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("bench/gpu/out"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None,
-                    help="subset of: linear kron score sparse experimental")
+                    help="subset of: linear kron score sparse variants")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() or not issl_fast.has_cuda():
@@ -611,7 +629,7 @@ def main() -> int:
     RESULTS["torch"] = torch.__version__
     log(f"device {RESULTS['device']}, issl_fast {issl_fast.__version__}, torch {torch.__version__}")
     torch.manual_seed(0)
-    which = set(args.only or ["linear", "kron", "score", "sparse", "experimental"])
+    which = set(args.only or ["linear", "kron", "score", "sparse", "variants"])
     failed: list[str] = []
     copy_bw, mm_rate = limits(max(5, args.rounds * 3))
     steps = [
@@ -619,9 +637,9 @@ def main() -> int:
         ("sparse", lambda: bench_sparse(copy_bw, args.rounds)),
         ("score", lambda: bench_score(copy_bw, mm_rate, args.rounds)),
         ("linear", lambda: bench_linear(mm_rate, args.rounds)),
-        # Last: each experimental kernel against the default (and kron's torch baseline, when
-        # the kron step ran), so a faulting one cannot spoil the rows above.
-        ("experimental", lambda: bench_experimental(mm_rate, args.rounds)),
+        # Last: each kernel variant against the kernel it replaces, so a faulting experimental
+        # one cannot spoil the rows above.
+        ("variants", lambda: bench_variants(mm_rate, args.rounds)),
     ]
 
     def save(final: bool) -> str:

@@ -10,13 +10,14 @@
 # folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
 # ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
 # ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse experimental"; default all),
-# ISSL_GPU_BUILD_DIR (a build folder kept for incremental rebuilds on a warm machine).
-# The cuda tests run twice: as they are, then the sketch and score tests with
-# ISSL_FAST_CUDA_EXPERIMENTAL=all
-# (every experimental kernel on); the last benchmark compares each experimental kernel with the
-# default one.
+# ISSL_GPU_BUILD_DIR (a build folder kept for incremental rebuilds on a warm machine),
+# ISSL_GPU_NCU=1 (after the benchmarks, Nsight Compute sections of the main kernels into ncu.txt).
+# The cuda tests run three times: as they are (the default kernel variants), then the sketch and
+# score tests with ISSL_FAST_CUDA_VARIANTS=none (the portable kernels other GPUs run) and =all
+# (the experimental variants too); the last benchmark compares each variant with the kernel it
+# replaces.
 # Files written to $OUT (at most 8, flat): env.txt build.log tests.log bench.log bench.json
-# table.txt summary.txt. Exit status: non-zero if the build or any test failed (benchmarks that
+# table.txt summary.txt (ncu.txt). Exit status: non-zero if the build or any test failed (benchmarks that
 # miss a target do not fail the run; their table says PASS/FAIL).
 # Time: about 1-2 min build (one architecture), 1-3 min tests, 2-3 min benchmarks; each stage's
 # time limit is cut to what is left of 460 s (ISSL_GPU_RUN_SECONDS), so the run ends within 8 min.
@@ -30,9 +31,9 @@ mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-# The default kernels unless a stage says otherwise (the second test pass, the benchmark's
-# experimental step).
-unset ISSL_FAST_CUDA_EXPERIMENTAL
+# The default kernel variants unless a stage says otherwise (the later test passes, the
+# benchmark's variants step).
+unset ISSL_FAST_CUDA_VARIANTS
 T0=$(date +%s)
 # Every stage's time limit is cut to what is left of the whole run's (460 s, under 8 minutes),
 # keeping `reserve` seconds for the stages after it.
@@ -129,26 +130,32 @@ PT_FILTER=()
 if [ -n "${ISSL_GPU_TEST_FILTER:-}" ]; then PT_FILTER=(-k "$ISSL_GPU_TEST_FILTER"); fi
 ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 timeout "$(limit 240 100)" "$PY" -m pytest -q -rfEs \
   -p no:cacheprovider -m cuda ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
-  ${PT_FILTER[@]+"${PT_FILTER[@]}"} --durations=15 --ignore=tests/test_cuda_experimental.py \
-  tests >> "$OUT/tests.log" 2>&1
+  ${PT_FILTER[@]+"${PT_FILTER[@]}"} --durations=15 tests >> "$OUT/tests.log" 2>&1
 rc_cuda=$?
-# Second pass, in processes of its own (a faulting kernel poisons its process's CUDA context, so
-# it must not share workers with the default kernels' tests): the experimental kernels' own tests
-# (tests/test_cuda_experimental.py, each kernel alone), then the sketch and score tests with every
-# experimental kernel on (cuda_ops.h: CudaExperimental), so a variant is checked by the whole
-# suite before it becomes the default.
-echo "== second pass: the experimental kernels (ISSL_FAST_CUDA_EXPERIMENTAL=all)" >> "$OUT/tests.log"
-ISSL_FAST_CUDA_EXPERIMENTAL=all ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 \
-  timeout "$(limit 150 90)" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
-  ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
-  ${PT_FILTER[@]+"${PT_FILTER[@]}"} tests/test_cuda_experimental.py tests/test_cuda_sketches.py \
-  tests/test_cuda_score_topk.py >> "$OUT/tests.log" 2>&1
-rc_exp=$?
+# The sketch and score tests again with other variant sets (cuda_ops.h: CudaVariant), each in
+# processes of its own (the set is read at import; a faulting kernel poisons its process's CUDA
+# context): "none" runs the portable kernels, the ones GPUs without the variants' hardware run;
+# "all" adds the experimental variants, so the whole suite checks one before it becomes a default.
+variant_pass() {  # variant_pass SET LIMIT
+  echo "== pass with ISSL_FAST_CUDA_VARIANTS=$1" >> "$OUT/tests.log"
+  ISSL_FAST_CUDA_VARIANTS=$1 ISSL_FAST_REQUIRE_CUDA=1 OMP_NUM_THREADS=4 \
+    timeout "$2" "$PY" -m pytest -q -rfEs -p no:cacheprovider -m cuda \
+    ${PT_XDIST[@]+"${PT_XDIST[@]}"} ${PT_TIMEOUT[@]+"${PT_TIMEOUT[@]}"} \
+    ${PT_FILTER[@]+"${PT_FILTER[@]}"} tests/test_cuda_sketches.py tests/test_cuda_score_topk.py \
+    >> "$OUT/tests.log" 2>&1
+}
+variant_pass none "$(limit 120 110)"
+rc_none=$?
+variant_pass all "$(limit 120 90)"
+rc_all=$?
 set -e
 tail -n 25 "$OUT/tests.log"
 tests_ok=1
-if [ $rc_canary -ne 0 ] || [ $rc_cuda -ne 0 ] || [ $rc_exp -ne 0 ]; then tests_ok=0; fi
-stamp "tests: canary/host exit $rc_canary, cuda (default kernels) exit $rc_cuda, experimental pass exit $rc_exp"
+if [ $rc_canary -ne 0 ] || [ $rc_cuda -ne 0 ] || [ $rc_none -ne 0 ] || [ $rc_all -ne 0 ]; then
+  tests_ok=0
+fi
+TEST_RCS="canary/host exit $rc_canary, cuda exit $rc_cuda, variants none exit $rc_none, all exit $rc_all"
+stamp "tests: $TEST_RCS"
 
 # ---- benchmarks ---------------------------------------------------------------------------------
 rc_bench=0
@@ -165,12 +172,31 @@ if [ "${ISSL_GPU_SKIP_BENCH:-0}" != "1" ]; then
   if [ $rc_bench -ne 0 ]; then tail -n 30 "$OUT/bench.log"; fi
 fi
 
+# ---- profile (optional) -------------------------------------------------------------------------
+# Nsight Compute's speed-of-light, warp-state and memory sections of one launch of each main
+# kernel (bench/gpu/profile_kernels.py), where ncu can read the counters; the clocks are left
+# alone (--clock-control none).
+if [ "${ISSL_GPU_NCU:-0}" = "1" ]; then
+  if command -v ncu >/dev/null 2>&1; then
+    set +e
+    timeout "$(limit 120 5)" ncu --clock-control none --target-processes all \
+      --kernel-name regex:'wgmma|tc_sketch|tc_score|kron_fused' --launch-count 8 \
+      --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
+      --section Occupancy --section LaunchStats \
+      "$PY" bench/gpu/profile_kernels.py > "$OUT/ncu.txt" 2>&1
+    stamp "ncu exit $? (log: $OUT/ncu.txt, $(wc -l < "$OUT/ncu.txt") lines)"
+    set -e
+  else
+    stamp "ncu not found"
+  fi
+fi
+
 # ---- summary (last) -----------------------------------------------------------------------------
 {
   echo "== issl_fast CUDA run: $(grep -m1 -o 'NVIDIA[^|]*' "$OUT/env.txt" | head -n 1 | sed 's/ *$//') sm_$ARCH, $(( $(date +%s) - T0 )) s"
-  echo "tests: $( [ $tests_ok -eq 1 ] && echo PASSED || echo FAILED ) (canary/host exit $rc_canary, cuda (default kernels) exit $rc_cuda, experimental pass exit $rc_exp)"
+  echo "tests: $( [ $tests_ok -eq 1 ] && echo PASSED || echo FAILED ) ($TEST_RCS)"
   { grep -E '[0-9]+ (passed|failed|skipped|errors?|deselected).* in [0-9.]+s' "$OUT/tests.log" \
-      || echo "(no pytest summary line in tests.log)"; } | tail -n 3
+      || echo "(no pytest summary line in tests.log)"; } | tail -n 4
   if [ -f "$OUT/table.txt" ]; then cat "$OUT/table.txt"; else echo "benchmarks: no table (exit $rc_bench)"; fi
 } > "$OUT/summary.txt" 2>&1
 cat "$OUT/summary.txt"

@@ -227,15 +227,16 @@ PYBIND11_MODULE(_C, m) {
                                    query_bf16);
       },
       py::call_guard<py::gil_scoped_release>());
-  // Experimental kernels (cuda_ops.h): names -> bits, and the process-wide mask.
+  // Kernel variants (cuda_ops.h): names -> bits, the default set, and the process-wide mask.
   {
-    using issl_fast::CudaExperimental;
+    using issl_fast::CudaVariant;
     py::dict flags;
-    flags["gemm_async_ring"] = static_cast<uint32_t>(CudaExperimental::kGemmAsyncRing);
-    flags["kron_fused"] = static_cast<uint32_t>(CudaExperimental::kKronFused);
-    flags["linear_wgmma"] = static_cast<uint32_t>(CudaExperimental::kLinearWgmma);
-    flags["score_wgmma"] = static_cast<uint32_t>(CudaExperimental::kScoreWgmma);
-    m.attr("CUDA_EXPERIMENTAL") = flags;
+    flags["kron_fused"] = static_cast<uint32_t>(CudaVariant::kKronFused);
+    flags["linear_wgmma"] = static_cast<uint32_t>(CudaVariant::kLinearWgmma);
+    flags["score_wgmma"] = static_cast<uint32_t>(CudaVariant::kScoreWgmma);
+    flags["score_deep_ring"] = static_cast<uint32_t>(CudaVariant::kScoreDeepRing);
+    m.attr("CUDA_VARIANTS") = flags;
+    m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }
 #if defined(ISSL_FAST_WITH_SM90A)
   m.attr("CUDA_SM90A") = true;  // the wgmma kernels (sm_90a code) are in this build
@@ -250,10 +251,10 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("CUDA_SM90A") = false;
 #endif
-  m.def("set_cuda_experimental", [](uint32_t mask) { issl_fast::set_cuda_experimental(mask); });
-  m.def("cuda_experimental", [] { return issl_fast::cuda_experimental(); });
-  m.def("cuda_experimental_launches", [](uint32_t bit) {
-    return issl_fast::cuda_experimental_launches(static_cast<issl_fast::CudaExperimental>(bit));
+  m.def("set_cuda_variants", [](uint32_t mask) { issl_fast::set_cuda_variants(mask); });
+  m.def("cuda_variants", [] { return issl_fast::cuda_variants(); });
+  m.def("cuda_variant_launches", [](uint32_t bit) {
+    return issl_fast::cuda_variant_launches(static_cast<issl_fast::CudaVariant>(bit));
   });
   // Launch plans (pure host functions, no device needed): for tests and benchmarks.
   m.def("sketch_kron_cuda_plan",

@@ -35,79 +35,107 @@ def _cuda_ops_compiled() -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
-# Experimental kernels (cuda_ops.h): compiled and tested on the host, not yet validated on a GPU,
-# so off by default. ISSL_FAST_CUDA_EXPERIMENTAL ("all" or comma-separated names) turns them on
-# when the package is imported; bench/gpu/run.sh runs its second test pass that way, and its
-# benchmarks compare each with the default through experimental_kernels().
-EXPERIMENTAL_ENV = "ISSL_FAST_CUDA_EXPERIMENTAL"
+# Kernel variants (cuda_ops.h): kernels chosen over the portable ones where the hardware has what
+# they need. The default set holds those that passed the cuda tests on a GPU and beat what they
+# replace there; switching one off runs the portable kernel (what other GPUs run), so one GPU can
+# test both. The others are experimental: compiled and host-tested, not yet validated on a GPU,
+# so off by default. ISSL_FAST_CUDA_VARIANTS sets the mask when the package is imported (see
+# parse_variants_env); bench/gpu/run.sh runs test passes with "none" and "all", and its benchmarks
+# compare each variant with the kernel it replaces through variants().
+VARIANTS_ENV = "ISSL_FAST_CUDA_VARIANTS"
 
 
-def experimental_kernel_names() -> tuple[str, ...]:
-    """Every experimental kernel this build has (empty without CUDA)."""
-    return tuple(sorted(getattr(_C, "CUDA_EXPERIMENTAL", {})))
+def variant_names() -> tuple[str, ...]:
+    """Every kernel variant this build has (empty without CUDA)."""
+    return tuple(sorted(getattr(_C, "CUDA_VARIANTS", {})))
 
 
-def _experimental_mask(names: Iterable[str]) -> int:
-    flags = getattr(_C, "CUDA_EXPERIMENTAL", {})
+def _variant_mask(names: Iterable[str]) -> int:
+    flags = getattr(_C, "CUDA_VARIANTS", {})
     mask = 0
     for name in names:
         if name not in flags:
             raise ValueError(
-                f"unknown experimental CUDA kernel {name!r}; this build has "
+                f"unknown CUDA kernel variant {name!r}; this build has "
                 f"{sorted(flags) or 'none (no CUDA kernels)'}"
             )
         mask |= int(flags[name])
     return mask
 
 
-def enabled_experimental_kernels() -> tuple[str, ...]:
-    """The experimental kernels switched on in this process."""
-    if not _cuda_ops_compiled():
-        return ()
-    mask = int(_C.cuda_experimental())
-    return tuple(n for n in experimental_kernel_names() if mask & int(_C.CUDA_EXPERIMENTAL[n]))
+def _names_of(mask: int) -> tuple[str, ...]:
+    return tuple(n for n in variant_names() if mask & int(_C.CUDA_VARIANTS[n]))
 
 
-def set_experimental_kernels(names: Iterable[str]) -> None:
+def default_variants() -> tuple[str, ...]:
+    """The variants on unless switched off: validated on a GPU and faster there."""
+    return _names_of(int(getattr(_C, "CUDA_VARIANTS_DEFAULT", 0)))
+
+
+def experimental_variants() -> tuple[str, ...]:
+    """The variants not yet validated on a GPU (off unless switched on)."""
+    default = default_variants()
+    return tuple(n for n in variant_names() if n not in default)
+
+
+def enabled_variants() -> tuple[str, ...]:
+    """The variants switched on in this process."""
+    return _names_of(int(_C.cuda_variants())) if _cuda_ops_compiled() else ()
+
+
+def set_variants(names: Iterable[str]) -> None:
     """Switch on exactly ``names`` (process-wide; the ops read it when they plan a call)."""
-    mask = _experimental_mask(list(names))
+    mask = _variant_mask(list(names))
     if _cuda_ops_compiled():
-        _C.set_cuda_experimental(mask)
+        _C.set_cuda_variants(mask)
 
 
 @contextmanager
-def experimental_kernels(names: Iterable[str]) -> Iterator[None]:
+def variants(names: Iterable[str]) -> Iterator[None]:
     """Run a block with exactly ``names`` switched on, restoring the previous set after it. The
     switch is process-wide: calls from other threads during the block see it too."""
-    before = enabled_experimental_kernels()
-    set_experimental_kernels(names)
+    before = enabled_variants()
+    set_variants(names)
     try:
         yield
     finally:
-        set_experimental_kernels(before)
+        set_variants(before)
 
 
-def experimental_launches(name: str) -> int:
-    """How many times the experimental kernel ``name`` was launched in this process."""
-    mask = _experimental_mask([name])
-    return int(_C.cuda_experimental_launches(mask)) if _cuda_ops_compiled() else 0
+def variant_launches(name: str) -> int:
+    """How many times the kernel of variant ``name`` was launched in this process."""
+    mask = _variant_mask([name])
+    return int(_C.cuda_variant_launches(mask)) if _cuda_ops_compiled() else 0
 
 
-def parse_experimental_env(value: str) -> tuple[str, ...]:
-    """``"all"``, ``""`` or comma-separated names -> the names (validated)."""
-    value = value.strip()
-    if value.lower() == "all":
-        return experimental_kernel_names()
-    names = tuple(n.strip() for n in value.split(",") if n.strip())
-    _experimental_mask(names)
-    return names
+def parse_variants_env(value: str) -> tuple[str, ...]:
+    """A comma-separated list -> the variant names (validated). Items apply in order, starting
+    from the default set: ``all``, ``none`` and ``default`` replace the set, ``+name`` adds,
+    ``-name`` removes, and a bare ``name`` adds it to an empty set when it comes first (so
+    ``"kron_fused"`` means that variant alone, ``"+score_deep_ring"`` the default set and it)."""
+    current = list(default_variants())
+    items = [t.strip().lower() for t in value.split(",") if t.strip()]
+    for pos, item in enumerate(items):
+        if item in ("all", "none", "default"):
+            current = {"all": list(variant_names()), "none": [],
+                       "default": list(default_variants())}[item]
+            continue
+        sign, name = (item[0], item[1:].strip()) if item[0] in "+-" else ("", item)
+        _variant_mask([name])
+        if sign == "" and pos == 0:
+            current = []
+        if sign == "-":
+            current = [n for n in current if n != name]
+        elif name not in current:
+            current.append(name)
+    return tuple(n for n in variant_names() if n in current)
 
 
-if os.environ.get(EXPERIMENTAL_ENV):
+if os.environ.get(VARIANTS_ENV) is not None:
     try:
-        set_experimental_kernels(parse_experimental_env(os.environ[EXPERIMENTAL_ENV]))
+        set_variants(parse_variants_env(os.environ[VARIANTS_ENV]))
     except ValueError as exc:
-        raise ValueError(f"environment variable {EXPERIMENTAL_ENV}: {exc}") from None
+        raise ValueError(f"environment variable {VARIANTS_ENV}: {exc}") from None
 
 
 def _cuda_launch(device: torch.device) -> tuple[int, int]:

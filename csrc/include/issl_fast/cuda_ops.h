@@ -22,24 +22,28 @@ namespace issl_fast {
 
 enum class CudaAlgo : int { kAuto = 0, kSimt = 1, kTensorCore = 2 };
 
-// Experimental kernels: written and compiled, not yet validated on a GPU, so off by default. A
-// process-wide bit mask read when an op is planned (workspace query and launch alike): turning one
-// on changes which kernel runs, never the contract. bench/gpu/run.sh runs the cuda tests a second
-// time with all of them on and benchmarks each against the default; a variant that passes and is
-// faster becomes the default and leaves this list.
-enum class CudaExperimental : uint32_t {
-  kGemmAsyncRing = 1u << 0,  // 16-bit aligned GEMM inputs: cp.async into a 4-deep ring
-  kKronFused = 1u << 1,      // sketch_kron in one kernel per (example, rows, output block)
-  kLinearWgmma = 1u << 2,    // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
-  kScoreWgmma = 1u << 3,     // score_topk's 64-query blocks scored with wgmma (same)
+// Kernel variants: a process-wide bit mask read when an op is planned (workspace query and launch
+// alike); a variant changes which kernel runs, never the contract. The default set holds the
+// variants that passed the cuda tests on a GPU and beat the kernel they replace there
+// (bench/gpu/results); switching one off runs the portable kernel instead, the one GPUs without
+// the variant's hardware run, so one GPU can test both. Experimental variants are written and
+// compiled but not yet validated on a GPU, so off by default: bench/gpu/run.sh tests them in a
+// pass of their own and benchmarks each against the default; one that passes and is faster
+// joins the default set.
+enum class CudaVariant : uint32_t {
+  kKronFused = 1u << 0,       // sketch_kron in one kernel per (example, rows, output block)
+  kLinearWgmma = 1u << 1,     // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
+  kScoreWgmma = 1u << 2,      // score_topk's tensor-core blocks scored with wgmma (same)
+  kScoreDeepRing = 1u << 3,   // experimental: the wgmma scorer with the deepest ring that fits
 };
-constexpr uint32_t kCudaExperimentalAll = 0xFu;
-void set_cuda_experimental(uint32_t mask);  // throws std::invalid_argument on unknown bits
-uint32_t cuda_experimental();
-bool cuda_experimental_on(CudaExperimental which);
-// Launches of each experimental kernel in this process (tests check that a switch took effect).
-void note_cuda_experimental_launch(CudaExperimental which);
-uint64_t cuda_experimental_launches(CudaExperimental which);
+constexpr uint32_t kCudaVariantsAll = 0xFu;
+constexpr uint32_t kCudaVariantsDefault = 0x7u;
+void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
+uint32_t cuda_variants();
+bool cuda_variant_on(CudaVariant which);
+// Launches of each variant's kernel in this process (tests check that a switch took effect).
+void note_cuda_variant_launch(CudaVariant which);
+uint64_t cuda_variant_launches(CudaVariant which);
 
 // g [B, P] -> out [B, k] (sketch_dense.h).
 int64_t sketch_dense_cuda_workspace(DType dtype, int64_t B, int64_t P, int64_t k, Dist dist,
@@ -90,7 +94,7 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
                      int num_sms, CudaAlgo algo, std::uintptr_t stream, bool query_bf16 = false);
 
 // Tests only, sm_90a builds (ISSL_FAST_WITH_SM90A), compute capability 9.0 devices: one
-// warpgroup computes one tile through the helpers of the experimental wgmma kernels (cuda/wgmma.cuh),
+// warpgroup computes one tile through the helpers of the wgmma kernels (cuda/wgmma.cuh),
 // isolating their layout conventions from their pipelines. Device pointers, queued on `stream`:
 //   mode 0: C[64, 64] = A[64, 64] B[64, 64]^T  (bf16, shared-shared wgmma m64n64k16)
 //   mode 1: C[64, 16] = A[64, 64] B[16, 64]^T  (shared-shared m64n16k16)
@@ -112,7 +116,7 @@ struct CudaTopkPlan {
   bool tensor_cores = false;
   int64_t queries_per_block = 0, query_blocks = 0, partitions = 0, rows_per_tile = 0;
 };
-// sketch_kron: fused (one kernel, CudaExperimental::kKronFused) or the two projections plus the
+// sketch_kron: fused (one kernel, CudaVariant::kKronFused) or the two projections plus the
 // outer product; for the fused kernel, blocks of 64 outputs along k_in / k_out and the splits of
 // the T rows (partials reduced in split order).
 struct CudaKronPlan {

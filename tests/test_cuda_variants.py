@@ -1,22 +1,24 @@
-"""The experimental CUDA kernels (``issl_fast._cuda_ops.experimental_kernels``) against the default
-ones and the reference, each switched on alone, so a failure names the kernel.
+"""The CUDA kernel variants (``issl_fast._cuda_ops.variants``) against the portable kernels they
+replace and the reference, each switched on alone (with what it builds on), so a failure names the
+kernel. The other ``cuda`` tests run the default set; ``bench/gpu/run.sh`` reruns them with none
+and with all variants on.
 
-* ``gemm_async_ring`` changes only how the GEMM's input tiles reach shared memory, never the order
-  of the MMAs: its results must equal the default kernel's bit for bit, on any input.
+* The GEMM's cp.async ring (16-bit inputs with 16-byte aligned rows; not a variant) changes only
+  how input tiles reach shared memory, never the order of the MMAs: aligned inputs must give the
+  bits that an unaligned copy of them gives through the register-staged pipeline.
 * ``linear_wgmma`` (compute capability 9.0 only) sums the same exact products in another order:
-  it must match the float64 reference within the tolerance policy and the default route within
+  it must match the float64 reference within the tolerance policy and the portable route within
   twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
 * ``score_wgmma`` (compute capability 9.0 only) scores score_topk's 16- and 64-query blocks on
-  wgmma: the top-k must
-  match the float64 reference under the tolerance policy (``assert_topk_close``), with exact ties
-  by lower index, exclusion, and bfloat16 queries giving the same bits in one pass as in three.
+  wgmma, and ``score_deep_ring`` (experimental) runs it with the deepest ring that fits: the top-k
+  must match the float64 reference under the tolerance policy (``assert_topk_close``), with exact
+  ties by lower index, exclusion, and bfloat16 queries giving the same bits in one pass as in
+  three; the ring depth must not change a bit.
 * ``kron_fused`` sums in another order (per 64-row chunk, unscaled until the end): it must match
   the float64 reference within the tolerance policy on awkward shapes (several sketch-row blocks,
-  T across chunks and splits, unaligned rows), and the default path bit for bit where every
+  T across chunks and splits, unaligned rows), and the unfused path bit for bit where every
   product and partial sum is exact (quarter-integer inputs, k_in and k_out powers of four, so
   both scales are powers of two).
-
-``bench/gpu/run.sh`` also reruns every ``cuda`` test with all of them on.
 """
 
 from __future__ import annotations
@@ -45,67 +47,61 @@ def _cuda_kernels() -> Iterator[None]:
         if os.environ.get("ISSL_FAST_REQUIRE_CUDA") == "1":
             pytest.fail(msg)
         pytest.skip(msg)
-    with _cuda_ops.experimental_kernels(()):  # each test picks its own
+    with _cuda_ops.variants(()):  # the portable kernels; each test switches its own on
         yield
-
-
-def _on(name: str):  # noqa: ANN202 - a context manager
-    return _cuda_ops.experimental_kernels([name])
 
 
 @contextmanager
-def _running(name: str) -> Iterator[None]:
-    """``name`` switched on, and launched at least once inside the block (so the test checks the
-    experimental kernel, not a fallback)."""
-    before = _cuda_ops.experimental_launches(name)
-    with _on(name):
+def _running(*names: str) -> Iterator[None]:
+    """``names`` switched on, each launched at least once inside the block (so the test checks
+    the variant's kernel, not a fallback)."""
+    before = {n: _cuda_ops.variant_launches(n) for n in names}
+    with _cuda_ops.variants(names):
         yield
-    assert _cuda_ops.experimental_launches(name) > before, f"{name} never launched"
+    for n in names:
+        assert _cuda_ops.variant_launches(n) > before[n], f"{n} never launched"
 
 
 # ---------------------------------------------------------------------------------------------
-# gemm_async_ring: bit-identical to the register-staged pipeline
+# the GEMM's cp.async ring: bit-identical to the register-staged pipeline
 # ---------------------------------------------------------------------------------------------
+def _unaligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """The same values, contiguous, starting one element past a 16-byte boundary."""
+    flat = torch.empty(x.numel() + 1, dtype=x.dtype, device=x.device)
+    y = flat[1:].view(x.shape)
+    y.copy_(x)
+    assert y.is_contiguous() and y.data_ptr() % 16 != 0
+    return y
+
+
 @pytest.mark.parametrize("dtype", list(HALF))
-@pytest.mark.parametrize("B,P,k", [(1, 8, 1), (37, 1000, 129), (130, 4096, 300), (16, 40, 4096)])
-def test_ring_dense_equals_default_bit_for_bit(dtype: str, B: int, P: int, k: int) -> None:
+@pytest.mark.parametrize("B,P,k", [(16, 8, 1), (37, 1000, 129), (130, 4096, 300), (16, 40, 4096)])
+def test_ring_dense_equals_register_pipeline_bit_for_bit(dtype: str, B: int, P: int,
+                                                         k: int) -> None:
     g = randn((B, P), seed=B + P).to(HALF[dtype]).to(DEV)
-    base = ops.sketch_dense(g, k, seed=3, col_offset=2**33 + 1)
-    before = _cuda_ops.experimental_launches("gemm_async_ring")
-    with _on("gemm_async_ring"):
-        ring = ops.sketch_dense(g, k, seed=3, col_offset=2**33 + 1)
-    assert torch.equal(ring, base), f"ring {dtype} B={B} P={P} k={k}"
-    # B < 16 rows take the SIMT kernel under auto; every other case the ring.
-    assert (_cuda_ops.experimental_launches("gemm_async_ring") > before) == (B >= 16)
+    assert g.data_ptr() % 16 == 0 and P % 8 == 0  # aligned rows: the ring
+    plan = _C.sketch_gemm_cuda_plan(2 if dtype == "bfloat16" else 1, B, P, k, 0, 0,
+                                    torch.cuda.get_device_properties(0).multi_processor_count)
+    assert plan["tensor_cores"], plan
+    ring = ops.sketch_dense(g, k, seed=3, col_offset=2**33 + 1)
+    staged = ops.sketch_dense(_unaligned_copy(g), k, seed=3, col_offset=2**33 + 1)
+    assert torch.equal(ring, staged), f"ring {dtype} B={B} P={P} k={k}"
 
 
 @pytest.mark.parametrize("dtype", list(HALF))
 @pytest.mark.parametrize("B,T,d_in,d_out,k", [(20, 1, 64, 33, 200), (40, 2, 96, 7, 96),
                                                (130, 1, 256, 3, 129)])
-def test_ring_linear_direct_equals_default_bit_for_bit(
+def test_ring_linear_direct_equals_register_pipeline_bit_for_bit(
     dtype: str, B: int, T: int, d_in: int, d_out: int, k: int
 ) -> None:
     A = randn((B, T, d_in), seed=1).to(HALF[dtype]).to(DEV)
     D = randn((B, T, d_out), seed=2).to(HALF[dtype]).to(DEV)
-    base = ops.sketch_linear(A, D, k, seed=8)
-    with _running("gemm_async_ring"):
-        ring = ops.sketch_linear(A, D, k, seed=8)
-        acc = ops.sketch_linear(A, D, k, seed=8, out=torch.ones_like(base), accumulate=True)
-    assert torch.equal(ring, base)
-    assert torch.equal(acc, ops.sketch_linear(A, D, k, seed=8, out=torch.ones_like(base),
-                                              accumulate=True))
-
-
-def test_ring_unaligned_rows_take_the_default_kernel() -> None:
-    # A row start that is not 16-byte aligned cannot use cp.async: same results either way.
-    flat = randn((33 * 1000 + 1,), seed=4).to(torch.bfloat16).to(DEV)
-    g = flat[1:].view(33, 1000)
-    assert g.data_ptr() % 16 != 0
-    base = ops.sketch_dense(g, 70, seed=1)
-    before = _cuda_ops.experimental_launches("gemm_async_ring")
-    with _on("gemm_async_ring"):
-        assert torch.equal(ops.sketch_dense(g, 70, seed=1), base)
-    assert _cuda_ops.experimental_launches("gemm_async_ring") == before
+    ring = ops.sketch_linear(A, D, k, seed=8)
+    acc = ops.sketch_linear(A, D, k, seed=8, out=torch.ones_like(ring), accumulate=True)
+    Au = _unaligned_copy(A)
+    assert torch.equal(ops.sketch_linear(Au, D, k, seed=8), ring)
+    assert torch.equal(ops.sketch_linear(Au, D, k, seed=8, out=torch.ones_like(ring),
+                                         accumulate=True), acc)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,9 +190,14 @@ SCORE_WGMMA_CASES = [
 ]
 
 
+SCORE_RINGS = {"ring": ("score_wgmma",), "deep ring": ("score_wgmma", "score_deep_ring")}
+
+
+@pytest.mark.parametrize("ring", list(SCORE_RINGS))
 @pytest.mark.parametrize("query", ["float32", "bfloat16"])
 @pytest.mark.parametrize("m,n,k,topk", SCORE_WGMMA_CASES)
-def test_score_wgmma_matches_reference(query: str, m: int, n: int, k: int, topk: int) -> None:
+def test_score_wgmma_matches_reference(ring: str, query: str, m: int, n: int, k: int,
+                                       topk: int) -> None:
     _require_hopper()
     Q = randn((m, k), seed=m * 31 + k)
     if query == "bfloat16":
@@ -204,18 +205,24 @@ def test_score_wgmma_matches_reference(query: str, m: int, n: int, k: int, topk:
     G = dyadic((n, k), seed=n * 7 + k)
     Qd = Q.to(DEV).to(torch.bfloat16) if query == "bfloat16" else Q.to(DEV)
     Gd = G.to(torch.bfloat16).to(DEV)
-    with _running("score_wgmma"):
+    with _running(*SCORE_RINGS[ring]):
         v, i = ops.score_topk(Qd, Gd, topk)
         v2, i2 = ops.score_topk(Qd, Gd, topk)
     assert torch.equal(v, v2) and torch.equal(i, i2), "deterministic"
+    if ring == "deep ring":  # the same MMAs in the same order: the same bits
+        with _running("score_wgmma"):
+            v3, i3 = ops.score_topk(Qd, Gd, topk)
+        assert torch.equal(v, v3) and torch.equal(i, i3), "deep ring vs ring"
     ref = reference.score_topk(Q, G, topk, accum=torch.float64)
-    assert_topk_close((v.cpu(), i.cpu()), ref, Q, G, what=f"score_wgmma {query} m={m} n={n} k={k}")
+    what = f"score_wgmma {ring} {query} m={m} n={n} k={k}"
+    assert_topk_close((v.cpu(), i.cpu()), ref, Q, G, what=what)
     base = ops.score_topk(Qd, Gd, topk)  # the mma.sync scorer
     assert_topk_close((base[0].cpu(), base[1].cpu()), (v.cpu().double(), i.cpu()), Q, G,
-                      what="default vs score_wgmma")
+                      what="mma.sync scorer vs " + what)
 
 
-def test_score_wgmma_bf16_one_pass_ties_and_exclusion() -> None:
+@pytest.mark.parametrize("ring", list(SCORE_RINGS))
+def test_score_wgmma_bf16_one_pass_ties_and_exclusion(ring: str) -> None:
     _require_hopper()
     m, n, k = 70, 4100, 96
     Qb = randn((m, k), seed=3).to(torch.bfloat16).to(DEV)
@@ -223,7 +230,7 @@ def test_score_wgmma_bf16_one_pass_ties_and_exclusion() -> None:
     G[2000:2010] = G[17]  # exact ties with row 17: broken by lower index
     Gd = G.to(torch.bfloat16).to(DEV)
     ex = torch.tensor([[17, 2001]] * m, device=DEV)
-    with _running("score_wgmma"):
+    with _running(*SCORE_RINGS[ring]):
         one = ops.score_topk(Qb, Gd, 13, exclude=ex)
         three = ops.score_topk(Qb.float(), Gd, 13, exclude=ex)
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])
@@ -281,7 +288,7 @@ def _quarters(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("k", [4, 16, 64])
 @pytest.mark.parametrize("T", [1, 64, 65, 256])
-def test_kron_fused_equals_default_where_sums_are_exact(k: int, T: int) -> None:
+def test_kron_fused_equals_unfused_where_sums_are_exact(k: int, T: int) -> None:
     A = _quarters((9, T, 96), seed=T).to(DEV)
     D = _quarters((9, T, 40), seed=T + 1).to(DEV)
     base = ops.sketch_kron(A, D, k, k, seed=3)
@@ -305,4 +312,4 @@ def test_kron_fused_unaligned_rows_accumulate_and_determinism() -> None:
     assert_close(acc.cpu(), (a + 1).cpu().double(), (a.abs() + 1).cpu().double(), "accumulate")
     base = ops.sketch_kron(A, D, 33, 17, seed=5)
     mag = kron_magnitude(A.cpu(), D.cpu(), 33, 17, seed=5, dist="rademacher")
-    assert_close(a.cpu(), base.cpu().double(), 2 * mag, "fused vs default")
+    assert_close(a.cpu(), base.cpu().double(), 2 * mag, "fused vs unfused")
