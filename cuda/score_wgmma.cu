@@ -23,6 +23,7 @@
 #include "issl_fast/cuda_ops.h"
 #include "score_topk_blocks.cuh"
 #include "score_wgmma.h"
+#include "tma.cuh"
 #include "wgmma.cuh"
 
 namespace issl_fast::topk {
@@ -34,9 +35,14 @@ using cuda::detail::cp_async_commit;
 using cuda::detail::cp_async_wait;
 using cuda::detail::fence_proxy_async;
 using cuda::detail::fence_reg;
+using cuda::detail::fence_mbar_init;
 using cuda::detail::kmajor_sw128_desc;
+using cuda::detail::mbar_arrive_expect_tx;
+using cuda::detail::mbar_init;
+using cuda::detail::mbar_wait;
 using cuda::detail::smem_u32;
 using cuda::detail::sw128_offset;
+using cuda::detail::tma_load_2d;
 using cuda::detail::wgmma_commit;
 using cuda::detail::wgmma_fence;
 using cuda::detail::wgmma_ss;
@@ -52,45 +58,39 @@ constexpr int sw_stages() {
   return MQ == 64 && QP == 1 ? 3 : 4;
 }
 constexpr int kRowBytes = kSwBK * 2;
-// Experimental (CudaVariant::kScoreDeepRing): as many slots as sm_90's 227 KB per block holds
-// (one block per SM; 8-11 slots with bf16 queries). Why: on an H200 the scorer moved about
-// (G bytes in flight per SM) / 3 us; the 64-query blocks with 3 slots keep 2 x 16 KB of G in
-// flight per SM (1.3 TB/s measured), the 16-query ones 4 x 16 KB (3.2 TB/s), against ~95 KB needed
-// for the copy rate. Deep rings keep 96-160 KB in flight with bf16 queries; the plan's partitions
-// (sized for two blocks per SM) then run in two waves.
-constexpr int64_t kSmemOptin = 232448;  // sm_90: 227 KB of dynamic shared memory per block
-template <int MQ, int CB, int QP>
-constexpr int deep_stages() {
-  constexpr int64_t slot = kRowsPerTile * kRowBytes + QP * MQ * kRowBytes;
-  return static_cast<int>((kSmemOptin - 1024 - 64 - sizeof(TopkShared<MQ, CB>)) / slot);
-}
 static_assert(kThreads == 256 && kRowsPerTile == 128, "two warpgroups of 64 store rows");
 static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
 
 // MQ queries per block (the plan's 16- or 64-query blocks), CB candidates buffered per query
 // (as tc_score_kernel's configs of the same MQ), QP bf16 terms per query.
-template <int MQ, int CB, int QP, int S>
+// kTma: the slots are filled by TMA (one thread), completing on one mbarrier per slot.
+template <int MQ, int CB, int QP, bool kTma>
 struct SwSmem {
-  static constexpr int kStages = S;
+  static constexpr int kStages = sw_stages<MQ, QP>();
   unsigned char g[kStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
   unsigned char q[kStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
   TopkShared<MQ, CB> ts;
+  uint64_t full[kTma ? kStages : 1];  // TMA: slot s's copies landed (phase = use count % 2)
 };
-template <int MQ, int CB, int QP, int S>
+template <int MQ, int CB, int QP, bool kTma>
 constexpr int64_t sw_smem_bytes() {
-  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, S>)) + 1024;  // + alignment slack
+  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, kTma>)) + 1024;  // + alignment slack
 }
 
-template <int MQ, int CB, int QP, int S>
-__global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
+// The scorer; gmap / qmap (TMA only) are the tensor maps of G [n, k] in 128 x 64 boxes and of
+// the query terms [3 mp, kq] in MQ x 64 boxes.
+template <int MQ, int CB, int QP, bool kTma>
+__device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorMap* gmap,
+                                           const CUtensorMap* qmap) {
 #if ISSL_WGMMA_DEVICE
   static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
-  static_assert(S >= 3, "slots: computing, draining, copying");
-  constexpr int kSwStages = S;
+  using SM = SwSmem<MQ, CB, QP, kTma>;
+  constexpr int kSwStages = SM::kStages;
+  static_assert(kSwStages >= 3, "slots: computing, draining, copying");
   constexpr int kNS = MQ / 2;  // scores per thread per tile (m64nMQ float32 accumulators)
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  auto& sm = *reinterpret_cast<SwSmem<MQ, CB, QP, S>*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+  auto& sm = *reinterpret_cast<SM*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
@@ -100,7 +100,11 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
   const int64_t row_end = p.n * (part + 1) / p.partitions;
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
-  init_block_lists(sm.ts, c, tid);
+  if (kTma && tid == 0) {
+    for (int s = 0; s < kSwStages; ++s) mbar_init(&sm.full[s], 1);
+    fence_mbar_init();
+  }
+  init_block_lists(sm.ts, c, tid);  // its barrier also publishes the mbarriers' initialisation
 
   const int nk = static_cast<int>(p.kq / kSwBK);
   const int64_t total = ceil_div(part_rows, kRowsPerTile) * nk;
@@ -111,6 +115,21 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
   int ld_kc = 0;
   auto issue = [&](int slot) {
     const int64_t c0 = static_cast<int64_t>(ld_kc) * kSwBK;
+    if constexpr (kTma) {  // thread 0 only: whole boxes, zero-filled past n and k
+      constexpr uint32_t kBytes = (kRowsPerTile + QP * MQ) * kRowBytes;
+      mbar_arrive_expect_tx(&sm.full[slot], kBytes);
+      tma_load_2d(smem_u32(&sm.g[slot][0]), gmap, static_cast<int>(c0),
+                  static_cast<int>(ld_r0), &sm.full[slot]);
+#pragma unroll
+      for (int qp = 0; qp < QP; ++qp)
+        tma_load_2d(smem_u32(&sm.q[slot][qp][0]), qmap, static_cast<int>(c0),
+                    static_cast<int>(qp * p.mp + qbase), &sm.full[slot]);
+      if (++ld_kc == nk) {
+        ld_kc = 0;
+        ld_r0 += kRowsPerTile;
+      }
+      return;
+    }
     const uint32_t gbase = smem_u32(&sm.g[slot][0]);
 #pragma unroll
     for (int u = 0; u < kRowsPerTile * 8 / kThreads; ++u) {  // 1024 chunks of 16 bytes
@@ -143,18 +162,31 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
 
 #pragma unroll
   for (int s = 0; s < kSwStages - 2; ++s) {
-    if (s < total) issue(s);
-    cp_async_commit();  // always: keeps the group count in step with the iterations
+    if constexpr (kTma) {
+      if (tid == 0 && s < total) issue(s);
+    } else {
+      if (s < total) issue(s);
+      cp_async_commit();  // always: keeps the group count in step with the iterations
+    }
   }
   int slot = 0, kc = 0;
   int64_t tile_off = 0;
   for (int64_t it = 0; it < total; ++it) {
     if (kc == 0) refresh_bars(sm.ts, c, tid);  // read by this tile's process_tile
-    cp_async_wait<kSwStages - 3>();  // step `it` landed (this thread's copies)
-    fence_proxy_async();
-    __syncthreads();  // ... for every thread; every warpgroup is done with step it - 2
-    if (it + kSwStages - 2 < total) issue(static_cast<int>((it + kSwStages - 2) % kSwStages));
-    cp_async_commit();
+    if constexpr (kTma) {
+      __syncthreads();  // every warpgroup is done with step it - 2: its slot may be refilled
+      if (tid == 0 && it + kSwStages - 2 < total)
+        issue(static_cast<int>((it + kSwStages - 2) % kSwStages));
+      // Step `it` landed: the (it / kSwStages)-th use of its slot, so that phase's parity.
+      mbar_wait(&sm.full[slot], static_cast<uint32_t>((it / kSwStages) & 1));
+      __syncwarp();  // thread 0's warp reconverged before the .aligned wgmma instructions
+    } else {
+      cp_async_wait<kSwStages - 3>();  // step `it` landed (this thread's copies)
+      fence_proxy_async();
+      __syncthreads();  // ... for every thread; every warpgroup is done with step it - 2
+      if (it + kSwStages - 2 < total) issue(static_cast<int>((it + kSwStages - 2) % kSwStages));
+      cp_async_commit();
+    }
     const uint32_t ga = smem_u32(&sm.g[slot][0]) + wg * 64 * kRowBytes;
     wgmma_fence();
 #pragma unroll
@@ -191,31 +223,57 @@ __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScorePar
     }
   }
   wgmma_wait<0>();
-  cp_async_wait<0>();
+  if constexpr (!kTma) cp_async_wait<0>();
   final_flush(sm.ts, c, lane, warp);
 #else
   __trap();  // never launched: score_wgmma_usable requires a compute capability 9.0 device
 #endif
 }
 
-template <int MQ, int CB, int QP, int S>
-void launch_slots(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, S>();
-  static_assert(smem <= kSmemOptin, "fits sm_90's shared memory per block");
-  auto kernel = wgmma_score_kernel<MQ, CB, QP, S>;
-  cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
-  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
-  cuda::detail::check_launch("wgmma_score_kernel launch");
+template <int MQ, int CB, int QP>
+__global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
+  score_body<MQ, CB, QP, false>(p, nullptr, nullptr);
+}
+
+// The tensor maps are kernel parameters (__grid_constant__: TMA reads them where they are).
+template <int MQ, int CB, int QP>
+__global__ void __launch_bounds__(kThreads, 1)
+    tma_score_kernel(const ScoreParams p, const __grid_constant__ CUtensorMap gmap,
+                     const __grid_constant__ CUtensorMap qmap) {
+  score_body<MQ, CB, QP, true>(p, &gmap, &qmap);
+}
+
+// TMA takes 32-bit box coordinates: rows up to n + 127 and 3 mp must fit.
+bool tma_fits(const ScoreParams& p) {
+  return p.n + kRowsPerTile < (int64_t{1} << 31) && kQParts * p.mp < (int64_t{1} << 31) &&
+         p.kq < (int64_t{1} << 31);
 }
 
 template <int MQ, int CB, int QP>
 void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  if (cuda_variant_on(CudaVariant::kScoreDeepRing)) {
-    launch_slots<MQ, CB, QP, deep_stages<MQ, CB, QP>()>(p, blocks, st);
-    note_cuda_variant_launch(CudaVariant::kScoreDeepRing);
-  } else {
-    launch_slots<MQ, CB, QP, sw_stages<MQ, QP>()>(p, blocks, st);
+  using cuda::detail::allow_smem;
+  using cuda::detail::check_launch;
+  using cuda::detail::grid_1d;
+  if (cuda_variant_on(CudaVariant::kScoreTma) && tma_fits(p)) {
+    constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true>();
+    const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
+        p.G, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.k),
+        kRowsPerTile, kSwBK);
+    const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
+        p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
+        static_cast<uint64_t>(p.kq), MQ, kSwBK);
+    auto kernel = tma_score_kernel<MQ, CB, QP>;
+    allow_smem(kernel, smem, "tma_score_kernel");
+    kernel<<<grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(p, gmap, qmap);
+    check_launch("tma_score_kernel launch");
+    note_cuda_variant_launch(CudaVariant::kScoreTma);
+    return;
   }
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false>();
+  auto kernel = wgmma_score_kernel<MQ, CB, QP>;
+  allow_smem(kernel, smem, "wgmma_score_kernel");
+  kernel<<<grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
+  check_launch("wgmma_score_kernel launch");
 }
 
 }  // namespace

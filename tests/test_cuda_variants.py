@@ -10,10 +10,10 @@ and with all variants on.
   it must match the float64 reference within the tolerance policy and the portable route within
   twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
 * ``score_wgmma`` (compute capability 9.0 only) scores score_topk's 16- and 64-query blocks on
-  wgmma, and ``score_deep_ring`` (experimental) runs it with the deepest ring that fits: the top-k
+  wgmma, and ``score_tma`` (experimental) feeds the same kernel's ring with TMA copies: the top-k
   must match the float64 reference under the tolerance policy (``assert_topk_close``), with exact
   ties by lower index, exclusion, and bfloat16 queries giving the same bits in one pass as in
-  three; the ring depth must not change a bit.
+  three; how the ring is filled must not change a bit.
 * ``kron_fused`` sums in another order (per 64-row chunk, unscaled until the end): it must match
   the float64 reference within the tolerance policy on awkward shapes (several sketch-row blocks,
   T across chunks and splits, unaligned rows), and the unfused path bit for bit where every
@@ -190,7 +190,7 @@ SCORE_WGMMA_CASES = [
 ]
 
 
-SCORE_RINGS = {"ring": ("score_wgmma",), "deep ring": ("score_wgmma", "score_deep_ring")}
+SCORE_RINGS = {"cp.async": ("score_wgmma",), "tma": ("score_wgmma", "score_tma")}
 
 
 @pytest.mark.parametrize("ring", list(SCORE_RINGS))
@@ -209,10 +209,10 @@ def test_score_wgmma_matches_reference(ring: str, query: str, m: int, n: int, k:
         v, i = ops.score_topk(Qd, Gd, topk)
         v2, i2 = ops.score_topk(Qd, Gd, topk)
     assert torch.equal(v, v2) and torch.equal(i, i2), "deterministic"
-    if ring == "deep ring":  # the same MMAs in the same order: the same bits
+    if ring == "tma":  # the same MMAs in the same order: the same bits
         with _running("score_wgmma"):
             v3, i3 = ops.score_topk(Qd, Gd, topk)
-        assert torch.equal(v, v3) and torch.equal(i, i3), "deep ring vs ring"
+        assert torch.equal(v, v3) and torch.equal(i, i3), "tma vs cp.async"
     ref = reference.score_topk(Q, G, topk, accum=torch.float64)
     what = f"score_wgmma {ring} {query} m={m} n={n} k={k}"
     assert_topk_close((v.cpu(), i.cpu()), ref, Q, G, what=what)

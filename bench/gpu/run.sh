@@ -173,16 +173,17 @@ if [ "${ISSL_GPU_SKIP_BENCH:-0}" != "1" ]; then
 fi
 
 # ---- profile (optional) -------------------------------------------------------------------------
-# Nsight Compute's speed-of-light, warp-state and memory sections of one launch of each main
-# kernel (bench/gpu/profile_kernels.py), where ncu can read the counters; the clocks are left
-# alone (--clock-control none).
+# Nsight Compute's speed-of-light, warp-state, memory, pipe and instruction sections of one
+# launch of each main kernel (bench/gpu/profile_kernels.py), where ncu can read the counters;
+# the clocks are left alone (--clock-control none).
 if [ "${ISSL_GPU_NCU:-0}" = "1" ]; then
   if command -v ncu >/dev/null 2>&1; then
     set +e
     timeout "$(limit 120 5)" ncu --clock-control none --target-processes all \
-      --kernel-name regex:'wgmma|tc_sketch|tc_score|kron_fused' --launch-count 8 \
+      --kernel-name regex:'wgmma|tma_score|tc_sketch|tc_score|kron_fused' --launch-count 8 \
       --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
-      --section Occupancy --section LaunchStats \
+      --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
+      --section SchedulerStats --section InstructionStats --print-details all \
       "$PY" bench/gpu/profile_kernels.py > "$OUT/ncu.txt" 2>&1
     stamp "ncu exit $? (log: $OUT/ncu.txt, $(wc -l < "$OUT/ncu.txt") lines)"
     set -e

@@ -234,7 +234,7 @@ PYBIND11_MODULE(_C, m) {
     flags["kron_fused"] = static_cast<uint32_t>(CudaVariant::kKronFused);
     flags["linear_wgmma"] = static_cast<uint32_t>(CudaVariant::kLinearWgmma);
     flags["score_wgmma"] = static_cast<uint32_t>(CudaVariant::kScoreWgmma);
-    flags["score_deep_ring"] = static_cast<uint32_t>(CudaVariant::kScoreDeepRing);
+    flags["score_tma"] = static_cast<uint32_t>(CudaVariant::kScoreTma);
     m.attr("CUDA_VARIANTS") = flags;
     m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }

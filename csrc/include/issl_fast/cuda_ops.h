@@ -34,7 +34,7 @@ enum class CudaVariant : uint32_t {
   kKronFused = 1u << 0,       // sketch_kron in one kernel per (example, rows, output block)
   kLinearWgmma = 1u << 1,     // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
   kScoreWgmma = 1u << 2,      // score_topk's tensor-core blocks scored with wgmma (same)
-  kScoreDeepRing = 1u << 3,   // experimental: the wgmma scorer with the deepest ring that fits
+  kScoreTma = 1u << 3,        // experimental: the wgmma scorer fed by TMA (one thread per copy)
 };
 constexpr uint32_t kCudaVariantsAll = 0xFu;
 constexpr uint32_t kCudaVariantsDefault = 0x7u;
