@@ -54,7 +54,7 @@ constexpr int kSwBK = 64;      // k columns per step: one 128-byte swizzle row
 // sm_90's 227 KB, so two blocks share an SM as the plan assumes (the same bytes in flight per SM,
 // twice the warps); with three terms one block per SM fits either way.
 template <int MQ, int QP>
-constexpr int sw_stages() {
+__host__ __device__ constexpr int sw_stages() {
   return MQ == 64 && QP == 1 ? 3 : 4;
 }
 constexpr int kRowBytes = kSwBK * 2;
@@ -63,28 +63,42 @@ static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
 
 // MQ queries per block (the plan's 16- or 64-query blocks), CB candidates buffered per query
 // (as tc_score_kernel's configs of the same MQ), QP bf16 terms per query.
-// kTma: the slots are filled by TMA (one thread), completing on one mbarrier per slot.
-template <int MQ, int CB, int QP, bool kTma>
+// Experimental (CudaVariant::kScoreTmaDeep): the TMA-fed ring with as many slots as sm_90's 227 KB
+// per block holds (one block per SM; 5-11 slots). Why: with TMA the 64-query scorer spends its
+// steps waiting for data (ncu on an H200: 36% of DRAM bandwidth, 10% tensor, warps stalled at
+// the per-step barrier and in the mbarrier wait) with 2 x 24 KB in flight per SM; a deep ring
+// keeps ~6 steps in flight. (The same depth with cp.async lost 2-20%: there each slot costs
+// every thread its copy instructions, run 6.) The plan's partitions, sized for two blocks per
+// SM, then run in two waves.
+constexpr int64_t kSmemOptin = 232448;  // sm_90: 227 KB of dynamic shared memory per block
+template <int MQ, int CB, int QP>
+constexpr int deep_stages() {
+  constexpr int64_t slot = kRowsPerTile * kRowBytes + QP * MQ * kRowBytes + 8;  // + mbarrier
+  return static_cast<int>((kSmemOptin - 1024 - 64 - sizeof(TopkShared<MQ, CB>)) / slot);
+}
+
+// kTma: the slots are filled by TMA (one thread), completing on one mbarrier per slot. S slots.
+template <int MQ, int CB, int QP, bool kTma, int S>
 struct SwSmem {
-  static constexpr int kStages = sw_stages<MQ, QP>();
+  static constexpr int kStages = S;
   unsigned char g[kStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
   unsigned char q[kStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
   TopkShared<MQ, CB> ts;
   uint64_t full[kTma ? kStages : 1];  // TMA: slot s's copies landed (phase = use count % 2)
 };
-template <int MQ, int CB, int QP, bool kTma>
+template <int MQ, int CB, int QP, bool kTma, int S>
 constexpr int64_t sw_smem_bytes() {
-  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, kTma>)) + 1024;  // + alignment slack
+  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, kTma, S>)) + 1024;  // + alignment slack
 }
 
 // The scorer; gmap / qmap (TMA only) are the tensor maps of G [n, k] in 128 x 64 boxes and of
 // the query terms [3 mp, kq] in MQ x 64 boxes.
-template <int MQ, int CB, int QP, bool kTma>
+template <int MQ, int CB, int QP, bool kTma, int S>
 __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorMap* gmap,
                                            const CUtensorMap* qmap) {
 #if ISSL_WGMMA_DEVICE
   static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
-  using SM = SwSmem<MQ, CB, QP, kTma>;
+  using SM = SwSmem<MQ, CB, QP, kTma, S>;
   constexpr int kSwStages = SM::kStages;
   static_assert(kSwStages >= 3, "slots: computing, draining, copying");
   constexpr int kNS = MQ / 2;  // scores per thread per tile (m64nMQ float32 accumulators)
@@ -232,15 +246,15 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
 
 template <int MQ, int CB, int QP>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
-  score_body<MQ, CB, QP, false>(p, nullptr, nullptr);
+  score_body<MQ, CB, QP, false, sw_stages<MQ, QP>()>(p, nullptr, nullptr);
 }
 
 // The tensor maps are kernel parameters (__grid_constant__: TMA reads them where they are).
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, int S>
 __global__ void __launch_bounds__(kThreads, 1)
     tma_score_kernel(const ScoreParams p, const __grid_constant__ CUtensorMap gmap,
                      const __grid_constant__ CUtensorMap qmap) {
-  score_body<MQ, CB, QP, true>(p, &gmap, &qmap);
+  score_body<MQ, CB, QP, true, S>(p, &gmap, &qmap);
 }
 
 // TMA takes 32-bit box coordinates: rows up to n + 127 and 3 mp must fit.
@@ -249,31 +263,40 @@ bool tma_fits(const ScoreParams& p) {
          p.kq < (int64_t{1} << 31);
 }
 
+template <int MQ, int CB, int QP, int S>
+void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true, S>();
+  static_assert(smem <= kSmemOptin, "fits sm_90's shared memory per block");
+  const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
+      p.G, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.k),
+      kRowsPerTile, kSwBK);
+  const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
+      p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
+      static_cast<uint64_t>(p.kq), MQ, kSwBK);
+  auto kernel = tma_score_kernel<MQ, CB, QP, S>;
+  cuda::detail::allow_smem(kernel, smem, "tma_score_kernel");
+  kernel<<<cuda::detail::grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(p, gmap,
+                                                                                     qmap);
+  cuda::detail::check_launch("tma_score_kernel launch");
+}
+
 template <int MQ, int CB, int QP>
 void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  using cuda::detail::allow_smem;
-  using cuda::detail::check_launch;
-  using cuda::detail::grid_1d;
   if (cuda_variant_on(CudaVariant::kScoreTma) && tma_fits(p)) {
-    constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true>();
-    const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
-        p.G, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.k),
-        kRowsPerTile, kSwBK);
-    const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
-        p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
-        static_cast<uint64_t>(p.kq), MQ, kSwBK);
-    auto kernel = tma_score_kernel<MQ, CB, QP>;
-    allow_smem(kernel, smem, "tma_score_kernel");
-    kernel<<<grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(p, gmap, qmap);
-    check_launch("tma_score_kernel launch");
+    if (cuda_variant_on(CudaVariant::kScoreTmaDeep)) {
+      launch_tma<MQ, CB, QP, deep_stages<MQ, CB, QP>()>(p, blocks, st);
+      note_cuda_variant_launch(CudaVariant::kScoreTmaDeep);
+    } else {
+      launch_tma<MQ, CB, QP, sw_stages<MQ, QP>()>(p, blocks, st);
+    }
     note_cuda_variant_launch(CudaVariant::kScoreTma);
     return;
   }
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false>();
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false, sw_stages<MQ, QP>()>();
   auto kernel = wgmma_score_kernel<MQ, CB, QP>;
-  allow_smem(kernel, smem, "wgmma_score_kernel");
-  kernel<<<grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
-  check_launch("wgmma_score_kernel launch");
+  cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
+  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
+  cuda::detail::check_launch("wgmma_score_kernel launch");
 }
 
 }  // namespace

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "bench_gpu.py"
-NAMES = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
-DEFAULT = ("kron_fused", "linear_wgmma", "score_wgmma")
+NAMES = ("kron_fused", "linear_wgmma", "score_tma", "score_tma_deep", "score_wgmma")
+DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
 
 
 def _load_bench() -> ModuleType:
@@ -48,7 +48,7 @@ def _fake_switch(launches: dict[str, int], idle: set[str], sets: list[tuple[str,
     return SimpleNamespace(
         variant_names=lambda: NAMES,
         default_variants=lambda: DEFAULT,
-        experimental_variants=lambda: ("score_tma",),
+        experimental_variants=lambda: ("score_tma_deep",),
         variants=variants,
         variant_launches=lambda n: launches[n],
     )
@@ -95,20 +95,22 @@ def test_variants_step_produces_every_row(bench: ModuleType) -> None:
     expected = ["var kron_fused kron (wall)", "var kron_fused kron (device)",
                 "var linear_wgmma linear"]
     expected += [f"{tag} {name} m={m} {q} Q" for tag, name in (("var", "score_wgmma"),
-                                                               ("exp", "score_tma"))
+                                                               ("var", "score_tma"),
+                                                               ("exp", "score_tma_deep"))
                  for m in (1, 20) for q in ("f32", "bf16")]
     for name in expected:
         assert name in rows, (name, sorted(rows))
     assert not [r for r in bench.ROWS if "FAILED" in r[5]], bench.ROWS
     # A default variant is timed against the default set without it (the portable kernel), an
     # experimental one against the default set.
-    assert ("linear_wgmma", "score_wgmma") in sets and ("kron_fused", "linear_wgmma") in sets
-    assert DEFAULT in sets and (*DEFAULT, "score_tma") in sets
+    assert ("linear_wgmma", "score_tma", "score_wgmma") in sets  # without kron_fused
+    assert ("kron_fused", "linear_wgmma", "score_tma") in sets  # without score_wgmma
+    assert DEFAULT in sets and (*DEFAULT, "score_tma_deep") in sets
     assert rows["var score_wgmma m=1 f32 Q"][4] == "portable kernels"
-    assert rows["exp score_tma m=1 f32 Q"][4] == "default kernels"
+    assert rows["exp score_tma_deep m=1 f32 Q"][4] == "default kernels"
     # m <= 64 is judged against the copy bandwidth, larger m against the mm rate (the m=20 row
     # here is <= 64; the m=1024 row takes the other branch).
-    assert rows["exp score_tma m=1 f32 Q"][6] == ">= 80% copy"
+    assert rows["exp score_tma_deep m=1 f32 Q"][6] == ">= 80% copy"
     res = bench.RESULTS["variants"]
     key = "sketch_kron B3 T70 40x24 k16x16 [kron_fused]"
     assert res[key]["rel_err"] < 1e-4 and res[key]["with_s"] > 0

@@ -431,7 +431,7 @@ def bench_variants(
     n, k, topk, *ms = sizes["score"]
     G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     copy_bw = RESULTS["copy_bandwidth_Bps"]
-    score_variants = [v for v in ("score_wgmma", "score_tma") if v in names]
+    score_variants = [v for v in ("score_wgmma", "score_tma", "score_tma_deep") if v in names]
     for m in ms:
         Q = torch.randn(m, k, device=DEV)
         for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):

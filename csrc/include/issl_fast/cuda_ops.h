@@ -34,10 +34,11 @@ enum class CudaVariant : uint32_t {
   kKronFused = 1u << 0,       // sketch_kron in one kernel per (example, rows, output block)
   kLinearWgmma = 1u << 1,     // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
   kScoreWgmma = 1u << 2,      // score_topk's tensor-core blocks scored with wgmma (same)
-  kScoreTma = 1u << 3,        // experimental: the wgmma scorer fed by TMA (one thread per copy)
+  kScoreTma = 1u << 3,        // the wgmma scorer's ring filled by TMA (one thread per copy)
+  kScoreTmaDeep = 1u << 4,    // experimental: with kScoreTma, the deepest ring (one block / SM)
 };
-constexpr uint32_t kCudaVariantsAll = 0xFu;
-constexpr uint32_t kCudaVariantsDefault = 0x7u;
+constexpr uint32_t kCudaVariantsAll = 0x1Fu;
+constexpr uint32_t kCudaVariantsDefault = 0xFu;
 void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_variants();
 bool cuda_variant_on(CudaVariant which);
