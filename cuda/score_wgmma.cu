@@ -1,22 +1,31 @@
 // score_topk's tensor-core scoring on Hopper's warpgroup MMA (sm_90a; kernel variant
-// CudaVariant::kScoreWgmma, on by default: 1.0-1.18x tc_score_kernel on an H200, run 5). Same contract and top-k machinery as tc_score_kernel in
-// score_topk.cu (score_topk_blocks.cuh); only how a tile's scores are computed differs.
+// CudaVariant::kScoreWgmma, on by default: 1.0-1.4x tc_score_kernel on an H200, runs 5-8). Same
+// contract and top-k machinery as tc_score_kernel in score_topk.cu (score_topk_blocks.cuh); only
+// how a tile's scores are computed differs.
 //
-// Why: for 64-query blocks the mma.sync scorer is compute-bound (m = 64: 22% / 30% of the copy
+// Why: for 64-query blocks the mma.sync scorer was compute-bound (m = 64: 22% / 30% of the copy
 // bandwidth with float32 / bfloat16 queries on an H200; m = 1024: 11% / 20% of the bf16 mm rate),
-// and for 16-query blocks its warps spend their shared-memory bandwidth on ldmatrix of the query
+// and for 16-query blocks its warps spent their shared-memory bandwidth on ldmatrix of the query
 // terms (m = 1, 16: 69-77% / 56-62% of copy). wgmma reads both operands from shared memory and
 // runs asynchronously, with no ldmatrix or fragment traffic in the issuing warps.
 //
 // Block: 2 warpgroups (256 threads, like the other scorers) x 128 store rows (64 per warpgroup:
 // wgmma M) x MQ = 64 or 16 queries (wgmma N), 64-column k steps. G rows and the bf16 query terms
-// stream through one cp.async ring of 128-byte-swizzled K-major tiles (16 KB of G and MQ x 128
-// bytes per query term per step). Per step: barrier; copies of step s + 2 into the slot step s - 2 used; 4 k16
-// slices x QP terms of wgmma m64nMQk16 committed as one group; wait until only that group is in
-// flight. The last step of a tile waits for its group and hands the MQ / 2 scores per thread to
+// stream through one ring of 128-byte-swizzled K-major tiles (16 KB of G and MQ x 128 bytes per
+// query term per step), filled by TMA from one thread (CudaVariant::kScoreTma, on by default:
+// 1.03-1.3x over every thread issuing cp.async, run 7; ncu showed those copies cost the 64-query
+// blocks a third of their instructions) or by cp.async. Per step: barrier; copies of step s + 2
+// into the slot step s - 2 used; wait for step s (mbarrier or cp.async group); 4 k16 slices x QP
+// terms of wgmma m64nMQk16 committed as one group; wait until only that group is in flight. The
+// last step of a tile waits for its group and hands the MQ / 2 scores per thread to
 // process_tile. Accumulation order per score: k16 slices in increasing k, the QP terms of a slice
 // in order (as in tc_score_kernel), so bfloat16 queries give the same scores in one pass as in
-// three (the lower terms are zero).
+// three (the lower terms are zero), and TMA and cp.async give the same bits.
+//
+// Where the time goes at m = 64 (ncu, run 7): DRAM 36%, tensor pipe 10%, warps mostly stalled at
+// the per-tile barriers while other warps merge candidates: each block refills its own top-k
+// lists from -inf (a simulation of the shared bars gives ~17 flushes per query per block), which
+// is the next thing to cut (bench/gpu/README.md).
 #include <algorithm>
 
 #include "common.cuh"
@@ -52,9 +61,11 @@ constexpr int kSwBK = 64;      // k columns per step: one 128-byte swizzle row
 // Ring slots: step s computing, s - 1 draining, s + 1 (and s + 2 with four slots) copying. Four,
 // except for 64-query blocks with one query term, where three keep the block under half of
 // sm_90's 227 KB, so two blocks share an SM as the plan assumes (the same bytes in flight per SM,
-// twice the warps); with three terms one block per SM fits either way.
+// twice the warps); with three terms one block per SM fits either way. Deeper rings at one block
+// per SM measured slower on an H200, cp.async- and TMA-fed alike (0.62-0.98x, runs 6 and 8): with
+// one block an SM stops its MMAs and copies while the block merges candidates (process_tile).
 template <int MQ, int QP>
-__host__ __device__ constexpr int sw_stages() {
+constexpr int sw_stages() {
   return MQ == 64 && QP == 1 ? 3 : 4;
 }
 constexpr int kRowBytes = kSwBK * 2;
@@ -63,42 +74,28 @@ static_assert(kQPad % kSwBK == 0, "the padded query k is whole steps");
 
 // MQ queries per block (the plan's 16- or 64-query blocks), CB candidates buffered per query
 // (as tc_score_kernel's configs of the same MQ), QP bf16 terms per query.
-// Experimental (CudaVariant::kScoreTmaDeep): the TMA-fed ring with as many slots as sm_90's 227 KB
-// per block holds (one block per SM; 5-11 slots). Why: with TMA the 64-query scorer spends its
-// steps waiting for data (ncu on an H200: 36% of DRAM bandwidth, 10% tensor, warps stalled at
-// the per-step barrier and in the mbarrier wait) with 2 x 24 KB in flight per SM; a deep ring
-// keeps ~6 steps in flight. (The same depth with cp.async lost 2-20%: there each slot costs
-// every thread its copy instructions, run 6.) The plan's partitions, sized for two blocks per
-// SM, then run in two waves.
-constexpr int64_t kSmemOptin = 232448;  // sm_90: 227 KB of dynamic shared memory per block
-template <int MQ, int CB, int QP>
-constexpr int deep_stages() {
-  constexpr int64_t slot = kRowsPerTile * kRowBytes + QP * MQ * kRowBytes + 8;  // + mbarrier
-  return static_cast<int>((kSmemOptin - 1024 - 64 - sizeof(TopkShared<MQ, CB>)) / slot);
-}
-
-// kTma: the slots are filled by TMA (one thread), completing on one mbarrier per slot. S slots.
-template <int MQ, int CB, int QP, bool kTma, int S>
+// kTma: the slots are filled by TMA (one thread), completing on one mbarrier per slot.
+template <int MQ, int CB, int QP, bool kTma>
 struct SwSmem {
-  static constexpr int kStages = S;
+  static constexpr int kStages = sw_stages<MQ, QP>();
   unsigned char g[kStages][kRowsPerTile * kRowBytes];  // 16 KB per slot, 1024-aligned
   unsigned char q[kStages][QP][MQ * kRowBytes];        // 2 or 8 KB per term per slot
   TopkShared<MQ, CB> ts;
   uint64_t full[kTma ? kStages : 1];  // TMA: slot s's copies landed (phase = use count % 2)
 };
-template <int MQ, int CB, int QP, bool kTma, int S>
+template <int MQ, int CB, int QP, bool kTma>
 constexpr int64_t sw_smem_bytes() {
-  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, kTma, S>)) + 1024;  // + alignment slack
+  return static_cast<int64_t>(sizeof(SwSmem<MQ, CB, QP, kTma>)) + 1024;  // + alignment slack
 }
 
 // The scorer; gmap / qmap (TMA only) are the tensor maps of G [n, k] in 128 x 64 boxes and of
 // the query terms [3 mp, kq] in MQ x 64 boxes.
-template <int MQ, int CB, int QP, bool kTma, int S>
+template <int MQ, int CB, int QP, bool kTma>
 __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorMap* gmap,
                                            const CUtensorMap* qmap) {
 #if ISSL_WGMMA_DEVICE
   static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
-  using SM = SwSmem<MQ, CB, QP, kTma, S>;
+  using SM = SwSmem<MQ, CB, QP, kTma>;
   constexpr int kSwStages = SM::kStages;
   static_assert(kSwStages >= 3, "slots: computing, draining, copying");
   constexpr int kNS = MQ / 2;  // scores per thread per tile (m64nMQ float32 accumulators)
@@ -246,15 +243,15 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
 
 template <int MQ, int CB, int QP>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
-  score_body<MQ, CB, QP, false, sw_stages<MQ, QP>()>(p, nullptr, nullptr);
+  score_body<MQ, CB, QP, false>(p, nullptr, nullptr);
 }
 
 // The tensor maps are kernel parameters (__grid_constant__: TMA reads them where they are).
-template <int MQ, int CB, int QP, int S>
+template <int MQ, int CB, int QP>
 __global__ void __launch_bounds__(kThreads, 1)
     tma_score_kernel(const ScoreParams p, const __grid_constant__ CUtensorMap gmap,
                      const __grid_constant__ CUtensorMap qmap) {
-  score_body<MQ, CB, QP, true, S>(p, &gmap, &qmap);
+  score_body<MQ, CB, QP, true>(p, &gmap, &qmap);
 }
 
 // TMA takes 32-bit box coordinates: rows up to n + 127 and 3 mp must fit.
@@ -263,17 +260,16 @@ bool tma_fits(const ScoreParams& p) {
          p.kq < (int64_t{1} << 31);
 }
 
-template <int MQ, int CB, int QP, int S>
+template <int MQ, int CB, int QP>
 void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true, S>();
-  static_assert(smem <= kSmemOptin, "fits sm_90's shared memory per block");
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true>();
   const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
       p.G, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.k),
       kRowsPerTile, kSwBK);
   const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
       p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
       static_cast<uint64_t>(p.kq), MQ, kSwBK);
-  auto kernel = tma_score_kernel<MQ, CB, QP, S>;
+  auto kernel = tma_score_kernel<MQ, CB, QP>;
   cuda::detail::allow_smem(kernel, smem, "tma_score_kernel");
   kernel<<<cuda::detail::grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(p, gmap,
                                                                                      qmap);
@@ -283,16 +279,11 @@ void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
 template <int MQ, int CB, int QP>
 void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
   if (cuda_variant_on(CudaVariant::kScoreTma) && tma_fits(p)) {
-    if (cuda_variant_on(CudaVariant::kScoreTmaDeep)) {
-      launch_tma<MQ, CB, QP, deep_stages<MQ, CB, QP>()>(p, blocks, st);
-      note_cuda_variant_launch(CudaVariant::kScoreTmaDeep);
-    } else {
-      launch_tma<MQ, CB, QP, sw_stages<MQ, QP>()>(p, blocks, st);
-    }
+    launch_tma<MQ, CB, QP>(p, blocks, st);
     note_cuda_variant_launch(CudaVariant::kScoreTma);
     return;
   }
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false, sw_stages<MQ, QP>()>();
+  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false>();
   auto kernel = wgmma_score_kernel<MQ, CB, QP>;
   cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
   kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);

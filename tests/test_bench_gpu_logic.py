@@ -18,6 +18,8 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "bench_gpu.py"
+# A stand-in build with one experimental variant (score_tma_deep, a name of the stand-in only),
+# so the experimental branch of the step runs too.
 NAMES = ("kron_fused", "linear_wgmma", "score_tma", "score_tma_deep", "score_wgmma")
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
 

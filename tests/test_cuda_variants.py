@@ -10,8 +10,7 @@ and with all variants on.
   it must match the float64 reference within the tolerance policy and the portable route within
   twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
 * ``score_wgmma`` (compute capability 9.0 only) scores score_topk's 16- and 64-query blocks on
-  wgmma; ``score_tma`` feeds the same kernel's ring with TMA copies, and ``score_tma_deep``
-  (experimental) makes that ring as deep as shared memory allows: the top-k
+  wgmma, and ``score_tma`` feeds the same kernel's ring with TMA copies: the top-k
   must match the float64 reference under the tolerance policy (``assert_topk_close``), with exact
   ties by lower index, exclusion, and bfloat16 queries giving the same bits in one pass as in
   three; how the ring is filled must not change a bit.
@@ -191,8 +190,7 @@ SCORE_WGMMA_CASES = [
 ]
 
 
-SCORE_RINGS = {"cp.async": ("score_wgmma",), "tma": ("score_wgmma", "score_tma"),
-               "tma deep": ("score_wgmma", "score_tma", "score_tma_deep")}
+SCORE_RINGS = {"cp.async": ("score_wgmma",), "tma": ("score_wgmma", "score_tma")}
 
 
 @pytest.mark.parametrize("ring", list(SCORE_RINGS))

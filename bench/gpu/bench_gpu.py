@@ -387,25 +387,31 @@ VARIANT_SIZES: dict[str, tuple[int, ...]] = {
 }
 
 
+def _of_op(op: str) -> list[str]:
+    """The variants of one op (named ``<op>_...``), default ones first."""
+    default = _cuda_ops.default_variants()
+    names = [n for n in _cuda_ops.variant_names() if n.startswith(op + "_")]
+    return sorted(names, key=lambda n: (n not in default, n))
+
+
 def bench_variants(
     mm_rate: float, rounds: int, sizes: dict[str, tuple[int, ...]] = VARIANT_SIZES
 ) -> None:
     log(f"kernel variants in this build: default {_cuda_ops.default_variants()}, "
         f"experimental {_cuda_ops.experimental_variants()}")
-    names = set(_cuda_ops.variant_names())
     B, T, d_in, d_out, k_in, k_out = sizes["kron"]
     A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k_in * k_out, device=DEV)
-    if "kron_fused" in names:
-        case = f"sketch_kron B{B} T{T} {d_in}x{d_out} k{k_in}x{k_out}"
-        r = compare_variant(case, "kron_fused",
+    case = f"sketch_kron B{B} T{T} {d_in}x{d_out} k{k_in}x{k_out}"
+    for name in _of_op("kron"):
+        r = compare_variant(case, name,
                             lambda: ops.sketch_kron(A, D, k_in, k_out, seed=2, out=y), rounds * 5)
         if r is not None:
             t0, d0, t1, d1 = r
-            row(f"{_tag('kron_fused')} kron_fused kron (wall)", t1, t0, _base("kron_fused"),
+            row(f"{_tag(name)} {name} kron (wall)", t1, t0, _base(name),
                 f"speedup {t0 / t1:.2f}", "-", None)
-            row(f"{_tag('kron_fused')} kron_fused kron (device)", d1, d0, _base("kron_fused"),
+            row(f"{_tag(name)} {name} kron (device)", d1, d0, _base(name),
                 f"speedup {d0 / d1:.2f}", "-", None)
     A = D = y = None  # noqa: F841
     free()
@@ -415,13 +421,13 @@ def bench_variants(
     A = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, 1, d, device=DEV, dtype=torch.bfloat16)
     y = torch.empty(B, k, device=DEV)
-    if "linear_wgmma" in names:
-        r = compare_variant(f"sketch_linear B{B} {d}x{d} k{k}", "linear_wgmma",
+    for name in _of_op("linear"):
+        r = compare_variant(f"sketch_linear B{B} {d}x{d} k{k}", name,
                             lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
         if r is not None:
             t0, _, t1, _ = r
             frac = flops / t1 / mm_rate
-            row(f"{_tag('linear_wgmma')} linear_wgmma linear", t1, t0, _base("linear_wgmma"),
+            row(f"{_tag(name)} {name} linear", t1, t0, _base(name),
                 f"{flops / t1 / 1e12:.0f} TF/s = {frac:.0%} mm", ">= 50% mm", frac >= 0.5)
     A = D = y = None  # noqa: F841
     free()
@@ -431,11 +437,10 @@ def bench_variants(
     n, k, topk, *ms = sizes["score"]
     G = torch.randn(n, k, device=DEV, dtype=torch.bfloat16)
     copy_bw = RESULTS["copy_bandwidth_Bps"]
-    score_variants = [v for v in ("score_wgmma", "score_tma", "score_tma_deep") if v in names]
     for m in ms:
         Q = torch.randn(m, k, device=DEV)
         for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):
-            for name in score_variants:
+            for name in _of_op("score"):
                 r = compare_variant(f"score_topk m={m} {qname}", name,
                                     lambda Qx=Qx: ops.score_topk(Qx, G, topk)[0],
                                     rounds * 3 if m <= 64 else rounds)

@@ -146,8 +146,17 @@ variant_pass() {  # variant_pass SET LIMIT
 }
 variant_pass none "$(limit 120 110)"
 rc_none=$?
-variant_pass all "$(limit 120 90)"
-rc_all=$?
+N_EXP=$(cd /tmp && "$PY" -c 'import torch, issl_fast
+from issl_fast import _cuda_ops
+print(len(_cuda_ops.experimental_variants()))' 2>/dev/null || echo 1)
+if [ "$N_EXP" = "0" ]; then  # "all" is the default set: the first pass ran it
+  echo "== no experimental variants in this build: no pass with ISSL_FAST_CUDA_VARIANTS=all" \
+    >> "$OUT/tests.log"
+  rc_all=0
+else
+  variant_pass all "$(limit 120 90)"
+  rc_all=$?
+fi
 set -e
 tail -n 25 "$OUT/tests.log"
 tests_ok=1

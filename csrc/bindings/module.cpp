@@ -235,7 +235,6 @@ PYBIND11_MODULE(_C, m) {
     flags["linear_wgmma"] = static_cast<uint32_t>(CudaVariant::kLinearWgmma);
     flags["score_wgmma"] = static_cast<uint32_t>(CudaVariant::kScoreWgmma);
     flags["score_tma"] = static_cast<uint32_t>(CudaVariant::kScoreTma);
-    flags["score_tma_deep"] = static_cast<uint32_t>(CudaVariant::kScoreTmaDeep);
     m.attr("CUDA_VARIANTS") = flags;
     m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }

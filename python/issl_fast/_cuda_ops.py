@@ -112,7 +112,7 @@ def parse_variants_env(value: str) -> tuple[str, ...]:
     """A comma-separated list -> the variant names (validated). Items apply in order, starting
     from the default set: ``all``, ``none`` and ``default`` replace the set, ``+name`` adds,
     ``-name`` removes, and a bare ``name`` adds it to an empty set when it comes first (so
-    ``"kron_fused"`` means that variant alone, ``"+score_tma_deep"`` the default set and it)."""
+    ``"kron_fused"`` means that variant alone, ``"-score_tma"`` the default set without it)."""
     current = list(default_variants())
     items = [t.strip().lower() for t in value.split(",") if t.strip()]
     for pos, item in enumerate(items):

@@ -35,9 +35,8 @@ enum class CudaVariant : uint32_t {
   kLinearWgmma = 1u << 1,     // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
   kScoreWgmma = 1u << 2,      // score_topk's tensor-core blocks scored with wgmma (same)
   kScoreTma = 1u << 3,        // the wgmma scorer's ring filled by TMA (one thread per copy)
-  kScoreTmaDeep = 1u << 4,    // experimental: with kScoreTma, the deepest ring (one block / SM)
 };
-constexpr uint32_t kCudaVariantsAll = 0x1Fu;
+constexpr uint32_t kCudaVariantsAll = 0xFu;
 constexpr uint32_t kCudaVariantsDefault = 0xFu;
 void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_variants();
