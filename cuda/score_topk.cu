@@ -21,6 +21,7 @@
 // are zero); float32 / float16 stores (and unaligned bf16 ones) use a float32 FMA kernel.
 #include <algorithm>
 #include <cmath>
+#include <cfloat>
 #include <climits>
 #include <cstdint>
 #include <utility>
@@ -66,6 +67,11 @@ constexpr int kMaxFanIn = 16;
 constexpr int64_t kMergeSmemBytes = 48 * 1024;
 constexpr int kMergeManyThreads = 256;
 constexpr int kElemThreads = 256;
+// CudaVariant::kScorePrepass (experimental): about this many rows (whole tiles of each
+// pre-partition) are scored first, and a pre-pass is planned only for stores at least
+// kPrepassMinRatio times larger, with topk at most a quarter of the sample.
+constexpr int64_t kPrepassRows = 32768;
+constexpr int64_t kPrepassMinRatio = 8;
 
 // ---- tensor-core scoring (bfloat16 stores) -------------------------------------------------------
 // Warp grid kWarpsM x kWarpsN, each warp kWM m16 tiles (store rows) x kWN n8 tiles (queries);
@@ -439,6 +445,58 @@ int merge_fan_in(int64_t topk) {
   return static_cast<int>(fit < kMaxFanIn ? fit : kMaxFanIn);  // < 2: pairwise from global
 }
 
+// CudaVariant::kScorePrepass. Why: every block refills its own lists from -inf, and the shared
+// bars (the best k-th value any block has published) rise no faster than one block's own, since
+// all blocks start together; on an H200 the 64-query scorer spent most of its time merging
+// candidates (ncu: tensor pipe 10%, DRAM 36%; a simulation of the bars gives ~17 flushes per query
+// per block). The k-th best value of the pre-pass's union of lists (~32K rows) is a far higher
+// bar from the first tile on: the same simulation gives ~1-2 flushes per query per block.
+//
+// bars[q] = max(bars[q], the topk-th best value of the union of lists 0 .. nlists - 1 of query
+// q) when the union holds topk real entries: the largest order key K with #{entries with key
+// >= K} >= topk, by bisection (each list is sorted best first, so its count is a binary search).
+// Safe as a bar: topk distinct rows score at least from_order_key(K), so a lower score is in no
+// top-k. One block per query.
+__global__ void __launch_bounds__(kElemThreads) prepass_bars_kernel(
+    const float* __restrict__ lv, int64_t nlists, int64_t m, int64_t topk,
+    int* __restrict__ bars) {
+  __shared__ long long partial[kElemThreads / 32];
+  __shared__ long long total;
+  const int64_t q = blockIdx.x;
+  auto count_at_least = [&](int key) -> long long {  // block-uniform
+    long long c = 0;
+    for (int64_t l = threadIdx.x; l < nlists; l += kElemThreads) {
+      const float* L = lv + (l * m + q) * topk;
+      int64_t lo = 0, hi = topk;  // #{i : key(L[i]) >= key}, a prefix of the list
+      while (lo < hi) {
+        const int64_t mid = (lo + hi) >> 1;
+        if (order_key(L[mid]) >= key) lo = mid + 1; else hi = mid;
+      }
+      c += lo;
+    }
+    for (int o = 16; o > 0; o >>= 1) c += __shfl_down_sync(0xFFFFFFFFu, c, o);
+    if ((threadIdx.x & 31) == 0) partial[threadIdx.x >> 5] = c;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      long long t = 0;
+      for (int w = 0; w < kElemThreads / 32; ++w) t += partial[w];
+      total = t;
+    }
+    __syncthreads();
+    const long long t = total;
+    __syncthreads();  // partial and total are rewritten by the next call
+    return t;
+  };
+  int lo = order_key(-FLT_MAX);  // the lowest finite value: -inf padding is not an entry
+  if (count_at_least(lo) < topk) return;
+  int hi = order_key(INFINITY);
+  while (lo < hi) {  // count(lo) >= topk throughout; the largest such key
+    const int mid = static_cast<int>(lo + (static_cast<long long>(hi) - lo + 1) / 2);
+    if (count_at_least(mid) >= topk) lo = mid; else hi = mid - 1;
+  }
+  if (threadIdx.x == 0) atomicMax(bars + q, lo);
+}
+
 __global__ void init_bars_kernel(int* __restrict__ bars, int64_t m) {
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < m; x += stride)
@@ -478,6 +536,16 @@ CudaTopkPlan make_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t
   parts = std::min(parts, std::max<int64_t>(1, kListBudgetBytes / list_bytes));
   parts = std::max(parts, ceil_div(n, kMaxPartitionRows));
   p.partitions = parts;
+  if (cuda_variant_on(CudaVariant::kScorePrepass)) {
+    // One pre-partition per SM and query block (the pre-pass fills the GPU once), whole tiles.
+    const int64_t pre = std::max<int64_t>(1, std::min<int64_t>(parts, num_sms / p.query_blocks));
+    const int64_t rows = ceil_div(kPrepassRows, pre * kRowsPerTile) * pre * kRowsPerTile;
+    if (n >= kPrepassMinRatio * rows && topk * 4 <= rows &&
+        (pre + parts) * list_bytes <= kListBudgetBytes) {
+      p.pre_partitions = pre;
+      p.pre_rows = rows;
+    }
+  }
   return p;
 }
 
@@ -493,7 +561,7 @@ struct TopkWs {
 template <class Alloc>
 TopkWs layout(Alloc& a, const CudaTopkPlan& pl, int64_t m, int64_t k, int64_t topk,
               bool accumulate) {
-  const int64_t lists = pl.partitions + (accumulate ? 1 : 0);
+  const int64_t lists = pl.pre_partitions + pl.partitions + (accumulate ? 1 : 0);
   const int64_t per = m * topk;
   TopkWs w;
   w.av = a.template take<float>(lists * per);
@@ -523,11 +591,50 @@ void validate(int64_t m, DType dtype, int64_t n, int64_t k, int64_t topk, int64_
 }
 
 template <class Kernel>
-void launch_score(Kernel kernel, int64_t smem, const CudaTopkPlan& pl, const ScoreParams& prm,
-                  cudaStream_t st, const char* name) {
+void launch_score(Kernel kernel, int64_t smem, const ScoreParams& prm, cudaStream_t st,
+                  const char* name) {
   cuda::detail::allow_smem(kernel, smem, name);
-  kernel<<<cuda::detail::grid_1d(pl.partitions * pl.query_blocks, name), kThreads, smem, st>>>(prm);
+  kernel<<<cuda::detail::grid_1d(prm.partitions * prm.qblocks, name), kThreads, smem, st>>>(prm);
   cuda::detail::check_launch(name);
+}
+
+// Scores rows [0, prm.n) of prm.G in prm.partitions partitions into prm's lists, with the
+// kernel family the plan and the device choose.
+void launch_scorer(const CudaTopkPlan& pl, const ScoreParams& prm, DType dtype, bool query_bf16,
+                   cudaStream_t st) {
+  if (pl.tensor_cores) {
+    static_assert(CfgSmall::MQ == CfgSmall1::MQ && CfgLarge::MQ == CfgLarge1::MQ, "same plans");
+    const bool small = pl.queries_per_block == CfgSmall::MQ;
+#if defined(ISSL_FAST_WITH_SM90A)
+    static_assert(CfgLarge::MQ == kWgmmaScoreMQ && CfgSmall::MQ == kWgmmaScoreSmallMQ &&
+                      CfgLarge::CB == 32 && CfgSmall::CB == 128,
+                  "the wgmma scorer takes the same blocks and candidate buffers");
+    if (score_wgmma_usable()) {
+      launch_score_wgmma(prm, static_cast<int>(pl.queries_per_block),
+                         prm.partitions * prm.qblocks, query_bf16, st);
+      return;
+    }
+#endif
+    if (query_bf16 && small)
+      launch_score(tc_score_kernel<CfgSmall1>, sizeof(TcScoreSmem<CfgSmall1>), prm, st,
+                   "tc_score_kernel<16, bf16 query>");
+    else if (query_bf16)
+      launch_score(tc_score_kernel<CfgLarge1>, sizeof(TcScoreSmem<CfgLarge1>), prm, st,
+                   "tc_score_kernel<64, bf16 query>");
+    else if (small)
+      launch_score(tc_score_kernel<CfgSmall>, sizeof(TcScoreSmem<CfgSmall>), prm, st,
+                   "tc_score_kernel<16>");
+    else
+      launch_score(tc_score_kernel<CfgLarge>, sizeof(TcScoreSmem<CfgLarge>), prm, st,
+                   "tc_score_kernel<64>");
+    return;
+  }
+  const int64_t smem = sizeof(SimtScoreSmem);
+  switch (dtype) {
+    case DType::kFloat32: launch_score(simt_score_kernel<float>, smem, prm, st, "simt_score_kernel"); break;
+    case DType::kFloat16: launch_score(simt_score_kernel<__half>, smem, prm, st, "simt_score_kernel"); break;
+    case DType::kBFloat16: launch_score(simt_score_kernel<__nv_bfloat16>, smem, prm, st, "simt_score_kernel"); break;
+  }
 }
 
 }  // namespace
@@ -600,46 +707,32 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
     split_queries_kernel<<<cuda::detail::grid_stride_blocks(prm.mp * prm.kq, kElemThreads),
                            kElemThreads, 0, st>>>(Q, m, k, prm.mp, prm.kq, w.qs);
     cuda::detail::check_launch("split_queries_kernel launch");
-    static_assert(CfgSmall::MQ == CfgSmall1::MQ && CfgLarge::MQ == CfgLarge1::MQ, "same plans");
-    const bool small = pl.queries_per_block == CfgSmall::MQ;
-#if defined(ISSL_FAST_WITH_SM90A)
-    static_assert(CfgLarge::MQ == kWgmmaScoreMQ && CfgSmall::MQ == kWgmmaScoreSmallMQ &&
-                      CfgLarge::CB == 32 && CfgSmall::CB == 128,
-                  "the wgmma scorer takes the same blocks and candidate buffers");
-    const bool wgmma = score_wgmma_usable();
-#else
-    const bool wgmma = false;
-#endif
-    if (wgmma) {
-#if defined(ISSL_FAST_WITH_SM90A)
-      launch_score_wgmma(prm, static_cast<int>(pl.queries_per_block),
-                         pl.partitions * pl.query_blocks, query_bf16, st);
-#endif
-    } else if (query_bf16 && small)
-      launch_score(tc_score_kernel<CfgSmall1>, sizeof(TcScoreSmem<CfgSmall1>), pl, prm, st,
-                   "tc_score_kernel<16, bf16 query>");
-    else if (query_bf16)
-      launch_score(tc_score_kernel<CfgLarge1>, sizeof(TcScoreSmem<CfgLarge1>), pl, prm, st,
-                   "tc_score_kernel<64, bf16 query>");
-    else if (small)
-      launch_score(tc_score_kernel<CfgSmall>, sizeof(TcScoreSmem<CfgSmall>), pl, prm, st,
-                   "tc_score_kernel<16>");
-    else
-      launch_score(tc_score_kernel<CfgLarge>, sizeof(TcScoreSmem<CfgLarge>), pl, prm, st,
-                   "tc_score_kernel<64>");
   } else {
     prm.mp = prm.kq = 0;
     prm.Qs = nullptr;
-    const int64_t smem = sizeof(SimtScoreSmem);
-    switch (dtype) {
-      case DType::kFloat32: launch_score(simt_score_kernel<float>, smem, pl, prm, st, "simt_score_kernel"); break;
-      case DType::kFloat16: launch_score(simt_score_kernel<__half>, smem, pl, prm, st, "simt_score_kernel"); break;
-      case DType::kBFloat16: launch_score(simt_score_kernel<__nv_bfloat16>, smem, pl, prm, st, "simt_score_kernel"); break;
-    }
   }
+  if (pl.pre_partitions > 0) {
+    // Pre-pass: rows [0, pre_rows) into the first pre_partitions lists; their union's k-th best
+    // value becomes each query's bar; then rows [pre_rows, n) into the lists after them.
+    ScoreParams pre = prm;
+    pre.n = pl.pre_rows;
+    pre.partitions = pl.pre_partitions;
+    launch_scorer(pl, pre, dtype, query_bf16, st);
+    prepass_bars_kernel<<<cuda::detail::grid_1d(m, "prepass_bars_kernel"), kElemThreads, 0, st>>>(
+        w.av, pl.pre_partitions, m, topk, w.bars);
+    cuda::detail::check_launch("prepass_bars_kernel launch");
+    note_cuda_variant_launch(CudaVariant::kScorePrepass);
+    const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
+    prm.G = static_cast<const char*>(G) + pl.pre_rows * k * elem;
+    prm.n = n - pl.pre_rows;
+    prm.index_offset = index_offset + pl.pre_rows;
+    prm.lists_v = w.av + pl.pre_partitions * per;
+    prm.lists_i = w.ai + pl.pre_partitions * per;
+  }
+  launch_scorer(pl, prm, dtype, query_bf16, st);
 
   // Merge the partitions' lists (and the earlier result) pairwise until one is left.
-  int64_t lists = pl.partitions;
+  int64_t lists = pl.pre_partitions + pl.partitions;
   if (accumulate) {
     cuda::detail::check(cudaMemcpyAsync(w.av + lists * per, values, per * sizeof(float),
                                         cudaMemcpyDeviceToDevice, st),

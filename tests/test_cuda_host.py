@@ -87,7 +87,7 @@ def test_score_plan() -> None:
     plan = _C.score_topk_cuda_plan
     p = plan(64, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)
     assert p == {"tensor_cores": True, "queries_per_block": 64, "query_blocks": 1,
-                 "partitions": 264, "rows_per_tile": 128}
+                 "partitions": 264, "rows_per_tile": 128, "pre_partitions": 0, "pre_rows": 0}
     assert plan(1, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)["queries_per_block"] == 16
     p = plan(1024, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)
     assert p["query_blocks"] == 16 and p["partitions"] == 16
@@ -102,6 +102,26 @@ def test_score_plan() -> None:
     assert plan(4, ALIGNED, BF16, 1000, 64, 5, 132, AUTO)["partitions"] == 2
     assert plan(1024, ALIGNED, BF16, 10**6, 64, 100_000, 132, AUTO)["partitions"] == 1
     assert plan(1024, ALIGNED, BF16, 2**33, 64, 100_000, 132, AUTO)["partitions"] == 8
+    assert plan(64, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)["pre_partitions"] == 0
+
+
+def test_score_plan_prepass() -> None:
+    plan = _C.score_topk_cuda_plan
+    with _cuda_ops.variants(["score_prepass"]):
+        # m <= 64: one pre-partition per SM, 2 tiles each (>= 32768 rows); the 264 partitions of
+        # the rest as without the pre-pass.
+        p = plan(64, ALIGNED, BF16, 4_000_000, 1024, 100, H200_SMS, AUTO)
+        assert (p["partitions"], p["pre_partitions"], p["pre_rows"]) == (264, 132, 2 * 132 * 128)
+        # 16 query blocks: 8 pre-partitions per query block (one per SM in all), 32 tiles each.
+        p = plan(1024, ALIGNED, BF16, 4_000_000, 1024, 100, H200_SMS, AUTO)
+        assert (p["partitions"], p["pre_partitions"], p["pre_rows"]) == (16, 8, 32 * 8 * 128)
+        # The SIMT family too (float32 store).
+        assert plan(5, ALIGNED, F32, 1_000_000, 64, 10, H200_SMS, AUTO)["pre_partitions"] == 132
+        # No pre-pass for a store under 8 samples, or topk over a quarter of the sample.
+        assert plan(64, ALIGNED, BF16, 270_335, 1024, 100, H200_SMS, AUTO)["pre_partitions"] == 0
+        assert plan(64, ALIGNED, BF16, 270_336, 1024, 100, H200_SMS, AUTO)["pre_partitions"] > 0
+        assert plan(1, ALIGNED, BF16, 4_000_000, 64, 8449, H200_SMS, AUTO)["pre_partitions"] == 0
+        assert plan(1, ALIGNED, BF16, 4_000_000, 64, 8448, H200_SMS, AUTO)["pre_partitions"] > 0
 
 
 def test_kron_plan() -> None:
@@ -131,13 +151,13 @@ def test_kron_plan() -> None:
 # kernel variants: names, the default set, switching, the environment variable
 # ---------------------------------------------------------------------------------------------
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
-ALL = DEFAULT  # no experimental variant in this build
+ALL = ("kron_fused", "linear_wgmma", "score_prepass", "score_tma", "score_wgmma")
 
 
 def test_variant_sets() -> None:
     assert _cuda_ops.variant_names() == ALL
     assert _cuda_ops.default_variants() == DEFAULT
-    assert _cuda_ops.experimental_variants() == ()
+    assert _cuda_ops.experimental_variants() == ("score_prepass",)
 
 
 def test_variants_switch_and_restore() -> None:
@@ -182,7 +202,8 @@ def test_variant_errors_change_nothing() -> None:
     (" kron_fused , ", ("kron_fused",)),  # a bare name first: that variant alone
     ("none,+score_tma", ("score_tma",)), ("-score_wgmma,-linear_wgmma,-score_tma", ("kron_fused",)),
     ("none,score_wgmma,+kron_fused", ("kron_fused", "score_wgmma")),
-    ("all,-score_tma", ("kron_fused", "linear_wgmma", "score_wgmma")),
+    ("all,-score_tma", ("kron_fused", "linear_wgmma", "score_prepass", "score_wgmma")),
+    ("+score_prepass", ALL),
     ("-kron_fused,+KRON_FUSED", DEFAULT),
 ])
 def test_parse_variants_env(value: str, expected: tuple[str, ...]) -> None:
@@ -257,6 +278,11 @@ def test_workspace_sizes() -> None:
     fixed = lists + lists // 2 + 3 * m * k * 2 + 4 * m
     assert fixed <= ws <= fixed + 2048
     assert _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 0, k, topk, False, 132, AUTO) == 0
+    with _cuda_ops.variants(["score_prepass"]):  # + 132 pre-pass lists
+        lists = (132 + 264) * m * topk * 12
+        fixed = lists + lists // 2 + 3 * m * k * 2 + 4 * m
+        ws = _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 4_000_000, k, topk, False, 132, AUTO)
+        assert fixed <= ws <= fixed + 2048
 
 
 # ---------------------------------------------------------------------------------------------

@@ -313,3 +313,106 @@ def test_kron_fused_unaligned_rows_accumulate_and_determinism() -> None:
     base = ops.sketch_kron(A, D, 33, 17, seed=5)
     mag = kron_magnitude(A.cpu(), D.cpu(), 33, 17, seed=5, dist="rademacher")
     assert_close(a.cpu(), base.cpu().double(), 2 * mag, "fused vs unfused")
+
+
+# ---------------------------------------------------------------------------------------------
+# score_prepass (experimental): bars from the exact k-th value of a pre-pass over ~32K rows
+# ---------------------------------------------------------------------------------------------
+PREPASS_BASES = {"portable": (), "default": tuple(_cuda_ops.default_variants())}
+
+
+def _prepass_store(m: int, k: int, topk: int, seed: int) -> tuple[torch.Tensor, int]:
+    """A bf16 store just over the pre-pass threshold of this GPU (whatever its SM count), whose
+    pre-pass rows score 1.25x the others: the final cut-off then falls near the pre-pass's
+    k-th value (about a third of the top-k comes from each side), so a bar even a few ranks too
+    high would drop rows of the result. Returns (store, pre_rows)."""
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with _cuda_ops.variants(["score_prepass"]):  # a host-only plan (fake aligned address)
+        big = _C.score_topk_cuda_plan(m, 1 << 20, 2, 10**8, k, topk, sms, 0)
+    pre = int(big["pre_rows"])
+    assert pre > 0, big
+    n = 8 * pre + 37
+    G = dyadic((n, k), seed=seed).to(torch.bfloat16)
+    G[:pre] = (G[:pre].float() * 1.25).to(torch.bfloat16)
+    G[pre + 3] = G[pre // 2]  # an exact tie across the boundary: the lower index ranks first
+    return G, pre
+
+
+@contextmanager
+def _prepass(base: str) -> Iterator[None]:
+    """``base`` plus score_prepass switched on; the pre-pass must run inside the block."""
+    before = _cuda_ops.variant_launches("score_prepass")
+    with _cuda_ops.variants((*PREPASS_BASES[base], "score_prepass")):
+        yield
+    assert _cuda_ops.variant_launches("score_prepass") > before, "the pre-pass never ran"
+
+
+# (m, k, topk): one and several query blocks; topk of 1, of the candidate buffers and above.
+@pytest.mark.parametrize("base", list(PREPASS_BASES))
+@pytest.mark.parametrize("query", ["float32", "bfloat16"])
+@pytest.mark.parametrize("m,k,topk", [(1, 64, 1), (20, 40, 100), (70, 16, 300)])
+def test_score_prepass_equals_one_pass_and_matches_reference(
+    base: str, query: str, m: int, k: int, topk: int
+) -> None:
+    # The pre-pass only raises the bars (a row below one is beaten by topk sampled rows), and the
+    # scores come from the same kernel: the top-k must be the one-pass result bit for bit.
+    G, pre = _prepass_store(m, k, topk, seed=m + k)
+    n = G.shape[0]
+    Q = randn((m, k), seed=m * 3 + k)
+    if query == "bfloat16":
+        Q = Q.to(torch.bfloat16).float()
+    Qd = Q.to(DEV).to(torch.bfloat16) if query == "bfloat16" else Q.to(DEV)
+    Gd = G.to(DEV)
+    with _cuda_ops.variants(PREPASS_BASES[base]):
+        one = ops.score_topk(Qd, Gd, topk)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    with _prepass(base):
+        plan = _C.score_topk_cuda_plan(m, Gd.data_ptr(), 2, n, k, topk, sms, 0)
+        assert plan["pre_rows"] == pre, plan
+        v, i = ops.score_topk(Qd, Gd, topk)
+    what = f"score_prepass {base} {query} m={m} n={n} k={k} topk={topk}"
+    assert torch.equal(i, one[1]) and torch.equal(v, one[0]), what
+    if m * topk >= 100:  # both sides of the boundary reach the result (a wrong bar would show)
+        assert bool((i < pre).any()) and bool((i >= pre).any()), what
+    ref = reference.score_topk(Q, G.float(), topk, accum=torch.float64)
+    assert_topk_close((v.cpu(), i.cpu()), ref, Q, G.float(), what=what)
+
+
+def test_score_prepass_exclusion_offset_and_accumulate() -> None:
+    # Excluded rows inside the sample must not count towards its k-th value; index_offset and an
+    # earlier result merge as in one pass.
+    m, k, topk = 3, 32, 50
+    G, _ = _prepass_store(m, k, topk, seed=8)
+    Gd = G.to(DEV)
+    Q = randn((m, k), seed=7).to(DEV)
+    with _cuda_ops.variants(()):
+        one_pass = ops.score_topk(Q, Gd, topk)
+        ex = (one_pass[1][:, :40] + 5).contiguous()  # each query's 40 best rows, as ids
+        prev = ops.score_topk(Q, Gd[:1000], topk, index_offset=10**9)
+        want = ops.score_topk(Q, Gd, topk, exclude=ex, index_offset=5)
+        want_acc = ops.score_topk(Q, Gd, topk, out=(prev[0].clone(), prev[1].clone()),
+                                  accumulate=True)
+    with _prepass("portable"):
+        got = ops.score_topk(Q, Gd, topk, exclude=ex, index_offset=5)
+        got_acc = ops.score_topk(Q, Gd, topk, out=(prev[0].clone(), prev[1].clone()),
+                                 accumulate=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    for q in range(m):
+        assert not bool(torch.isin(got[1][q], ex[q]).any()), f"query {q}: an excluded row"
+    assert torch.equal(got_acc[0], want_acc[0]) and torch.equal(got_acc[1], want_acc[1])
+
+
+@pytest.mark.parametrize("dtype,topk", [(torch.float16, 30), (torch.float32, 7),
+                                        (torch.bfloat16, 2100)])
+def test_score_prepass_simt_stores_and_pairwise_merges(dtype: torch.dtype, topk: int) -> None:
+    # float16 / float32 stores take the SIMT scorer; topk over 2048 merges pairwise from global
+    # memory. Both behind the pre-pass, bit for bit as in one pass.
+    m, k = 2, 16
+    G, pre = _prepass_store(m, k, topk, seed=topk)
+    Gd = G.to(dtype).to(DEV)
+    Q = randn((m, k), seed=topk + 1).to(DEV)
+    with _cuda_ops.variants(()):
+        one = ops.score_topk(Q, Gd, topk)
+    with _prepass("portable"):
+        got = ops.score_topk(Q, Gd, topk)
+    assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"{dtype} topk={topk}"

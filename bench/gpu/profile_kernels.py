@@ -2,7 +2,8 @@
 (bench/gpu/run.sh with ISSL_GPU_NCU=1 runs this under ``ncu --kernel-name regex:...``). No warm-up
 and no timing: ncu replays each profiled launch itself, and a warm-up would be profiled instead.
 Order: sketch_kron, sketch_linear, then score_topk with bfloat16 queries at m = 16, 64 and 1024
-(the default kernels; ``extra`` lists experimental variants to profile as well)."""
+(the default kernels; ``extra`` lists experimental variants to profile as well: m = 64 again
+with score_prepass)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ def main() -> None:
     del A, D
     G = torch.randn(4_000_000, 1024, device=dev, dtype=torch.bfloat16)
     default = list(_cuda_ops.default_variants())
-    for m, extra in ((16, []), (64, []), (1024, [])):
+    for m, extra in ((16, []), (64, []), (64, ["score_prepass"]), (1024, [])):
         Q = torch.randn(m, 1024, device=dev).to(torch.bfloat16)
         with _cuda_ops.variants(default + extra):
             ops.score_topk(Q, G, 100)
     torch.cuda.synchronize()
-    print("profiled launches queued:", "kron, linear, score m=16, 64, 1024")
+    print("profiled launches queued: kron, linear, score m=16, 64, 64 with the pre-pass"
+          " (2 scorer launches), 1024")
 
 
 if __name__ == "__main__":

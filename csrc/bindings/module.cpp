@@ -235,6 +235,7 @@ PYBIND11_MODULE(_C, m) {
     flags["linear_wgmma"] = static_cast<uint32_t>(CudaVariant::kLinearWgmma);
     flags["score_wgmma"] = static_cast<uint32_t>(CudaVariant::kScoreWgmma);
     flags["score_tma"] = static_cast<uint32_t>(CudaVariant::kScoreTma);
+    flags["score_prepass"] = static_cast<uint32_t>(CudaVariant::kScorePrepass);
     m.attr("CUDA_VARIANTS") = flags;
     m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }
@@ -296,6 +297,8 @@ PYBIND11_MODULE(_C, m) {
           d["query_blocks"] = p.query_blocks;
           d["partitions"] = p.partitions;
           d["rows_per_tile"] = p.rows_per_tile;
+          d["pre_partitions"] = p.pre_partitions;
+          d["pre_rows"] = p.pre_rows;
           return d;
         });
 #endif

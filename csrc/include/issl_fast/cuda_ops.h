@@ -35,8 +35,9 @@ enum class CudaVariant : uint32_t {
   kLinearWgmma = 1u << 1,     // direct sketch_linear on wgmma (sm_90a builds, CC 9.0 devices)
   kScoreWgmma = 1u << 2,      // score_topk's tensor-core blocks scored with wgmma (same)
   kScoreTma = 1u << 3,        // the wgmma scorer's ring filled by TMA (one thread per copy)
+  kScorePrepass = 1u << 4,    // experimental: score_topk bars from an exact pre-pass (any GPU)
 };
-constexpr uint32_t kCudaVariantsAll = 0xFu;
+constexpr uint32_t kCudaVariantsAll = 0x1Fu;
 constexpr uint32_t kCudaVariantsDefault = 0xFu;
 void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_variants();
@@ -115,6 +116,10 @@ CudaGemmPlan sketch_gemm_cuda_plan(DType dtype, int64_t M, int64_t cols, int64_t
 struct CudaTopkPlan {
   bool tensor_cores = false;
   int64_t queries_per_block = 0, query_blocks = 0, partitions = 0, rows_per_tile = 0;
+  // CudaVariant::kScorePrepass: the first pre_rows rows are scored first by pre_partitions
+  // partitions, and the k-th best value of their union seeds every query's bar for the rest
+  // (partitions over rows [pre_rows, n)); 0 and 0 without it.
+  int64_t pre_partitions = 0, pre_rows = 0;
 };
 // sketch_kron: fused (one kernel, CudaVariant::kKronFused) or the two projections plus the
 // outer product; for the fused kernel, blocks of 64 outputs along k_in / k_out and the splits of
