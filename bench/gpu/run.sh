@@ -9,16 +9,16 @@
 # to skip detection), ISSL_GPU_SKIP_BENCH=1 (tests only), ISSL_GPU_PIP_TARGET (install into that
 # folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
 # ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
-# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse experimental"; default all),
+# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse variants"; default all),
 # ISSL_GPU_BUILD_DIR (a build folder kept for incremental rebuilds on a warm machine),
 # ISSL_GPU_NCU=1 (after the benchmarks, Nsight Compute sections of the main kernels into ncu.txt).
-# The cuda tests run three times: as they are (the default kernel variants), then the sketch and
-# score tests with ISSL_FAST_CUDA_VARIANTS=none (the portable kernels other GPUs run) and =all
-# (the experimental variants too); the last benchmark compares each variant with the kernel it
-# replaces.
+# The cuda tests run up to three times: as they are (the default kernel variants), then the
+# sketch and score tests with ISSL_FAST_CUDA_VARIANTS=none (the portable kernels other GPUs run)
+# and, when the build has experimental variants, =all; the last benchmark compares each variant
+# with the kernel it replaces.
 # Files written to $OUT (at most 8, flat): env.txt build.log tests.log bench.log bench.json
-# table.txt summary.txt (ncu.txt). Exit status: non-zero if the build or any test failed (benchmarks that
-# miss a target do not fail the run; their table says PASS/FAIL).
+# table.txt summary.txt (ncu.txt). Exit status: non-zero if the build or any test failed
+# (benchmarks that miss a target do not fail the run; their table says PASS/FAIL).
 # Time: about 1-2 min build (one architecture), 1-3 min tests, 2-3 min benchmarks; each stage's
 # time limit is cut to what is left of 460 s (ISSL_GPU_RUN_SECONDS), so the run ends within 8 min.
 # A stage that hits its limit counts as failed (tests) or leaves a partial table (benchmarks).
