@@ -24,8 +24,8 @@
 //
 // Where the time goes at m = 64 (ncu, run 7): DRAM 36%, tensor pipe 10%, warps mostly stalled at
 // the per-tile barriers while other warps merge candidates: each block refills its own top-k
-// lists from -inf (a simulation of the shared bars gives ~17 flushes per query per block), which
-// is the next thing to cut (bench/gpu/README.md).
+// lists from -inf (a simulation of the shared bars gives ~17 flushes per query per block). The
+// experimental score_prepass variant (score_topk.cu) attacks that; bench/gpu/README.md has more.
 #include <algorithm>
 
 #include "common.cuh"
