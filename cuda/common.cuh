@@ -99,6 +99,9 @@ void allow_smem(Kernel kernel, int64_t bytes, const char* name) {
         name);
 }
 
+// Bytes per element of an input dtype (float32, or a 16-bit float).
+inline int64_t elem_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
+
 // 16-byte alignment of a device pointer (cp.async / vector loads of whole rows).
 inline bool aligned16(const void* ptr) {
   return (reinterpret_cast<std::uintptr_t>(ptr) & 15u) == 0;

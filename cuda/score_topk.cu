@@ -722,8 +722,7 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
         w.av, pl.pre_partitions, m, topk, w.bars);
     cuda::detail::check_launch("prepass_bars_kernel launch");
     note_cuda_variant_launch(CudaVariant::kScorePrepass);
-    const int64_t elem = dtype == DType::kFloat32 ? 4 : 2;
-    prm.G = static_cast<const char*>(G) + pl.pre_rows * k * elem;
+    prm.G = static_cast<const char*>(G) + pl.pre_rows * k * cuda::detail::elem_size(dtype);
     prm.n = n - pl.pre_rows;
     prm.index_offset = index_offset + pl.pre_rows;
     prm.lists_v = w.av + pl.pre_partitions * per;

@@ -24,8 +24,6 @@ int64_t chunk_examples(int64_t B, int64_t T, int64_t k_in, int64_t k_out) {
   return std::max<int64_t>(1, std::min(B, kFactorFloats / per));
 }
 
-int64_t elem_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
-
 template <class Alloc>
 void layout(Alloc& a, DType dtype, int64_t B, int64_t T, int64_t d_in, int64_t d_out,
             int64_t k_in, int64_t k_out, Dist dist, CudaAlgo algo, int num_sms, float** U,
@@ -124,7 +122,7 @@ void sketch_kron_cuda(const void* A, const void* D, DType dtype, int64_t B, int6
   layout(cv, dtype, B, T, d_in, d_out, k_in, k_out, dist, algo, num_sms, &U, &V, &gemm_ws,
          &gemm_bytes);
   const int64_t bc = chunk_examples(B, T, k_in, k_out);
-  const int64_t es = elem_size(dtype);
+  const int64_t es = cuda::detail::elem_size(dtype);
   for (int64_t b0 = 0; b0 < B; b0 += bc) {
     const int64_t rows = std::min(bc, B - b0);
     cuda::detail::DenseGemm gu;
