@@ -34,6 +34,7 @@
 
 #include "common.cuh"
 #include "issl_fast/cuda_ops.h"
+#include "linear_direct_tiles.cuh"
 #include "linear_wgmma.h"
 #include "wgmma.cuh"
 
@@ -59,34 +60,8 @@ struct WgSmem {
 };
 constexpr int64_t kWgSmemBytes = sizeof(WgSmem) + 1024;  // + alignment slack
 
-struct WgParams {
-  const void* A;
-  const void* D;
-  int64_t B, T, d_in, d_out, N;
-  uint64_t key, col_offset;
-  float scale;
-  float* out;
-  float* part;
-  int64_t tiles_j, tiles_b, splits;
-  int accumulate;
-};
-
-// Step cursor over (o, t, column chunk c), c fastest: the mma.sync direct kernel's order.
-struct WgCursor {
-  int64_t c = 0, t = 0, o = 0;
-  __device__ __forceinline__ void next(int64_t nci, int64_t T) {
-    if (++c == nci) {
-      c = 0;
-      if (++t == T) {
-        t = 0;
-        ++o;
-      }
-    }
-  }
-};
-
 template <class InT>
-__global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgParams p) {
+__global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const DirectParams p) {
 #if ISSL_WGMMA_DEVICE
   using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -114,7 +89,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
   // tile (swizzled, cp.async) ...
   const int crow = tid >> 3, cch = tid & 7;
   const uint32_t a_dst0 = smem_u32(&sm.a[0][0]) + sw128_offset(crow, cch);
-  auto issue_copy = [&](const WgCursor& cu, int slot) {
+  auto issue_copy = [&](const LinearStepCursor& cu, int slot) {
     const int64_t b = b0 + crow;
     const int64_t col = cu.c * kWgK + cch * 8;
     const bool ok = b < p.B && col < p.d_in;
@@ -123,7 +98,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
   };
   // ... then the sign words of its 64 columns for the block's 256 sketch rows, and D of the
   // (o, t) when the step is its last (ordinary stores, seen after the barriers before the step).
-  auto issue_words = [&](const WgCursor& cu, int slot) {
+  auto issue_words = [&](const LinearStepCursor& cu, int slot) {
     if (tid < kWgK * (kWgRowsJ / 64)) {
       const int cx = tid >> 2, w = tid & 3;
       const uint64_t ck = column_key(
@@ -150,7 +125,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
   for (int i = 0; i < kWgAcc; ++i) z[i] = 0.0f;
   uint32_t af[2][4][4];
   bool fresh = true;  // the next wgmma starts a new Z (scale-d = 0)
-  WgCursor ci, cc;
+  LinearStepCursor ci, cc;
   ci.o = cc.o = o_begin;
 
   auto fence_all = [&]() {
@@ -232,13 +207,7 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
     const int64_t j = j0 + wg * 64 + wq * 16 + g + 8 * ((i >> 1) & 1);
     const int64_t b = b0 + 8 * (i >> 2) + 2 * t4 + (i & 1);
     if (j >= p.N || b >= p.B) continue;
-    const float v = sm.y[i][tid];
-    if (p.splits == 1) {
-      float* o = p.out + b * p.N + j;
-      *o = p.accumulate ? *o + p.scale * v : p.scale * v;
-    } else {
-      p.part[(split * p.B + b) * p.N + j] = v;
-    }
+    direct_store(p, split, b, j, sm.y[i][tid]);
   }
 #else
   __trap();  // never launched: linear_wgmma_usable requires a compute capability 9.0 device
@@ -247,18 +216,8 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const WgPar
 
 }  // namespace
 
-WgmmaLinearPlan linear_wgmma_plan(int64_t B, int64_t N, int64_t d_out, int num_sms) {
-  WgmmaLinearPlan p;
-  p.tiles_j = ceil_div(std::max<int64_t>(N, 1), kWgRowsJ);
-  p.tiles_b = ceil_div(std::max<int64_t>(B, 1), kWgB);
-  const int64_t tiles = p.tiles_j * p.tiles_b, target = std::max(1, num_sms);  // one block / SM
-  p.splits = tiles >= target ? 1 : std::max<int64_t>(1, std::min({target / tiles, d_out,
-                                                                    kWgMaxSplits}));
-  return p;
-}
-
-int64_t linear_wgmma_partial_floats(const WgmmaLinearPlan& pl, int64_t B, int64_t N) {
-  return pl.splits > 1 ? pl.splits * B * N : 0;
+DirectTilePlan linear_wgmma_plan(int64_t B, int64_t N, int64_t d_out, int num_sms) {
+  return direct_tile_plan(B, N, d_out, num_sms, kWgRowsJ, kWgB, kWgMaxSplits);
 }
 
 bool linear_wgmma_usable(const LinearDirect& g) {
@@ -267,25 +226,9 @@ bool linear_wgmma_usable(const LinearDirect& g) {
   return current_device_is_cc90();
 }
 
-void linear_wgmma(const LinearDirect& g, const WgmmaLinearPlan& pl, float* part,
+void linear_wgmma(const LinearDirect& g, const DirectTilePlan& pl, float* part,
                   std::uintptr_t stream) {
-  WgParams prm{};
-  prm.A = g.A;
-  prm.D = g.D;
-  prm.B = g.B;
-  prm.T = g.T;
-  prm.d_in = g.d_in;
-  prm.d_out = g.d_out;
-  prm.N = g.N;
-  prm.key = g.key;
-  prm.col_offset = g.col_offset;
-  prm.scale = g.scale;
-  prm.out = g.out;
-  prm.part = part;
-  prm.tiles_j = pl.tiles_j;
-  prm.tiles_b = pl.tiles_b;
-  prm.splits = pl.splits;
-  prm.accumulate = g.accumulate ? 1 : 0;
+  const DirectParams prm = direct_params(g, pl, part);
   cudaStream_t st = as_stream(stream);
   auto launch = [&](auto kernel) {
     allow_smem(kernel, kWgSmemBytes, "linear_wgmma_kernel");

@@ -8,6 +8,7 @@
 #include "sketch_gemm.h"
 #if defined(ISSL_FAST_WITH_SM90A)
 #include "linear_wgmma.h"
+#include "linear_ws.h"
 #endif
 
 namespace issl_fast::cuda::detail {
@@ -896,10 +897,16 @@ int64_t linear_direct_workspace(DType, int64_t B, int64_t T, int64_t d_in, int64
   carve_partials(sz, pl, B, N);
   int64_t bytes = sz.bytes();
 #if defined(ISSL_FAST_WITH_SM90A)
-  // The wgmma route is chosen at launch (it needs the device and A's alignment): room for either.
+  // The wgmma routes are chosen at launch (they need the device and A's alignment): room for
+  // any of them.
   if (cuda_variant_on(CudaVariant::kLinearWgmma)) {
     Sizer wz;
-    wz.take<float>(linear_wgmma_partial_floats(linear_wgmma_plan(B, N, d_out, num_sms), B, N));
+    wz.take<float>(direct_tile_partial_floats(linear_wgmma_plan(B, N, d_out, num_sms), B, N));
+    bytes = std::max(bytes, wz.bytes());
+  }
+  if (cuda_variant_on(CudaVariant::kLinearWs)) {
+    Sizer wz;
+    wz.take<float>(direct_tile_partial_floats(linear_ws_plan(B, N, d_out, num_sms), B, N));
     bytes = std::max(bytes, wz.bytes());
   }
 #endif
@@ -914,10 +921,16 @@ void linear_direct(const LinearDirect& g, int num_sms, void* ws, int64_t ws_byte
     return;
   }
 #if defined(ISSL_FAST_WITH_SM90A)
-  if (linear_wgmma_usable(g)) {
-    const WgmmaLinearPlan wp = linear_wgmma_plan(g.B, g.N, g.d_out, num_sms);
+  if (linear_ws_usable(g)) {
+    const DirectTilePlan wp = linear_ws_plan(g.B, g.N, g.d_out, num_sms);
     Carver wcv(ws, ws_bytes);
-    linear_wgmma(g, wp, wcv.take<float>(linear_wgmma_partial_floats(wp, g.B, g.N)), stream);
+    linear_ws(g, wp, wcv.take<float>(direct_tile_partial_floats(wp, g.B, g.N)), stream);
+    return;
+  }
+  if (linear_wgmma_usable(g)) {
+    const DirectTilePlan wp = linear_wgmma_plan(g.B, g.N, g.d_out, num_sms);
+    Carver wcv(ws, ws_bytes);
+    linear_wgmma(g, wp, wcv.take<float>(direct_tile_partial_floats(wp, g.B, g.N)), stream);
     return;
   }
 #endif

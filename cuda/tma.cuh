@@ -21,12 +21,14 @@
 namespace issl_fast::cuda::detail {
 
 // ---- host --------------------------------------------------------------------------------------
-// A 2-D tensor map of a row-major bf16 matrix [rows, cols] (row stride row_elems elements), read
-// in boxes of box_rows x box_cols (box_cols * 2 == 128 bytes: one swizzle row), 128-byte
-// swizzled, zero-filled outside the matrix. The encoder is the driver's cuTensorMapEncodeTiled,
-// reached through the runtime so nothing links libcuda directly.
-inline CUtensorMap bf16_tensor_map_2d(const void* base, uint64_t rows, uint64_t cols,
-                                      uint64_t row_elems, uint32_t box_rows, uint32_t box_cols) {
+// A tiled tensor map of a 16-bit float tensor (bf16, or fp16 when `fp16`) of `rank` <= 3
+// dimensions, innermost first: dims[i] elements, strides[i - 1] bytes between consecutive
+// indices of dimension i (multiples of 16), read in boxes of box[i] elements (box[0] * 2 == 128
+// bytes: one swizzle row), 128-byte swizzled, zero-filled outside the tensor. The encoder is the
+// driver's cuTensorMapEncodeTiled, reached through the runtime so nothing links libcuda directly.
+inline CUtensorMap tensor_map_16bit(const void* base, bool fp16, int rank,
+                                    const uint64_t* dims, const uint64_t* strides,
+                                    const uint32_t* box) {
   using Encode = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
                               const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
                               const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
@@ -46,20 +48,38 @@ inline CUtensorMap bf16_tensor_map_2d(const void* base, uint64_t rows, uint64_t 
       throw std::runtime_error("issl_fast CUDA: the driver has no cuTensorMapEncodeTiled");
     return reinterpret_cast<Encode>(fn);
   }();
+  if (rank < 1 || rank > 3) throw std::invalid_argument("issl_fast CUDA: tensor map rank 1..3");
+  cuuint64_t d[3], st[2];
+  cuuint32_t bx[3], es[3];
+  std::string shape;
+  for (int i = 0; i < rank; ++i) {
+    d[i] = dims[i];
+    bx[i] = box[i];
+    es[i] = 1;
+    if (i > 0) st[i - 1] = strides[i - 1];
+    shape += (i ? " x " : "") + std::to_string(dims[i]);
+  }
   CUtensorMap map;
-  const cuuint64_t dims[2] = {cols, rows};            // innermost first
-  const cuuint64_t strides[1] = {row_elems * 2};      // bytes between rows (multiple of 16)
-  const cuuint32_t box[2] = {box_cols, box_rows};
-  const cuuint32_t elem_strides[2] = {1, 1};
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void*>(base),
-                            dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
-                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  const CUresult r = encode(
+      &map, fp16 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16,
+      static_cast<cuuint32_t>(rank), const_cast<void*>(base), d, st, bx, es,
+      CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+      CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS)
     throw std::runtime_error("issl_fast CUDA: cuTensorMapEncodeTiled failed with CUresult " +
-                             std::to_string(static_cast<int>(r)) + " (rows " +
-                             std::to_string(rows) + ", cols " + std::to_string(cols) + ")");
+                             std::to_string(static_cast<int>(r)) + " (dims, innermost first: " +
+                             shape + ")");
   return map;
+}
+
+// A row-major bf16 matrix [rows, cols] (row stride row_elems elements) in boxes of box_rows x
+// box_cols.
+inline CUtensorMap bf16_tensor_map_2d(const void* base, uint64_t rows, uint64_t cols,
+                                      uint64_t row_elems, uint32_t box_rows, uint32_t box_cols) {
+  const uint64_t dims[2] = {cols, rows};
+  const uint64_t strides[1] = {row_elems * 2};
+  const uint32_t box[2] = {box_cols, box_rows};
+  return tensor_map_16bit(base, false, 2, dims, strides, box);
 }
 
 // ---- device ------------------------------------------------------------------------------------
@@ -83,23 +103,31 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t by
                : "memory");
 #endif
 }
+// One plain arrival (release: this thread's earlier shared-memory writes are seen by whoever
+// waits on the phase).
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
 // Waits until the phase with parity `parity` of `bar` completed. A copy that never lands would
 // otherwise hang the GPU silently: after ~2^26 polls (seconds) the kernel traps, so the launch
-// fails with an error instead.
+// fails with an error instead. The poll loop lives inside the asm: as a C++ loop its data-dependent
+// exit made ptxas treat the wgmma that follow as divergent and serialise them (C7518).
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if ISSL_WGMMA_DEVICE
-  const uint32_t addr = smem_u32(bar);
-  for (uint32_t polls = 0;; ++polls) {
-    uint32_t done = 0;
-    asm volatile(
-        "{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-        "selp.u32 %0, 1, 0, p;\n}\n"
-        : "=r"(done)
-        : "r"(addr), "r"(parity)
-        : "memory");
-    if (done) return;
-    if (polls > (1u << 26)) __trap();
-  }
+  asm volatile(
+      "{\n.reg .pred p;\n.reg .u32 n;\nmov.u32 n, 0;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@p bra DONE;\n"
+      "add.u32 n, n, 1;\n"
+      "setp.lt.u32 p, n, %2;\n"
+      "@p bra WAIT;\n"
+      "trap;\n"
+      "DONE:\n}\n" ::"r"(smem_u32(bar)),
+      "r"(parity), "n"(1 << 26)
+      : "memory");
 #endif
 }
 // Box (c0, r0) (column, row: innermost first) of `map` into shared memory at `dst` (1024-aligned
@@ -111,6 +139,18 @@ __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map
       "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
       " [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(r0), "r"(smem_u32(bar))
+      : "memory");
+#endif
+}
+
+// Box (c0, c1, c2) (innermost first) of a 3-D `map` into shared memory at `dst`, as tma_load_2d.
+__device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c0, int c1,
+                                            int c2, uint64_t* bar) {
+#if ISSL_WGMMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar))
       : "memory");
 #endif
 }

@@ -131,6 +131,49 @@ __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&z)[8], uint64_t desc_
 #endif
 }
 
+// The 128 float32 accumulators of an m64n256 wgmma (array z): asm output operands %0..%127, in
+// groups of eight, and their register list.
+#define ISSL_Z8(b)                                                                              \
+  "+f"(z[b]), "+f"(z[b + 1]), "+f"(z[b + 2]), "+f"(z[b + 3]), "+f"(z[b + 4]), "+f"(z[b + 5]),   \
+      "+f"(z[b + 6]), "+f"(z[b + 7])
+#define ISSL_WGMMA_Z128_OUT                                                                     \
+  ISSL_Z8(0), ISSL_Z8(8), ISSL_Z8(16), ISSL_Z8(24), ISSL_Z8(32), ISSL_Z8(40), ISSL_Z8(48),      \
+      ISSL_Z8(56), ISSL_Z8(64), ISSL_Z8(72), ISSL_Z8(80), ISSL_Z8(88), ISSL_Z8(96),             \
+      ISSL_Z8(104), ISSL_Z8(112), ISSL_Z8(120)
+#define ISSL_WGMMA_Z128_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, " \
+  "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+  "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, " \
+  "%66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+  "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, " \
+  "%98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, " \
+  "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, " \
+  "%124, %125, %126, %127" \
+  "}"
+#define ISSL_WGMMA_SS_M64N256K16(TYPE)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                   \
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "                  \
+               ISSL_WGMMA_Z128_REGS ", %128, %129, p, 1, 1, 0, 0;\n}\n"                          \
+               : ISSL_WGMMA_Z128_OUT                                                             \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+
+// D (+)= A (64 x 16, shared, K-major) * B (16 x 256, shared, K-major) for one warpgroup, 16-bit
+// inputs (MmaT: bf16 or f16): the sketch_linear producer/consumer kernel (linear_ws.cu). Thread
+// register i holds row 16 w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t4 + (i & 1).
+template <class MmaT>
+__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&z)[128], uint64_t desc_a,
+                                                    uint64_t desc_b, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  if constexpr (std::is_same_v<MmaT, __nv_bfloat16>) {
+    ISSL_WGMMA_SS_M64N256K16("bf16");
+  } else {
+    ISSL_WGMMA_SS_M64N256K16("f16");
+  }
+#endif
+}
+
 // Register A fragments of 4 k16 slices (64 columns) of +-1 rows, for one warp: `sb` points at
 // the 32-bit word holding this warp's rows of column 0 (consecutive columns `stride` words
 // apart), and bit sh (sh + 8) of it is the warp's row g (g + 8), set = -1. Register r of slice
@@ -156,9 +199,11 @@ __device__ __forceinline__ void pm1_a_fragments(const uint32_t* sb, int stride, 
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&z)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                          int scale_d) {
-  static_assert(N == 16 || N == 64, "m64n16k16 and m64n64k16");
+  static_assert(N == 16 || N == 64 || N == 256, "m64n16k16, m64n64k16 and m64n256k16");
   if constexpr (N == 16) {
     wgmma_m64n16k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+  } else if constexpr (N == 256) {
+    wgmma_m64n256k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
   } else {
     wgmma_m64n64k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
   }

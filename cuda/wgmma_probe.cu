@@ -16,27 +16,28 @@ constexpr int kProbeThreads = 128;  // one warpgroup
 
 struct ProbeSmem {
   unsigned char a[64 * 128];  // A: 64 rows x 64 bf16, swizzled (SS mode)
-  unsigned char b[64 * 128];  // B: N <= 64 rows x 64 bf16, swizzled
+  unsigned char b[256 * 128];  // B: N <= 256 rows x 64 bf16, swizzled
   uint32_t signs[64][8];      // RS mode: column c's 64-bit sign word in halves [c][0], [c][1]
 };
 
 // mode 0: SS, N = 64 (score_wgmma, 64-query blocks); 1: SS, N = 16 (16-query blocks);
-// 2: RS, N = 64, A = +-1 from `signs` (linear_wgmma).
+// 2: RS, N = 64, A = +-1 from `signs` (linear_wgmma); 3: SS, N = 256 (linear_ws).
 template <int kMode>
 __global__ void __launch_bounds__(kProbeThreads) wgmma_probe_kernel(const uint16_t* A,
                                                                    const uint16_t* B,
                                                                    const uint64_t* signs,
                                                                    float* C) {
 #if ISSL_WGMMA_DEVICE
-  constexpr int N = kMode == 1 ? 16 : 64;
+  constexpr int N = kMode == 1 ? 16 : (kMode == 3 ? 256 : 64);
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   ProbeSmem& sm = *reinterpret_cast<ProbeSmem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
   const int tid = threadIdx.x, lane = tid & 31, wq = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
-  for (int ch = tid; ch < 64 * 8; ch += kProbeThreads) {
+  for (int ch = tid; ch < N * 8 || ch < 64 * 8; ch += kProbeThreads) {
     const int row = ch >> 3, cc = ch & 7;
-    if (kMode != 2) cp_async16(smem_u32(sm.a) + sw128_offset(row, cc), A + row * 64 + cc * 8, true);
+    if (kMode != 2 && row < 64)
+      cp_async16(smem_u32(sm.a) + sw128_offset(row, cc), A + row * 64 + cc * 8, true);
     if (row < N) cp_async16(smem_u32(sm.b) + sw128_offset(row, cc), B + row * 64 + cc * 8, true);
   }
   if (kMode == 2 && tid < 64) {
@@ -92,7 +93,8 @@ namespace issl_fast {
 void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* signs, float* C,
                       std::uintptr_t stream) {
   using namespace cuda::detail;
-  require(mode >= 0 && mode <= 2, "wgmma_probe: mode must be 0 (SS n64), 1 (SS n16) or 2 (RS)");
+  require(mode >= 0 && mode <= 3,
+          "wgmma_probe: mode must be 0 (SS n64), 1 (SS n16), 2 (RS) or 3 (SS n256)");
   const int64_t smem = static_cast<int64_t>(sizeof(ProbeSmem)) + 1024;
   auto launch = [&](auto kernel) {
     allow_smem(kernel, smem, "wgmma_probe_kernel");
@@ -104,6 +106,7 @@ void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* si
   if (mode == 0) launch(wgmma_probe_kernel<0>);
   if (mode == 1) launch(wgmma_probe_kernel<1>);
   if (mode == 2) launch(wgmma_probe_kernel<2>);
+  if (mode == 3) launch(wgmma_probe_kernel<3>);
 }
 
 }  // namespace issl_fast

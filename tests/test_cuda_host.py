@@ -151,13 +151,14 @@ def test_kron_plan() -> None:
 # kernel variants: names, the default set, switching, the environment variable
 # ---------------------------------------------------------------------------------------------
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
-ALL = ("kron_fused", "linear_wgmma", "score_prepass", "score_tma", "score_wgmma")
+ALL = ("kron_fused", "linear_wgmma", "linear_ws", "score_prepass", "score_tma", "score_wgmma")
+EXPERIMENTAL = ("linear_ws", "score_prepass")
 
 
 def test_variant_sets() -> None:
     assert _cuda_ops.variant_names() == ALL
     assert _cuda_ops.default_variants() == DEFAULT
-    assert _cuda_ops.experimental_variants() == ("score_prepass",)
+    assert _cuda_ops.experimental_variants() == EXPERIMENTAL
 
 
 def test_variants_switch_and_restore() -> None:
@@ -202,8 +203,10 @@ def test_variant_errors_change_nothing() -> None:
     (" kron_fused , ", ("kron_fused",)),  # a bare name first: that variant alone
     ("none,+score_tma", ("score_tma",)), ("-score_wgmma,-linear_wgmma,-score_tma", ("kron_fused",)),
     ("none,score_wgmma,+kron_fused", ("kron_fused", "score_wgmma")),
-    ("all,-score_tma", ("kron_fused", "linear_wgmma", "score_prepass", "score_wgmma")),
-    ("+score_prepass", ALL),
+    ("all,-score_tma", ("kron_fused", "linear_wgmma", "linear_ws", "score_prepass",
+                        "score_wgmma")),
+    ("+score_prepass", tuple(sorted((*DEFAULT, "score_prepass")))),
+    ("+score_prepass,+linear_ws", ALL),
     ("-kron_fused,+KRON_FUSED", DEFAULT),
 ])
 def test_parse_variants_env(value: str, expected: tuple[str, ...]) -> None:

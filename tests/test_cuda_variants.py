@@ -6,9 +6,10 @@ and with all variants on.
 * The GEMM's cp.async ring (16-bit inputs with 16-byte aligned rows; not a variant) changes only
   how input tiles reach shared memory, never the order of the MMAs: aligned inputs must give the
   bits that an unaligned copy of them gives through the register-staged pipeline.
-* ``linear_wgmma`` (compute capability 9.0 only) sums the same exact products in another order:
-  it must match the float64 reference within the tolerance policy and the portable route within
-  twice that, on awkward batch and sketch sizes (partial 256 x 64 tiles, splits, T up to 3).
+* ``linear_wgmma`` and ``linear_ws`` (compute capability 9.0 only) sum the same exact products in
+  another order: each must match the float64 reference within the tolerance policy and the
+  portable route within twice that, on awkward batch and sketch sizes (partial 256 x 64 and
+  128 x 256 tiles, splits, T up to 3).
 * ``score_wgmma`` (compute capability 9.0 only) scores score_topk's 16- and 64-query blocks on
   wgmma, and ``score_tma`` feeds the same kernel's ring with TMA copies: the top-k
   must match the float64 reference under the tolerance policy (``assert_topk_close``), with exact
@@ -116,7 +117,7 @@ def _require_hopper() -> None:
         pytest.skip(f"this build has no sm_90a code (architectures {archs})")
 
 
-@pytest.mark.parametrize("mode,n", [(0, 64), (1, 16), (2, 64)])
+@pytest.mark.parametrize("mode,n", [(0, 64), (1, 16), (2, 64), (3, 256)])
 def test_wgmma_probe_layouts(mode: int, n: int) -> None:
     # One tile through the wgmma kernels' helpers (swizzled placement, descriptors, register-A
     # fragments from sign bits, accumulator mapping): small integers, so C is exact. If the
@@ -147,29 +148,61 @@ LINEAR_WGMMA_CASES = [
     (300, 1, 96, 2, 64),
     (64, 1, 1024, 16, 4096),
 ]
+# linear_ws (B >= 128): 128 sketch rows x 256 examples per block, so partial example tiles above
+# and below 256, one input chunk narrower than a TMA box, many splits of d_out, T up to 3.
+LINEAR_WS_CASES = [
+    (128, 1, 32, 1, 1),
+    (130, 3, 40, 5, 300),
+    (256, 2, 200, 9, 384),
+    (300, 1, 96, 2, 64),
+    (200, 1, 1024, 16, 4096),
+    (513, 1, 64, 40, 129),
+]
+LINEAR_ROUTES = [("linear_wgmma", *c) for c in LINEAR_WGMMA_CASES] + [
+    ("linear_ws", *c) for c in LINEAR_WS_CASES]
 
 
 @pytest.mark.parametrize("dtype", list(HALF))
-@pytest.mark.parametrize("B,T,d_in,d_out,k", LINEAR_WGMMA_CASES)
+@pytest.mark.parametrize("variant,B,T,d_in,d_out,k", LINEAR_ROUTES)
 def test_linear_wgmma_matches_reference_and_default(
-    dtype: str, B: int, T: int, d_in: int, d_out: int, k: int
+    variant: str, dtype: str, B: int, T: int, d_in: int, d_out: int, k: int
 ) -> None:
+    # linear_ws (experimental) is the same product with warp specialisation: 128 sketch rows x
+    # 256 examples per block, the +-1 tile made by a producer warpgroup, A brought by TMA.
     _require_hopper()
     A = dyadic((B, T, d_in), seed=B + T + d_in).to(HALF[dtype])
     D = dyadic((B, T, d_out), seed=B + T + d_out + 1).to(HALF[dtype])
     Ad, Dd = A.to(DEV), D.to(DEV)
     base = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3).cpu()
-    with _running("linear_wgmma"):
+    with _running(variant):
         y = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3)
         assert torch.equal(y, ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3))
         acc = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3,
                                 out=torch.ones_like(y), accumulate=True)
     ref = reference.sketch_linear(A, D, k, seed=9, col_offset=2**32 + 3, accum=torch.float64)
     mag = linear_magnitude(A, D, k, seed=9, dist="rademacher", col_offset=2**32 + 3)
-    what = f"linear_wgmma {dtype} B={B} T={T} {d_in}x{d_out} k={k}"
+    what = f"{variant} {dtype} B={B} T={T} {d_in}x{d_out} k={k}"
     assert_close(y.cpu(), ref, mag, what)
     assert_close(y.cpu(), base.double(), 2 * mag, what + " vs default route")
     assert_close(acc.cpu(), ref + 1, mag + 1, what + " accumulate")
+
+
+@pytest.mark.parametrize("B,expect", [(127, "linear_wgmma"), (128, "linear_ws")])
+def test_linear_ws_routing(B: int, expect: str) -> None:
+    # With both direct wgmma routes on, linear_ws takes the calls it is usable for (B >= 128)
+    # and linear_wgmma the smaller batches; the results agree within the tolerance policy.
+    _require_hopper()
+    A = dyadic((B, 1, 64), seed=B).to(torch.bfloat16)
+    D = dyadic((B, 1, 3), seed=B + 1).to(torch.bfloat16)
+    names = ("linear_wgmma", "linear_ws")
+    before = {n: _cuda_ops.variant_launches(n) for n in names}
+    with _cuda_ops.variants(names):
+        y = ops.sketch_linear(A.to(DEV), D.to(DEV), 200, seed=4)
+    ran = [n for n in names if _cuda_ops.variant_launches(n) > before[n]]
+    assert ran == [expect], f"B={B}: launched {ran}"
+    ref = reference.sketch_linear(A, D, 200, seed=4, accum=torch.float64)
+    assert_close(y.cpu(), ref, linear_magnitude(A, D, 200, seed=4, dist="rademacher"),
+                 f"{expect} B={B}")
 
 
 # ---------------------------------------------------------------------------------------------

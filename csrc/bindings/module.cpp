@@ -236,6 +236,7 @@ PYBIND11_MODULE(_C, m) {
     flags["score_wgmma"] = static_cast<uint32_t>(CudaVariant::kScoreWgmma);
     flags["score_tma"] = static_cast<uint32_t>(CudaVariant::kScoreTma);
     flags["score_prepass"] = static_cast<uint32_t>(CudaVariant::kScorePrepass);
+    flags["linear_ws"] = static_cast<uint32_t>(CudaVariant::kLinearWs);
     m.attr("CUDA_VARIANTS") = flags;
     m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }

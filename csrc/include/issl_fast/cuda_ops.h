@@ -36,8 +36,9 @@ enum class CudaVariant : uint32_t {
   kScoreWgmma = 1u << 2,      // score_topk's tensor-core blocks scored with wgmma (same)
   kScoreTma = 1u << 3,        // the wgmma scorer's ring filled by TMA (one thread per copy)
   kScorePrepass = 1u << 4,    // experimental: score_topk bars from an exact pre-pass (any GPU)
+  kLinearWs = 1u << 5,        // experimental: direct sketch_linear, producer/consumer warpgroups
 };
-constexpr uint32_t kCudaVariantsAll = 0x1Fu;
+constexpr uint32_t kCudaVariantsAll = 0x3Fu;
 constexpr uint32_t kCudaVariantsDefault = 0xFu;
 void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_variants();
@@ -101,6 +102,7 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
 //   mode 1: C[64, 16] = A[64, 64] B[16, 64]^T  (shared-shared m64n16k16)
 //   mode 2: C[64, 64] = S B[64, 64]^T, S[j, c] = -1 if bit j of signs[c] is set, else +1
 //           (register-A m64n64k16 built from sign bits)
+//   mode 3: C[64, 256] = A[64, 64] B[256, 64]^T  (shared-shared m64n256k16: linear_ws)
 // A, B row-major bfloat16 with 64 columns, 16-byte aligned; signs[64]; C row-major float32.
 void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* signs, float* C,
                       std::uintptr_t stream);

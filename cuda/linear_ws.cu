@@ -1,0 +1,328 @@
+// The direct sketch_linear route (sketch_gemm.h: LinearDirect) on Hopper with warp
+// specialisation: a producer warpgroup makes the +-1 tile and a TMA copy brings the example
+// tile; two consumer warpgroups only issue shared-shared wgmma m64n256k16. Built for sm_90a only
+// (its own library, cuda/CMakeLists.txt); experimental kernel variant CudaVariant::kLinearWs
+// (off by default until a GPU run validates and times it; linear_direct tries it before
+// linear_wgmma).
+//
+// Why (Nsight Compute on an H200, bench/gpu/README.md): linear_wgmma reaches 30% of the bf16 mm
+// rate with the tensor pipe 24% busy and the issue slots 48% busy. Its blocks cover 64 examples,
+// so every +-1 entry is rebuilt, in the registers of every consumer warp, for each of the 4
+// example tiles of B = 256, and the same warps that issue the MMAs hash the sign words (~320
+// SASS instructions per step against 512 tensor cycles). Here each block covers 256 examples, so
+// a +-1 entry is made once per 512 flops, by warps that never issue an MMA, and the consumers
+// wait only on mbarriers.
+//
+// Roles (per (o, t), as linear_wgmma):
+//   Z[j, b] = sum_i R[j, p(o, i)] A[b, t, i]          (wgmma: M = sketch rows j, N = examples b)
+//   Y[j, b] += D[b, t, o] * Z[j, b]                   (float32 FMA, once per (o, t))
+// Block: 384 threads x 128 sketch rows x 256 examples, over a split of the output rows o.
+//   * warpgroups 0 and 1 (consumers): sketch rows 64 wg .. + 63 each; Z in registers (128 per
+//     thread), Y in shared memory (thread-private float4 slots, no barrier);
+//   * warpgroup 2 (producer): per step (64 input columns) its thread 0 starts the TMA copy of
+//     A[b0 .. b0 + 255, t, 64 c .. + 63] (zero-filled outside A), then each warp hashes the sign
+//     words of its 32 sketch rows (lane l: columns l and l + 32), passes them round by shuffles
+//     (two bits per shuffle, see produce_step) and writes its rows of the +-1 tile (lane l: row
+//     32 w + l, whose sign is bit l of every word's half) in the 128-byte swizzle; D[b, t, o] of
+//     a last step goes to shared memory too.
+// Two ring slots (Y takes 128 KB of the 227): full[s] completes when the copy's bytes landed and
+// the 128 producer threads arrived (each after a proxy fence over its own writes); empty[s] when
+// the 256 consumer threads arrived after the wgmmas reading the slot completed. Per step the
+// consumers commit four wgmmas (k = 16 each) as one group, then wait until only that group is in
+// flight and free the previous slot; the last step of an (o, t) waits for its own group, folds Z
+// into Y and frees its slot. Every sum is float32 in a fixed order: deterministic, and within the
+// tolerance of the other routes (another order of the same exact products).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <climits>
+#include <type_traits>
+
+#include "common.cuh"
+#include "issl_fast/cuda_ops.h"
+#include "linear_direct_tiles.cuh"
+#include "linear_ws.h"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace issl_fast::cuda::detail {
+namespace {
+
+constexpr int kRows = 128;          // sketch rows per block: 2 consumer warpgroups x wgmma M
+constexpr int kExamples = 256;      // examples per block: wgmma N
+constexpr int kCols = 64;           // input columns per step: one 128-byte swizzle row
+constexpr int kStages = 2;
+constexpr int kConsumers = 256;     // threads of warpgroups 0 and 1
+constexpr int kThreads = 384;       // + the producer warpgroup
+constexpr int kAcc = kExamples / 2;  // float32 accumulators per consumer thread (m64n256)
+constexpr uint32_t kATileBytes = kExamples * kCols * 2;
+constexpr uint32_t kRTileBytes = kRows * kCols * 2;
+constexpr int64_t kMaxSplits = 64;
+// Fewer examples than this leave over half of every 256-wide block idle: linear_wgmma's 64-wide
+// blocks do less work there.
+constexpr int64_t kMinExamples = 128;
+
+// Shared memory from a 1024-byte-aligned base: the swizzled tiles first (every slot and every
+// 8-row atom 1024-aligned), then Y, D and the mbarriers.
+struct Smem {
+  unsigned char a[kStages][kATileBytes];  // A[b0 + n, t, 64 c + kk]: row n, 128 bytes, swizzled
+  unsigned char r[kStages][kRTileBytes];  // +-1 entries: row = sketch row j - j0, swizzled
+  float4 y[2][kAcc / 4][128];             // Y: consumer warpgroup, register quad, thread
+  uint16_t dv[kStages][kExamples];        // D[b0 + n, t, o] (raw 16-bit) of a last step
+  uint64_t full[kStages], empty[kStages];
+};
+constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;  // + alignment slack
+
+template <class T>
+__device__ __forceinline__ float bits_to_f32(uint16_t v);
+template <>
+__device__ __forceinline__ float bits_to_f32<__nv_bfloat16>(uint16_t v) {
+  return __bfloat162float(__ushort_as_bfloat16(v));
+}
+template <>
+__device__ __forceinline__ float bits_to_f32<__half>(uint16_t v) {
+  return __half2float(__ushort_as_half(v));
+}
+
+// The producer's share of step `cu` (the s-th) into ring slot `slot` (all 128 producer threads;
+// ptid = thread within the warpgroup). Everything that does not touch the slot (D's loads, the
+// hashing and the +-1 values) comes before the wait for the slot to be free; the thread ends
+// with its arrival on full[slot].
+template <class InT>
+__device__ __forceinline__ void produce_step(const DirectParams& p, const CUtensorMap* amap, Smem& sm,
+                                             const LinearStepCursor& cu, int64_t nci, int64_t s,
+                                             int64_t j0, int64_t b0, int ptid) {
+  const int slot = static_cast<int>(s & 1);
+  const bool last = cu.c == nci - 1;  // the (o, t)'s last step carries D[b, t, o]
+  uint16_t dv[2] = {0, 0};
+  if (last) {
+    const uint16_t* D = static_cast<const uint16_t*>(p.D);
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int64_t b = b0 + ptid + 128 * e;
+      if (b < p.B) dv[e] = D[(b * p.T + cu.t) * p.d_out + cu.o];
+    }
+  }
+  // Warp w makes sketch rows 32 w .. + 31 of the tile: bits 32 (w & 1) .. + 31 of word w >> 1
+  // (rows 64 (w >> 1) .. + 63) of each column. Columns past d_in get signs too; A is zero there.
+  const int lane = ptid & 31, w = ptid >> 5;
+  const uint64_t col0 = p.col_offset + static_cast<uint64_t>(cu.o * p.d_in + cu.c * kCols) +
+                        static_cast<uint64_t>(lane);
+  const uint64_t wi = static_cast<uint64_t>(j0 >> 6) + static_cast<uint64_t>(w >> 1);
+  const int sh = 32 * (w & 1);
+  const uint32_t lo = static_cast<uint32_t>(hash_word(column_key(p.key, col0), wi) >> sh);
+  const uint32_t hi = static_cast<uint32_t>(hash_word(column_key(p.key, col0 + 32), wi) >> sh);
+  constexpr uint32_t kOnes = PlusOne<std::conditional_t<std::is_same_v<InT, __half>, __half,
+                                                        __nv_bfloat16>>::kBits * 0x10001u;
+  // Lane l needs bit l of every column's half-word, two columns per packed register. Lane
+  // m (< 16) gathers columns 2 m, 2 m + 1 as (c0 & 0xFFFF) | (c1 << 16) and lane 16 + m as
+  // (c0 >> 16) | (c1 & 0xFFFF0000): then the pair (2 m, 2 m + 1) sits at bits l & 15 and
+  // (l & 15) + 16 of the register of lane (l & 16) + m, which one width-16 shuffle brings to
+  // every lane l; one shift and one mask-or make the two +-1 values.
+  const int m = lane & 15;
+  const uint32_t sel = lane < 16 ? 0x5410u : 0x7632u;
+  const uint32_t vlo = __byte_perm(__shfl_sync(0xFFFFFFFFu, lo, 2 * m),
+                                   __shfl_sync(0xFFFFFFFFu, lo, 2 * m + 1), sel);
+  const uint32_t vhi = __byte_perm(__shfl_sync(0xFFFFFFFFu, hi, 2 * m),
+                                   __shfl_sync(0xFFFFFFFFu, hi, 2 * m + 1), sel);
+  const int up = 15 - m;
+  uint32_t q[kCols / 2];  // packed pair pr: columns 2 pr (low half), 2 pr + 1 (high half)
+#pragma unroll
+  for (int pr = 0; pr < kCols / 2; ++pr) {
+    const uint32_t v = __shfl_sync(0xFFFFFFFFu, pr < 16 ? vlo : vhi, pr & 15, 16);
+    q[pr] = ((v << up) & 0x80008000u) | kOnes;
+  }
+
+  // The slot: free once the consumers are done with step s - 2.
+  if (s >= kStages) mbar_wait(&sm.empty[slot], static_cast<uint32_t>(((s >> 1) - 1) & 1));
+  if (ptid == 0) {
+    mbar_arrive_expect_tx(&sm.full[slot], kATileBytes);
+    tma_load_3d(smem_u32(&sm.a[slot][0]), amap, static_cast<int>(cu.c * kCols),
+                static_cast<int>(cu.t), static_cast<int>(b0), &sm.full[slot]);
+  }
+  if (last) {
+    sm.dv[slot][ptid] = dv[0];
+    sm.dv[slot][ptid + 128] = dv[1];
+  }
+  const uint32_t row_dst = smem_u32(&sm.r[slot][0]);
+  const int row = 32 * w + lane;
+#pragma unroll
+  for (int ch = 0; ch < kCols / 8; ++ch)
+    asm volatile("st.shared.v4.b32 [%0], {%1, %2, %3, %4};\n" ::"r"(row_dst +
+                                                                   sw128_offset(row, ch)),
+                 "r"(q[4 * ch]), "r"(q[4 * ch + 1]), "r"(q[4 * ch + 2]), "r"(q[4 * ch + 3])
+                 : "memory");
+  fence_proxy_async();  // the +-1 tile is read by wgmma (async proxy)
+  mbar_arrive(&sm.full[slot]);
+}
+
+template <class InT>
+__global__ void __launch_bounds__(kThreads, 1)
+    linear_ws_kernel(const DirectParams p, const __grid_constant__ CUtensorMap amap) {
+#if ISSL_WGMMA_DEVICE
+  using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+
+  const int tid = threadIdx.x, tw = tid & 127;
+  // The warpgroup, broadcast from lane 0 so ptxas sees it warp-uniform: otherwise the role
+  // branch below counts as divergent and it serialises the consumers' wgmma (C7518).
+  const int wg = __shfl_sync(0xFFFFFFFFu, tid >> 7, 0);
+  const int64_t bid = blockIdx.x;
+  const int64_t jt = bid % p.tiles_j;
+  const int64_t bt = (bid / p.tiles_j) % p.tiles_b;
+  const int64_t split = bid / (p.tiles_j * p.tiles_b);
+  const int64_t j0 = jt * kRows, b0 = bt * kExamples;
+  const int64_t o_begin = p.d_out * split / p.splits, o_end = p.d_out * (split + 1) / p.splits;
+  const int64_t nci = ceil_div(p.d_in, kCols);
+  const int64_t nsteps = (o_end - o_begin) * p.T * nci;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&sm.full[s], 1 + 128);  // the copy's expect_tx arrival + 128 producer threads
+      mbar_init(&sm.empty[s], kConsumers);
+    }
+    fence_mbar_init();
+  }
+  if (wg < 2) {
+#pragma unroll
+    for (int q = 0; q < kAcc / 4; ++q) sm.y[wg][q][tw] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __syncthreads();
+
+  if (wg == 2) {  // ---- producer ----
+    LinearStepCursor cu;
+    cu.o = o_begin;
+    for (int64_t s = 0; s < nsteps; ++s) {
+      produce_step<InT>(p, &amap, sm, cu, nci, s, j0, b0, tw);
+      cu.next(nci, p.T);
+    }
+    return;  // the consumers write the output
+  }
+
+  // ---- consumers ----
+  const int lane = tid & 31, wq = (tid >> 5) & 3, g = lane >> 2, t4 = lane & 3;
+  float z[kAcc];
+#pragma unroll
+  for (int i = 0; i < kAcc; ++i) z[i] = 0.0f;
+  auto fence_z = [&]() {
+#pragma unroll
+    for (int i = 0; i < kAcc; ++i) fence_reg(z[i]);
+  };
+  LinearStepCursor cu;
+  cu.o = o_begin;
+  bool fresh = true;     // the next wgmma starts a new Z (scale-d = 0)
+  bool pending = false;  // the previous step's slot is not yet freed
+  for (int64_t s = 0; s < nsteps; ++s) {
+    const int slot = static_cast<int>(s & 1);
+    mbar_wait(&sm.full[slot], static_cast<uint32_t>((s >> 1) & 1));
+    const uint32_t rbase = smem_u32(&sm.r[slot][0]) + wg * 64 * 128;
+    const uint32_t abase = smem_u32(&sm.a[slot][0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      wgmma_m64n256k16_ss<MmaT>(z, kmajor_sw128_desc(rbase + kk * 32),
+                                kmajor_sw128_desc(abase + kk * 32), (fresh && kk == 0) ? 0 : 1);
+    wgmma_commit();
+    fresh = false;
+    if (cu.c == nci - 1) {
+      // Free the previous step's slot as soon as its group is done (the producer can start
+      // step s + 1 while this one finishes), then wait for this step's own group.
+      wgmma_wait<1>();
+      fence_z();
+      if (pending) mbar_arrive(&sm.empty[slot ^ 1]);
+      wgmma_wait<0>();
+      fence_z();
+      // Y += D[b, t, o] Z: register 4 q + e is row g (+8 for e >= 2), column 8 q + 2 t4 (+1 for
+      // odd e) of the warpgroup's 64 x 256 tile.
+      const uint32_t* dv = reinterpret_cast<const uint32_t*>(&sm.dv[slot][0]);
+#pragma unroll
+      for (int q = 0; q < kAcc / 4; ++q) {
+        const uint32_t pair = dv[4 * q + t4];  // columns 8 q + 2 t4, + 1
+        const float d0 = bits_to_f32<InT>(static_cast<uint16_t>(pair & 0xFFFFu));
+        const float d1 = bits_to_f32<InT>(static_cast<uint16_t>(pair >> 16));
+        float4 y = sm.y[wg][q][tw];
+        y.x = fmaf(d0, z[4 * q + 0], y.x);
+        y.y = fmaf(d1, z[4 * q + 1], y.y);
+        y.z = fmaf(d0, z[4 * q + 2], y.z);
+        y.w = fmaf(d1, z[4 * q + 3], y.w);
+        sm.y[wg][q][tw] = y;
+      }
+      mbar_arrive(&sm.empty[slot]);  // after the fold: the slot's D was read
+      pending = false;
+      fresh = true;
+    } else {
+      wgmma_wait<1>();  // the previous step is done: its slot is free
+      fence_z();
+      if (pending) mbar_arrive(&sm.empty[slot ^ 1]);
+      pending = true;
+    }
+    cu.next(nci, p.T);
+  }
+  wgmma_wait<0>();  // nothing is in flight (the last step folded); says so to ptxas (C7517)
+  fence_z();
+
+  // Epilogue: scale * Y (+ out) into out[b, j], or raw Y into this split's partial slice.
+#pragma unroll 4
+  for (int q = 0; q < kAcc / 4; ++q) {
+    const float4 y = sm.y[wg][q][tw];
+    const float v[4] = {y.x, y.y, y.z, y.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t j = j0 + wg * 64 + wq * 16 + g + 8 * (e >> 1);
+      const int64_t b = b0 + 8 * q + 2 * t4 + (e & 1);
+      if (j < p.N && b < p.B) direct_store(p, split, b, j, v[e]);
+    }
+  }
+#else
+  __trap();  // never launched: linear_ws_usable requires a compute capability 9.0 device
+#endif
+}
+
+}  // namespace
+
+DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms) {
+  return direct_tile_plan(B, N, d_out, num_sms, kRows, kExamples, kMaxSplits);
+}
+
+bool linear_ws_usable(const LinearDirect& g) {
+  if (!cuda_variant_on(CudaVariant::kLinearWs)) return false;
+  if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return false;
+  if (g.B < kMinExamples) return false;
+  // TMA box coordinates are int32: the last column chunk, t and the last example tile.
+  if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return false;
+  if (!current_device_is_cc90()) return false;
+  return max_dynamic_smem() >= kSmemBytes;
+}
+
+void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, float* part,
+               std::uintptr_t stream) {
+  const DirectParams prm = direct_params(g, pl, part);
+  // A [B, T, d_in] as a 3-D tensor (innermost first), read in boxes of 64 columns x 1 x 256
+  // examples: one 32 KB swizzled tile per step.
+  const uint64_t dims[3] = {static_cast<uint64_t>(g.d_in), static_cast<uint64_t>(g.T),
+                            static_cast<uint64_t>(g.B)};
+  const uint64_t strides[2] = {static_cast<uint64_t>(g.d_in) * 2,
+                               static_cast<uint64_t>(g.T * g.d_in) * 2};
+  const uint32_t box[3] = {kCols, 1, kExamples};
+  const CUtensorMap amap =
+      tensor_map_16bit(g.A, g.dtype == DType::kFloat16, 3, dims, strides, box);
+  cudaStream_t st = as_stream(stream);
+  auto launch = [&](auto kernel) {
+    allow_smem(kernel, kSmemBytes, "linear_ws_kernel");
+    kernel<<<grid_1d(pl.tiles_j * pl.tiles_b * pl.splits, "linear_ws_kernel"), kThreads,
+             kSmemBytes, st>>>(prm, amap);
+    check_launch("linear_ws_kernel launch");
+  };
+  if (g.dtype == DType::kBFloat16) {
+    launch(linear_ws_kernel<__nv_bfloat16>);
+  } else {
+    launch(linear_ws_kernel<__half>);
+  }
+  note_cuda_variant_launch(CudaVariant::kLinearWs);
+  if (pl.splits > 1)
+    reduce_partials(part, pl.splits, g.B * g.N, g.scale, g.out, g.accumulate, stream);
+}
+
+}  // namespace issl_fast::cuda::detail
