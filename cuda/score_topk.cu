@@ -72,6 +72,10 @@ constexpr int kElemThreads = 256;
 // kPrepassMinRatio times larger, with topk at most a quarter of the sample.
 constexpr int64_t kPrepassRows = 32768;
 constexpr int64_t kPrepassMinRatio = 8;
+// CudaVariant::kScorePace (experimental): the rows between a partition's slowest and fastest
+// query block, over all partitions, are kept under about a third of an H100/H200's 50 MB L2.
+constexpr int64_t kPaceBytes = int64_t{16} << 20;
+constexpr int64_t kPaceMaxWindow = 8;
 
 // ---- tensor-core scoring (bfloat16 stores) -------------------------------------------------------
 // Warp grid kWarpsM x kWarpsN, each warp kWM m16 tiles (store rows) x kWN n8 tiles (queries);
@@ -129,6 +133,7 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
+  bool pacing = p.progress != nullptr;  // CudaVariant::kScorePace
 
   // k steps per tile (kq / BK < 2^31 for any store row that fits in memory).
   const int nk = static_cast<int>(p.kq / BK);
@@ -239,6 +244,7 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
           }
       process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
       tile_off += kRowsPerTile;
+      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, warp, lane, pacing);
     }
   }
   cp_async_wait<0>();
@@ -268,6 +274,7 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<kSimtMQ, kSimtCB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
+  bool pacing = p.progress != nullptr;  // CudaVariant::kScorePace
   const GT* G = static_cast<const GT*>(p.G);
 
   for (int64_t tile_off = 0; tile_off < part_rows; tile_off += kRowsPerTile) {
@@ -315,6 +322,7 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
         sq[i * 2 + jq] = 2 * warp + jq;
       }
     process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
+    pace_siblings(p, part, qblk, tile_off / kRowsPerTile + 1, warp, lane, pacing);
   }
   final_flush(sm.ts, c, lane, warp);
 }
@@ -546,6 +554,10 @@ CudaTopkPlan make_plan(int64_t m, const void* G, DType dtype, int64_t n, int64_t
       p.pre_rows = rows;
     }
   }
+  if (cuda_variant_on(CudaVariant::kScorePace) && p.query_blocks > 1) {
+    const int64_t tile_bytes = kRowsPerTile * k * cuda::detail::elem_size(dtype);
+    p.pace_window = std::clamp<int64_t>(kPaceBytes / (parts * tile_bytes), 1, kPaceMaxWindow);
+  }
   return p;
 }
 
@@ -556,6 +568,7 @@ struct TopkWs {
   long long* bi;
   __nv_bfloat16* qs;
   int* bars;
+  int* progress;  // CudaVariant::kScorePace: [partitions][query_blocks], or null
 };
 
 template <class Alloc>
@@ -570,6 +583,8 @@ TopkWs layout(Alloc& a, const CudaTopkPlan& pl, int64_t m, int64_t k, int64_t to
   w.bv = a.template take<float>(second * per);
   w.bi = a.template take<long long>(second * per);
   w.bars = a.template take<int>(m);
+  w.progress = nullptr;
+  if (pl.pace_window > 0) w.progress = a.template take<int>(pl.partitions * pl.query_blocks);
   w.qs = nullptr;
   if (pl.tensor_cores)
     w.qs = a.template take<__nv_bfloat16>(kQParts * pl.query_blocks * pl.queries_per_block *
@@ -700,6 +715,8 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
   cuda::detail::check_launch("init_bars_kernel launch");
   prm.qblocks = pl.query_blocks;
   prm.partitions = pl.partitions;
+  prm.progress = nullptr;  // the main pass only (below)
+  prm.pace_window = static_cast<int>(pl.pace_window);
   if (pl.tensor_cores) {
     prm.mp = pl.query_blocks * pl.queries_per_block;
     prm.kq = cuda::detail::round_up(k, kQPad);
@@ -727,6 +744,13 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
     prm.index_offset = index_offset + pl.pre_rows;
     prm.lists_v = w.av + pl.pre_partitions * per;
     prm.lists_i = w.ai + pl.pre_partitions * per;
+  }
+  if (w.progress != nullptr) {
+    cuda::detail::check(cudaMemsetAsync(w.progress, 0,
+                                        pl.partitions * pl.query_blocks * sizeof(int), st),
+                        "cudaMemsetAsync(progress)");
+    prm.progress = w.progress;
+    note_cuda_variant_launch(CudaVariant::kScorePace);
   }
   launch_scorer(pl, prm, dtype, query_bf16, st);
 

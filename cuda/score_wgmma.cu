@@ -116,6 +116,7 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
     fence_mbar_init();
   }
   init_block_lists(sm.ts, c, tid);  // its barrier also publishes the mbarriers' initialisation
+  bool pacing = p.progress != nullptr;  // CudaVariant::kScorePace
 
   const int nk = static_cast<int>(p.kq / kSwBK);
   const int64_t total = ceil_div(part_rows, kRowsPerTile) * nk;
@@ -227,6 +228,7 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
       fresh = true;
       process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
       tile_off += kRowsPerTile;
+      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, warp, lane, pacing);
     } else {
       wgmma_wait<1>();  // step it - 1 done: its slot is free after the next barrier
 #pragma unroll

@@ -87,7 +87,8 @@ def test_score_plan() -> None:
     plan = _C.score_topk_cuda_plan
     p = plan(64, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)
     assert p == {"tensor_cores": True, "queries_per_block": 64, "query_blocks": 1,
-                 "partitions": 264, "rows_per_tile": 128, "pre_partitions": 0, "pre_rows": 0}
+                 "partitions": 264, "rows_per_tile": 128, "pre_partitions": 0, "pre_rows": 0,
+                 "pace_window": 0}
     assert plan(1, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)["queries_per_block"] == 16
     p = plan(1024, ALIGNED, BF16, 4_000_000, 1024, 100, 132, AUTO)
     assert p["query_blocks"] == 16 and p["partitions"] == 16
@@ -124,6 +125,23 @@ def test_score_plan_prepass() -> None:
         assert plan(1, ALIGNED, BF16, 4_000_000, 64, 8448, H200_SMS, AUTO)["pre_partitions"] > 0
 
 
+def test_score_plan_pace() -> None:
+    plan = _C.score_topk_cuda_plan
+    assert plan(1024, ALIGNED, BF16, 4_000_000, 1024, 100, H200_SMS, AUTO)["pace_window"] == 0
+    with _cuda_ops.variants(["score_pace"]):
+        # 16 query blocks x 16 partitions of 256 KB tiles: 16 MB / (16 x 256 KB) = 4 tiles.
+        p = plan(1024, ALIGNED, BF16, 4_000_000, 1024, 100, H200_SMS, AUTO)
+        assert (p["query_blocks"], p["partitions"], p["pace_window"]) == (16, 16, 4)
+        # One query block: nothing to pace.
+        assert plan(64, ALIGNED, BF16, 4_000_000, 1024, 100, H200_SMS, AUTO)["pace_window"] == 0
+        # SIMT (float32 store, 16 queries per block): 64 blocks x 4 partitions of 512 KB tiles.
+        p = plan(1024, ALIGNED, F32, 4_000_000, 1024, 100, H200_SMS, AUTO)
+        assert (p["query_blocks"], p["partitions"], p["pace_window"]) == (64, 4, 8)
+        # Wide rows: at least one tile; narrow ones: at most 8.
+        assert plan(128, ALIGNED, BF16, 10**7, 2**16, 10, H200_SMS, AUTO)["pace_window"] == 1
+        assert plan(128, ALIGNED, BF16, 10**7, 16, 10, H200_SMS, AUTO)["pace_window"] == 8
+
+
 def test_kron_plan() -> None:
     plan = _C.sketch_kron_cuda_plan
     # The variant off: the two projections and the outer product.
@@ -151,8 +169,9 @@ def test_kron_plan() -> None:
 # kernel variants: names, the default set, switching, the environment variable
 # ---------------------------------------------------------------------------------------------
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
-ALL = ("kron_fused", "linear_wgmma", "linear_ws", "score_prepass", "score_tma", "score_wgmma")
-EXPERIMENTAL = ("linear_ws", "score_prepass")
+ALL = ("kron_fused", "linear_wgmma", "linear_ws", "score_pace", "score_prepass", "score_tma",
+       "score_wgmma")
+EXPERIMENTAL = ("linear_ws", "score_pace", "score_prepass")
 
 
 def test_variant_sets() -> None:
@@ -188,8 +207,8 @@ def test_variant_errors_change_nothing() -> None:
     with _cuda_ops.variants(["score_wgmma"]):
         with pytest.raises(ValueError, match="unknown CUDA kernel variant 'fast'"):
             _cuda_ops.set_variants(["kron_fused", "fast"])
-        with pytest.raises(ValueError, match="unknown kernel variant bits 64"):
-            _C.set_cuda_variants(64 | 1)
+        with pytest.raises(ValueError, match="unknown kernel variant bits 128"):
+            _C.set_cuda_variants(128 | 1)
         assert _cuda_ops.enabled_variants() == ("score_wgmma",)
     with pytest.raises(ValueError, match="not a single kernel variant bit: 3"):
         _C.cuda_variant_launches(3)
@@ -203,10 +222,10 @@ def test_variant_errors_change_nothing() -> None:
     (" kron_fused , ", ("kron_fused",)),  # a bare name first: that variant alone
     ("none,+score_tma", ("score_tma",)), ("-score_wgmma,-linear_wgmma,-score_tma", ("kron_fused",)),
     ("none,score_wgmma,+kron_fused", ("kron_fused", "score_wgmma")),
-    ("all,-score_tma", ("kron_fused", "linear_wgmma", "linear_ws", "score_prepass",
-                        "score_wgmma")),
+    ("all,-score_tma", ("kron_fused", "linear_wgmma", "linear_ws", "score_pace",
+                        "score_prepass", "score_wgmma")),
     ("+score_prepass", tuple(sorted((*DEFAULT, "score_prepass")))),
-    ("+score_prepass,+linear_ws", ALL),
+    ("+score_prepass,+linear_ws,+score_pace", ALL),
     ("-kron_fused,+KRON_FUSED", DEFAULT),
 ])
 def test_parse_variants_env(value: str, expected: tuple[str, ...]) -> None:
@@ -286,6 +305,15 @@ def test_workspace_sizes() -> None:
         fixed = lists + lists // 2 + 3 * m * k * 2 + 4 * m
         ws = _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 4_000_000, k, topk, False, 132, AUTO)
         assert fixed <= ws <= fixed + 2048
+    m = 1024  # score_pace: + one int32 of progress per (partition, query block)
+    lists = 16 * m * topk * 12
+    fixed = lists + lists // 2 + 3 * m * k * 2 + 4 * m
+    ws = _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 4_000_000, k, topk, False, 132, AUTO)
+    assert fixed <= ws <= fixed + 2048
+    with _cuda_ops.variants(["score_pace"]):
+        paced = _C.score_topk_cuda_workspace(m, ALIGNED, BF16, 4_000_000, k, topk, False, 132,
+                                             AUTO)
+        assert ws + 16 * 16 * 4 <= paced <= ws + 16 * 16 * 4 + 512
 
 
 # ---------------------------------------------------------------------------------------------

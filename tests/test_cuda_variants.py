@@ -449,3 +449,43 @@ def test_score_prepass_simt_stores_and_pairwise_merges(dtype: torch.dtype, topk:
     with _prepass("portable"):
         got = ops.score_topk(Q, Gd, topk)
     assert torch.equal(got[0], one[0]) and torch.equal(got[1], one[1]), f"{dtype} topk={topk}"
+
+
+# ---------------------------------------------------------------------------------------------
+# score_pace (experimental): the query blocks of a partition kept within a few tiles of each other
+# ---------------------------------------------------------------------------------------------
+# Bases: the portable tensor-core scorer, the default set (wgmma + TMA on CC 9.0), and the SIMT
+# scorer (a float16 store). (m, n, k, topk): two query blocks, several (with a partial one), and
+# many partitions of a few tiles each.
+PACE_BASES = {"portable": ((), torch.bfloat16),
+              "default": (tuple(_cuda_ops.default_variants()), torch.bfloat16),
+              "simt": ((), torch.float16)}
+
+
+@pytest.mark.parametrize("base", list(PACE_BASES))
+@pytest.mark.parametrize("m,n,k,topk", [(65, 40_000, 64, 10), (300, 20_011, 40, 37),
+                                        (130, 300_000, 16, 1)])
+def test_score_pace_equals_unpaced_and_matches_reference(
+    base: str, m: int, n: int, k: int, topk: int
+) -> None:
+    # Pacing only delays blocks; every result is exact top-k with ties by lower index, so the
+    # paced result must be the unpaced one bit for bit.
+    variants, dtype = PACE_BASES[base]
+    G = dyadic((n, k), seed=n + k).to(dtype)
+    Q = randn((m, k), seed=m + k)
+    Gd, Qd = G.to(DEV), Q.to(DEV)
+    with _cuda_ops.variants(variants):
+        want = ops.score_topk(Qd, Gd, topk)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    code = {torch.bfloat16: 2, torch.float16: 1}[dtype]
+    before = _cuda_ops.variant_launches("score_pace")
+    with _cuda_ops.variants((*variants, "score_pace")):
+        plan = _C.score_topk_cuda_plan(m, Gd.data_ptr(), code, n, k, topk, sms, 0)
+        assert plan["query_blocks"] > 1 and plan["pace_window"] >= 1, plan
+        got = ops.score_topk(Qd, Gd, topk)
+        assert torch.equal(ops.score_topk(Qd, Gd, topk)[1], got[1])
+    assert _cuda_ops.variant_launches("score_pace") > before, "pacing never ran"
+    what = f"score_pace {base} m={m} n={n} k={k} topk={topk}"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), what
+    ref = reference.score_topk(Q, G.float(), topk, accum=torch.float64)
+    assert_topk_close((got[0].cpu(), got[1].cpu()), ref, Q, G.float(), what=what)

@@ -3,7 +3,8 @@
 and no timing: ncu replays each profiled launch itself, and a warm-up would be profiled instead.
 Order: sketch_kron, sketch_linear (the default kernel, then the experimental linear_ws), then
 score_topk with bfloat16 queries at m = 16, 64 and 1024 (the default kernels; ``extra`` lists
-experimental variants to profile as well: m = 64 again with score_prepass)."""
+experimental variants to profile as well: m = 64 again with score_prepass, m = 1024 again with
+score_pace)."""
 
 from __future__ import annotations
 
@@ -25,13 +26,14 @@ def main() -> None:
         ops.sketch_linear(A, D, 4096, seed=1)
     del A, D
     G = torch.randn(4_000_000, 1024, device=dev, dtype=torch.bfloat16)
-    for m, extra in ((16, []), (64, []), (64, ["score_prepass"]), (1024, [])):
+    for m, extra in ((16, []), (64, []), (64, ["score_prepass"]), (1024, []),
+                     (1024, ["score_pace"])):
         Q = torch.randn(m, 1024, device=dev).to(torch.bfloat16)
         with _cuda_ops.variants(default + extra):
             ops.score_topk(Q, G, 100)
     torch.cuda.synchronize()
     print("profiled launches queued: kron, linear, linear_ws, score m=16, 64, 64 with the"
-          " pre-pass (2 scorer launches), 1024")
+          " pre-pass (2 scorer launches), 1024, 1024 paced")
 
 
 if __name__ == "__main__":

@@ -237,6 +237,7 @@ PYBIND11_MODULE(_C, m) {
     flags["score_tma"] = static_cast<uint32_t>(CudaVariant::kScoreTma);
     flags["score_prepass"] = static_cast<uint32_t>(CudaVariant::kScorePrepass);
     flags["linear_ws"] = static_cast<uint32_t>(CudaVariant::kLinearWs);
+    flags["score_pace"] = static_cast<uint32_t>(CudaVariant::kScorePace);
     m.attr("CUDA_VARIANTS") = flags;
     m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }
@@ -300,6 +301,7 @@ PYBIND11_MODULE(_C, m) {
           d["rows_per_tile"] = p.rows_per_tile;
           d["pre_partitions"] = p.pre_partitions;
           d["pre_rows"] = p.pre_rows;
+          d["pace_window"] = p.pace_window;
           return d;
         });
 #endif

@@ -37,8 +37,9 @@ enum class CudaVariant : uint32_t {
   kScoreTma = 1u << 3,        // the wgmma scorer's ring filled by TMA (one thread per copy)
   kScorePrepass = 1u << 4,    // experimental: score_topk bars from an exact pre-pass (any GPU)
   kLinearWs = 1u << 5,        // experimental: direct sketch_linear, producer/consumer warpgroups
+  kScorePace = 1u << 6,       // experimental: score_topk's query blocks paced to share L2 (any GPU)
 };
-constexpr uint32_t kCudaVariantsAll = 0x3Fu;
+constexpr uint32_t kCudaVariantsAll = 0x7Fu;
 constexpr uint32_t kCudaVariantsDefault = 0xFu;
 void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_variants();
@@ -122,6 +123,9 @@ struct CudaTopkPlan {
   // partitions, and the k-th best value of their union seeds every query's bar for the rest
   // (partitions over rows [pre_rows, n)); 0 and 0 without it.
   int64_t pre_partitions = 0, pre_rows = 0;
+  // CudaVariant::kScorePace: with several query blocks, each keeps within pace_window tiles of
+  // the slowest block of its partition (same store rows, so they stay in L2); 0 without it.
+  int64_t pace_window = 0;
 };
 // sketch_kron: fused (one kernel, CudaVariant::kKronFused) or the two projections plus the
 // outer product; for the fused kernel, blocks of 64 outputs along k_in / k_out and the splits of
