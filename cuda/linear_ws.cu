@@ -35,6 +35,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <type_traits>
 
@@ -58,6 +59,7 @@ constexpr int kAcc = kExamples / 2;  // float32 accumulators per consumer thread
 constexpr uint32_t kATileBytes = kExamples * kCols * 2;
 constexpr uint32_t kRTileBytes = kRows * kCols * 2;
 constexpr int64_t kMaxSplits = 64;
+constexpr int kMaxDevices = 64;  // pair_fits remembers its answer for device ids below this
 // Fewer examples than this leave over half of every 256-wide block idle: linear_wgmma's 64-wide
 // blocks do less work there.
 constexpr int64_t kMinExamples = 128;
@@ -88,10 +90,10 @@ __device__ __forceinline__ float bits_to_f32<__half>(uint16_t v) {
 // ptid = thread within the warpgroup). Everything that does not touch the slot (D's loads, the
 // hashing and the +-1 values) comes before the wait for the slot to be free; the thread ends
 // with its arrival on full[slot].
-template <class InT>
+template <class InT, int kPair>
 __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtensorMap* amap, Smem& sm,
                                              const LinearStepCursor& cu, int64_t nci, int64_t s,
-                                             int64_t j0, int64_t b0, int ptid) {
+                                             int64_t j0, int64_t b0, int ptid, uint32_t rank) {
   const int slot = static_cast<int>(s & 1);
   const bool last = cu.c == nci - 1;  // the (o, t)'s last step carries D[b, t, o]
   uint16_t dv[2] = {0, 0};
@@ -136,9 +138,16 @@ __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtens
   // The slot: free once the consumers are done with step s - 2.
   if (s >= kStages) mbar_wait(&sm.empty[slot], static_cast<uint32_t>(((s >> 1) - 1) & 1));
   if (ptid == 0) {
-    mbar_arrive_expect_tx(&sm.full[slot], kATileBytes);
-    tma_load_3d(smem_u32(&sm.a[slot][0]), amap, static_cast<int>(cu.c * kCols),
-                static_cast<int>(cu.t), static_cast<int>(b0), &sm.full[slot]);
+    mbar_arrive_expect_tx(&sm.full[slot], kATileBytes);  // with a pair: both halves land here
+    if constexpr (kPair == 1) {
+      tma_load_3d(smem_u32(&sm.a[slot][0]), amap, static_cast<int>(cu.c * kCols),
+                  static_cast<int>(cu.t), static_cast<int>(b0), &sm.full[slot]);
+    } else {  // this block's half of the examples, into both blocks of the pair
+      constexpr int kHalf = kExamples / 2;
+      tma_load_3d_multicast(smem_u32(&sm.a[slot][0]) + rank * (kATileBytes / 2), amap,
+                            static_cast<int>(cu.c * kCols), static_cast<int>(cu.t),
+                            static_cast<int>(b0 + kHalf * rank), &sm.full[slot], 0x3);
+    }
   }
   if (last) {
     sm.dv[slot][ptid] = dv[0];
@@ -156,52 +165,17 @@ __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtens
   mbar_arrive(&sm.full[slot]);
 }
 
-template <class InT>
-__global__ void __launch_bounds__(kThreads, 1)
-    linear_ws_kernel(const DirectParams p, const __grid_constant__ CUtensorMap amap) {
-#if ISSL_WGMMA_DEVICE
+// The consumer warpgroups' loop and epilogue (wg 0 or 1; tid = thread in the block).
+template <class InT, int kPair>
+__device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg, int tid,
+                                        int64_t nsteps, int64_t nci, int64_t o_begin, int64_t j0,
+                                        int64_t b0, int64_t split, uint32_t partner) {
   using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  const uint32_t raw = smem_u32(smem_raw);
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
-
-  const int tid = threadIdx.x, tw = tid & 127;
-  // The warpgroup, broadcast from lane 0 so ptxas sees it warp-uniform: otherwise the role
-  // branch below counts as divergent and it serialises the consumers' wgmma (C7518).
-  const int wg = __shfl_sync(0xFFFFFFFFu, tid >> 7, 0);
-  const int64_t bid = blockIdx.x;
-  const int64_t jt = bid % p.tiles_j;
-  const int64_t bt = (bid / p.tiles_j) % p.tiles_b;
-  const int64_t split = bid / (p.tiles_j * p.tiles_b);
-  const int64_t j0 = jt * kRows, b0 = bt * kExamples;
-  const int64_t o_begin = p.d_out * split / p.splits, o_end = p.d_out * (split + 1) / p.splits;
-  const int64_t nci = ceil_div(p.d_in, kCols);
-  const int64_t nsteps = (o_end - o_begin) * p.T * nci;
-
-  if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
-      mbar_init(&sm.full[s], 1 + 128);  // the copy's expect_tx arrival + 128 producer threads
-      mbar_init(&sm.empty[s], kConsumers);
-    }
-    fence_mbar_init();
-  }
-  if (wg < 2) {
-#pragma unroll
-    for (int q = 0; q < kAcc / 4; ++q) sm.y[wg][q][tw] = make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  __syncthreads();
-
-  if (wg == 2) {  // ---- producer ----
-    LinearStepCursor cu;
-    cu.o = o_begin;
-    for (int64_t s = 0; s < nsteps; ++s) {
-      produce_step<InT>(p, &amap, sm, cu, nci, s, j0, b0, tw);
-      cu.next(nci, p.T);
-    }
-    return;  // the consumers write the output
-  }
-
-  // ---- consumers ----
+  const int tw = tid & 127;
+  auto release = [&](int slot) {  // this thread is done with `slot` (in both blocks of a pair)
+    mbar_arrive(&sm.empty[slot]);
+    if constexpr (kPair == 2) mbar_arrive_cluster(&sm.empty[slot], partner);
+  };
   const int lane = tid & 31, wq = (tid >> 5) & 3, g = lane >> 2, t4 = lane & 3;
   float z[kAcc];
 #pragma unroll
@@ -231,7 +205,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       // step s + 1 while this one finishes), then wait for this step's own group.
       wgmma_wait<1>();
       fence_z();
-      if (pending) mbar_arrive(&sm.empty[slot ^ 1]);
+      if (pending) release(slot ^ 1);
       wgmma_wait<0>();
       fence_z();
       // Y += D[b, t, o] Z: register 4 q + e is row g (+8 for e >= 2), column 8 q + 2 t4 (+1 for
@@ -249,13 +223,13 @@ __global__ void __launch_bounds__(kThreads, 1)
         y.w = fmaf(d1, z[4 * q + 3], y.w);
         sm.y[wg][q][tw] = y;
       }
-      mbar_arrive(&sm.empty[slot]);  // after the fold: the slot's D was read
+      release(slot);  // after the fold: the slot's D was read
       pending = false;
       fresh = true;
     } else {
       wgmma_wait<1>();  // the previous step is done: its slot is free
       fence_z();
-      if (pending) mbar_arrive(&sm.empty[slot ^ 1]);
+      if (pending) release(slot ^ 1);
       pending = true;
     }
     cu.next(nci, p.T);
@@ -275,6 +249,65 @@ __global__ void __launch_bounds__(kThreads, 1)
       if (j < p.N && b < p.B) direct_store(p, split, b, j, v[e]);
     }
   }
+}
+
+// kPair = 2 (CudaVariant::kLinearWsPair): clusters of two blocks with adjacent sketch-row tiles
+// (same examples, same split): each block's producer copies half of the example tile and the TMA
+// unit multicasts it into both blocks, so each tile comes through L2 once per pair. A slot is
+// then free only when the consumers of both blocks released it: each consumer thread arrives on
+// its own block's empty barrier and on the partner's (count 2 x 256).
+template <class InT, int kPair>
+__global__ void __launch_bounds__(kThreads, 1)
+    linear_ws_kernel(const DirectParams p, const __grid_constant__ CUtensorMap amap) {
+#if ISSL_WGMMA_DEVICE
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+
+  const int tid = threadIdx.x, tw = tid & 127;
+  // The warpgroup, broadcast from lane 0 so ptxas sees it warp-uniform: otherwise the role
+  // branch below counts as divergent and it serialises the consumers' wgmma (C7518).
+  const int wg = __shfl_sync(0xFFFFFFFFu, tid >> 7, 0);
+  const int64_t bid = blockIdx.x;
+  const int64_t jt = bid % p.tiles_j;
+  const int64_t bt = (bid / p.tiles_j) % p.tiles_b;
+  const int64_t split = bid / (p.tiles_j * p.tiles_b);
+  const int64_t j0 = jt * kRows, b0 = bt * kExamples;
+  const int64_t o_begin = p.d_out * split / p.splits, o_end = p.d_out * (split + 1) / p.splits;
+  const int64_t nci = ceil_div(p.d_in, kCols);
+  const int64_t nsteps = (o_end - o_begin) * p.T * nci;
+
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&sm.full[s], 1 + 128);  // the copy's expect_tx arrival + 128 producer threads
+      mbar_init(&sm.empty[s], kConsumers * kPair);
+    }
+    fence_mbar_init();
+  }
+  if (wg < 2) {
+#pragma unroll
+    for (int q = 0; q < kAcc / 4; ++q) sm.y[wg][q][tw] = make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  const uint32_t rank = kPair == 2 ? cluster_ctarank() : 0;
+  if constexpr (kPair == 2) {
+    cluster_sync();  // the partner's barriers are initialised before any copy or arrival
+  } else {
+    __syncthreads();
+  }
+
+  if (wg == 2) {  // ---- producer ----
+    LinearStepCursor cu;
+    cu.o = o_begin;
+    for (int64_t s = 0; s < nsteps; ++s) {
+      produce_step<InT, kPair>(p, &amap, sm, cu, nci, s, j0, b0, tw, rank);
+      cu.next(nci, p.T);
+    }
+  } else {
+    consume<InT, kPair>(p, sm, wg, tid, nsteps, nci, o_begin, j0, b0, split, rank ^ 1u);
+  }
+  // No block of a pair leaves while its partner may still copy into it or arrive on its
+  // barriers.
+  if constexpr (kPair == 2) cluster_sync();
 #else
   __trap();  // never launched: linear_ws_usable requires a compute capability 9.0 device
 #endif
@@ -282,45 +315,91 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 }  // namespace
 
-DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms) {
-  return direct_tile_plan(B, N, d_out, num_sms, kRows, kExamples, kMaxSplits);
+DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms, int pair) {
+  // Pairs take adjacent sketch-row tiles: an even count (rows past N are computed, not stored).
+  return direct_tile_plan(B, round_up(std::max<int64_t>(N, 1), kRows * pair), d_out, num_sms,
+                          kRows, kExamples, kMaxSplits);
 }
 
-bool linear_ws_usable(const LinearDirect& g) {
-  if (!cuda_variant_on(CudaVariant::kLinearWs)) return false;
-  if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return false;
-  if (g.B < kMinExamples) return false;
+namespace {
+// The launch, with clusters of `pair` blocks along the grid (1: no cluster attribute).
+template <class Kernel>
+cudaLaunchConfig_t ws_config(Kernel kernel, int pair, unsigned blocks, cudaStream_t st,
+                             cudaLaunchAttribute* attr) {
+  allow_smem(kernel, kSmemBytes, "linear_ws_kernel");
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(blocks);
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = static_cast<size_t>(kSmemBytes);
+  cfg.stream = st;
+  attr->id = cudaLaunchAttributeClusterDimension;
+  attr->val.clusterDim.x = static_cast<unsigned>(pair);
+  attr->val.clusterDim.y = 1;
+  attr->val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = pair > 1 ? 1 : 0;
+  return cfg;
+}
+
+// Whether a cluster of two of these blocks (2 x ~226 KB of shared memory) can be resident on
+// the current device (asked once per device).
+bool pair_fits() {
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev >= 0 && dev < kMaxDevices && known[dev].load() != 0) return known[dev].load() == 2;
+  cudaLaunchAttribute attr{};
+  const cudaLaunchConfig_t cfg = ws_config(linear_ws_kernel<__nv_bfloat16, 2>, 2, 2, nullptr,
+                                           &attr);
+  int clusters = 0;
+  check(cudaOccupancyMaxActiveClusters(&clusters, linear_ws_kernel<__nv_bfloat16, 2>, &cfg),
+        "cudaOccupancyMaxActiveClusters(linear_ws_kernel)");
+  if (dev >= 0 && dev < kMaxDevices) known[dev].store(clusters >= 1 ? 2 : 1);
+  return clusters >= 1;
+}
+}  // namespace
+
+int linear_ws_pair(const LinearDirect& g) {
+  const bool pair = cuda_variant_on(CudaVariant::kLinearWsPair);
+  if (!pair && !cuda_variant_on(CudaVariant::kLinearWs)) return 0;
+  if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return 0;
+  if (g.B < kMinExamples) return 0;
   // TMA box coordinates are int32: the last column chunk, t and the last example tile.
-  if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return false;
-  if (!current_device_is_cc90()) return false;
-  return max_dynamic_smem() >= kSmemBytes;
+  if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return 0;
+  if (!current_device_is_cc90() || max_dynamic_smem() < kSmemBytes) return 0;
+  if (pair && pair_fits()) return 2;
+  return cuda_variant_on(CudaVariant::kLinearWs) ? 1 : 0;
 }
 
-void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, float* part,
+void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, int pair, float* part,
                std::uintptr_t stream) {
+  require(pair == 1 || pair == 2, "issl_fast CUDA: linear_ws pair must be 1 or 2");
+  require(pl.tiles_j % pair == 0, "issl_fast CUDA: linear_ws pairs need an even tile count");
   const DirectParams prm = direct_params(g, pl, part);
   // A [B, T, d_in] as a 3-D tensor (innermost first), read in boxes of 64 columns x 1 x 256
-  // examples: one 32 KB swizzled tile per step.
+  // examples (one 32 KB swizzled tile per step), or of 128 examples: each block's half of a
+  // pair's tile.
   const uint64_t dims[3] = {static_cast<uint64_t>(g.d_in), static_cast<uint64_t>(g.T),
                             static_cast<uint64_t>(g.B)};
   const uint64_t strides[2] = {static_cast<uint64_t>(g.d_in) * 2,
                                static_cast<uint64_t>(g.T * g.d_in) * 2};
-  const uint32_t box[3] = {kCols, 1, kExamples};
+  const uint32_t box[3] = {kCols, 1, static_cast<uint32_t>(kExamples / pair)};
   const CUtensorMap amap =
       tensor_map_16bit(g.A, g.dtype == DType::kFloat16, 3, dims, strides, box);
-  cudaStream_t st = as_stream(stream);
+  const unsigned blocks = grid_1d(pl.tiles_j * pl.tiles_b * pl.splits, "linear_ws_kernel");
   auto launch = [&](auto kernel) {
-    allow_smem(kernel, kSmemBytes, "linear_ws_kernel");
-    kernel<<<grid_1d(pl.tiles_j * pl.tiles_b * pl.splits, "linear_ws_kernel"), kThreads,
-             kSmemBytes, st>>>(prm, amap);
-    check_launch("linear_ws_kernel launch");
+    cudaLaunchAttribute attr{};
+    const cudaLaunchConfig_t cfg = ws_config(kernel, pair, blocks, as_stream(stream), &attr);
+    check(cudaLaunchKernelEx(&cfg, kernel, prm, amap), "linear_ws_kernel launch");
   };
-  if (g.dtype == DType::kBFloat16) {
-    launch(linear_ws_kernel<__nv_bfloat16>);
+  const bool bf16 = g.dtype == DType::kBFloat16;
+  if (pair == 2) {
+    bf16 ? launch(linear_ws_kernel<__nv_bfloat16, 2>) : launch(linear_ws_kernel<__half, 2>);
+    note_cuda_variant_launch(CudaVariant::kLinearWsPair);
   } else {
-    launch(linear_ws_kernel<__half>);
+    bf16 ? launch(linear_ws_kernel<__nv_bfloat16, 1>) : launch(linear_ws_kernel<__half, 1>);
+    note_cuda_variant_launch(CudaVariant::kLinearWs);
   }
-  note_cuda_variant_launch(CudaVariant::kLinearWs);
   if (pl.splits > 1)
     reduce_partials(part, pl.splits, g.B * g.N, g.scale, g.out, g.accumulate, stream);
 }

@@ -1,6 +1,7 @@
 // Internal, for sketch_gemm.cu (CUDA sources only): the direct sketch_linear route on Hopper with
-// warp specialisation (sm_90a only), implemented in linear_ws.cu. An experimental kernel variant
-// (CudaVariant::kLinearWs); linear_direct in sketch_gemm.cu tries it before linear_wgmma.
+// warp specialisation (sm_90a only), implemented in linear_ws.cu. Experimental kernel variants
+// (CudaVariant::kLinearWs, kLinearWsPair); linear_direct in sketch_gemm.cu tries them before
+// linear_wgmma.
 #pragma once
 #include <cstdint>
 
@@ -9,16 +10,21 @@
 
 namespace issl_fast::cuda::detail {
 
-// 128 sketch rows x 256 examples per block, one block per SM.
-DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms);
+// 128 sketch rows x 256 examples per block, one block per SM; with pair = 2, an even number of
+// sketch-row tiles (clusters of two blocks).
+DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms, int pair);
 
-// The switch is on, this binary holds sm_90a code, the current device is compute capability 9.0
-// with room for the block's shared memory, B >= 128 (below that most of a 256-example block would
-// idle), and A can be read by TMA (16-byte aligned base, d_in % 8 == 0, every coordinate within
-// int32).
-bool linear_ws_usable(const LinearDirect& g);
+// 0: not usable; 1: single blocks (CudaVariant::kLinearWs); 2: clusters of two blocks sharing
+// each example tile through TMA multicast (CudaVariant::kLinearWsPair, when such a cluster fits).
+// Usable: the switch is on, this binary holds sm_90a code, the current device is compute
+// capability 9.0 with room for the block's shared memory, B >= 128 (below that most of a
+// 256-example block would idle), and A can be read by TMA (16-byte aligned base,
+// d_in % 8 == 0, every coordinate within int32).
+int linear_ws_pair(const LinearDirect& g);
 
-// Same contract as linear_direct; `part` holds direct_tile_partial_floats floats.
-void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, float* part, std::uintptr_t stream);
+// Same contract as linear_direct; `pl` from linear_ws_plan with the same pair; `part` holds
+// direct_tile_partial_floats floats.
+void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, int pair, float* part,
+               std::uintptr_t stream);
 
 }  // namespace issl_fast::cuda::detail

@@ -155,4 +155,47 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// ---- thread-block clusters (device) -----------------------------------------------------------
+// This block's rank in its cluster.
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r = 0;
+#if ISSL_WGMMA_DEVICE
+  asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
+#endif
+  return r;
+}
+// Every thread of every block of the cluster: also orders the mbarrier initialisations (and
+// anything before it) before what follows, cluster-wide.
+__device__ __forceinline__ void cluster_sync() {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n"
+               ::: "memory");
+#endif
+}
+// One arrival (release at cluster scope) on the mbarrier at the same offset in block `cta` of
+// the cluster.
+__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
+#if ISSL_WGMMA_DEVICE
+  asm volatile(
+      "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
+      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
+      "r"(cta)
+      : "memory");
+#endif
+}
+// tma_load_3d into the same offset `dst` of every block in `cta_mask` of the cluster, each copy
+// completing its bytes on that block's mbarrier at the offset of `bar`.
+__device__ __forceinline__ void tma_load_3d_multicast(uint32_t dst, const CUtensorMap* map, int c0,
+                                                      int c1, int c2, uint64_t* bar,
+                                                      uint16_t cta_mask) {
+#if ISSL_WGMMA_DEVICE
+  asm volatile(
+      "cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3, %4}], [%5], %6;\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c0), "r"(c1), "r"(c2), "r"(smem_u32(bar)),
+      "h"(cta_mask)
+      : "memory");
+#endif
+}
+
 }  // namespace issl_fast::cuda::detail

@@ -169,9 +169,9 @@ def test_kron_plan() -> None:
 # kernel variants: names, the default set, switching, the environment variable
 # ---------------------------------------------------------------------------------------------
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
-ALL = ("kron_fused", "linear_wgmma", "linear_ws", "score_pace", "score_prepass", "score_tma",
-       "score_wgmma")
-EXPERIMENTAL = ("linear_ws", "score_pace", "score_prepass")
+ALL = ("kron_fused", "linear_wgmma", "linear_ws", "linear_ws_pair", "score_pace", "score_prepass",
+       "score_tma", "score_wgmma")
+EXPERIMENTAL = ("linear_ws", "linear_ws_pair", "score_pace", "score_prepass")
 
 
 def test_variant_sets() -> None:
@@ -207,8 +207,8 @@ def test_variant_errors_change_nothing() -> None:
     with _cuda_ops.variants(["score_wgmma"]):
         with pytest.raises(ValueError, match="unknown CUDA kernel variant 'fast'"):
             _cuda_ops.set_variants(["kron_fused", "fast"])
-        with pytest.raises(ValueError, match="unknown kernel variant bits 128"):
-            _C.set_cuda_variants(128 | 1)
+        with pytest.raises(ValueError, match="unknown kernel variant bits 256"):
+            _C.set_cuda_variants(256 | 1)
         assert _cuda_ops.enabled_variants() == ("score_wgmma",)
     with pytest.raises(ValueError, match="not a single kernel variant bit: 3"):
         _C.cuda_variant_launches(3)
@@ -222,10 +222,10 @@ def test_variant_errors_change_nothing() -> None:
     (" kron_fused , ", ("kron_fused",)),  # a bare name first: that variant alone
     ("none,+score_tma", ("score_tma",)), ("-score_wgmma,-linear_wgmma,-score_tma", ("kron_fused",)),
     ("none,score_wgmma,+kron_fused", ("kron_fused", "score_wgmma")),
-    ("all,-score_tma", ("kron_fused", "linear_wgmma", "linear_ws", "score_pace",
-                        "score_prepass", "score_wgmma")),
+    ("all,-score_tma", ("kron_fused", "linear_wgmma", "linear_ws", "linear_ws_pair",
+                        "score_pace", "score_prepass", "score_wgmma")),
     ("+score_prepass", tuple(sorted((*DEFAULT, "score_prepass")))),
-    ("+score_prepass,+linear_ws,+score_pace", ALL),
+    ("+score_prepass,+linear_ws,+score_pace,+linear_ws_pair", ALL),
     ("-kron_fused,+KRON_FUSED", DEFAULT),
 ])
 def test_parse_variants_env(value: str, expected: tuple[str, ...]) -> None:
@@ -292,6 +292,14 @@ def test_workspace_sizes() -> None:
     with _cuda_ops.variants(["linear_wgmma"]):
         want = 8 if _C.CUDA_SM90A else 4
         assert _C.sketch_linear_cuda_workspace(*args) == want * 64 * 4096 * 4
+    # linear_ws (single blocks or pairs): 32 tiles of 128 x 256 -> 4 splits; with an odd tile
+    # count (k = 3968: 31 tiles) pairs round it up to 32.
+    for names in (["linear_ws"], ["linear_ws_pair"]):
+        with _cuda_ops.variants(names):
+            for k in (4096, 3968):
+                ws = _C.sketch_linear_cuda_workspace(BF16, 256, 1, 1024, 1024, k, RADEMACHER,
+                                                     AUTO, 132)
+                assert ws >= (4 * 256 * k * 4 if _C.CUDA_SM90A else 0), (names, k, ws)
     # score_topk: partitions' lists (+ the earlier result) + half of them again for the merge
     # tree + the bf16 split queries + one shared bar (int32) per query.
     m, topk, k = 64, 100, 1024

@@ -159,7 +159,7 @@ LINEAR_WS_CASES = [
     (513, 1, 64, 40, 129),
 ]
 LINEAR_ROUTES = [("linear_wgmma", *c) for c in LINEAR_WGMMA_CASES] + [
-    ("linear_ws", *c) for c in LINEAR_WS_CASES]
+    (v, *c) for v in ("linear_ws", "linear_ws_pair") for c in LINEAR_WS_CASES]
 
 
 @pytest.mark.parametrize("dtype", list(HALF))
@@ -168,7 +168,8 @@ def test_linear_wgmma_matches_reference_and_default(
     variant: str, dtype: str, B: int, T: int, d_in: int, d_out: int, k: int
 ) -> None:
     # linear_ws (experimental) is the same product with warp specialisation: 128 sketch rows x
-    # 256 examples per block, the +-1 tile made by a producer warpgroup, A brought by TMA.
+    # 256 examples per block, the +-1 tile made by a producer warpgroup, A brought by TMA;
+    # linear_ws_pair runs it in clusters of two blocks that share each A tile (TMA multicast).
     _require_hopper()
     A = dyadic((B, T, d_in), seed=B + T + d_in).to(HALF[dtype])
     D = dyadic((B, T, d_out), seed=B + T + d_out + 1).to(HALF[dtype])
@@ -187,14 +188,15 @@ def test_linear_wgmma_matches_reference_and_default(
     assert_close(acc.cpu(), ref + 1, mag + 1, what + " accumulate")
 
 
-@pytest.mark.parametrize("B,expect", [(127, "linear_wgmma"), (128, "linear_ws")])
+@pytest.mark.parametrize("B,expect", [(127, "linear_wgmma"), (128, "linear_ws_pair")])
 def test_linear_ws_routing(B: int, expect: str) -> None:
-    # With both direct wgmma routes on, linear_ws takes the calls it is usable for (B >= 128)
-    # and linear_wgmma the smaller batches; the results agree within the tolerance policy.
+    # With all direct wgmma routes on, linear_ws_pair takes the calls it is usable for
+    # (B >= 128) and linear_wgmma the smaller batches; the results agree within the tolerance
+    # policy.
     _require_hopper()
     A = dyadic((B, 1, 64), seed=B).to(torch.bfloat16)
     D = dyadic((B, 1, 3), seed=B + 1).to(torch.bfloat16)
-    names = ("linear_wgmma", "linear_ws")
+    names = ("linear_wgmma", "linear_ws", "linear_ws_pair")
     before = {n: _cuda_ops.variant_launches(n) for n in names}
     with _cuda_ops.variants(names):
         y = ops.sketch_linear(A.to(DEV), D.to(DEV), 200, seed=4)
