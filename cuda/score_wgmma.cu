@@ -90,11 +90,16 @@ constexpr int64_t sw_smem_bytes() {
 
 // The scorer; gmap / qmap (TMA only) are the tensor maps of G [n, k] in 128 x 64 boxes and of
 // the query terms [3 mp, kq] in MQ x 64 boxes.
-template <int MQ, int CB, int QP, bool kTma>
+// kStack (CudaVariant::kScoreStack, float32 queries: QP = 3): the three bf16 terms of the MQ
+// queries sit in shared memory as one 3 MQ-row tile, so one wgmma of N = 3 MQ per k16 slice
+// scores all three (three accumulator groups, added per score at the end of the tile:
+// (hi + mid) + lo) instead of three wgmmas of N = MQ that each re-read the store tile.
+template <int MQ, int CB, int QP, bool kTma, bool kStack>
 __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorMap* gmap,
                                            const CUtensorMap* qmap) {
 #if ISSL_WGMMA_DEVICE
   static_assert(MQ == 16 || MQ == 64, "wgmma N of 16 or 64");
+  static_assert(!kStack || QP == kQParts, "stacking is for the three terms of float32 queries");
   using SM = SwSmem<MQ, CB, QP, kTma>;
   constexpr int kSwStages = SM::kStages;
   static_assert(kSwStages >= 3, "slots: computing, draining, copying");
@@ -167,9 +172,10 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
     }
   };
 
-  float acc[kNS];
+  constexpr int kAccN = kStack ? kNS * QP : kNS;  // stacked: term qp in acc[qp kNS ..]
+  float acc[kAccN];
 #pragma unroll
-  for (int i = 0; i < kNS; ++i) acc[i] = 0.0f;
+  for (int i = 0; i < kAccN; ++i) acc[i] = 0.0f;
   bool fresh = true;  // the next wgmma starts a new tile (scale-d = 0)
 
 #pragma unroll
@@ -201,14 +207,22 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
     }
     const uint32_t ga = smem_u32(&sm.g[slot][0]) + wg * 64 * kRowBytes;
     wgmma_fence();
+    if constexpr (kStack) {
 #pragma unroll
-    for (int kk = 0; kk < kSwBK / 16; ++kk)
+      for (int kk = 0; kk < kSwBK / 16; ++kk)
+        wgmma_ss<MQ * QP>(acc, kmajor_sw128_desc(ga + kk * 32),
+                          kmajor_sw128_desc(smem_u32(&sm.q[slot][0][0]) + kk * 32),
+                          (fresh && kk == 0) ? 0 : 1);
+    } else {
 #pragma unroll
-      for (int qp = 0; qp < QP; ++qp)
-        wgmma_ss<MQ>(
-            acc, kmajor_sw128_desc(ga + kk * 32),
-            kmajor_sw128_desc(smem_u32(&sm.q[slot][qp][0]) + kk * 32),
-            (fresh && kk == 0 && qp == 0) ? 0 : 1);
+      for (int kk = 0; kk < kSwBK / 16; ++kk)
+#pragma unroll
+        for (int qp = 0; qp < QP; ++qp)
+          wgmma_ss<MQ>(
+              acc, kmajor_sw128_desc(ga + kk * 32),
+              kmajor_sw128_desc(smem_u32(&sm.q[slot][qp][0]) + kk * 32),
+              (fresh && kk == 0 && qp == 0) ? 0 : 1);
+    }
     wgmma_commit();
     fresh = false;
     if (++slot == kSwStages) slot = 0;
@@ -216,12 +230,13 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
       kc = 0;
       wgmma_wait<0>();
 #pragma unroll
-      for (int i = 0; i < kNS; ++i) fence_reg(acc[i]);
+      for (int i = 0; i < kAccN; ++i) fence_reg(acc[i]);
       float sv[kNS];
       int srow[kNS], sq[kNS];
 #pragma unroll
       for (int i = 0; i < kNS; ++i) {
-        sv[i] = acc[i];
+        // Stacked: query column c of term qp is column c + qp MQ, i.e. register i + qp kNS.
+        sv[i] = kStack ? (acc[i] + acc[i + kNS]) + acc[i + 2 * kNS] : acc[i];
         srow[i] = wg * 64 + wq * 16 + g + 8 * ((i >> 1) & 1);
         sq[i] = 8 * (i >> 2) + 2 * t4 + (i & 1);
       }
@@ -232,7 +247,7 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
     } else {
       wgmma_wait<1>();  // step it - 1 done: its slot is free after the next barrier
 #pragma unroll
-      for (int i = 0; i < kNS; ++i) fence_reg(acc[i]);
+      for (int i = 0; i < kAccN; ++i) fence_reg(acc[i]);
     }
   }
   wgmma_wait<0>();
@@ -243,17 +258,17 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
 #endif
 }
 
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, bool kStack>
 __global__ void __launch_bounds__(kThreads, 1) wgmma_score_kernel(const ScoreParams p) {
-  score_body<MQ, CB, QP, false>(p, nullptr, nullptr);
+  score_body<MQ, CB, QP, false, kStack>(p, nullptr, nullptr);
 }
 
 // The tensor maps are kernel parameters (__grid_constant__: TMA reads them where they are).
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, bool kStack>
 __global__ void __launch_bounds__(kThreads, 1)
     tma_score_kernel(const ScoreParams p, const __grid_constant__ CUtensorMap gmap,
                      const __grid_constant__ CUtensorMap qmap) {
-  score_body<MQ, CB, QP, true>(p, &gmap, &qmap);
+  score_body<MQ, CB, QP, true, kStack>(p, &gmap, &qmap);
 }
 
 // TMA takes 32-bit box coordinates: rows up to n + 127 and 3 mp must fit.
@@ -262,7 +277,7 @@ bool tma_fits(const ScoreParams& p) {
          p.kq < (int64_t{1} << 31);
 }
 
-template <int MQ, int CB, int QP>
+template <int MQ, int CB, int QP, bool kStack>
 void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
   constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true>();
   const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
@@ -271,25 +286,37 @@ void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
   const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
       p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
       static_cast<uint64_t>(p.kq), MQ, kSwBK);
-  auto kernel = tma_score_kernel<MQ, CB, QP>;
+  auto kernel = tma_score_kernel<MQ, CB, QP, kStack>;
   cuda::detail::allow_smem(kernel, smem, "tma_score_kernel");
   kernel<<<cuda::detail::grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(p, gmap,
                                                                                      qmap);
   cuda::detail::check_launch("tma_score_kernel launch");
 }
 
-template <int MQ, int CB, int QP>
-void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
+template <int MQ, int CB, int QP, bool kStack>
+void launch_ring(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
   if (cuda_variant_on(CudaVariant::kScoreTma) && tma_fits(p)) {
-    launch_tma<MQ, CB, QP>(p, blocks, st);
+    launch_tma<MQ, CB, QP, kStack>(p, blocks, st);
     note_cuda_variant_launch(CudaVariant::kScoreTma);
     return;
   }
   constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false>();
-  auto kernel = wgmma_score_kernel<MQ, CB, QP>;
+  auto kernel = wgmma_score_kernel<MQ, CB, QP, kStack>;
   cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
   kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
   cuda::detail::check_launch("wgmma_score_kernel launch");
+}
+
+template <int MQ, int CB, int QP>
+void launch(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
+  if constexpr (QP == kQParts) {
+    if (cuda_variant_on(CudaVariant::kScoreStack)) {
+      launch_ring<MQ, CB, QP, true>(p, blocks, st);
+      note_cuda_variant_launch(CudaVariant::kScoreStack);
+      return;
+    }
+  }
+  launch_ring<MQ, CB, QP, false>(p, blocks, st);
 }
 
 }  // namespace

@@ -174,6 +174,49 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss(float (&z)[128], uint64_t de
 #endif
 }
 
+#define ISSL_WGMMA_Z24_OUT \
+  ISSL_Z8(0), ISSL_Z8(8), ISSL_Z8(16)
+#define ISSL_WGMMA_Z24_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23" \
+  "}"
+#define ISSL_WGMMA_Z96_OUT \
+  ISSL_Z8(0), ISSL_Z8(8), ISSL_Z8(16), ISSL_Z8(24), ISSL_Z8(32), ISSL_Z8(40), \
+      ISSL_Z8(48), ISSL_Z8(56), ISSL_Z8(64), ISSL_Z8(72), ISSL_Z8(80), ISSL_Z8(88)
+#define ISSL_WGMMA_Z96_REGS \
+  "{" \
+  "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, " \
+  "%18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, " \
+  "%34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, " \
+  "%50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, " \
+  "%66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
+  "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
+  "}"
+
+// D (+)= A (64 x 16, shared) * B (16 x N, shared), bf16, for the N of score_topk's stacked
+// query terms (score_wgmma.cu, CudaVariant::kScoreStack: 3 terms x 16 or x 64 queries).
+__device__ __forceinline__ void wgmma_m64n48k16_ss(float (&z)[24], uint64_t desc_a,
+                                                   uint64_t desc_b, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 " ISSL_WGMMA_Z24_REGS
+               ", %24, %25, p, 1, 1, 0, 0;\n}\n"
+               : ISSL_WGMMA_Z24_OUT
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+__device__ __forceinline__ void wgmma_m64n192k16_ss(float (&z)[96], uint64_t desc_a,
+                                                    uint64_t desc_b, int scale_d) {
+#if ISSL_WGMMA_DEVICE
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 " ISSL_WGMMA_Z96_REGS
+               ", %96, %97, p, 1, 1, 0, 0;\n}\n"
+               : ISSL_WGMMA_Z96_OUT
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+#endif
+}
+
 // Register A fragments of 4 k16 slices (64 columns) of +-1 rows, for one warp: `sb` points at
 // the 32-bit word holding this warp's rows of column 0 (consecutive columns `stride` words
 // apart), and bit sh (sh + 8) of it is the warp's row g (g + 8), set = -1. Register r of slice
@@ -199,9 +242,13 @@ __device__ __forceinline__ void pm1_a_fragments(const uint32_t* sb, int stride, 
 template <int N>
 __device__ __forceinline__ void wgmma_ss(float (&z)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                          int scale_d) {
-  static_assert(N == 16 || N == 64 || N == 256, "m64n16k16, m64n64k16 and m64n256k16");
+  static_assert(N == 16 || N == 48 || N == 64 || N == 192 || N == 256, "m64nNk16 for these N");
   if constexpr (N == 16) {
     wgmma_m64n16k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+  } else if constexpr (N == 48) {
+    wgmma_m64n48k16_ss(z, desc_a, desc_b, scale_d);
+  } else if constexpr (N == 192) {
+    wgmma_m64n192k16_ss(z, desc_a, desc_b, scale_d);
   } else if constexpr (N == 256) {
     wgmma_m64n256k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
   } else {

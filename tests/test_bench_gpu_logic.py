@@ -18,9 +18,11 @@ import pytest
 import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "gpu" / "bench_gpu.py"
-# A stand-in build with experimental variants (score_tma_deep, a name of the stand-in only, and
-# score_pace, which acts on several query blocks only), so the experimental branch runs too.
-NAMES = ("kron_fused", "linear_wgmma", "score_pace", "score_tma", "score_tma_deep", "score_wgmma")
+# A stand-in build with experimental variants (score_tma_deep, a name of the stand-in only;
+# score_pace, which acts on several query blocks only; score_stack, on float32 queries only), so
+# the experimental branch runs too.
+NAMES = ("kron_fused", "linear_wgmma", "score_pace", "score_stack", "score_tma", "score_tma_deep",
+         "score_wgmma")
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
 
 
@@ -50,7 +52,7 @@ def _fake_switch(launches: dict[str, int], idle: set[str], sets: list[tuple[str,
     return SimpleNamespace(
         variant_names=lambda: NAMES,
         default_variants=lambda: DEFAULT,
-        experimental_variants=lambda: ("score_pace", "score_tma_deep"),
+        experimental_variants=lambda: ("score_pace", "score_stack", "score_tma_deep"),
         variants=variants,
         variant_launches=lambda n: launches[n],
     )
@@ -102,10 +104,13 @@ def test_variants_step_produces_every_row(bench: ModuleType) -> None:
                                                                ("exp", "score_tma_deep"))
                  for m in (1, 20, 80) for q in ("f32", "bf16")]
     expected += [f"exp score_pace m=80 {q} Q" for q in ("f32", "bf16")]
+    expected += [f"exp score_stack m={m} f32 Q" for m in (1, 20, 80)]
     for name in expected:
         assert name in rows, (name, sorted(rows))
-    # score_pace paces several query blocks: nothing to time for m <= 64 (one block).
+    # score_pace paces several query blocks: nothing to time for m <= 64 (one block);
+    # score_stack stacks the terms of float32 queries: nothing with bfloat16 queries.
     assert not [r for r in rows if "score_pace m=1 " in r or "score_pace m=20 " in r], rows
+    assert not [r for r in rows if "score_stack" in r and "bf16" in r], rows
     assert not [r for r in bench.ROWS if "FAILED" in r[5]], bench.ROWS
     # A default variant is timed against the default set without it (the portable kernel), an
     # experimental one against the default set.

@@ -225,7 +225,27 @@ SCORE_WGMMA_CASES = [
 ]
 
 
-SCORE_RINGS = {"cp.async": ("score_wgmma",), "tma": ("score_wgmma", "score_tma")}
+# How the ring is filled (cp.async or TMA) and, with float32 queries, whether the three bf16
+# terms are scored by one stacked wgmma (score_stack, experimental) or three.
+SCORE_RINGS = {"cp.async": ("score_wgmma",), "tma": ("score_wgmma", "score_tma"),
+               "cp.async+stack": ("score_wgmma", "score_stack"),
+               "tma+stack": ("score_wgmma", "score_tma", "score_stack")}
+# The ring each must match bit for bit (the same MMAs in the same order). Stacking sums the
+# terms in another order, so it has its own reference ring.
+SAME_BITS = {"tma": "cp.async", "tma+stack": "cp.async+stack"}
+
+
+@contextmanager
+def _ring(ring: str, query: str) -> Iterator[None]:
+    """The ring's variants on; each must launch, except score_stack with bfloat16 queries (one
+    term: nothing to stack)."""
+    names = SCORE_RINGS[ring]
+    must = [n for n in names if not (n == "score_stack" and query == "bfloat16")]
+    before = {n: _cuda_ops.variant_launches(n) for n in must}
+    with _cuda_ops.variants(names):
+        yield
+    for n in must:
+        assert _cuda_ops.variant_launches(n) > before[n], f"{n} never launched"
 
 
 @pytest.mark.parametrize("ring", list(SCORE_RINGS))
@@ -240,14 +260,18 @@ def test_score_wgmma_matches_reference(ring: str, query: str, m: int, n: int, k:
     G = dyadic((n, k), seed=n * 7 + k)
     Qd = Q.to(DEV).to(torch.bfloat16) if query == "bfloat16" else Q.to(DEV)
     Gd = G.to(torch.bfloat16).to(DEV)
-    with _running(*SCORE_RINGS[ring]):
+    with _ring(ring, query):
         v, i = ops.score_topk(Qd, Gd, topk)
         v2, i2 = ops.score_topk(Qd, Gd, topk)
     assert torch.equal(v, v2) and torch.equal(i, i2), "deterministic"
-    if ring != "cp.async":  # the same MMAs in the same order: the same bits
-        with _running("score_wgmma"):
+    # The same MMAs in the same order give the same bits (bfloat16 queries: nothing to stack).
+    same = SAME_BITS.get(ring)
+    if query == "bfloat16" and ring.endswith("+stack"):
+        same = ring.removesuffix("+stack")
+    if same is not None:
+        with _ring(same, query):
             v3, i3 = ops.score_topk(Qd, Gd, topk)
-        assert torch.equal(v, v3) and torch.equal(i, i3), ring + " vs cp.async"
+        assert torch.equal(v, v3) and torch.equal(i, i3), f"{ring} vs {same}"
     ref = reference.score_topk(Q, G, topk, accum=torch.float64)
     what = f"score_wgmma {ring} {query} m={m} n={n} k={k}"
     assert_topk_close((v.cpu(), i.cpu()), ref, Q, G, what=what)
@@ -265,7 +289,7 @@ def test_score_wgmma_bf16_one_pass_ties_and_exclusion(ring: str) -> None:
     G[2000:2010] = G[17]  # exact ties with row 17: broken by lower index
     Gd = G.to(torch.bfloat16).to(DEV)
     ex = torch.tensor([[17, 2001]] * m, device=DEV)
-    with _running(*SCORE_RINGS[ring]):
+    with _ring(ring, "float32"):  # the float32 call below launches every variant of the ring
         one = ops.score_topk(Qb, Gd, 13, exclude=ex)
         three = ops.score_topk(Qb.float(), Gd, 13, exclude=ex)
     assert torch.equal(one[0], three[0]) and torch.equal(one[1], three[1])

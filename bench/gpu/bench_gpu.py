@@ -369,10 +369,15 @@ def compare_variant(
     return t0, d0, t1, d1
 
 
-def _acts_on(name: str, m: int) -> bool:
-    """Whether score variant ``name`` changes anything for m queries (score_pace paces the query
-    blocks of a partition: none to pace with one block, m <= 64)."""
-    return not (name == "score_pace" and m <= 64)
+def _acts_on(name: str, m: int, qname: str) -> bool:
+    """Whether score variant ``name`` changes anything for m queries of this kind (score_pace
+    paces the query blocks of a partition: none with one block, m <= 64; score_stack stacks the
+    three terms of float32 queries: one term with bfloat16 queries)."""
+    if name == "score_pace":
+        return m > 64
+    if name == "score_stack":
+        return qname == "f32 Q"
+    return True
 
 
 def _tag(name: str) -> str:
@@ -446,7 +451,7 @@ def bench_variants(
     for m in ms:
         Q = torch.randn(m, k, device=DEV)
         for qname, Qx in (("f32 Q", Q), ("bf16 Q", Q.to(torch.bfloat16))):
-            for name in (v for v in _of_op("score") if _acts_on(v, m)):
+            for name in (v for v in _of_op("score") if _acts_on(v, m, qname)):
                 r = compare_variant(f"score_topk m={m} {qname}", name,
                                     lambda Qx=Qx: ops.score_topk(Qx, G, topk)[0],
                                     rounds * 3 if m <= 64 else rounds)
