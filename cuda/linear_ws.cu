@@ -27,7 +27,7 @@
 //     a last step goes to shared memory too.
 // Two ring slots (Y takes 128 KB of the 227): full[s] completes when the copy's bytes landed and
 // the 128 producer threads arrived (each after a proxy fence over its own writes); empty[s] when
-// the 256 consumer threads arrived after the wgmmas reading the slot completed. Per step the
+// the 8 consumer warps arrived after the wgmmas reading the slot completed. Per step the
 // consumers commit four wgmmas (k = 16 each) as one group, then wait until only that group is in
 // flight and free the previous slot; the last step of an (o, t) waits for its own group, folds Z
 // into Y and frees its slot. Every sum is float32 in a fixed order: deterministic, and within the
@@ -172,9 +172,15 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
                                         int64_t b0, int64_t split, uint32_t partner) {
   using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
   const int tw = tid & 127;
-  auto release = [&](int slot) {  // this thread is done with `slot` (in both blocks of a pair)
-    mbar_arrive(&sm.empty[slot]);
-    if constexpr (kPair == 2) mbar_arrive_cluster(&sm.empty[slot], partner);
+  // This warp is done with `slot`: one arrival per warp on this block's empty barrier (lane 0)
+  // and, in a pair, on the partner's (lane 1), after the warp's lanes all got here.
+  const int lane_id = tid & 31;
+  auto release = [&](int slot) {
+    __syncwarp();
+    if (lane_id == 0) mbar_arrive(&sm.empty[slot]);
+    if constexpr (kPair == 2) {
+      if (lane_id == 1) mbar_arrive_cluster(&sm.empty[slot], partner);
+    }
   };
   const int lane = tid & 31, wq = (tid >> 5) & 3, g = lane >> 2, t4 = lane & 3;
   float z[kAcc];
@@ -254,8 +260,8 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
 // kPair = 2 (CudaVariant::kLinearWsPair): clusters of two blocks with adjacent sketch-row tiles
 // (same examples, same split): each block's producer copies half of the example tile and the TMA
 // unit multicasts it into both blocks, so each tile comes through L2 once per pair. A slot is
-// then free only when the consumers of both blocks released it: each consumer thread arrives on
-// its own block's empty barrier and on the partner's (count 2 x 256).
+// then free only when the consumers of both blocks released it: each consumer warp arrives on
+// its own block's empty barrier and on the partner's (count 2 x 8).
 template <class InT, int kPair>
 __global__ void __launch_bounds__(kThreads, 1)
     linear_ws_kernel(const DirectParams p, const __grid_constant__ CUtensorMap amap) {
@@ -280,7 +286,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&sm.full[s], 1 + 128);  // the copy's expect_tx arrival + 128 producer threads
-      mbar_init(&sm.empty[s], kConsumers * kPair);
+      mbar_init(&sm.empty[s], kConsumers / 32 * kPair);  // one arrival per consumer warp
     }
     fence_mbar_init();
   }
@@ -342,7 +348,7 @@ cudaLaunchConfig_t ws_config(Kernel kernel, int pair, unsigned blocks, cudaStrea
 }
 
 // Whether a cluster of two of these blocks (2 x ~226 KB of shared memory) can be resident on
-// the current device (asked once per device).
+// the current device (asked once per device; a failed query counts as no).
 bool pair_fits() {
   static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
   int dev = 0;
@@ -352,8 +358,11 @@ bool pair_fits() {
   const cudaLaunchConfig_t cfg = ws_config(linear_ws_kernel<__nv_bfloat16, 2>, 2, 2, nullptr,
                                            &attr);
   int clusters = 0;
-  check(cudaOccupancyMaxActiveClusters(&clusters, linear_ws_kernel<__nv_bfloat16, 2>, &cfg),
-        "cudaOccupancyMaxActiveClusters(linear_ws_kernel)");
+  if (cudaOccupancyMaxActiveClusters(&clusters, linear_ws_kernel<__nv_bfloat16, 2>, &cfg) !=
+      cudaSuccess) {
+    (void)cudaGetLastError();  // not sticky: clear it so later checks do not report it
+    clusters = 0;
+  }
   if (dev >= 0 && dev < kMaxDevices) known[dev].store(clusters >= 1 ? 2 : 1);
   return clusters >= 1;
 }
@@ -367,7 +376,10 @@ int linear_ws_pair(const LinearDirect& g) {
   // TMA box coordinates are int32: the last column chunk, t and the last example tile.
   if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return 0;
   if (!current_device_is_cc90() || max_dynamic_smem() < kSmemBytes) return 0;
-  if (pair && pair_fits()) return 2;
+  // Pairs need an even number of 128-row tiles: rounding up may add at most an eighth of them
+  // (an odd count of 7 or more), else the second block of a pair would mostly idle.
+  const int64_t tiles = ceil_div(g.N, kRows);
+  if (pair && (tiles % 2 == 0 || tiles >= 7) && pair_fits()) return 2;
   return cuda_variant_on(CudaVariant::kLinearWs) ? 1 : 0;
 }
 

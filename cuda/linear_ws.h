@@ -15,7 +15,8 @@ namespace issl_fast::cuda::detail {
 DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms, int pair);
 
 // 0: not usable; 1: single blocks (CudaVariant::kLinearWs); 2: clusters of two blocks sharing
-// each example tile through TMA multicast (CudaVariant::kLinearWsPair, when such a cluster fits).
+// each example tile through TMA multicast (CudaVariant::kLinearWsPair, when such a cluster fits
+// and the 128-row tiles of N are even in number or at least 7).
 // Usable: the switch is on, this binary holds sm_90a code, the current device is compute
 // capability 9.0 with room for the block's shared memory, B >= 128 (below that most of a
 // 256-example block would idle), and A can be read by TMA (16-byte aligned base,

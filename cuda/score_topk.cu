@@ -133,7 +133,7 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
-  bool pacing = p.progress != nullptr;  // CudaVariant::kScorePace
+  PaceState pace{p.progress != nullptr, 0};  // CudaVariant::kScorePace
 
   // k steps per tile (kq / BK < 2^31 for any store row that fits in memory).
   const int nk = static_cast<int>(p.kq / BK);
@@ -244,7 +244,8 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
           }
       process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
       tile_off += kRowsPerTile;
-      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, warp, lane, pacing);
+      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, tile_off >= part_rows, warp, lane,
+                    pace);
     }
   }
   cp_async_wait<0>();
@@ -274,7 +275,7 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<kSimtMQ, kSimtCB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
-  bool pacing = p.progress != nullptr;  // CudaVariant::kScorePace
+  PaceState pace{p.progress != nullptr, 0};  // CudaVariant::kScorePace
   const GT* G = static_cast<const GT*>(p.G);
 
   for (int64_t tile_off = 0; tile_off < part_rows; tile_off += kRowsPerTile) {
@@ -322,7 +323,8 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
         sq[i * 2 + jq] = 2 * warp + jq;
       }
     process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
-    pace_siblings(p, part, qblk, tile_off / kRowsPerTile + 1, warp, lane, pacing);
+    pace_siblings(p, part, qblk, tile_off / kRowsPerTile + 1,
+                  tile_off + kRowsPerTile >= part_rows, warp, lane, pace);
   }
   final_flush(sm.ts, c, lane, warp);
 }
@@ -609,7 +611,8 @@ template <class Kernel>
 void launch_score(Kernel kernel, int64_t smem, const ScoreParams& prm, cudaStream_t st,
                   const char* name) {
   cuda::detail::allow_smem(kernel, smem, name);
-  kernel<<<cuda::detail::grid_1d(prm.partitions * prm.qblocks, name), kThreads, smem, st>>>(prm);
+  kernel<<<cuda::detail::grid_1d(prm.partitions * prm.qblocks, name), kThreads, smem, st>>>(
+      pace_if_resident(prm, kernel, smem));
   cuda::detail::check_launch(name);
 }
 
@@ -749,8 +752,7 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
     cuda::detail::check(cudaMemsetAsync(w.progress, 0,
                                         pl.partitions * pl.query_blocks * sizeof(int), st),
                         "cudaMemsetAsync(progress)");
-    prm.progress = w.progress;
-    note_cuda_variant_launch(CudaVariant::kScorePace);
+    prm.progress = w.progress;  // if the launch can hold the whole grid (pace_if_resident)
   }
   launch_scorer(pl, prm, dtype, query_bf16, st);
 

@@ -1,14 +1,16 @@
 // Internal: the per-block top-k machinery of score_topk (score_topk.cu), shared by its scoring
 // kernels and the sm_90a wgmma scorer (score_wgmma.cu): per-query candidate buffers in shared
 // memory, their warp-level flush into the block's running list, shared bars, and the kernel
-// parameters. Device code only; included by .cu files of this folder.
+// parameters, and the launch-side check of score_pace. Included by .cu files of this folder.
 #pragma once
 #include <cuda_runtime.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
 #include "common.cuh"
+#include "issl_fast/cuda_ops.h"
 
 namespace issl_fast::topk {
 
@@ -283,28 +285,69 @@ __device__ __forceinline__ TopkCtx make_ctx(const ScoreParams& p, int64_t part, 
 }
 
 // CudaVariant::kScorePace (experimental). The query blocks of one partition (adjacent block
-// indices, so co-resident) read the same store rows; drifting apart, they make each row come
-// from DRAM again (43% L2 hits at m = 1024 on an H200, run 7). After each tile, warp 0 publishes
-// the block's finished tiles and waits while it is more than pace_window tiles ahead of the
-// slowest sibling; the other warps wait at the block's next barrier. A hint, never a
-// dependency: after kPaceMaxPolls polls (~2-4 ms, a sibling that is not resident) the block stops
-// pacing, so nothing can deadlock, and no result depends on it.
+// indices) read the same store rows; drifting apart, they make each row come from DRAM again
+// (43% L2 hits at m = 1024 on an H200, run 7). After each tile, warp 0 publishes the block's
+// finished tiles and, when it is more than pace_window tiles ahead of the slowest sibling it
+// last saw, polls until it is not; the other warps wait at the block's next barrier. A hint,
+// never a dependency: it runs only when the launch can hold the whole grid at once
+// (pace_if_resident), a block gives up pacing after kPaceMaxPolls polls (~2-4 ms), and no
+// result depends on it (the bars only ever skip rows that cannot reach the top-k).
 constexpr int kPaceMaxPolls = 4096;
-__device__ __forceinline__ void pace_siblings(const ScoreParams& p, int64_t part, int64_t qblk,
-                                              int64_t tiles_done, int warp, int lane,
-                                              bool& pacing) {
-  if (!pacing || warp != 0) return;
-  volatile int* row = p.progress + part * p.qblocks;
-  const int mine = static_cast<int>(tiles_done);
-  if (lane == 0) row[qblk] = mine;
+struct PaceState {
+  bool on;      // still pacing
+  int slowest;  // the slowest sibling's finished tiles, as last seen
+};
+
+// Polls (warp 0) until the slowest sibling is within `window` tiles of `mine`; returns its
+// tiles, or INT_MIN after kPaceMaxPolls polls. Out of line: inlined, its registers made the
+// 64-query tc_score_kernel configs spill on sm_80 even with pacing off.
+static __device__ __noinline__ int pace_poll(const int* progress_row, int64_t qblocks,
+                                             int mine, int window, int lane) {
+  const volatile int* row = progress_row;
   for (int polls = 0; polls < kPaceMaxPolls; ++polls) {
     int slowest = mine;
-    for (int64_t b = lane; b < p.qblocks; b += 32) slowest = min(slowest, row[b]);
+    for (int64_t b = lane; b < qblocks; b += 32) slowest = min(slowest, row[b]);
     slowest = __reduce_min_sync(0xFFFFFFFFu, slowest);
-    if (mine - slowest <= p.pace_window) return;
+    if (mine - slowest <= window) return slowest;
     __nanosleep(500);
   }
-  pacing = false;
+  return INT_MIN;
+}
+
+// After a finished tile (`tiles_done` so far; `last`: the partition's last tile, publish only).
+__device__ __forceinline__ void pace_siblings(const ScoreParams& p, int64_t part, int64_t qblk,
+                                              int64_t tiles_done, bool last, int warp, int lane,
+                                              PaceState& ps) {
+  if (!ps.on || warp != 0) return;
+  int* row = p.progress + part * p.qblocks;
+  const int mine = static_cast<int>(tiles_done);
+  if (lane == 0) *static_cast<volatile int*>(row + qblk) = mine;
+  if (last || mine - ps.slowest <= p.pace_window) return;
+  ps.slowest = pace_poll(row, p.qblocks, mine, p.pace_window, lane);
+  if (ps.slowest == INT_MIN) ps.on = false;
+}
+
+// The launch-side half: pacing stays on only if `kernel` (kThreads threads, `smem` bytes of
+// dynamic shared memory, already allowed) can hold every block of the grid at once on this
+// device; a block waiting on a sibling that cannot start would hold its SM for nothing.
+template <class Kernel>
+ScoreParams pace_if_resident(ScoreParams p, Kernel kernel, int64_t smem) {
+  if (p.progress == nullptr) return p;
+  int dev = 0, sms = 0, per_sm = 0;
+  cuda::detail::check(cudaGetDevice(&dev), "cudaGetDevice");
+  cuda::detail::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev),
+                      "cudaDeviceGetAttribute(MultiProcessorCount)");
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads,
+                                                    static_cast<size_t>(smem)) != cudaSuccess) {
+    (void)cudaGetLastError();
+    per_sm = 0;
+  }
+  if (p.partitions * p.qblocks > static_cast<int64_t>(per_sm) * sms) {
+    p.progress = nullptr;
+  } else {
+    note_cuda_variant_launch(CudaVariant::kScorePace);
+  }
+  return p;
 }
 
 }  // namespace issl_fast::topk

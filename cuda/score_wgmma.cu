@@ -121,7 +121,7 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
     fence_mbar_init();
   }
   init_block_lists(sm.ts, c, tid);  // its barrier also publishes the mbarriers' initialisation
-  bool pacing = p.progress != nullptr;  // CudaVariant::kScorePace
+  PaceState pace{p.progress != nullptr, 0};  // CudaVariant::kScorePace
 
   const int nk = static_cast<int>(p.kq / kSwBK);
   const int64_t total = ceil_div(part_rows, kRowsPerTile) * nk;
@@ -243,7 +243,8 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
       fresh = true;
       process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
       tile_off += kRowsPerTile;
-      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, warp, lane, pacing);
+      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, tile_off >= part_rows, warp, lane,
+                    pace);
     } else {
       wgmma_wait<1>();  // step it - 1 done: its slot is free after the next barrier
 #pragma unroll
@@ -288,8 +289,8 @@ void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
       static_cast<uint64_t>(p.kq), MQ, kSwBK);
   auto kernel = tma_score_kernel<MQ, CB, QP, kStack>;
   cuda::detail::allow_smem(kernel, smem, "tma_score_kernel");
-  kernel<<<cuda::detail::grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(p, gmap,
-                                                                                     qmap);
+  kernel<<<cuda::detail::grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(
+      pace_if_resident(p, kernel, smem), gmap, qmap);
   cuda::detail::check_launch("tma_score_kernel launch");
 }
 
@@ -303,7 +304,8 @@ void launch_ring(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
   constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false>();
   auto kernel = wgmma_score_kernel<MQ, CB, QP, kStack>;
   cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
-  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(p);
+  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(
+      pace_if_resident(p, kernel, smem));
   cuda::detail::check_launch("wgmma_score_kernel launch");
 }
 

@@ -172,14 +172,15 @@ __device__ __forceinline__ void cluster_sync() {
                ::: "memory");
 #endif
 }
-// One arrival (release at cluster scope) on the mbarrier at the same offset in block `cta` of
-// the cluster.
+// One arrival on the mbarrier at the same offset in block `cta` of the cluster. The plain form
+// (as CUTLASS's ClusterBarrier::arrive): .release.cluster would put a GPU-wide fence
+// (MEMBAR.ALL.GPU) before every arrival, and what it would order here needs none: the partner
+// only writes the slot through TMA, after wgmma_wait ordered this block's reads of it.
 __device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t cta) {
 #if ISSL_WGMMA_DEVICE
   asm volatile(
       "{\n.reg .b32 remote;\nmapa.shared::cluster.u32 remote, %0, %1;\n"
-      "mbarrier.arrive.release.cluster.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)),
-      "r"(cta)
+      "mbarrier.arrive.shared::cluster.b64 _, [remote];\n}\n" ::"r"(smem_u32(bar)), "r"(cta)
       : "memory");
 #endif
 }

@@ -158,8 +158,18 @@ LINEAR_WS_CASES = [
     (200, 1, 1024, 4, 4096),
     (513, 1, 64, 40, 129),
 ]
-LINEAR_ROUTES = [("linear_wgmma", *c) for c in LINEAR_WGMMA_CASES] + [
-    (v, *c) for v in ("linear_ws", "linear_ws_pair") for c in LINEAR_WS_CASES]
+# linear_ws_pair: an even number of 128-row tiles (or an odd one of at least 7, rounded up).
+LINEAR_WS_PAIR_CASES = [
+    (128, 1, 32, 1, 129),
+    (130, 3, 40, 5, 256),
+    (256, 2, 200, 9, 512),
+    (300, 1, 96, 2, 850),
+    (200, 1, 1024, 4, 4096),
+    (513, 1, 64, 40, 200),
+]
+LINEAR_ROUTES = ([("linear_wgmma", *c) for c in LINEAR_WGMMA_CASES]
+                 + [("linear_ws", *c) for c in LINEAR_WS_CASES]
+                 + [("linear_ws_pair", *c) for c in LINEAR_WS_PAIR_CASES])
 
 
 @pytest.mark.parametrize("dtype", list(HALF))
@@ -188,23 +198,24 @@ def test_linear_wgmma_matches_reference_and_default(
     assert_close(acc.cpu(), ref + 1, mag + 1, what + " accumulate")
 
 
-@pytest.mark.parametrize("B,expect", [(127, "linear_wgmma"), (128, "linear_ws_pair")])
-def test_linear_ws_routing(B: int, expect: str) -> None:
-    # With all direct wgmma routes on, linear_ws_pair takes the calls it is usable for
-    # (B >= 128) and linear_wgmma the smaller batches; the results agree within the tolerance
-    # policy.
+@pytest.mark.parametrize("B,k,expect", [(127, 200, "linear_wgmma"), (128, 200, "linear_ws_pair"),
+                                        (128, 300, "linear_ws"), (128, 850, "linear_ws_pair")])
+def test_linear_ws_routing(B: int, k: int, expect: str) -> None:
+    # With all direct wgmma routes on: linear_ws_pair where the 128-row tiles pair up (an even
+    # count, or an odd one of at least 7), linear_ws for the other B >= 128, linear_wgmma for
+    # smaller batches; the results agree within the tolerance policy.
     _require_hopper()
     A = dyadic((B, 1, 64), seed=B).to(torch.bfloat16)
     D = dyadic((B, 1, 3), seed=B + 1).to(torch.bfloat16)
     names = ("linear_wgmma", "linear_ws", "linear_ws_pair")
     before = {n: _cuda_ops.variant_launches(n) for n in names}
     with _cuda_ops.variants(names):
-        y = ops.sketch_linear(A.to(DEV), D.to(DEV), 200, seed=4)
+        y = ops.sketch_linear(A.to(DEV), D.to(DEV), k, seed=4)
     ran = [n for n in names if _cuda_ops.variant_launches(n) > before[n]]
-    assert ran == [expect], f"B={B}: launched {ran}"
-    ref = reference.sketch_linear(A, D, 200, seed=4, accum=torch.float64)
-    assert_close(y.cpu(), ref, linear_magnitude(A, D, 200, seed=4, dist="rademacher"),
-                 f"{expect} B={B}")
+    assert ran == [expect], f"B={B} k={k}: launched {ran}"
+    ref = reference.sketch_linear(A, D, k, seed=4, accum=torch.float64)
+    assert_close(y.cpu(), ref, linear_magnitude(A, D, k, seed=4, dist="rademacher"),
+                 f"{expect} B={B} k={k}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -495,11 +506,12 @@ def test_score_pace_equals_unpaced_and_matches_reference(
     base: str, m: int, n: int, k: int, topk: int
 ) -> None:
     # Pacing only delays blocks; every result is exact top-k with ties by lower index, so the
-    # paced result must be the unpaced one bit for bit.
+    # paced result must be the unpaced one bit for bit. bfloat16 queries: those blocks are small
+    # enough for two per SM, so these grids fit on the GPU at once (pacing runs only then).
     variants, dtype = PACE_BASES[base]
     G = dyadic((n, k), seed=n + k).to(dtype)
-    Q = randn((m, k), seed=m + k)
-    Gd, Qd = G.to(DEV), Q.to(DEV)
+    Q = randn((m, k), seed=m + k).to(torch.bfloat16).float()
+    Gd, Qd = G.to(DEV), Q.to(DEV).to(torch.bfloat16)
     with _cuda_ops.variants(variants):
         want = ops.score_topk(Qd, Gd, topk)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
