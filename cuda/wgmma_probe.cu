@@ -21,14 +21,15 @@ struct ProbeSmem {
 };
 
 // mode 0: SS, N = 64 (score_wgmma, 64-query blocks); 1: SS, N = 16 (16-query blocks);
-// 2: RS, N = 64, A = +-1 from `signs` (linear_wgmma); 3: SS, N = 256 (linear_ws).
+// 2: RS, N = 64, A = +-1 from `signs` (linear_wgmma); 3: SS, N = 256 (linear_ws); 4, 5: SS,
+// N = 48, 192 (score_stack's three query terms of 16- and 64-query blocks).
 template <int kMode>
 __global__ void __launch_bounds__(kProbeThreads) wgmma_probe_kernel(const uint16_t* A,
                                                                    const uint16_t* B,
                                                                    const uint64_t* signs,
                                                                    float* C) {
 #if ISSL_WGMMA_DEVICE
-  constexpr int N = kMode == 1 ? 16 : (kMode == 3 ? 256 : 64);
+  constexpr int N = kMode == 1 ? 16 : kMode == 3 ? 256 : kMode == 4 ? 48 : kMode == 5 ? 192 : 64;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   ProbeSmem& sm = *reinterpret_cast<ProbeSmem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
@@ -93,8 +94,9 @@ namespace issl_fast {
 void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* signs, float* C,
                       std::uintptr_t stream) {
   using namespace cuda::detail;
-  require(mode >= 0 && mode <= 3,
-          "wgmma_probe: mode must be 0 (SS n64), 1 (SS n16), 2 (RS) or 3 (SS n256)");
+  require(mode >= 0 && mode <= 5,
+          "wgmma_probe: mode must be 0 (SS n64), 1 (SS n16), 2 (RS), 3 (SS n256), 4 (SS n48) or "
+          "5 (SS n192)");
   const int64_t smem = static_cast<int64_t>(sizeof(ProbeSmem)) + 1024;
   auto launch = [&](auto kernel) {
     allow_smem(kernel, smem, "wgmma_probe_kernel");
@@ -107,6 +109,8 @@ void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* si
   if (mode == 1) launch(wgmma_probe_kernel<1>);
   if (mode == 2) launch(wgmma_probe_kernel<2>);
   if (mode == 3) launch(wgmma_probe_kernel<3>);
+  if (mode == 4) launch(wgmma_probe_kernel<4>);
+  if (mode == 5) launch(wgmma_probe_kernel<5>);
 }
 
 }  // namespace issl_fast

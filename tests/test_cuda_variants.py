@@ -117,7 +117,7 @@ def _require_hopper() -> None:
         pytest.skip(f"this build has no sm_90a code (architectures {archs})")
 
 
-@pytest.mark.parametrize("mode,n", [(0, 64), (1, 16), (2, 64), (3, 256)])
+@pytest.mark.parametrize("mode,n", [(0, 64), (1, 16), (2, 64), (3, 256), (4, 48), (5, 192)])
 def test_wgmma_probe_layouts(mode: int, n: int) -> None:
     # One tile through the wgmma kernels' helpers (swizzled placement, descriptors, register-A
     # fragments from sign bits, accumulator mapping): small integers, so C is exact. If the

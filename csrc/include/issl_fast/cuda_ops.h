@@ -106,6 +106,7 @@ void score_topk_cuda(const float* Q, int64_t m, const void* G, DType dtype, int6
 //   mode 2: C[64, 64] = S B[64, 64]^T, S[j, c] = -1 if bit j of signs[c] is set, else +1
 //           (register-A m64n64k16 built from sign bits)
 //   mode 3: C[64, 256] = A[64, 64] B[256, 64]^T  (shared-shared m64n256k16: linear_ws)
+//   modes 4, 5: the same with N = 48, 192 (m64n48k16, m64n192k16: score_stack)
 // A, B row-major bfloat16 with 64 columns, 16-byte aligned; signs[64]; C row-major float32.
 void cuda_wgmma_probe(int mode, const void* A, const void* B, const uint64_t* signs, float* C,
                       std::uintptr_t stream);
