@@ -52,7 +52,6 @@ namespace {
 constexpr int kRows = 128;          // sketch rows per block: 2 consumer warpgroups x wgmma M
 constexpr int kExamples = 256;      // examples per block: wgmma N
 constexpr int kCols = 64;           // input columns per step: one 128-byte swizzle row
-constexpr int kStages = 2;
 constexpr int kConsumers = 256;     // threads of warpgroups 0 and 1
 constexpr int kThreads = 384;       // + the producer warpgroup
 constexpr int kAcc = kExamples / 2;  // float32 accumulators per consumer thread (m64n256)
@@ -64,16 +63,37 @@ constexpr int kMaxDevices = 64;  // pair_fits remembers its answer for device id
 // blocks do less work there.
 constexpr int64_t kMinExamples = 128;
 
+// kRegs = false: two ring slots, Y all in shared memory (128 of the 227 KB).
+// kRegs = true (CudaVariant::kLinearWsRegs): setmaxnreg moves registers from the producer
+// warpgroup (down to 64) to the consumers (up to 216), which keep Y's first 12 register quads
+// (48 floats) in registers: the fold moves 37.5% less shared memory, and the 48 KB freed buys a
+// third ring slot (the producer may run two steps ahead).
+template <bool kRegs>
+struct WsCfg {
+  static constexpr int kStages = kRegs ? 3 : 2;
+  static constexpr int kYRegQuads = kRegs ? 12 : 0;
+  static constexpr int kYSmemQuads = kAcc / 4 - kYRegQuads;
+};
+// setmaxnreg targets (kRegs only): 128 x 64 + 256 x 216 <= 384 x 168 allocated at launch.
+constexpr int kProducerRegs = 64, kConsumerRegs = 216;
+
 // Shared memory from a 1024-byte-aligned base: the swizzled tiles first (every slot and every
 // 8-row atom 1024-aligned), then Y, D and the mbarriers.
+template <bool kRegs>
 struct Smem {
-  unsigned char a[kStages][kATileBytes];  // A[b0 + n, t, 64 c + kk]: row n, 128 bytes, swizzled
-  unsigned char r[kStages][kRTileBytes];  // +-1 entries: row = sketch row j - j0, swizzled
-  float4 y[2][kAcc / 4][128];             // Y: consumer warpgroup, register quad, thread
-  uint16_t dv[kStages][kExamples];        // D[b0 + n, t, o] (raw 16-bit) of a last step
-  uint64_t full[kStages], empty[kStages];
+  using C = WsCfg<kRegs>;
+  unsigned char a[C::kStages][kATileBytes];  // A[b0 + n, t, 64 c + kk]: row n, 128 B, swizzled
+  unsigned char r[C::kStages][kRTileBytes];  // +-1 entries: row = sketch row j - j0, swizzled
+  float4 y[2][C::kYSmemQuads][128];          // Y's shared quads: warpgroup, quad, thread
+  uint16_t dv[C::kStages][kExamples];        // D[b0 + n, t, o] (raw 16-bit) of a last step
+  uint64_t full[C::kStages], empty[C::kStages];
 };
-constexpr int64_t kSmemBytes = sizeof(Smem) + 1024;  // + alignment slack
+template <bool kRegs>
+constexpr int64_t smem_bytes() {
+  return static_cast<int64_t>(sizeof(Smem<kRegs>)) + 1024;  // + alignment slack
+}
+static_assert(smem_bytes<false>() <= 232448 && smem_bytes<true>() <= 232448,
+              "an H100 / H200 block's shared memory (227 KB)");
 
 template <class T>
 __device__ __forceinline__ float bits_to_f32(uint16_t v);
@@ -90,11 +110,13 @@ __device__ __forceinline__ float bits_to_f32<__half>(uint16_t v) {
 // ptid = thread within the warpgroup). Everything that does not touch the slot (D's loads, the
 // hashing and the +-1 values) comes before the wait for the slot to be free; the thread ends
 // with its arrival on full[slot].
-template <class InT, int kPair>
-__device__ __forceinline__ void produce_step(const DirectParams& p, const CUtensorMap* amap, Smem& sm,
-                                             const LinearStepCursor& cu, int64_t nci, int64_t s,
-                                             int64_t j0, int64_t b0, int ptid, uint32_t rank) {
-  const int slot = static_cast<int>(s & 1);
+template <class InT, int kPair, bool kRegs>
+__device__ __forceinline__ void produce_step(const DirectParams& p, const CUtensorMap* amap,
+                                             Smem<kRegs>& sm, const LinearStepCursor& cu,
+                                             int64_t nci, int64_t s, int64_t j0, int64_t b0,
+                                             int ptid, uint32_t rank) {
+  constexpr int S = WsCfg<kRegs>::kStages;
+  const int slot = static_cast<int>(s % S);
   const bool last = cu.c == nci - 1;  // the (o, t)'s last step carries D[b, t, o]
   uint16_t dv[2] = {0, 0};
   if (last) {
@@ -136,7 +158,7 @@ __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtens
   }
 
   // The slot: free once the consumers are done with step s - 2.
-  if (s >= kStages) mbar_wait(&sm.empty[slot], static_cast<uint32_t>(((s >> 1) - 1) & 1));
+  if (s >= S) mbar_wait(&sm.empty[slot], static_cast<uint32_t>((s / S - 1) & 1));
   if (ptid == 0) {
     mbar_arrive_expect_tx(&sm.full[slot], kATileBytes);  // with a pair: both halves land here
     if constexpr (kPair == 1) {
@@ -166,8 +188,8 @@ __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtens
 }
 
 // The consumer warpgroups' loop and epilogue (wg 0 or 1; tid = thread in the block).
-template <class InT, int kPair>
-__device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg, int tid,
+template <class InT, int kPair, bool kRegs>
+__device__ __forceinline__ void consume(const DirectParams& p, Smem<kRegs>& sm, int wg, int tid,
                                         int64_t nsteps, int64_t nci, int64_t o_begin, int64_t j0,
                                         int64_t b0, int64_t split, uint32_t partner) {
   using MmaT = std::conditional_t<std::is_same_v<InT, __half>, __half, __nv_bfloat16>;
@@ -182,7 +204,12 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
       if (lane_id == 1) mbar_arrive_cluster(&sm.empty[slot], partner);
     }
   };
+  using C = WsCfg<kRegs>;
+  constexpr int S = C::kStages, R = C::kYRegQuads;
   const int lane = tid & 31, wq = (tid >> 5) & 3, g = lane >> 2, t4 = lane & 3;
+  float4 yr[R > 0 ? R : 1];  // Y's register quads (kRegs)
+#pragma unroll
+  for (int q = 0; q < R; ++q) yr[q] = make_float4(0.f, 0.f, 0.f, 0.f);
   float z[kAcc];
 #pragma unroll
   for (int i = 0; i < kAcc; ++i) z[i] = 0.0f;
@@ -195,8 +222,8 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
   bool fresh = true;     // the next wgmma starts a new Z (scale-d = 0)
   bool pending = false;  // the previous step's slot is not yet freed
   for (int64_t s = 0; s < nsteps; ++s) {
-    const int slot = static_cast<int>(s & 1);
-    mbar_wait(&sm.full[slot], static_cast<uint32_t>((s >> 1) & 1));
+    const int slot = static_cast<int>(s % S), prev = (slot + S - 1) % S;
+    mbar_wait(&sm.full[slot], static_cast<uint32_t>((s / S) & 1));
     const uint32_t rbase = smem_u32(&sm.r[slot][0]) + wg * 64 * 128;
     const uint32_t abase = smem_u32(&sm.a[slot][0]);
     wgmma_fence();
@@ -211,7 +238,7 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
       // step s + 1 while this one finishes), then wait for this step's own group.
       wgmma_wait<1>();
       fence_z();
-      if (pending) release(slot ^ 1);
+      if (pending) release(prev);
       wgmma_wait<0>();
       fence_z();
       // Y += D[b, t, o] Z: register 4 q + e is row g (+8 for e >= 2), column 8 q + 2 t4 (+1 for
@@ -222,12 +249,16 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
         const uint32_t pair = dv[4 * q + t4];  // columns 8 q + 2 t4, + 1
         const float d0 = bits_to_f32<InT>(static_cast<uint16_t>(pair & 0xFFFFu));
         const float d1 = bits_to_f32<InT>(static_cast<uint16_t>(pair >> 16));
-        float4 y = sm.y[wg][q][tw];
+        float4 y = q < R ? yr[q < R ? q : 0] : sm.y[wg][q - R][tw];
         y.x = fmaf(d0, z[4 * q + 0], y.x);
         y.y = fmaf(d1, z[4 * q + 1], y.y);
         y.z = fmaf(d0, z[4 * q + 2], y.z);
         y.w = fmaf(d1, z[4 * q + 3], y.w);
-        sm.y[wg][q][tw] = y;
+        if (q < R) {
+          yr[q < R ? q : 0] = y;
+        } else {
+          sm.y[wg][q - R][tw] = y;
+        }
       }
       release(slot);  // after the fold: the slot's D was read
       pending = false;
@@ -235,7 +266,7 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
     } else {
       wgmma_wait<1>();  // the previous step is done: its slot is free
       fence_z();
-      if (pending) release(slot ^ 1);
+      if (pending) release(prev);
       pending = true;
     }
     cu.next(nci, p.T);
@@ -243,10 +274,10 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
   wgmma_wait<0>();  // nothing is in flight (the last step folded); says so to ptxas (C7517)
   fence_z();
 
-  // Epilogue: scale * Y (+ out) into out[b, j], or raw Y into this split's partial slice.
-#pragma unroll 4
-  for (int q = 0; q < kAcc / 4; ++q) {
-    const float4 y = sm.y[wg][q][tw];
+  // Epilogue: scale * Y (+ out) into out[b, j], or raw Y into this split's partial slice; the
+  // register quads in a loop of their own, unrolled (an indexed register array would go to
+  // local memory).
+  auto store_quad = [&](int q, const float4& y) {
     const float v[4] = {y.x, y.y, y.z, y.w};
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
@@ -254,7 +285,11 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
       const int64_t b = b0 + 8 * q + 2 * t4 + (e & 1);
       if (j < p.N && b < p.B) direct_store(p, split, b, j, v[e]);
     }
-  }
+  };
+#pragma unroll
+  for (int q = 0; q < R; ++q) store_quad(q, yr[q]);
+#pragma unroll 4
+  for (int q = R; q < kAcc / 4; ++q) store_quad(q, sm.y[wg][q - R][tw]);
 }
 
 // kPair = 2 (CudaVariant::kLinearWsPair): clusters of two blocks with adjacent sketch-row tiles
@@ -262,13 +297,15 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem& sm, int wg,
 // unit multicasts it into both blocks, so each tile comes through L2 once per pair. A slot is
 // then free only when the consumers of both blocks released it: each consumer warp arrives on
 // its own block's empty barrier and on the partner's (count 2 x 8).
-template <class InT, int kPair>
+template <class InT, int kPair, bool kRegs>
 __global__ void __launch_bounds__(kThreads, 1)
     linear_ws_kernel(const DirectParams p, const __grid_constant__ CUtensorMap amap) {
 #if ISSL_WGMMA_DEVICE
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+  Smem<kRegs>& sm =
+      *reinterpret_cast<Smem<kRegs>*>(smem_raw + (((raw + 1023u) & ~1023u) - raw));
+  using C = WsCfg<kRegs>;
 
   const int tid = threadIdx.x, tw = tid & 127;
   // The warpgroup, broadcast from lane 0 so ptxas sees it warp-uniform: otherwise the role
@@ -284,7 +321,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   const int64_t nsteps = (o_end - o_begin) * p.T * nci;
 
   if (tid == 0) {
-    for (int s = 0; s < kStages; ++s) {
+    for (int s = 0; s < C::kStages; ++s) {
       mbar_init(&sm.full[s], 1 + 128);  // the copy's expect_tx arrival + 128 producer threads
       mbar_init(&sm.empty[s], kConsumers / 32 * kPair);  // one arrival per consumer warp
     }
@@ -292,7 +329,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   if (wg < 2) {
 #pragma unroll
-    for (int q = 0; q < kAcc / 4; ++q) sm.y[wg][q][tw] = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int q = 0; q < C::kYSmemQuads; ++q) sm.y[wg][q][tw] = make_float4(0.f, 0.f, 0.f, 0.f);
   }
   const uint32_t rank = kPair == 2 ? cluster_ctarank() : 0;
   if constexpr (kPair == 2) {
@@ -302,14 +339,18 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 
   if (wg == 2) {  // ---- producer ----
+    if constexpr (kRegs)
+      asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
     LinearStepCursor cu;
     cu.o = o_begin;
     for (int64_t s = 0; s < nsteps; ++s) {
-      produce_step<InT, kPair>(p, &amap, sm, cu, nci, s, j0, b0, tw, rank);
+      produce_step<InT, kPair, kRegs>(p, &amap, sm, cu, nci, s, j0, b0, tw, rank);
       cu.next(nci, p.T);
     }
   } else {
-    consume<InT, kPair>(p, sm, wg, tid, nsteps, nci, o_begin, j0, b0, split, rank ^ 1u);
+    if constexpr (kRegs)
+      asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
+    consume<InT, kPair, kRegs>(p, sm, wg, tid, nsteps, nci, o_begin, j0, b0, split, rank ^ 1u);
   }
   // No block of a pair leaves while its partner may still copy into it or arrive on its
   // barriers.
@@ -329,14 +370,14 @@ DirectTilePlan linear_ws_plan(int64_t B, int64_t N, int64_t d_out, int num_sms, 
 
 namespace {
 // The launch, with clusters of `pair` blocks along the grid (1: no cluster attribute).
-template <class Kernel>
+template <bool kRegs, class Kernel>
 cudaLaunchConfig_t ws_config(Kernel kernel, int pair, unsigned blocks, cudaStream_t st,
                              cudaLaunchAttribute* attr) {
-  allow_smem(kernel, kSmemBytes, "linear_ws_kernel");
+  allow_smem(kernel, smem_bytes<kRegs>(), "linear_ws_kernel");
   cudaLaunchConfig_t cfg{};
   cfg.gridDim = dim3(blocks);
   cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = static_cast<size_t>(kSmemBytes);
+  cfg.dynamicSmemBytes = static_cast<size_t>(smem_bytes<kRegs>());
   cfg.stream = st;
   attr->id = cudaLaunchAttributeClusterDimension;
   attr->val.clusterDim.x = static_cast<unsigned>(pair);
@@ -348,18 +389,18 @@ cudaLaunchConfig_t ws_config(Kernel kernel, int pair, unsigned blocks, cudaStrea
 }
 
 // Whether a cluster of two of these blocks (2 x ~226 KB of shared memory) can be resident on
-// the current device (asked once per device; a failed query counts as no).
+// the current device (asked once per device and layout; a failed query counts as no).
+template <bool kRegs>
 bool pair_fits() {
   static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
   if (dev >= 0 && dev < kMaxDevices && known[dev].load() != 0) return known[dev].load() == 2;
+  auto kernel = linear_ws_kernel<__nv_bfloat16, 2, kRegs>;
   cudaLaunchAttribute attr{};
-  const cudaLaunchConfig_t cfg = ws_config(linear_ws_kernel<__nv_bfloat16, 2>, 2, 2, nullptr,
-                                           &attr);
+  const cudaLaunchConfig_t cfg = ws_config<kRegs>(kernel, 2, 2, nullptr, &attr);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, linear_ws_kernel<__nv_bfloat16, 2>, &cfg) !=
-      cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
     (void)cudaGetLastError();  // not sticky: clear it so later checks do not report it
     clusters = 0;
   }
@@ -368,23 +409,33 @@ bool pair_fits() {
 }
 }  // namespace
 
-int linear_ws_pair(const LinearDirect& g) {
+WsRoute linear_ws_route(const LinearDirect& g) {
+  WsRoute r;
+  const bool single = cuda_variant_on(CudaVariant::kLinearWs);
   const bool pair = cuda_variant_on(CudaVariant::kLinearWsPair);
-  if (!pair && !cuda_variant_on(CudaVariant::kLinearWs)) return 0;
-  if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return 0;
-  if (g.B < kMinExamples) return 0;
+  const bool regs = cuda_variant_on(CudaVariant::kLinearWsRegs);
+  if (!single && !pair && !regs) return r;
+  if (g.dtype == DType::kFloat32 || !aligned16(g.A) || g.d_in % 8 != 0) return r;
+  if (g.B < kMinExamples) return r;
   // TMA box coordinates are int32: the last column chunk, t and the last example tile.
-  if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return 0;
-  if (!current_device_is_cc90() || max_dynamic_smem() < kSmemBytes) return 0;
+  if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return r;
+  if (!current_device_is_cc90()) return r;
+  if (max_dynamic_smem() < (regs ? smem_bytes<true>() : smem_bytes<false>())) return r;
+  r.regs = regs;
   // Pairs need an even number of 128-row tiles: rounding up may add at most an eighth of them
   // (an odd count of 7 or more), else the second block of a pair would mostly idle.
   const int64_t tiles = ceil_div(g.N, kRows);
-  if (pair && (tiles % 2 == 0 || tiles >= 7) && pair_fits()) return 2;
-  return cuda_variant_on(CudaVariant::kLinearWs) ? 1 : 0;
+  if (pair && (tiles % 2 == 0 || tiles >= 7) && (regs ? pair_fits<true>() : pair_fits<false>())) {
+    r.pair = 2;
+  } else if (single || regs) {
+    r.pair = 1;
+  }
+  return r;
 }
 
-void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, int pair, float* part,
-               std::uintptr_t stream) {
+void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, const WsRoute& route,
+               float* part, std::uintptr_t stream) {
+  const int pair = route.pair;
   require(pair == 1 || pair == 2, "issl_fast CUDA: linear_ws pair must be 1 or 2");
   require(pl.tiles_j % pair == 0, "issl_fast CUDA: linear_ws pairs need an even tile count");
   const DirectParams prm = direct_params(g, pl, part);
@@ -399,17 +450,33 @@ void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, int pair, float*
   const CUtensorMap amap =
       tensor_map_16bit(g.A, g.dtype == DType::kFloat16, 3, dims, strides, box);
   const unsigned blocks = grid_1d(pl.tiles_j * pl.tiles_b * pl.splits, "linear_ws_kernel");
-  auto launch = [&](auto kernel) {
+  auto launch = [&](auto regs_tag, auto kernel) {
     cudaLaunchAttribute attr{};
-    const cudaLaunchConfig_t cfg = ws_config(kernel, pair, blocks, as_stream(stream), &attr);
+    const cudaLaunchConfig_t cfg =
+        ws_config<decltype(regs_tag)::value>(kernel, pair, blocks, as_stream(stream), &attr);
     check(cudaLaunchKernelEx(&cfg, kernel, prm, amap), "linear_ws_kernel launch");
   };
-  const bool bf16 = g.dtype == DType::kBFloat16;
-  if (pair == 2) {
-    bf16 ? launch(linear_ws_kernel<__nv_bfloat16, 2>) : launch(linear_ws_kernel<__half, 2>);
-    note_cuda_variant_launch(CudaVariant::kLinearWsPair);
+  // One instantiation per (dtype, pair, regs).
+  auto by_dtype = [&](auto pair_tag, auto regs_tag) {
+    constexpr int kP = decltype(pair_tag)::value;
+    constexpr bool kR = decltype(regs_tag)::value;
+    if (g.dtype == DType::kBFloat16) {
+      launch(regs_tag, linear_ws_kernel<__nv_bfloat16, kP, kR>);
+    } else {
+      launch(regs_tag, linear_ws_kernel<__half, kP, kR>);
+    }
+  };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  if (route.regs) {
+    pair == 2 ? by_dtype(Two{}, std::true_type{}) : by_dtype(One{}, std::true_type{});
+    note_cuda_variant_launch(CudaVariant::kLinearWsRegs);
   } else {
-    bf16 ? launch(linear_ws_kernel<__nv_bfloat16, 1>) : launch(linear_ws_kernel<__half, 1>);
+    pair == 2 ? by_dtype(Two{}, std::false_type{}) : by_dtype(One{}, std::false_type{});
+  }
+  if (pair == 2) {
+    note_cuda_variant_launch(CudaVariant::kLinearWsPair);
+  } else if (cuda_variant_on(CudaVariant::kLinearWs)) {
     note_cuda_variant_launch(CudaVariant::kLinearWs);
   }
   if (pl.splits > 1)

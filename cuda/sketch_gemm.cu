@@ -905,8 +905,10 @@ int64_t linear_direct_workspace(DType, int64_t B, int64_t T, int64_t d_in, int64
     bytes = std::max(bytes, wz.bytes());
   }
   for (const int pair : {1, 2}) {
-    if (!cuda_variant_on(pair == 1 ? CudaVariant::kLinearWs : CudaVariant::kLinearWsPair))
-      continue;
+    const bool on = pair == 1 ? cuda_variant_on(CudaVariant::kLinearWs) ||
+                                    cuda_variant_on(CudaVariant::kLinearWsRegs)
+                              : cuda_variant_on(CudaVariant::kLinearWsPair);
+    if (!on) continue;
     Sizer wz;
     wz.take<float>(direct_tile_partial_floats(linear_ws_plan(B, N, d_out, num_sms, pair), B, N));
     bytes = std::max(bytes, wz.bytes());
@@ -923,10 +925,10 @@ void linear_direct(const LinearDirect& g, int num_sms, void* ws, int64_t ws_byte
     return;
   }
 #if defined(ISSL_FAST_WITH_SM90A)
-  if (const int pair = linear_ws_pair(g); pair > 0) {
-    const DirectTilePlan wp = linear_ws_plan(g.B, g.N, g.d_out, num_sms, pair);
+  if (const WsRoute route = linear_ws_route(g); route.pair > 0) {
+    const DirectTilePlan wp = linear_ws_plan(g.B, g.N, g.d_out, num_sms, route.pair);
     Carver wcv(ws, ws_bytes);
-    linear_ws(g, wp, pair, wcv.take<float>(direct_tile_partial_floats(wp, g.B, g.N)), stream);
+    linear_ws(g, wp, route, wcv.take<float>(direct_tile_partial_floats(wp, g.B, g.N)), stream);
     return;
   }
   if (linear_wgmma_usable(g)) {

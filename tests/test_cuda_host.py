@@ -169,9 +169,10 @@ def test_kron_plan() -> None:
 # kernel variants: names, the default set, switching, the environment variable
 # ---------------------------------------------------------------------------------------------
 DEFAULT = ("kron_fused", "linear_wgmma", "score_tma", "score_wgmma")
-ALL = ("kron_fused", "linear_wgmma", "linear_ws", "linear_ws_pair", "score_pace", "score_prepass",
-       "score_stack", "score_tma", "score_wgmma")
-EXPERIMENTAL = ("linear_ws", "linear_ws_pair", "score_pace", "score_prepass", "score_stack")
+ALL = ("kron_fused", "linear_wgmma", "linear_ws", "linear_ws_pair", "linear_ws_regs", "score_pace",
+       "score_prepass", "score_stack", "score_tma", "score_wgmma")
+EXPERIMENTAL = ("linear_ws", "linear_ws_pair", "linear_ws_regs", "score_pace", "score_prepass",
+                "score_stack")
 
 
 def test_variant_sets() -> None:
@@ -207,8 +208,8 @@ def test_variant_errors_change_nothing() -> None:
     with _cuda_ops.variants(["score_wgmma"]):
         with pytest.raises(ValueError, match="unknown CUDA kernel variant 'fast'"):
             _cuda_ops.set_variants(["kron_fused", "fast"])
-        with pytest.raises(ValueError, match="unknown kernel variant bits 512"):
-            _C.set_cuda_variants(512 | 1)
+        with pytest.raises(ValueError, match="unknown kernel variant bits 1024"):
+            _C.set_cuda_variants(1024 | 1)
         assert _cuda_ops.enabled_variants() == ("score_wgmma",)
     with pytest.raises(ValueError, match="not a single kernel variant bit: 3"):
         _C.cuda_variant_launches(3)
@@ -223,9 +224,10 @@ def test_variant_errors_change_nothing() -> None:
     ("none,+score_tma", ("score_tma",)), ("-score_wgmma,-linear_wgmma,-score_tma", ("kron_fused",)),
     ("none,score_wgmma,+kron_fused", ("kron_fused", "score_wgmma")),
     ("all,-score_tma", ("kron_fused", "linear_wgmma", "linear_ws", "linear_ws_pair",
-                        "score_pace", "score_prepass", "score_stack", "score_wgmma")),
+                        "linear_ws_regs", "score_pace", "score_prepass", "score_stack",
+                        "score_wgmma")),
     ("+score_prepass", tuple(sorted((*DEFAULT, "score_prepass")))),
-    ("+score_prepass,+linear_ws,+score_pace,+linear_ws_pair,+score_stack", ALL),
+    ("+score_prepass,+linear_ws,+score_pace,+linear_ws_pair,+score_stack,+linear_ws_regs", ALL),
     ("-kron_fused,+KRON_FUSED", DEFAULT),
 ])
 def test_parse_variants_env(value: str, expected: tuple[str, ...]) -> None:
@@ -294,7 +296,7 @@ def test_workspace_sizes() -> None:
         assert _C.sketch_linear_cuda_workspace(*args) == want * 64 * 4096 * 4
     # linear_ws (single blocks or pairs): 32 tiles of 128 x 256 -> 4 splits; with an odd tile
     # count (k = 3968: 31 tiles) pairs round it up to 32.
-    for names in (["linear_ws"], ["linear_ws_pair"]):
+    for names in (["linear_ws"], ["linear_ws_pair"], ["linear_ws_regs"]):
         with _cuda_ops.variants(names):
             for k in (4096, 3968):
                 ws = _C.sketch_linear_cuda_workspace(BF16, 256, 1, 1024, 1024, k, RADEMACHER,

@@ -167,9 +167,11 @@ LINEAR_WS_PAIR_CASES = [
     (200, 1, 1024, 4, 4096),
     (513, 1, 64, 40, 200),
 ]
+# Routes: variant names joined by "+", all switched on and each launched.
 LINEAR_ROUTES = ([("linear_wgmma", *c) for c in LINEAR_WGMMA_CASES]
-                 + [("linear_ws", *c) for c in LINEAR_WS_CASES]
-                 + [("linear_ws_pair", *c) for c in LINEAR_WS_PAIR_CASES])
+                 + [(v, *c) for v in ("linear_ws", "linear_ws_regs") for c in LINEAR_WS_CASES]
+                 + [(v, *c) for v in ("linear_ws_pair", "linear_ws_pair+linear_ws_regs")
+                    for c in LINEAR_WS_PAIR_CASES])
 
 
 @pytest.mark.parametrize("dtype", list(HALF))
@@ -179,13 +181,14 @@ def test_linear_wgmma_matches_reference_and_default(
 ) -> None:
     # linear_ws (experimental) is the same product with warp specialisation: 128 sketch rows x
     # 256 examples per block, the +-1 tile made by a producer warpgroup, A brought by TMA;
-    # linear_ws_pair runs it in clusters of two blocks that share each A tile (TMA multicast).
+    # linear_ws_pair runs it in clusters of two blocks that share each A tile (TMA multicast),
+    # linear_ws_regs with part of Y in registers (setmaxnreg) and three ring slots.
     _require_hopper()
     A = dyadic((B, T, d_in), seed=B + T + d_in).to(HALF[dtype])
     D = dyadic((B, T, d_out), seed=B + T + d_out + 1).to(HALF[dtype])
     Ad, Dd = A.to(DEV), D.to(DEV)
     base = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3).cpu()
-    with _running(variant):
+    with _running(*variant.split("+")):
         y = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3)
         assert torch.equal(y, ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3))
         acc = ops.sketch_linear(Ad, Dd, k, seed=9, col_offset=2**32 + 3,

@@ -190,7 +190,7 @@ if [ "${ISSL_GPU_NCU:-0}" = "1" ]; then
     set +e
     timeout "$(limit 120 5)" ncu --clock-control none --target-processes all \
       --kernel-name regex:'wgmma|linear_ws|tma_score|tc_sketch|tc_score|kron_fused' \
-      --launch-count 11 \
+      --launch-count 12 \
       --section SpeedOfLight --section WarpStateStats --section MemoryWorkloadAnalysis \
       --section Occupancy --section LaunchStats --section ComputeWorkloadAnalysis \
       --section SchedulerStats --section InstructionStats --print-details all \

@@ -240,6 +240,7 @@ PYBIND11_MODULE(_C, m) {
     flags["score_pace"] = static_cast<uint32_t>(CudaVariant::kScorePace);
     flags["linear_ws_pair"] = static_cast<uint32_t>(CudaVariant::kLinearWsPair);
     flags["score_stack"] = static_cast<uint32_t>(CudaVariant::kScoreStack);
+    flags["linear_ws_regs"] = static_cast<uint32_t>(CudaVariant::kLinearWsRegs);
     m.attr("CUDA_VARIANTS") = flags;
     m.attr("CUDA_VARIANTS_DEFAULT") = issl_fast::kCudaVariantsDefault;
   }

@@ -40,8 +40,9 @@ enum class CudaVariant : uint32_t {
   kScorePace = 1u << 6,       // experimental: score_topk's query blocks paced to share L2 (any GPU)
   kLinearWsPair = 1u << 7,    // experimental: linear_ws in clusters of two sharing A by multicast
   kScoreStack = 1u << 8,      // experimental: score_wgmma, float32 queries' 3 terms in one wgmma
+  kLinearWsRegs = 1u << 9,    // experimental: linear_ws with Y partly in registers, 3 ring slots
 };
-constexpr uint32_t kCudaVariantsAll = 0x1FFu;
+constexpr uint32_t kCudaVariantsAll = 0x3FFu;
 constexpr uint32_t kCudaVariantsDefault = 0xFu;
 void set_cuda_variants(uint32_t mask);  // throws std::invalid_argument on unknown bits
 uint32_t cuda_variants();
