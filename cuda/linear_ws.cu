@@ -187,6 +187,24 @@ __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtens
   mbar_arrive(&sm.full[slot]);
 }
 
+// This block's share: sketch rows j0 .. + 127, examples b0 .. + 255, and the steps of its split
+// of the output rows o.
+struct BlockTiles {
+  int64_t j0, b0, split, o_begin, nci, nsteps;
+};
+__device__ __forceinline__ BlockTiles block_tiles(const DirectParams& p) {
+  BlockTiles t;
+  const int64_t bid = blockIdx.x;
+  t.j0 = bid % p.tiles_j * kRows;
+  t.b0 = (bid / p.tiles_j) % p.tiles_b * kExamples;
+  t.split = bid / (p.tiles_j * p.tiles_b);
+  t.o_begin = p.d_out * t.split / p.splits;
+  const int64_t o_end = p.d_out * (t.split + 1) / p.splits;
+  t.nci = ceil_div(p.d_in, kCols);
+  t.nsteps = (o_end - t.o_begin) * p.T * t.nci;
+  return t;
+}
+
 // The consumer warpgroups' loop and epilogue (wg 0 or 1; tid = thread in the block).
 template <class InT, int kPair, bool kRegs>
 __device__ __forceinline__ void consume(const DirectParams& p, Smem<kRegs>& sm, int wg, int tid,
@@ -311,14 +329,6 @@ __global__ void __launch_bounds__(kThreads, 1)
   // The warpgroup, broadcast from lane 0 so ptxas sees it warp-uniform: otherwise the role
   // branch below counts as divergent and it serialises the consumers' wgmma (C7518).
   const int wg = __shfl_sync(0xFFFFFFFFu, tid >> 7, 0);
-  const int64_t bid = blockIdx.x;
-  const int64_t jt = bid % p.tiles_j;
-  const int64_t bt = (bid / p.tiles_j) % p.tiles_b;
-  const int64_t split = bid / (p.tiles_j * p.tiles_b);
-  const int64_t j0 = jt * kRows, b0 = bt * kExamples;
-  const int64_t o_begin = p.d_out * split / p.splits, o_end = p.d_out * (split + 1) / p.splits;
-  const int64_t nci = ceil_div(p.d_in, kCols);
-  const int64_t nsteps = (o_end - o_begin) * p.T * nci;
 
   if (tid == 0) {
     for (int s = 0; s < C::kStages; ++s) {
@@ -338,19 +348,24 @@ __global__ void __launch_bounds__(kThreads, 1)
     __syncthreads();
   }
 
+  // The block's tile coordinates are computed in each role, after its setmaxnreg: live across
+  // it, ptxas spilled them and reloaded them every step.
   if (wg == 2) {  // ---- producer ----
     if constexpr (kRegs)
       asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
+    const BlockTiles bk = block_tiles(p);
     LinearStepCursor cu;
-    cu.o = o_begin;
-    for (int64_t s = 0; s < nsteps; ++s) {
-      produce_step<InT, kPair, kRegs>(p, &amap, sm, cu, nci, s, j0, b0, tw, rank);
-      cu.next(nci, p.T);
+    cu.o = bk.o_begin;
+    for (int64_t s = 0; s < bk.nsteps; ++s) {
+      produce_step<InT, kPair, kRegs>(p, &amap, sm, cu, bk.nci, s, bk.j0, bk.b0, tw, rank);
+      cu.next(bk.nci, p.T);
     }
   } else {
     if constexpr (kRegs)
       asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
-    consume<InT, kPair, kRegs>(p, sm, wg, tid, nsteps, nci, o_begin, j0, b0, split, rank ^ 1u);
+    const BlockTiles bk = block_tiles(p);
+    consume<InT, kPair, kRegs>(p, sm, wg, tid, bk.nsteps, bk.nci, bk.o_begin, bk.j0, bk.b0,
+                               bk.split, rank ^ 1u);
   }
   // No block of a pair leaves while its partner may still copy into it or arrive on its
   // barriers.
@@ -407,6 +422,32 @@ bool pair_fits() {
   if (dev >= 0 && dev < kMaxDevices) known[dev].store(clusters >= 1 ? 2 : 1);
   return clusters >= 1;
 }
+
+// setmaxnreg moves registers within the block's launch allocation: the kRegs kernels must be
+// allocated at least what the producer and consumers ask for (ptxas gives them 168 today),
+// else the consumers' setmaxnreg.inc would wait forever. Asked once per device.
+bool regs_pool_fits() {
+  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+  int dev = 0;
+  check(cudaGetDevice(&dev), "cudaGetDevice");
+  if (dev >= 0 && dev < kMaxDevices && known[dev].load() != 0) return known[dev].load() == 2;
+  bool ok = true;
+  auto fits = [&](auto kernel) {
+    cudaFuncAttributes a{};
+    if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+      (void)cudaGetLastError();
+      ok = false;
+      return;
+    }
+    ok = ok && a.numRegs * kThreads >= kProducerRegs * 128 + kConsumerRegs * kConsumers;
+  };
+  fits(linear_ws_kernel<__nv_bfloat16, 1, true>);
+  fits(linear_ws_kernel<__half, 1, true>);
+  fits(linear_ws_kernel<__nv_bfloat16, 2, true>);
+  fits(linear_ws_kernel<__half, 2, true>);
+  if (dev >= 0 && dev < kMaxDevices) known[dev].store(ok ? 2 : 1);
+  return ok;
+}
 }  // namespace
 
 WsRoute linear_ws_route(const LinearDirect& g) {
@@ -421,13 +462,15 @@ WsRoute linear_ws_route(const LinearDirect& g) {
   if (g.d_in > INT_MAX - kCols || g.T > INT_MAX || g.B > INT_MAX - kExamples) return r;
   if (!current_device_is_cc90()) return r;
   if (max_dynamic_smem() < (regs ? smem_bytes<true>() : smem_bytes<false>())) return r;
-  r.regs = regs;
+  r.regs = regs && regs_pool_fits();
+  if (regs && !r.regs && !single && !pair) return r;
   // Pairs need an even number of 128-row tiles: rounding up may add at most an eighth of them
   // (an odd count of 7 or more), else the second block of a pair would mostly idle.
   const int64_t tiles = ceil_div(g.N, kRows);
-  if (pair && (tiles % 2 == 0 || tiles >= 7) && (regs ? pair_fits<true>() : pair_fits<false>())) {
+  if (pair && (tiles % 2 == 0 || tiles >= 7) &&
+      (r.regs ? pair_fits<true>() : pair_fits<false>())) {
     r.pair = 2;
-  } else if (single || regs) {
+  } else if (single || r.regs) {
     r.pair = 1;
   }
   return r;
@@ -476,7 +519,7 @@ void linear_ws(const LinearDirect& g, const DirectTilePlan& pl, const WsRoute& r
   }
   if (pair == 2) {
     note_cuda_variant_launch(CudaVariant::kLinearWsPair);
-  } else if (cuda_variant_on(CudaVariant::kLinearWs)) {
+  } else if (!route.regs) {
     note_cuda_variant_launch(CudaVariant::kLinearWs);
   }
   if (pl.splits > 1)
