@@ -117,7 +117,8 @@ struct alignas(16) TcScoreSmem {
   TopkShared<Cfg::MQ, Cfg::CB> ts;
 };
 
-template <class Cfg>
+// kPace: compiled with CudaVariant::kScorePace's code (the default kernels are not).
+template <class Cfg, bool kPace>
 __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p) {
   constexpr int MQ = Cfg::MQ, CB = Cfg::CB, NS = Cfg::NS, kWM = Cfg::kWM, kWN = Cfg::kWN;
   constexpr int BK = Cfg::BK, Stages = Cfg::Stages;
@@ -133,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<MQ, CB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
-  PaceState pace{p.progress != nullptr, 0};  // CudaVariant::kScorePace
+  PaceState pace{kPace && p.progress != nullptr, 0};  // CudaVariant::kScorePace
 
   // k steps per tile (kq / BK < 2^31 for any store row that fits in memory).
   const int nk = static_cast<int>(p.kq / BK);
@@ -244,8 +245,9 @@ __global__ void __launch_bounds__(kThreads) tc_score_kernel(const ScoreParams p)
           }
       process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
       tile_off += kRowsPerTile;
-      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, tile_off >= part_rows, warp, lane,
-                    pace);
+      if constexpr (kPace)
+        pace_siblings(p, part, qblk, tile_off / kRowsPerTile, tile_off >= part_rows, warp, lane,
+                      pace);
     }
   }
   cp_async_wait<0>();
@@ -263,7 +265,7 @@ struct SimtScoreSmem {
   TopkShared<kSimtMQ, kSimtCB> ts;
 };
 
-template <class GT>
+template <class GT, bool kPace>
 __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams p) {
   extern __shared__ __align__(16) unsigned char smem_raw[];
   SimtScoreSmem& sm = *reinterpret_cast<SimtScoreSmem*>(smem_raw);
@@ -275,7 +277,7 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
   const int64_t part_rows = row_end - row_begin;
   const TopkCtx c = make_ctx<kSimtMQ, kSimtCB>(p, part, qbase, row_begin);
   init_block_lists(sm.ts, c, tid);
-  PaceState pace{p.progress != nullptr, 0};  // CudaVariant::kScorePace
+  PaceState pace{kPace && p.progress != nullptr, 0};  // CudaVariant::kScorePace
   const GT* G = static_cast<const GT*>(p.G);
 
   for (int64_t tile_off = 0; tile_off < part_rows; tile_off += kRowsPerTile) {
@@ -323,8 +325,9 @@ __global__ void __launch_bounds__(kThreads) simt_score_kernel(const ScoreParams 
         sq[i * 2 + jq] = 2 * warp + jq;
       }
     process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
-    pace_siblings(p, part, qblk, tile_off / kRowsPerTile + 1,
-                  tile_off + kRowsPerTile >= part_rows, warp, lane, pace);
+    if constexpr (kPace)
+      pace_siblings(p, part, qblk, tile_off / kRowsPerTile + 1,
+                    tile_off + kRowsPerTile >= part_rows, warp, lane, pace);
   }
   final_flush(sm.ts, c, lane, warp);
 }
@@ -607,13 +610,17 @@ void validate(int64_t m, DType dtype, int64_t n, int64_t k, int64_t topk, int64_
   require_pos(num_sms, "num_sms");
 }
 
-template <class Kernel>
-void launch_score(Kernel kernel, int64_t smem, const ScoreParams& prm, cudaStream_t st,
-                  const char* name) {
-  cuda::detail::allow_smem(kernel, smem, name);
-  kernel<<<cuda::detail::grid_1d(prm.partitions * prm.qblocks, name), kThreads, smem, st>>>(
-      pace_if_resident(prm, kernel, smem));
-  cuda::detail::check_launch(name);
+template <class Cfg>
+void launch_tc(const ScoreParams& prm, cudaStream_t st, const char* name) {
+  launch_paced(tc_score_kernel<Cfg, false>, tc_score_kernel<Cfg, true>,
+               sizeof(TcScoreSmem<Cfg>), prm, prm.partitions * prm.qblocks, st, name);
+}
+
+template <class GT>
+void launch_simt(const ScoreParams& prm, cudaStream_t st) {
+  launch_paced(simt_score_kernel<GT, false>, simt_score_kernel<GT, true>,
+               sizeof(SimtScoreSmem), prm, prm.partitions * prm.qblocks, st,
+               "simt_score_kernel");
 }
 
 // Scores rows [0, prm.n) of prm.G in prm.partitions partitions into prm's lists, with the
@@ -634,24 +641,19 @@ void launch_scorer(const CudaTopkPlan& pl, const ScoreParams& prm, DType dtype, 
     }
 #endif
     if (query_bf16 && small)
-      launch_score(tc_score_kernel<CfgSmall1>, sizeof(TcScoreSmem<CfgSmall1>), prm, st,
-                   "tc_score_kernel<16, bf16 query>");
+      launch_tc<CfgSmall1>(prm, st, "tc_score_kernel<16, bf16 query>");
     else if (query_bf16)
-      launch_score(tc_score_kernel<CfgLarge1>, sizeof(TcScoreSmem<CfgLarge1>), prm, st,
-                   "tc_score_kernel<64, bf16 query>");
+      launch_tc<CfgLarge1>(prm, st, "tc_score_kernel<64, bf16 query>");
     else if (small)
-      launch_score(tc_score_kernel<CfgSmall>, sizeof(TcScoreSmem<CfgSmall>), prm, st,
-                   "tc_score_kernel<16>");
+      launch_tc<CfgSmall>(prm, st, "tc_score_kernel<16>");
     else
-      launch_score(tc_score_kernel<CfgLarge>, sizeof(TcScoreSmem<CfgLarge>), prm, st,
-                   "tc_score_kernel<64>");
+      launch_tc<CfgLarge>(prm, st, "tc_score_kernel<64>");
     return;
   }
-  const int64_t smem = sizeof(SimtScoreSmem);
   switch (dtype) {
-    case DType::kFloat32: launch_score(simt_score_kernel<float>, smem, prm, st, "simt_score_kernel"); break;
-    case DType::kFloat16: launch_score(simt_score_kernel<__half>, smem, prm, st, "simt_score_kernel"); break;
-    case DType::kBFloat16: launch_score(simt_score_kernel<__nv_bfloat16>, smem, prm, st, "simt_score_kernel"); break;
+    case DType::kFloat32: launch_simt<float>(prm, st); break;
+    case DType::kFloat16: launch_simt<__half>(prm, st); break;
+    case DType::kBFloat16: launch_simt<__nv_bfloat16>(prm, st); break;
   }
 }
 

@@ -350,4 +350,20 @@ ScoreParams pace_if_resident(ScoreParams p, Kernel kernel, int64_t smem) {
   return p;
 }
 
+// One launch of `unpaced`, or of `paced` when the plan asks for pacing (p.progress) and the
+// paced kernel holds the whole grid at once (pace_if_resident); `args` after the parameters.
+template <class Kernel, class... Args>
+void launch_paced(Kernel unpaced, Kernel paced, int64_t smem, const ScoreParams& p,
+                  int64_t blocks, cudaStream_t st, const char* name, const Args&... args) {
+  ScoreParams q = p;
+  if (q.progress != nullptr) {
+    cuda::detail::allow_smem(paced, smem, name);
+    q = pace_if_resident(q, paced, smem);
+  }
+  Kernel kernel = q.progress != nullptr ? paced : unpaced;
+  cuda::detail::allow_smem(kernel, smem, name);
+  kernel<<<cuda::detail::grid_1d(blocks, name), kThreads, smem, st>>>(q, args...);
+  cuda::detail::check_launch(name);
+}
+
 }  // namespace issl_fast::topk

@@ -94,7 +94,7 @@ constexpr int64_t sw_smem_bytes() {
 // queries sit in shared memory as one 3 MQ-row tile, so one wgmma of N = 3 MQ per k16 slice
 // scores all three (three accumulator groups, added per score at the end of the tile:
 // (hi + mid) + lo) instead of three wgmmas of N = MQ that each re-read the store tile.
-template <int MQ, int CB, int QP, bool kTma, bool kStack>
+template <int MQ, int CB, int QP, bool kTma, bool kStack, bool kPace>
 __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorMap* gmap,
                                            const CUtensorMap* qmap) {
 #if ISSL_WGMMA_DEVICE
@@ -121,7 +121,7 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
     fence_mbar_init();
   }
   init_block_lists(sm.ts, c, tid);  // its barrier also publishes the mbarriers' initialisation
-  PaceState pace{p.progress != nullptr, 0};  // CudaVariant::kScorePace
+  PaceState pace{kPace && p.progress != nullptr, 0};  // CudaVariant::kScorePace
 
   const int nk = static_cast<int>(p.kq / kSwBK);
   const int64_t total = ceil_div(part_rows, kRowsPerTile) * nk;
@@ -243,8 +243,9 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
       fresh = true;
       process_tile(sm.ts, c, sv, srow, sq, tile_off, part_rows, lane, warp);
       tile_off += kRowsPerTile;
-      pace_siblings(p, part, qblk, tile_off / kRowsPerTile, tile_off >= part_rows, warp, lane,
-                    pace);
+      if constexpr (kPace)
+        pace_siblings(p, part, qblk, tile_off / kRowsPerTile, tile_off >= part_rows, warp, lane,
+                      pace);
     } else {
       wgmma_wait<1>();  // step it - 1 done: its slot is free after the next barrier
 #pragma unroll
@@ -261,23 +262,25 @@ __device__ __forceinline__ void score_body(const ScoreParams& p, const CUtensorM
 
 // Stacked 16-query blocks are held to 128 registers, so two still fit on an SM (as the plan
 // assumes); the others keep the bounds they were measured with.
-template <int MQ, int CB, int QP, bool kStack>
+template <int MQ, bool kStack>
 constexpr int min_blocks() {
   return kStack && MQ == 16 ? 2 : 1;
 }
 
-template <int MQ, int CB, int QP, bool kStack>
-__global__ void __launch_bounds__(kThreads, (min_blocks<MQ, CB, QP, kStack>()))
+// kPace: compiled with CudaVariant::kScorePace's code (pace_siblings); the default kernels are
+// compiled without it, so its registers never reach them.
+template <int MQ, int CB, int QP, bool kStack, bool kPace>
+__global__ void __launch_bounds__(kThreads, (min_blocks<MQ, kStack>()))
     wgmma_score_kernel(const ScoreParams p) {
-  score_body<MQ, CB, QP, false, kStack>(p, nullptr, nullptr);
+  score_body<MQ, CB, QP, false, kStack, kPace>(p, nullptr, nullptr);
 }
 
 // The tensor maps are kernel parameters (__grid_constant__: TMA reads them where they are).
-template <int MQ, int CB, int QP, bool kStack>
-__global__ void __launch_bounds__(kThreads, (min_blocks<MQ, CB, QP, kStack>()))
+template <int MQ, int CB, int QP, bool kStack, bool kPace>
+__global__ void __launch_bounds__(kThreads, (min_blocks<MQ, kStack>()))
     tma_score_kernel(const ScoreParams p, const __grid_constant__ CUtensorMap gmap,
                      const __grid_constant__ CUtensorMap qmap) {
-  score_body<MQ, CB, QP, true, kStack>(p, &gmap, &qmap);
+  score_body<MQ, CB, QP, true, kStack, kPace>(p, &gmap, &qmap);
 }
 
 // TMA takes 32-bit box coordinates: rows up to n + 127 and 3 mp must fit.
@@ -287,34 +290,23 @@ bool tma_fits(const ScoreParams& p) {
 }
 
 template <int MQ, int CB, int QP, bool kStack>
-void launch_tma(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, true>();
-  const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
-      p.G, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.k),
-      kRowsPerTile, kSwBK);
-  const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
-      p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
-      static_cast<uint64_t>(p.kq), MQ, kSwBK);
-  auto kernel = tma_score_kernel<MQ, CB, QP, kStack>;
-  cuda::detail::allow_smem(kernel, smem, "tma_score_kernel");
-  kernel<<<cuda::detail::grid_1d(blocks, "tma_score_kernel"), kThreads, smem, st>>>(
-      pace_if_resident(p, kernel, smem), gmap, qmap);
-  cuda::detail::check_launch("tma_score_kernel launch");
-}
-
-template <int MQ, int CB, int QP, bool kStack>
 void launch_ring(const ScoreParams& p, int64_t blocks, cudaStream_t st) {
   if (cuda_variant_on(CudaVariant::kScoreTma) && tma_fits(p)) {
-    launch_tma<MQ, CB, QP, kStack>(p, blocks, st);
+    const CUtensorMap gmap = cuda::detail::bf16_tensor_map_2d(
+        p.G, static_cast<uint64_t>(p.n), static_cast<uint64_t>(p.k), static_cast<uint64_t>(p.k),
+        kRowsPerTile, kSwBK);
+    const CUtensorMap qmap = cuda::detail::bf16_tensor_map_2d(
+        p.Qs, static_cast<uint64_t>(kQParts * p.mp), static_cast<uint64_t>(p.kq),
+        static_cast<uint64_t>(p.kq), MQ, kSwBK);
+    launch_paced(tma_score_kernel<MQ, CB, QP, kStack, false>,
+                 tma_score_kernel<MQ, CB, QP, kStack, true>, sw_smem_bytes<MQ, CB, QP, true>(), p,
+                 blocks, st, "tma_score_kernel", gmap, qmap);
     note_cuda_variant_launch(CudaVariant::kScoreTma);
     return;
   }
-  constexpr int64_t smem = sw_smem_bytes<MQ, CB, QP, false>();
-  auto kernel = wgmma_score_kernel<MQ, CB, QP, kStack>;
-  cuda::detail::allow_smem(kernel, smem, "wgmma_score_kernel");
-  kernel<<<cuda::detail::grid_1d(blocks, "wgmma_score_kernel"), kThreads, smem, st>>>(
-      pace_if_resident(p, kernel, smem));
-  cuda::detail::check_launch("wgmma_score_kernel launch");
+  launch_paced(wgmma_score_kernel<MQ, CB, QP, kStack, false>,
+               wgmma_score_kernel<MQ, CB, QP, kStack, true>, sw_smem_bytes<MQ, CB, QP, false>(),
+               p, blocks, st, "wgmma_score_kernel");
 }
 
 template <int MQ, int CB, int QP>
