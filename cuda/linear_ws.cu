@@ -1,9 +1,10 @@
 // The direct sketch_linear route (sketch_gemm.h: LinearDirect) on Hopper with warp
 // specialisation: a producer warpgroup makes the +-1 tile and a TMA copy brings the example
 // tile; two consumer warpgroups only issue shared-shared wgmma m64n256k16. Built for sm_90a only
-// (its own library, cuda/CMakeLists.txt); experimental kernel variant CudaVariant::kLinearWs
-// (off by default until a GPU run validates and times it; linear_direct tries it before
-// linear_wgmma).
+// (its own library, cuda/CMakeLists.txt); experimental kernel variants CudaVariant::kLinearWs,
+// kLinearWsPair (clusters of two blocks, see linear_ws_kernel) and kLinearWsRegs (WsCfg), off
+// by default until a GPU run validates and times them; linear_direct tries them before
+// linear_wgmma.
 //
 // Why (Nsight Compute on an H200, bench/gpu/README.md): linear_wgmma reaches 30% of the bf16 mm
 // rate with the tensor pipe 24% busy and the issue slots 48% busy. Its blocks cover 64 examples,
@@ -19,19 +20,21 @@
 // Block: 384 threads x 128 sketch rows x 256 examples, over a split of the output rows o.
 //   * warpgroups 0 and 1 (consumers): sketch rows 64 wg .. + 63 each; Z in registers (128 per
 //     thread), Y in shared memory (thread-private float4 slots, no barrier);
-//   * warpgroup 2 (producer): per step (64 input columns) its thread 0 starts the TMA copy of
-//     A[b0 .. b0 + 255, t, 64 c .. + 63] (zero-filled outside A), then each warp hashes the sign
-//     words of its 32 sketch rows (lane l: columns l and l + 32), passes them round by shuffles
-//     (two bits per shuffle, see produce_step) and writes its rows of the +-1 tile (lane l: row
-//     32 w + l, whose sign is bit l of every word's half) in the 128-byte swizzle; D[b, t, o] of
-//     a last step goes to shared memory too.
-// Two ring slots (Y takes 128 KB of the 227): full[s] completes when the copy's bytes landed and
-// the 128 producer threads arrived (each after a proxy fence over its own writes); empty[s] when
-// the 8 consumer warps arrived after the wgmmas reading the slot completed. Per step the
-// consumers commit four wgmmas (k = 16 each) as one group, then wait until only that group is in
-// flight and free the previous slot; the last step of an (o, t) waits for its own group, folds Z
-// into Y and frees its slot. Every sum is float32 in a fixed order: deterministic, and within the
-// tolerance of the other routes (another order of the same exact products).
+//   * warpgroup 2 (producer): per step (64 input columns) each warp hashes the sign words of
+//     its 32 sketch rows (lane l: columns l and l + 32), passes them round by shuffles
+//     (two bits per shuffle, see produce_step) and makes its rows of the +-1 tile (lane l: row
+//     32 w + l, whose sign is bit l of every word's half), all before it waits for a free slot;
+//     then its thread 0 starts the TMA copy of A[b0 .. b0 + 255, t, 64 c .. + 63] (zero-filled
+//     outside A) and the warps store their rows in the 128-byte swizzle; D[b, t, o] of a last
+//     step goes to shared memory too.
+// Two ring slots (Y takes 128 KB of the 227; three with kRegs): full[s] completes when the
+// copy's bytes landed and the 128 producer threads arrived (each after a proxy fence over its own
+// writes); empty[s] when the 8 consumer warps arrived after the wgmmas reading the slot
+// completed. Per step the consumers commit four wgmmas (k = 16 each) as one group, then wait
+// until only that group is in flight and free the previous slot; the last step of an (o, t)
+// waits for its own group, folds Z into Y and frees its slot. Every sum is float32 in a fixed
+// order: deterministic, and within the tolerance of the other routes (another order of the same
+// exact products).
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -371,7 +374,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // barriers.
   if constexpr (kPair == 2) cluster_sync();
 #else
-  __trap();  // never launched: linear_ws_usable requires a compute capability 9.0 device
+  __trap();  // never launched: linear_ws_route requires a compute capability 9.0 device
 #endif
 }
 
