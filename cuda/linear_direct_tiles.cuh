@@ -62,6 +62,26 @@ inline DirectParams direct_params(const LinearDirect& g, const DirectTilePlan& p
   return prm;
 }
 
+// A block's share of the grid (blockIdx.x = j tile, then example tile, then split): sketch rows
+// j0 .. + rows - 1, examples b0 .. + examples - 1, and the steps of `cols` input columns of its
+// split of the output rows o.
+struct DirectBlock {
+  int64_t j0, b0, split, o_begin, nci, nsteps;
+};
+__device__ __forceinline__ DirectBlock direct_block(const DirectParams& p, int64_t rows,
+                                                    int64_t examples, int64_t cols) {
+  DirectBlock t;
+  const int64_t bid = blockIdx.x;
+  t.j0 = bid % p.tiles_j * rows;
+  t.b0 = (bid / p.tiles_j) % p.tiles_b * examples;
+  t.split = bid / (p.tiles_j * p.tiles_b);
+  t.o_begin = p.d_out * t.split / p.splits;
+  const int64_t o_end = p.d_out * (t.split + 1) / p.splits;
+  t.nci = ceil_div(p.d_in, cols);
+  t.nsteps = (o_end - t.o_begin) * p.T * t.nci;
+  return t;
+}
+
 // The epilogue of one sum: out[b, j] = scale * v (+ out[b, j]) with one split, else raw v into
 // this split's partial slice (reduce_partials scales and adds them in split order).
 __device__ __forceinline__ void direct_store(const DirectParams& p, int64_t split, int64_t b,

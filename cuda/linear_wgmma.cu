@@ -71,14 +71,9 @@ __global__ void __launch_bounds__(kWgThreads, 1) linear_wgmma_kernel(const Direc
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wg = warp >> 2, wq = warp & 3;  // warpgroup (64 sketch rows), warp within it
   const int g = lane >> 2, t4 = lane & 3;
-  const int64_t bid = blockIdx.x;
-  const int64_t jt = bid % p.tiles_j;
-  const int64_t bt = (bid / p.tiles_j) % p.tiles_b;
-  const int64_t split = bid / (p.tiles_j * p.tiles_b);
-  const int64_t j0 = jt * kWgRowsJ, b0 = bt * kWgB;
-  const int64_t o_begin = p.d_out * split / p.splits, o_end = p.d_out * (split + 1) / p.splits;
-  const int64_t nci = ceil_div(p.d_in, kWgK);
-  const int64_t nsteps = (o_end - o_begin) * p.T * nci;
+  const DirectBlock bk = direct_block(p, kWgRowsJ, kWgB, kWgK);
+  const int64_t j0 = bk.j0, b0 = bk.b0, split = bk.split, o_begin = bk.o_begin;
+  const int64_t nci = bk.nci, nsteps = bk.nsteps;
   const uint16_t* A = static_cast<const uint16_t*>(p.A);
   const InT* D = static_cast<const InT*>(p.D);
 

@@ -61,7 +61,7 @@ constexpr int kAcc = kExamples / 2;  // float32 accumulators per consumer thread
 constexpr uint32_t kATileBytes = kExamples * kCols * 2;
 constexpr uint32_t kRTileBytes = kRows * kCols * 2;
 constexpr int64_t kMaxSplits = 64;
-constexpr int kMaxDevices = 64;  // pair_fits remembers its answer for device ids below this
+constexpr int kMaxDevices = 64;  // once_per_device remembers answers for device ids below this
 // Fewer examples than this leave over half of every 256-wide block idle: linear_wgmma's 64-wide
 // blocks do less work there.
 constexpr int64_t kMinExamples = 128;
@@ -190,24 +190,6 @@ __device__ __forceinline__ void produce_step(const DirectParams& p, const CUtens
   mbar_arrive(&sm.full[slot]);
 }
 
-// This block's share: sketch rows j0 .. + 127, examples b0 .. + 255, and the steps of its split
-// of the output rows o.
-struct BlockTiles {
-  int64_t j0, b0, split, o_begin, nci, nsteps;
-};
-__device__ __forceinline__ BlockTiles block_tiles(const DirectParams& p) {
-  BlockTiles t;
-  const int64_t bid = blockIdx.x;
-  t.j0 = bid % p.tiles_j * kRows;
-  t.b0 = (bid / p.tiles_j) % p.tiles_b * kExamples;
-  t.split = bid / (p.tiles_j * p.tiles_b);
-  t.o_begin = p.d_out * t.split / p.splits;
-  const int64_t o_end = p.d_out * (t.split + 1) / p.splits;
-  t.nci = ceil_div(p.d_in, kCols);
-  t.nsteps = (o_end - t.o_begin) * p.T * t.nci;
-  return t;
-}
-
 // The consumer warpgroups' loop and epilogue (wg 0 or 1; tid = thread in the block).
 template <class InT, int kPair, bool kRegs>
 __device__ __forceinline__ void consume(const DirectParams& p, Smem<kRegs>& sm, int wg, int tid,
@@ -250,7 +232,7 @@ __device__ __forceinline__ void consume(const DirectParams& p, Smem<kRegs>& sm, 
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
-      wgmma_m64n256k16_ss<MmaT>(z, kmajor_sw128_desc(rbase + kk * 32),
+      wgmma_ss<kExamples, MmaT>(z, kmajor_sw128_desc(rbase + kk * 32),
                                 kmajor_sw128_desc(abase + kk * 32), (fresh && kk == 0) ? 0 : 1);
     wgmma_commit();
     fresh = false;
@@ -356,7 +338,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (wg == 2) {  // ---- producer ----
     if constexpr (kRegs)
       asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kProducerRegs));
-    const BlockTiles bk = block_tiles(p);
+    const DirectBlock bk = direct_block(p, kRows, kExamples, kCols);
     LinearStepCursor cu;
     cu.o = bk.o_begin;
     for (int64_t s = 0; s < bk.nsteps; ++s) {
@@ -366,7 +348,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   } else {
     if constexpr (kRegs)
       asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kConsumerRegs));
-    const BlockTiles bk = block_tiles(p);
+    const DirectBlock bk = direct_block(p, kRows, kExamples, kCols);
     consume<InT, kPair, kRegs>(p, sm, wg, tid, bk.nsteps, bk.nci, bk.o_begin, bk.j0, bk.b0,
                                bk.split, rank ^ 1u);
   }
@@ -406,50 +388,59 @@ cudaLaunchConfig_t ws_config(Kernel kernel, int pair, unsigned blocks, cudaStrea
   return cfg;
 }
 
-// Whether a cluster of two of these blocks (2 x ~226 KB of shared memory) can be resident on
-// the current device (asked once per device and layout; a failed query counts as no).
-template <bool kRegs>
-bool pair_fits() {
-  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
+// ask() for the current device, once per device id below kMaxDevices (`known`: 0 not asked,
+// 1 no, 2 yes): the answers below depend on the device, never on the call.
+template <class Ask>
+bool once_per_device(std::atomic<int> (&known)[kMaxDevices], Ask ask) {
   int dev = 0;
   check(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev >= 0 && dev < kMaxDevices && known[dev].load() != 0) return known[dev].load() == 2;
-  auto kernel = linear_ws_kernel<__nv_bfloat16, 2, kRegs>;
-  cudaLaunchAttribute attr{};
-  const cudaLaunchConfig_t cfg = ws_config<kRegs>(kernel, 2, 2, nullptr, &attr);
-  int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
-    (void)cudaGetLastError();  // not sticky: clear it so later checks do not report it
-    clusters = 0;
-  }
-  if (dev >= 0 && dev < kMaxDevices) known[dev].store(clusters >= 1 ? 2 : 1);
-  return clusters >= 1;
+  const bool keep = dev >= 0 && dev < kMaxDevices;
+  if (keep && known[dev].load() != 0) return known[dev].load() == 2;
+  const bool yes = ask();
+  if (keep) known[dev].store(yes ? 2 : 1);
+  return yes;
+}
+
+// Whether a cluster of two of these blocks (2 x ~226 KB of shared memory) can be resident on
+// the current device (per layout; a failed query counts as no).
+template <bool kRegs>
+bool pair_fits() {
+  static std::atomic<int> known[kMaxDevices];
+  return once_per_device(known, [] {
+    auto kernel = linear_ws_kernel<__nv_bfloat16, 2, kRegs>;
+    cudaLaunchAttribute attr{};
+    const cudaLaunchConfig_t cfg = ws_config<kRegs>(kernel, 2, 2, nullptr, &attr);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+      (void)cudaGetLastError();  // not sticky: clear it so later checks do not report it
+      clusters = 0;
+    }
+    return clusters >= 1;
+  });
 }
 
 // setmaxnreg moves registers within the block's launch allocation: the kRegs kernels must be
 // allocated at least what the producer and consumers ask for (ptxas gives them 168 today),
-// else the consumers' setmaxnreg.inc would wait forever. Asked once per device.
+// else the consumers' setmaxnreg.inc would wait forever.
 bool regs_pool_fits() {
-  static std::atomic<int> known[kMaxDevices];  // 0 unknown, 1 no, 2 yes
-  int dev = 0;
-  check(cudaGetDevice(&dev), "cudaGetDevice");
-  if (dev >= 0 && dev < kMaxDevices && known[dev].load() != 0) return known[dev].load() == 2;
-  bool ok = true;
-  auto fits = [&](auto kernel) {
-    cudaFuncAttributes a{};
-    if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
-      (void)cudaGetLastError();
-      ok = false;
-      return;
-    }
-    ok = ok && a.numRegs * kThreads >= kProducerRegs * 128 + kConsumerRegs * kConsumers;
-  };
-  fits(linear_ws_kernel<__nv_bfloat16, 1, true>);
-  fits(linear_ws_kernel<__half, 1, true>);
-  fits(linear_ws_kernel<__nv_bfloat16, 2, true>);
-  fits(linear_ws_kernel<__half, 2, true>);
-  if (dev >= 0 && dev < kMaxDevices) known[dev].store(ok ? 2 : 1);
-  return ok;
+  static std::atomic<int> known[kMaxDevices];
+  return once_per_device(known, [] {
+    bool ok = true;
+    auto fits = [&](auto kernel) {
+      cudaFuncAttributes a{};
+      if (cudaFuncGetAttributes(&a, kernel) != cudaSuccess) {
+        (void)cudaGetLastError();
+        ok = false;
+        return;
+      }
+      ok = ok && a.numRegs * kThreads >= kProducerRegs * 128 + kConsumerRegs * kConsumers;
+    };
+    fits(linear_ws_kernel<__nv_bfloat16, 1, true>);
+    fits(linear_ws_kernel<__half, 1, true>);
+    fits(linear_ws_kernel<__nv_bfloat16, 2, true>);
+    fits(linear_ws_kernel<__half, 2, true>);
+    return ok;
+  });
 }
 }  // namespace
 

@@ -101,38 +101,9 @@ __device__ __forceinline__ void wgmma_m64n64k16(float (&z)[32], const uint32_t (
 #endif
 }
 
-// D (+)= A (64 x 16, shared, K-major) * B (16 x 64, shared, K-major) for one warpgroup.
-template <class MmaT>
-__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&z)[32], uint64_t desc_a,
-                                                   uint64_t desc_b, int scale_d) {
-#if ISSL_WGMMA_DEVICE
-  static_assert(std::is_same_v<MmaT, __nv_bfloat16>, "bf16 operands");
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " ISSL_WGMMA_Z32_REGS
-               ", %32, %33, p, 1, 1, 0, 0;\n}\n"
-               : ISSL_WGMMA_Z32_OUT
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-#endif
-}
-
-// The same with N = 16 (8 accumulators per thread): the 16-query blocks of score_topk.
-template <class MmaT>
-__device__ __forceinline__ void wgmma_m64n16k16_ss(float (&z)[8], uint64_t desc_a,
-                                                   uint64_t desc_b, int scale_d) {
-#if ISSL_WGMMA_DEVICE
-  static_assert(std::is_same_v<MmaT, __nv_bfloat16>, "bf16 operands");
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n16k16.f32.bf16.bf16 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7}, %8, %9, p, 1, 1, 0, 0;\n}\n"
-      : "+f"(z[0]), "+f"(z[1]), "+f"(z[2]), "+f"(z[3]), "+f"(z[4]), "+f"(z[5]), "+f"(z[6]),
-        "+f"(z[7])
-      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-#endif
-}
-
-// The 128 float32 accumulators of an m64n256 wgmma (array z): asm output operands %0..%127, in
-// groups of eight, and their register list.
+// Accumulator operand lists for the shared-shared wgmma below: N / 2 float32 accumulators
+// (array z) as asm output operands %0 .. %(N / 2 - 1), in groups of eight, and their register
+// list, for N = 48, 192 and 256 (N = 64 uses ISSL_WGMMA_Z32_* above).
 #define ISSL_Z8(b)                                                                              \
   "+f"(z[b]), "+f"(z[b + 1]), "+f"(z[b + 2]), "+f"(z[b + 3]), "+f"(z[b + 4]), "+f"(z[b + 5]),   \
       "+f"(z[b + 6]), "+f"(z[b + 7])
@@ -152,28 +123,6 @@ __device__ __forceinline__ void wgmma_m64n16k16_ss(float (&z)[8], uint64_t desc_
   "%111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, " \
   "%124, %125, %126, %127" \
   "}"
-#define ISSL_WGMMA_SS_M64N256K16(TYPE)                                                           \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %130, 0;\n"                                   \
-               "wgmma.mma_async.sync.aligned.m64n256k16.f32." TYPE "." TYPE " "                  \
-               ISSL_WGMMA_Z128_REGS ", %128, %129, p, 1, 1, 0, 0;\n}\n"                          \
-               : ISSL_WGMMA_Z128_OUT                                                             \
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
-
-// D (+)= A (64 x 16, shared, K-major) * B (16 x 256, shared, K-major) for one warpgroup, 16-bit
-// inputs (MmaT: bf16 or f16): the sketch_linear producer/consumer kernel (linear_ws.cu). Thread
-// register i holds row 16 w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t4 + (i & 1).
-template <class MmaT>
-__device__ __forceinline__ void wgmma_m64n256k16_ss(float (&z)[128], uint64_t desc_a,
-                                                    uint64_t desc_b, int scale_d) {
-#if ISSL_WGMMA_DEVICE
-  if constexpr (std::is_same_v<MmaT, __nv_bfloat16>) {
-    ISSL_WGMMA_SS_M64N256K16("bf16");
-  } else {
-    ISSL_WGMMA_SS_M64N256K16("f16");
-  }
-#endif
-}
-
 #define ISSL_WGMMA_Z24_OUT \
   ISSL_Z8(0), ISSL_Z8(8), ISSL_Z8(16)
 #define ISSL_WGMMA_Z24_REGS \
@@ -193,29 +142,6 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss(float (&z)[128], uint64_t de
   "%66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, " \
   "%82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95" \
   "}"
-
-// D (+)= A (64 x 16, shared) * B (16 x N, shared), bf16, for the N of score_topk's stacked
-// query terms (score_wgmma.cu, CudaVariant::kScoreStack: 3 terms x 16 or x 64 queries).
-__device__ __forceinline__ void wgmma_m64n48k16_ss(float (&z)[24], uint64_t desc_a,
-                                                   uint64_t desc_b, int scale_d) {
-#if ISSL_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n48k16.f32.bf16.bf16 " ISSL_WGMMA_Z24_REGS
-               ", %24, %25, p, 1, 1, 0, 0;\n}\n"
-               : ISSL_WGMMA_Z24_OUT
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-#endif
-}
-__device__ __forceinline__ void wgmma_m64n192k16_ss(float (&z)[96], uint64_t desc_a,
-                                                    uint64_t desc_b, int scale_d) {
-#if ISSL_WGMMA_DEVICE
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %98, 0;\n"
-               "wgmma.mma_async.sync.aligned.m64n192k16.f32.bf16.bf16 " ISSL_WGMMA_Z96_REGS
-               ", %96, %97, p, 1, 1, 0, 0;\n}\n"
-               : ISSL_WGMMA_Z96_OUT
-               : "l"(desc_a), "l"(desc_b), "r"(scale_d));
-#endif
-}
 
 // Register A fragments of 4 k16 slices (64 columns) of +-1 rows, for one warp: `sb` points at
 // the 32-bit word holding this warp's rows of column 0 (consecutive columns `stride` words
@@ -238,22 +164,48 @@ __device__ __forceinline__ void pm1_a_fragments(const uint32_t* sb, int stride, 
   }
 }
 
-// Shared-shared wgmma m64nNk16 (bf16 in, float32 accumulators) for the N above.
-template <int N>
+// One shared-shared wgmma: SHAPE "m64nNk16", TYPE "bf16" or "f16", REGS / OUT the accumulator
+// list and operands, IA IB IS the operand numbers of desc_a, desc_b, scale_d (after the N / 2
+// accumulators).
+#define ISSL_WGMMA_SS(SHAPE, TYPE, REGS, OUT, IA, IB, IS)                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, " IS ", 0;\n"                                   \
+               "wgmma.mma_async.sync.aligned." SHAPE ".f32." TYPE "." TYPE " " REGS ", " IA      \
+               ", " IB ", p, 1, 1, 0, 0;\n}\n"                                                  \
+               : OUT                                                                            \
+               : "l"(desc_a), "l"(desc_b), "r"(scale_d))
+#define ISSL_WGMMA_Z8_REGS "{%0, %1, %2, %3, %4, %5, %6, %7}"
+#define ISSL_WGMMA_Z8_OUT ISSL_Z8(0)
+
+// D (+)= A (64 x 16, shared, K-major) * B (16 x N, shared, K-major) for one warpgroup, float32
+// accumulators; MmaT: bf16 (every N) or f16 (N = 256, linear_ws). Thread register i holds row
+// 16 w + g + 8 ((i >> 1) & 1), column 8 (i >> 2) + 2 t4 + (i & 1). N: 16 and 64 (score_topk's
+// query blocks), 48 and 192 (their three stacked query terms, score_stack), 256 (linear_ws).
+template <int N, class MmaT = __nv_bfloat16>
 __device__ __forceinline__ void wgmma_ss(float (&z)[N / 2], uint64_t desc_a, uint64_t desc_b,
                                          int scale_d) {
   static_assert(N == 16 || N == 48 || N == 64 || N == 192 || N == 256, "m64nNk16 for these N");
+  static_assert(std::is_same_v<MmaT, __nv_bfloat16> || (N == 256 && std::is_same_v<MmaT, __half>),
+                "bf16 operands (f16 for N = 256)");
+#if ISSL_WGMMA_DEVICE
   if constexpr (N == 16) {
-    wgmma_m64n16k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+    ISSL_WGMMA_SS("m64n16k16", "bf16", ISSL_WGMMA_Z8_REGS, ISSL_WGMMA_Z8_OUT, "%8", "%9", "%10");
   } else if constexpr (N == 48) {
-    wgmma_m64n48k16_ss(z, desc_a, desc_b, scale_d);
+    ISSL_WGMMA_SS("m64n48k16", "bf16", ISSL_WGMMA_Z24_REGS, ISSL_WGMMA_Z24_OUT, "%24", "%25",
+                  "%26");
+  } else if constexpr (N == 64) {
+    ISSL_WGMMA_SS("m64n64k16", "bf16", ISSL_WGMMA_Z32_REGS, ISSL_WGMMA_Z32_OUT, "%32", "%33",
+                  "%34");
   } else if constexpr (N == 192) {
-    wgmma_m64n192k16_ss(z, desc_a, desc_b, scale_d);
-  } else if constexpr (N == 256) {
-    wgmma_m64n256k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+    ISSL_WGMMA_SS("m64n192k16", "bf16", ISSL_WGMMA_Z96_REGS, ISSL_WGMMA_Z96_OUT, "%96", "%97",
+                  "%98");
+  } else if constexpr (std::is_same_v<MmaT, __nv_bfloat16>) {
+    ISSL_WGMMA_SS("m64n256k16", "bf16", ISSL_WGMMA_Z128_REGS, ISSL_WGMMA_Z128_OUT, "%128",
+                  "%129", "%130");
   } else {
-    wgmma_m64n64k16_ss<__nv_bfloat16>(z, desc_a, desc_b, scale_d);
+    ISSL_WGMMA_SS("m64n256k16", "f16", ISSL_WGMMA_Z128_REGS, ISSL_WGMMA_Z128_OUT, "%128",
+                  "%129", "%130");
   }
+#endif
 }
 
 }  // namespace issl_fast::cuda::detail
