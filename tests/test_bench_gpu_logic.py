@@ -135,3 +135,29 @@ def test_a_variant_that_never_launches_is_a_failed_row(bench: ModuleType) -> Non
     assert [r[0] for r in failed] == ["var sketch_linear B20 32x32 k96 [linear_wgmma]"]
     assert "never launched" in bench.RESULTS["variants"][
         "sketch_linear B20 32x32 k96 [linear_wgmma]"]["error"]
+
+
+def test_dense_step_checks_and_reports_against_the_mm_rate(bench: ModuleType) -> None:
+    bench.bench_dense(mm_rate=1e11, rounds=1, size=(3, 1000, 96))
+    (r,) = [r for r in bench.ROWS if r[0].startswith("sketch_dense")]
+    assert r[0] == "sketch_dense B3 P1000 k96" and "mm" in r[5] and r[4] == "mm + RNG blocks"
+    case = bench.RESULTS["cases"]["sketch_dense"]
+    assert case["check_rel_err"] < 1e-4 and case["flops"] == 2 * 3 * 1000 * 96
+
+
+def test_featurize_step_checks_the_engine_and_reports_both_comparisons(
+        bench: ModuleType) -> None:
+    calls: list[int] = []
+
+    def peak(fn: Callable[[], object]) -> int:
+        fn()
+        calls.append(1)
+        return 1000 * len(calls)  # ours 1000, baseline 2000
+
+    bench.bench_featurize(rounds=1, size=(2, 16, 32), peak_bytes=peak)
+    rows = {r[0]: r for r in bench.ROWS}
+    main = rows["featurize CNN 1M B2 K2 kron k16"]
+    assert main[4] == "torch.func + RNG blocks" and main[5] == "mem 0.50x base"
+    assert rows["  (vs one fwd+bwd of the loss)"][5].startswith("ours/floor ")
+    case = bench.RESULTS["cases"]["featurize"]
+    assert case["check_rel_err"] < 1e-3 and case["shape"]["dim"] > 0 and len(calls) == 2

@@ -9,7 +9,7 @@ import pytest
 import torch
 from engine_models import images, small_cnn
 from issl_fast.capture import build_layout
-from issl_fast.featurize import Featurizer
+from issl_fast.featurize import Featurizer, model_device
 from torch.func import functional_call, grad, vmap
 
 # Sketch sums over ~4k gradient entries in float32 on both sides.
@@ -118,3 +118,24 @@ def test_representation_picks_output_and_unused_layers_get_zero(setup) -> None:
     assert head.name == "head"
     assert torch.count_nonzero(phi[:, head.offset : head.offset + head.numel]) == 0
     assert torch.count_nonzero(phi[:, : head.offset]) > 0
+
+
+def test_model_device_and_the_projection_cache() -> None:
+    # The device is read from the parameters, then the buffers; a module with neither is on
+    # the CPU (the engine follows a model moved after it was built: tests/test_engine_cuda.py).
+    assert model_device(small_cnn()) == torch.device("cpu")
+    assert model_device(torch.nn.ReLU()) == torch.device("cpu")
+    meta = torch.nn.BatchNorm1d(3, affine=False).to("meta")  # buffers only
+    assert model_device(meta) == torch.device("meta")
+    assert model_device(torch.nn.Linear(2, 2, device="meta")) == torch.device("meta")
+    # The kron projections are drawn once and cached per device; the same matrices everywhere.
+    model = small_cnn()
+    loss = issl.AugmentationStability(views=1, seed=0)
+    layout = build_layout(model)
+    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=16, seed=2))
+    block, layer = feat.blocks[0], layout.layers[0]
+    p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
+    assert feat._projections(block, layer.d_in, layer.d_out, torch.device("cpu"))[0] is p_in
+    m_in, m_out = feat._projections(block, layer.d_in, layer.d_out, "meta")
+    assert m_in.device.type == "meta" and m_in.shape == p_in.shape
+    assert m_out.shape == p_out.shape == (block.k_out, layer.d_out)

@@ -16,6 +16,7 @@ m <= 64 (counting the n k 2 bytes of the store) and >= 50% of the bf16 rate for 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -629,12 +630,143 @@ def bench_sparse(copy_bw: float, rounds: int) -> None:
     free()
 
 
+# ---------------------------------------------------------------------------------------------
+# sketch_dense (no target: the CPU suite's comparison, on the GPU)
+# ---------------------------------------------------------------------------------------------
+DENSE_SIZE = (64, 1 << 22, 4096)  # B, P, k
+
+
+def bench_dense(mm_rate: float, rounds: int, size: tuple[int, int, int] = DENSE_SIZE) -> None:
+    B, P, k = size
+    flops = 2 * B * P * k
+    g = torch.randn(B, P, device=DEV, dtype=torch.bfloat16)
+    y = ops.sketch_dense(g, k, seed=4)
+    # Check: the first 64 sketch rows of two examples against the CPU kernel at k = 64 (a row
+    # depends on k only through the 1/sqrt(k) scale; an explicit 64 x P matrix would take the
+    # reference tens of seconds at this P).
+    rows = min(64, k)
+    ref = ops.sketch_dense(g[:2].cpu(), rows, seed=4) * math.sqrt(rows / k)
+    err = rel_err(y[:2, :rows].cpu(), ref)
+    log(f"sketch_dense check: max row rel err {err:.2e} (first {rows} sketch rows, CPU kernel)")
+    assert err < 1e-4, f"sketch_dense disagrees with the CPU kernel: {err}"
+    t_ours = cuda_times(lambda: ops.sketch_dense(g, k, seed=4, out=y), rounds)
+    kernel_breakdown("sketch_dense", lambda: ops.sketch_dense(g, k, seed=4, out=y), 1)
+    cb = min(P, 1 << 16)
+
+    def baseline() -> torch.Tensor:  # R regenerated per call in blocks of columns (TRAK-style)
+        acc = torch.zeros(B, k, device=DEV)
+        for c0 in range(0, P, cb):
+            c1 = min(P, c0 + cb)
+            r = torch.empty(k, c1 - c0, device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
+            acc += (g[:, c0:c1] @ r.mul_(2).sub_(1).T).float()
+        return acc / math.sqrt(k)
+
+    t_base = cuda_times(baseline, max(2, rounds - 1))
+    to, tb = med(t_ours), med(t_base)
+    frac = flops / to / mm_rate
+    RESULTS["cases"]["sketch_dense"] = {
+        "shape": dict(B=B, P=P, k=k, dtype="bfloat16"),
+        "flops": flops,
+        "ours_s": t_ours,
+        "baseline_s": t_base,
+        "check_rel_err": err,
+        "fraction_of_mm_rate": frac,
+    }
+    log(f"sketch_dense: ours {to * 1e3:.3f} ms ({frac:.0%} of mm), RNG blocks {tb * 1e3:.3f} ms")
+    row(f"sketch_dense B{B} P{P} k{k}", to, tb, "mm + RNG blocks",
+        f"{flops / to / 1e12:.0f} TF/s = {frac:.0%} mm", "-", None)
+    g = y = None  # noqa: F841
+    free()
+
+
+# ---------------------------------------------------------------------------------------------
+# featurize: the engine on the GPU (the CPU suite's bench_featurize.py, same model and loss)
+# ---------------------------------------------------------------------------------------------
+FEATURIZE_SIZE = (256, 256, 512)  # batch, kron k per layer, baseline's projection block
+
+
+def _peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak device memory one call allocates beyond what was allocated before it."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def bench_featurize(rounds: int, size: tuple[int, int, int] = FEATURIZE_SIZE,
+                    peak_bytes: Callable[[Callable[[], object]], int] | None = None) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from _featurize_model import baseline_pipeline, build
+
+    batch, k, block = size
+    model, loss, x, ids = build(torch.get_num_threads(), batch)
+    cpu_model = copy.deepcopy(model)
+    model, x = model.to(DEV), x.to(DEV)
+    attr = issl_fast.InfluenceSSL(model, loss, issl_fast.Projection("kron", k=k), "block")
+    cpu_attr = issl_fast.InfluenceSSL(cpu_model, loss, issl_fast.Projection("kron", k=k), "block")
+    # Check (TF32 off: cuDNN would use it for the convolutions): the GPU engine's features are
+    # the CPU engine's on a few examples.
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        err = rel_err(attr.features(x[:4], ids[:4]).cpu(), cpu_attr.features(x[:4].cpu(), ids[:4]))
+    finally:
+        torch.backends.cudnn.allow_tf32 = saved
+    log(f"featurize check: max row rel err {err:.2e} (GPU engine vs CPU engine)")
+    assert err < 1e-3, f"featurize on the GPU disagrees with the CPU: {err}"
+    views = loss.encoder_inputs(x, ids)
+
+    def ours() -> object:
+        return attr.featurizer(x, ids)
+
+    def floor() -> None:  # one plain forward+backward of the loss, views precomputed
+        model.zero_grad(set_to_none=True)
+        loss.from_outputs(model(views), batch).sum().backward()
+
+    gen = torch.Generator(device=DEV).manual_seed(0)
+
+    def baseline() -> torch.Tensor:
+        return baseline_pipeline(model, loss, x, ids, attr.dim, gen, block)
+
+    t_ours = cuda_times(ours, rounds * 3)
+    t_aug = cuda_times(lambda: loss.encoder_inputs(x, ids), rounds)  # part of ours
+    kernel_breakdown("featurize", ours, 1)
+    t_floor = cuda_times(floor, rounds * 3)
+    t_base = cuda_times(baseline, max(2, rounds - 1))
+    measure = peak_bytes or _peak_bytes
+    mem_ours, mem_base = measure(ours), measure(baseline)
+    to, tf, tb = med(t_ours), med(t_floor), med(t_base)
+    RESULTS["cases"]["featurize"] = {
+        "shape": dict(batch=batch, views=loss.views, kron_k=k, dim=attr.dim,
+                      params=sum(p.numel() for p in model.parameters())),
+        "ours_s": t_ours,
+        "floor_s": t_floor,
+        "augment_s": t_aug,
+        "baseline_s": t_base,
+        "check_rel_err": err,
+        "peak_bytes_ours": mem_ours,
+        "peak_bytes_baseline": mem_base,
+    }
+    log(f"featurize: ours {to * 1e3:.2f} ms (augmentation {med(t_aug) * 1e3:.2f} ms), fwd+bwd "
+        f"{tf * 1e3:.2f} ms, torch.func + RNG {tb * 1e3:.2f} ms; peak memory "
+        f"{mem_ours / 2**20:.0f} MiB vs {mem_base / 2**20:.0f} MiB")
+    label = f"featurize CNN 1M B{batch} K{loss.views} kron k{k}"
+    row(label, to, tb, "torch.func + RNG blocks",
+        f"mem {mem_ours / max(mem_base, 1):.2f}x base", "-", None)
+    row("  (vs one fwd+bwd of the loss)", to, tf, "fwd+bwd, views given",
+        f"ours/floor {to / tf:.2f}", "-", None)
+    model = x = attr = views = None  # noqa: F841
+    free()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, default=Path("bench/gpu/out"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", nargs="*", default=None,
-                    help="subset of: linear kron score sparse variants")
+                    help="subset of: linear kron score sparse dense featurize variants")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not torch.cuda.is_available() or not issl_fast.has_cuda():
@@ -645,7 +777,8 @@ def main() -> int:
     RESULTS["torch"] = torch.__version__
     log(f"device {RESULTS['device']}, issl_fast {issl_fast.__version__}, torch {torch.__version__}")
     torch.manual_seed(0)
-    which = set(args.only or ["linear", "kron", "score", "sparse", "variants"])
+    which = set(args.only or ["linear", "kron", "score", "sparse", "dense", "featurize",
+                              "variants"])
     failed: list[str] = []
     copy_bw, mm_rate = limits(max(5, args.rounds * 3))
     steps = [
@@ -653,6 +786,8 @@ def main() -> int:
         ("sparse", lambda: bench_sparse(copy_bw, args.rounds)),
         ("score", lambda: bench_score(copy_bw, mm_rate, args.rounds)),
         ("linear", lambda: bench_linear(mm_rate, args.rounds)),
+        ("dense", lambda: bench_dense(mm_rate, args.rounds)),
+        ("featurize", lambda: bench_featurize(args.rounds)),
         # Last: each kernel variant against the kernel it replaces, so a faulting experimental
         # one cannot spoil the rows above.
         ("variants", lambda: bench_variants(mm_rate, args.rounds)),

@@ -9,7 +9,8 @@
 # to skip detection), ISSL_GPU_SKIP_BENCH=1 (tests only), ISSL_GPU_PIP_TARGET (install into that
 # folder instead of the environment), ISSL_GPU_RUN_SECONDS (overall limit, default 460),
 # ISSL_GPU_TEST_FILTER (a pytest -k expression for the cuda tests, e.g. "sparse"),
-# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse variants"; default all),
+# ISSL_GPU_BENCH_ONLY (benchmarks to run, e.g. "kron sparse variants"; names: linear kron score
+# sparse dense featurize variants; default all),
 # ISSL_GPU_BUILD_DIR (a build folder kept for incremental rebuilds on a warm machine),
 # ISSL_GPU_NCU=1 (after the benchmarks, Nsight Compute sections of the main kernels into ncu.txt).
 # The cuda tests run up to three times: as they are (the default kernel variants), then the

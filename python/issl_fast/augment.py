@@ -216,7 +216,8 @@ def _blur_matrix(sigma: torch.Tensor, n: int, max_sigma: float) -> torch.Tensor:
     i = torch.where(i >= n, 2 * (n - 1) - i, i)  # reflect (no edge repeat), like F.pad reflect
     m = torch.zeros(sigma.shape[0], n, n, dtype=sigma.dtype, device=sigma.device)
     rows = torch.arange(n, device=sigma.device)[:, None].expand_as(i)
-    m.index_put_((torch.arange(sigma.shape[0])[:, None, None], rows[None], i[None]),
+    batch = torch.arange(sigma.shape[0], device=sigma.device)[:, None, None]
+    m.index_put_((batch, rows[None], i[None]),
                  kern[:, None, :].expand(-1, n, -1), accumulate=True)
     return m
 

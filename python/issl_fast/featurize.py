@@ -20,10 +20,24 @@ from .projection import Block, Projection, plan_blocks
 _STATS_DTYPE = torch.float64
 
 
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model runs: the device of its first parameter (or buffer); CPU if it has none.
+    Read at every call, so a model moved after the attribution object was built is followed."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
 class Featurizer:
     """Maps a batch ``(x, ids)`` to gradient features ``phi [B, dim]`` (and, with
     ``collect_stats``, each example's projected K-FAC covariances ``{block/A: [B, k_in, k_in],
-    block/D: [B, k_out, k_out]}`` of every kron block, for EK-FAC)."""
+    block/D: [B, k_out, k_out]}`` of every kron block, for EK-FAC).
+
+    Everything runs on the model's device (:func:`model_device`): the batch is moved there, and
+    on a GPU the sketches are the CUDA kernels. ``phi`` and the statistics are returned on that
+    device; ``ids`` stay where they are (the augmentations draw from them on the CPU)."""
 
     def __init__(
         self,
@@ -43,7 +57,7 @@ class Featurizer:
         self.dim = self.blocks[-1].stop if self.blocks else 0
         self.collect_stats = collect_stats and projection.kind == "kron"
         self.num_threads = num_threads
-        self._kron_mats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._kron_mats: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -56,6 +70,9 @@ class Featurizer:
         self, x: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B = x.shape[0]
+        device = model_device(self.model)
+        if x.device != device:
+            x = x.to(device, non_blocking=x.is_pinned())
         was_training = self.model.training
         self.model.eval()
         try:
@@ -64,7 +81,7 @@ class Featurizer:
             with torch.enable_grad(), FactorCapture(self.layout) as cap:
                 losses = self.loss.from_outputs(self.model(inputs), B)
                 cap.backward(losses.sum())
-                phi = torch.empty(B, self.dim, dtype=self.feature_dtype)
+                phi = torch.empty(B, self.dim, dtype=self.feature_dtype, device=device)
                 stats: dict[str, torch.Tensor] = {}
                 self._layers(cap, phi, stats)
             if self.layout.fallback:
@@ -116,7 +133,7 @@ class Featurizer:
                 num_threads=self.num_threads,
             )
             if self.collect_stats:
-                p_in, p_out = self._projections(block, layer.d_in, layer.d_out)
+                p_in, p_out = self._projections(block, layer.d_in, layer.d_out, A.device)
                 # Per-example sums over t, so the store can split a batch at a shard boundary.
                 U = (A.float() @ p_in.T).to(_STATS_DTYPE)  # [B, T, k_in]
                 V = (D.float() @ p_out.T).to(_STATS_DTYPE)  # [B, T, k_out]
@@ -131,11 +148,11 @@ class Featurizer:
         ``sketch_kron`` of the im2col factors up to float rounding, at the cost of one conv with
         k_in output channels (LoGra's trick for conv layers)."""
         mod, groups = layer.module, self.loss.groups
-        p_in, p_out = self._projections(block, layer.d_in, layer.d_out)
+        p_in, p_out = self._projections(block, layer.d_in, layer.d_out, phi.device)
         d = layer.d_in - (1 if layer.has_bias else 0)
         w = p_in[:, :d].reshape(block.k_in, *mod.weight.shape[1:])
         bias = p_in[:, d].contiguous() if layer.has_bias else None
-        y = torch.zeros(phi.shape[0], block.k_out, block.k_in)
+        y = torch.zeros(phi.shape[0], block.k_out, block.k_in, device=phi.device)
         cov_a = cov_d = None
         for x, g in cap.calls(layer):
             b = x.shape[0] // groups
@@ -179,18 +196,24 @@ class Featurizer:
             )
 
     def _projections(
-        self, block: Block, d_in: int, d_out: int
+        self, block: Block, d_in: int, d_out: int, device: torch.device | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scaled P_in [k_in, d_in], P_out [k_out, d_out] of a kron block (cached)."""
-        if block.name not in self._kron_mats:
-            p_in, p_out = reference.kron_matrices(
-                block.seed, d_in, d_out, block.k_in, block.k_out, self.projection.dist
-            )
-            self._kron_mats[block.name] = (
-                torch.from_numpy(p_in).float() / block.k_in**0.5,
-                torch.from_numpy(p_out).float() / block.k_out**0.5,
-            )
-        return self._kron_mats[block.name]
+        """Scaled P_in [k_in, d_in], P_out [k_out, d_out] of a kron block on ``device`` (default
+        CPU), cached per device (drawn once on the CPU, the same matrices everywhere)."""
+        device = torch.device("cpu") if device is None else torch.device(device)
+        key = (block.name, device)
+        if key not in self._kron_mats:
+            cpu = (block.name, torch.device("cpu"))
+            if cpu not in self._kron_mats:
+                p_in, p_out = reference.kron_matrices(
+                    block.seed, d_in, d_out, block.k_in, block.k_out, self.projection.dist
+                )
+                self._kron_mats[cpu] = (
+                    torch.from_numpy(p_in).float() / block.k_in**0.5,
+                    torch.from_numpy(p_out).float() / block.k_out**0.5,
+                )
+            self._kron_mats[key] = tuple(p.to(device) for p in self._kron_mats[cpu])
+        return self._kron_mats[key]
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ from torch import nn
 
 from . import apps, ops
 from .capture import build_layout
-from .featurize import Featurizer, iterate_batches
+from .featurize import Featurizer, iterate_batches, model_device
 from .loss import AugmentationStability
 from .projection import Projection
 from .reference import HASH_VERSION
@@ -69,6 +69,13 @@ class InfluenceSSL:
         damping: relative damping (x mean eigenvalue); absolute_damping overrides it.
         store_dtype: ``"float16" | "bfloat16" | "float32" | "float64"`` for stored features.
         num_threads: threads for the CPU kernels (default: torch's).
+
+    Device: everything runs where the encoder's parameters are (:attr:`device`, read at each
+    call). With the encoder on a GPU, batches are moved there, the sketches and the store scans
+    run on the GPU (the store stays a memory-mapped file, streamed through the GPU), and the
+    curvature stays on the CPU in float64 (it is small). Results (scores, self-influence,
+    duplicates) come back as CPU tensors / numpy arrays; :meth:`features` returns ``phi`` on
+    the device.
     """
 
     def __init__(
@@ -109,6 +116,11 @@ class InfluenceSSL:
         self.store: GradientStore | None = None
 
     @property
+    def device(self) -> torch.device:
+        """Where featurisation and store scans run: the encoder's device."""
+        return model_device(self.encoder)
+
+    @property
     def dim(self) -> int:
         """Feature dimension."""
         return self.featurizer.dim
@@ -126,8 +138,8 @@ class InfluenceSSL:
 
     # -- features ---------------------------------------------------------------------------------
     def features(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Gradient features ``[B, dim]`` of a batch (ids default to 0..B-1: pass the examples'
-        own ids when their augmentations must match the store's)."""
+        """Gradient features ``[B, dim]`` of a batch, on the encoder's device (ids default to
+        0..B-1: pass the examples' own ids when their augmentations must match the store's)."""
         if ids is None:
             ids = torch.arange(x.shape[0])
         return self.featurizer(x, torch.as_tensor(ids, dtype=torch.int64))[0]
@@ -195,7 +207,7 @@ class InfluenceSSL:
     def preconditioned(
         self, queries: torch.Tensor, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]``."""
+        """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]`` on the CPU."""
         return self.solver.precondition(self.features(queries, ids)).float().contiguous()
 
     def score(
@@ -225,8 +237,11 @@ class InfluenceSSL:
         negate: bool = False,
         exclude_rows: torch.Tensor | None = None,
     ) -> TopInfluence:
-        """Streaming top-k of ``q @ phi_i`` over a store's shards (memory independent of n)."""
+        """Streaming top-k of ``q @ phi_i`` over a store's shards (memory independent of n), on
+        the encoder's device (a GPU streams the shards from the memory-mapped files). The result
+        is on the CPU."""
         store = self._store(store)
+        q = q.to(self.device)
         m = q.shape[0]
         values = torch.full((m, topk), -torch.inf)
         rows = torch.full((m, topk), -1, dtype=torch.int64)
@@ -258,7 +273,7 @@ class InfluenceSSL:
         """Full ``[m, n]`` float64 score matrix (for small problems and tests); with
         ``normalised`` the cosine form ``score / sqrt(s_i s_t)``."""
         store = self._store(store)
-        phi = self.features(queries, ids)
+        phi = self.features(queries, ids).cpu()
         q = self.solver.precondition(phi)
         S = torch.cat([q @ rows.T for rows, _ in store.iter_rows(dtype=torch.float64)], dim=1)
         if normalised:
@@ -294,11 +309,12 @@ class InfluenceSSL:
                             "one-shot iterator: it is read once per transform")
         s = self.self_influence(store) if transforms else None  # shared by every pass
         result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
-                                            self_influence=s)
+                                            self_influence=s, device=self.device)
         for t in transforms:
             found = apps.transformed_neighbours(store, self.solver,
                                                 self._transformed_queries(store, data, t),
-                                                topk, self.num_threads, self_influence=s)
+                                                topk, self.num_threads, self_influence=s,
+                                                device=self.device)
             result = apps.merge_neighbours(result, found)
         return result
 
@@ -336,7 +352,7 @@ class InfluenceSSL:
             neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
         return apps.find_duplicates(store, self.solver, threshold=threshold,
                                     topk=topk, num_threads=self.num_threads,
-                                    neighbours=neighbours)
+                                    neighbours=neighbours, device=self.device)
 
     def find_outliers(self, method: str = "neighbours", *, k: int = 5,
                       normalisation: str | None = "robust", store: GradientStore | None = None,

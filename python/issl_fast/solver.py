@@ -182,7 +182,9 @@ class Solver:
         dim = self.blocks[-1].stop if self.blocks else x.shape[1]
         if x.dim() != 2 or x.shape[1] != dim:
             raise ValueError(f"features must be [m, {dim}], got {tuple(x.shape)}")
-        return x.to(torch.float64)
+        # The curvature lives on the CPU in float64 (it is fitted from the store there): features
+        # computed on a GPU are brought over, so the results are float64 CPU tensors.
+        return x.to(device="cpu", dtype=torch.float64)
 
     def precondition(self, x: torch.Tensor) -> torch.Tensor:
         """``F^-1 x`` row-wise, float64 ``[m, dim]``."""

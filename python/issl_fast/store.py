@@ -271,7 +271,8 @@ class GradientStore:
             self._pending_phi.append(phi[sl].detach().cpu())
             self._pending_ids.append(ids[sl].to(torch.int64).cpu())
             for name, s in stats.items():
-                part = s[sl].sum(dim=0).to(torch.float64)
+                # Summed where it was computed (a GPU's batch stays there), kept on the CPU.
+                part = s[sl].sum(dim=0).to(device="cpu", dtype=torch.float64)
                 self._pending_stats[name] = self._pending_stats.get(name, 0) + part
             self._pending_rows += take
             start += take

@@ -6,6 +6,9 @@ sqrt(s_j) in float32), so memory never holds an n x n matrix: only [query chunk 
 Transformed copies of the examples (e.g. shifted by a pixel, :mod:`.transforms`) can be searched
 the same way (:func:`transformed_neighbours`) and merged in (:func:`merge_neighbours`), so copies
 that differ by such a transform are found too.
+
+``device``: where the scans run (``None``: the CPU). On a GPU the normalised store chunks are
+streamed through it by the top-k kernel; the preconditioning stays on the CPU in float64.
 """
 
 from __future__ import annotations
@@ -56,9 +59,13 @@ def _score_against_store(
     self_rows: torch.Tensor,
     topk: int,
     num_threads: int | None,
+    device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k store rows for normalised, preconditioned float32 queries ``q [m, dim]``, each
-    excluding its own store row (``self_rows [m]``, -1 for none), in one pass over the store."""
+    excluding its own store row (``self_rows [m]``, -1 for none), in one pass over the store,
+    scored on ``device`` (CPU results)."""
+    if device is not None:
+        q = q.to(device)
     m = q.shape[0]
     values = torch.full((m, topk), -torch.inf)
     idx = torch.full((m, topk), -1, dtype=torch.int64)
@@ -75,6 +82,7 @@ def normalised_neighbours(
     topk: int,
     num_threads: int | None = None,
     self_influence: np.ndarray | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every store row, its ``topk`` most similar other rows by normalised influence:
     ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding).
@@ -87,7 +95,8 @@ def normalised_neighbours(
     for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64):
         m = q_rows.shape[0]
         q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
-        v, i = _score_against_store(store, inv, q, torch.arange(q0, q0 + m), topk, num_threads)
+        v, i = _score_against_store(store, inv, q, torch.arange(q0, q0 + m), topk, num_threads,
+                                    device)
         best_v[q0:q0 + m], best_i[q0:q0 + m] = v.numpy(), i.numpy()
     return best_v, best_i
 
@@ -99,6 +108,7 @@ def transformed_neighbours(
     topk: int,
     num_threads: int | None = None,
     self_influence: np.ndarray | None = None,
+    device: torch.device | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours of transformed copies of the store's own examples.
 
@@ -123,13 +133,13 @@ def transformed_neighbours(
         pre = solver.precondition(phi)
         s = (pre * phi).sum(dim=1).clamp(min=_EPS)
         q = (pre / s.sqrt()[:, None]).float().contiguous()
-        v, i = _score_against_store(store, inv, q, rows, topk, num_threads)
+        v, i = _score_against_store(store, inv, q, rows, topk, num_threads, device)
         _merge_rows(best_v, best_i, rows.numpy(), v.numpy(), i.numpy())
 
     queued = 0
     for phi, rows in queries:
         rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
-        phi = torch.as_tensor(phi)
+        phi = torch.as_tensor(phi).cpu()  # the solver is on the CPU (features may come from a GPU)
         if phi.ndim != 2 or phi.shape != (rows.shape[0], store.dim):
             raise ValueError(f"query features must be [{rows.shape[0]}, {store.dim}] to match "
                              f"{rows.shape[0]} rows and the store, got {tuple(phi.shape)}")
@@ -202,16 +212,19 @@ def find_duplicates(
     topk: int = 5,
     num_threads: int | None = None,
     neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+    device: torch.device | str | None = None,
 ) -> DuplicatePairs:
     """Pairs of training examples whose normalised influence is at least ``threshold``.
 
     Each example keeps its ``topk`` most similar partners, so a cluster of more than ``topk + 1``
     copies reports only its strongest links. Exact duplicates come out at ~1.0 and rank first.
-    ``neighbours``: a precomputed :func:`normalised_neighbours` result to reuse.
+    ``neighbours``: a precomputed :func:`normalised_neighbours` result to reuse;
+    ``device``: where the scan runs when it is not given.
     """
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
-    best_v, best_i = neighbours or normalised_neighbours(store, solver, topk, num_threads)
+    best_v, best_i = neighbours or normalised_neighbours(store, solver, topk, num_threads,
+                                                         device=device)
     n, topk = best_v.shape
     a = np.repeat(np.arange(n), topk)
     b, sim = best_i.ravel(), best_v.ravel()

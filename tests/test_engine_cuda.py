@@ -1,0 +1,167 @@
+"""The engine on a GPU: an ``InfluenceSSL`` whose encoder lives on CUDA featurises, scores and
+finds duplicates there (CUDA sketches, the store streamed through the GPU by the top-k kernel)
+and must give what the same engine gives on the CPU.
+
+The two devices run the same float32 math in other orders (cuDNN convolutions, the CUDA
+sketches' summation order), so features agree to float32 rounding amplified by the network, not
+bit for bit: rows are compared by relative norm. Scores are checked for consistency rather than
+rank equality (near-ties may swap): every returned row's score, recomputed on the CPU, equals the
+value returned, and the values are the CPU's top values. TF32 is switched off for these tests
+(cuDNN uses it for convolutions by default; it would cost ~3 decimal digits).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+
+import issl_fast as issl
+import numpy as np
+import pytest
+import torch
+from engine_models import batches, cnn_attribution, images
+from issl_fast import apps
+from issl_fast.store import GradientStore
+
+pytestmark = pytest.mark.cuda
+
+# Per-row relative difference allowed between GPU and CPU features (float32 with other summation
+# orders through a small CNN and a 1 - cos loss: ~1e-6 seen in such comparisons; margin 100x).
+ROW_RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32() -> Iterator[None]:
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def _pair(kind: str = "kron", solver: str = "ekfac", *, shared: bool = False,
+          **kw) -> tuple[issl.InfluenceSSL, issl.InfluenceSSL]:
+    """The same attribution on the CPU and (a deep copy of the encoder) on the GPU; ``shared``:
+    every example gets the same views, so exact duplicates get identical features."""
+    cpu = cnn_attribution(solver, kind, **kw)
+    if shared:
+        cpu.loss.augment = dataclasses.replace(cpu.loss.augment, shared=True)
+    gpu = copy.deepcopy(cpu)
+    gpu.encoder.cuda()
+    return cpu, gpu
+
+
+def _assert_rows_close(gpu: torch.Tensor, cpu: torch.Tensor, rtol: float = ROW_RTOL) -> None:
+    assert gpu.shape == cpu.shape
+    g, c = gpu.double().cpu(), cpu.double()
+    err = (g - c).norm(dim=1) / c.norm(dim=1).clamp(min=1e-30)
+    assert float(err.max()) < rtol, f"worst row {int(err.argmax())}: relative error {err.max()}"
+
+
+@pytest.mark.parametrize("kind", ["kron", "dense", "identity"])
+def test_features_on_the_gpu_match_the_cpu(kind) -> None:
+    # small_cnn: two Conv2d (kron: conv2d without im2col), two Linear and a LayerNorm that falls
+    # back to torch.func + sketch_dense: every path of the featuriser.
+    cpu, gpu = _pair(kind, "block")
+    assert cpu.device == torch.device("cpu") and gpu.device.type == "cuda"
+    x, ids = images(13, seed=4), torch.arange(100, 113)
+    phi_gpu = gpu.features(x, ids)  # x on the CPU: moved to the encoder's device
+    assert phi_gpu.device == gpu.device
+    _assert_rows_close(phi_gpu, cpu.features(x, ids))
+    # A batch already on the GPU gives the same features as the same batch from the CPU.
+    torch.testing.assert_close(gpu.features(x.cuda(), ids), phi_gpu, rtol=1e-6, atol=1e-7)
+
+
+def test_featurize_on_the_gpu_builds_the_cpu_store(tmp_path) -> None:
+    cpu, gpu = _pair(store_dtype="float32")
+    x = images(37, seed=2)
+    a = cpu.featurize(batches(x, 8), tmp_path / "cpu", progress=False)
+    b = gpu.featurize(batches(x, 8), tmp_path / "gpu", progress=False)
+    assert a.rows == b.rows == 37
+    np.testing.assert_array_equal(a.ids(), b.ids())
+    _assert_rows_close(b.load(torch.float64), a.load(torch.float64))
+    # The K-FAC statistics (summed on the GPU, kept on the CPU) agree too.
+    sa, sb = a.stats(), b.stats()
+    assert sorted(sa) == sorted(sb) and sa
+    for name in sa:
+        assert sb[name].device.type == "cpu"
+        torch.testing.assert_close(sb[name], sa[name], rtol=1e-4, atol=1e-8 * sa[name].abs().max())
+    # The fingerprint does not depend on the device: the CPU engine opens the GPU's store.
+    opened = GradientStore.open(tmp_path / "gpu", fingerprint=cpu.fingerprint())
+    assert opened.rows == 37
+
+
+def _train_images() -> torch.Tensor:
+    x = images(150, seed=6)
+    x[41] = x[7]  # an exact duplicate pair
+    return x
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> tuple[issl.InfluenceSSL, issl.InfluenceSSL, GradientStore]:
+    """Both engines fitted on one store (built on the CPU), so their curvatures are identical
+    and only the query features and the scans run on different devices."""
+    cpu, gpu = _pair(shared=True)
+    store = cpu.featurize(batches(_train_images(), 32), tmp_path_factory.mktemp("fitted") / "s",
+                          progress=False)
+    cpu.fit(store)
+    gpu.fit(store)
+    return cpu, gpu, store
+
+
+@pytest.mark.parametrize("opponents", [False, True])
+def test_scores_on_the_gpu_are_the_cpu_scores(fitted, opponents) -> None:
+    cpu, gpu, store = fitted
+    queries, qids = images(9, seed=8), torch.arange(1000, 1009)
+    exclude = torch.tensor([3, -1, 0, 5, -1, -1, 2, 1, -1])
+    top_gpu = gpu.score(queries, topk=6, ids=qids, opponents=opponents, exclude_rows=exclude)
+    top_cpu = cpu.score(queries, topk=6, ids=qids, opponents=opponents, exclude_rows=exclude)
+    assert top_gpu.values.device.type == "cpu" and top_gpu.rows.device.type == "cpu"
+    S = cpu.score_matrix(queries, ids=qids)  # float64 [9, 150]
+    scale = float(S.abs().max())
+    for q in range(9):
+        rows = top_gpu.rows[q]
+        assert int(exclude[q]) not in rows.tolist() or int(exclude[q]) == -1
+        # each returned row's score, recomputed on the CPU in float64, is the returned value
+        np.testing.assert_allclose(top_gpu.values[q].numpy(), S[q, rows].numpy(),
+                                   rtol=0, atol=1e-4 * scale)
+        # and the values are the top ones the CPU engine found
+        np.testing.assert_allclose(top_gpu.values[q].numpy(), top_cpu.values[q].numpy(),
+                                   rtol=0, atol=1e-4 * scale)
+    np.testing.assert_array_equal(top_gpu.ids.numpy(), store.ids()[top_gpu.rows.numpy()])
+
+
+def test_duplicates_and_outliers_on_the_gpu_match_the_cpu(fitted) -> None:
+    cpu, gpu, _ = fitted
+    d_gpu, d_cpu = gpu.find_duplicates(threshold=0.95), cpu.find_duplicates(threshold=0.95)
+    assert d_gpu.rows[0].tolist() == [7, 41]
+    assert d_gpu.similarity[0] == pytest.approx(1.0, abs=1e-4)
+    # The queries are the same CPU-preconditioned rows: only the scan's summation order differs.
+    np.testing.assert_array_equal(d_gpu.rows, d_cpu.rows)
+    np.testing.assert_allclose(d_gpu.similarity, d_cpu.similarity, rtol=0, atol=1e-5)
+    o_gpu = gpu.find_outliers("neighbours", k=3, normalisation=None)
+    o_cpu = cpu.find_outliers("neighbours", k=3, normalisation=None)
+    np.testing.assert_allclose(o_gpu.scores, o_cpu.scores, rtol=0, atol=1e-5)
+
+
+def test_transformed_duplicates_on_the_gpu(fitted) -> None:
+    # Transformed copies are featurised on the GPU, preconditioned on the CPU, scanned on the GPU.
+    cpu, gpu, _ = fitted
+    data = batches(_train_images(), 32)  # the store's examples, as featurize saw them
+    shifts = apps.translations(1)
+    sim_gpu, rows_gpu = gpu.neighbours(3, data=data, transforms=shifts)
+    sim_cpu, _ = cpu.neighbours(3, data=data, transforms=shifts)
+    np.testing.assert_allclose(sim_gpu, sim_cpu, rtol=0, atol=1e-3)
+    assert 41 in rows_gpu[7].tolist() and 7 in rows_gpu[41].tolist()
+
+
+def test_the_engine_follows_its_encoder_to_the_gpu() -> None:
+    attr = cnn_attribution("block", "kron")
+    x = images(5)
+    before = attr.features(x)
+    assert before.device.type == "cpu"
+    attr.encoder.cuda()  # moved after the attribution object was built
+    assert attr.device.type == "cuda"
+    after = attr.features(x)
+    assert after.device == attr.device
+    _assert_rows_close(after, before)
