@@ -165,3 +165,18 @@ def test_the_engine_follows_its_encoder_to_the_gpu() -> None:
     after = attr.features(x)
     assert after.device == attr.device
     _assert_rows_close(after, before)
+
+
+def test_the_demo_on_the_gpu_finds_the_planted_problems(tmp_path) -> None:
+    # End to end with the encoder trained on the GPU (its weights differ from a CPU run's by
+    # float rounding, so the bar is the CPU demo test's, not equality with a CPU run).
+    from issl_fast.demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(out=str(tmp_path), epochs=6, n_train=300, n_exact=8, n_near=4,
+                     n_outliers=9, views=4, n_queries=4, topk=4, n_boot=50, progress=False,
+                     device="cuda")
+    s = run_demo(cfg, log=lambda msg: None)
+    assert s["store"]["rows"] == 300 + 8 + 4 + 9
+    assert s["quality"]["duplicates_influence"]["recall"] >= 0.8
+    assert s["quality"]["duplicates_by_kind_influence"]["shift"] == 1.0
+    assert s["quality"]["outliers_influence"]["auroc"] >= 0.8

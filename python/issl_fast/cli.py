@@ -24,7 +24,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
     cfg = DemoConfig(out=args.out, ssl=args.ssl, epochs=args.epochs, seed=args.seed,
-                     views=args.views, solver=args.solver, progress=not args.no_progress)
+                     views=args.views, solver=args.solver, progress=not args.no_progress,
+                     device=args.device)
     if args.quick:
         cfg.epochs, cfg.n_train, cfg.n_exact, cfg.n_near, cfg.n_outliers = 8, 400, 10, 10, 12
         cfg.n_boot = 100
@@ -74,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--quick", action="store_true", help="reduced setting (seconds)")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p_demo.add_argument("--device", default="cpu",
+                        help="where to train and run the engine: cpu (default), cuda, cuda:1...")
     p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
     return args.func(args)

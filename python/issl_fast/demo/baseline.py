@@ -13,10 +13,12 @@ from torch import nn
 
 @torch.no_grad()
 def representations(encoder: nn.Module, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
-    """L2-normalised encoder outputs [n, d] (eval mode)."""
+    """L2-normalised encoder outputs [n, d] (eval mode), on the CPU in float64; ``x`` is moved
+    to the encoder's device batch by batch."""
     was = encoder.training
     encoder.eval()
-    z = torch.cat([encoder(x[i:i + batch]) for i in range(0, len(x), batch)])
+    device = next(encoder.parameters()).device
+    z = torch.cat([encoder(x[i:i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
     encoder.train(was)
     return F.normalize(z.reshape(len(x), -1).double(), dim=1)
 

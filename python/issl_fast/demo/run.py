@@ -50,6 +50,9 @@ class DemoConfig:
     topk: int = 8
     n_boot: int = 500
     progress: bool = True
+    # Where the encoder trains and the engine runs ("cpu", "cuda", "cuda:1", ...); the data stay
+    # on the CPU and are moved per batch.
+    device: str = "cpu"
 
 
 def _batches(x: torch.Tensor, size: int = 128) -> list[dict[str, torch.Tensor]]:
@@ -79,7 +82,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     done("data")
 
     stage("train")
-    backbone = make_backbone(cfg.seed)
+    backbone = make_backbone(cfg.seed).to(cfg.device)
     history, _ = train_ssl(backbone, data.train_x, method=cfg.ssl, epochs=cfg.epochs,
                            seed=cfg.seed, progress=cfg.progress, log=log)
     done("train")
@@ -88,6 +91,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     # Shared views: every image gets the same K transforms, so the loss depends on content only
     # (exact duplicates get identical features) and examples are compared under common draws.
     loss = AugmentationStability(views=cfg.views, augment=digits_augment(cfg.seed + 7, True))
+    # The engine runs where the backbone is (cfg.device).
     attr = InfluenceSSL(backbone, loss, Projection("kron", k=cfg.k, seed=cfg.seed), cfg.solver)
     store_path = out / "store"
     if store_path.exists():  # a fresh run: the encoder was retrained, the old store is stale

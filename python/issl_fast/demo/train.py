@@ -48,17 +48,19 @@ def train_ssl(
     progress: bool = True,
     log: Callable[[str], None] = print,
 ) -> tuple[list[float], nn.Module]:
-    """Trains ``backbone`` in place on images ``x [n, C, H, W]``; returns the loss per epoch and
-    the trained projection head (the space where training enforced invariance)."""
+    """Trains ``backbone`` in place on images ``x [n, C, H, W]`` (on the CPU; each batch is moved
+    to the backbone's device, where the head is made too); returns the loss per epoch and the
+    trained projection head (the space where training enforced invariance)."""
     from tqdm.auto import tqdm
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     torch.manual_seed(seed)
     aug = digits_augment(seed + 1000)
+    device = next(backbone.parameters()).device
     head = nn.Sequential(nn.Linear(FEATURES, 64), nn.ReLU(),
-                         nn.Linear(64, PROJ if method != "barlow" else 64))
-    byol = BYOL(nn.Sequential(backbone, head), PROJ) if method == "byol" else None
+                         nn.Linear(64, PROJ if method != "barlow" else 64)).to(device)
+    byol = BYOL(nn.Sequential(backbone, head), PROJ).to(device) if method == "byol" else None
     params = list(backbone.parameters()) + list(head.parameters())
     if byol is not None:
         params += list(byol.predictor.parameters())
@@ -76,7 +78,8 @@ def train_ssl(
             if len(idx) < 2:
                 continue
             # Fresh views every epoch, still a pure function of (seed, id, epoch).
-            v1, v2 = aug(x[idx], idx, 2 * epoch + 1), aug(x[idx], idx, 2 * epoch + 2)
+            xb = x[idx].to(device)
+            v1, v2 = aug(xb, idx, 2 * epoch + 1), aug(xb, idx, 2 * epoch + 2)
             if byol is not None:
                 loss = byol.loss(v1, v2)
             else:
