@@ -106,3 +106,19 @@ def test_group_influence_matches_direct_computation(synthetic) -> None:
     np.testing.assert_array_equal(again.cross_ci, res.cross_ci)
     with pytest.raises(ValueError, match="train_groups"):
         apps.group_influence(store, s, labels[:5])
+
+
+@pytest.mark.parametrize("kind", ["identity", "gauss_newton"])
+def test_resident_and_streamed_scans_agree(synthetic, monkeypatch, kind) -> None:
+    # The normalised store is held whole when it fits the budget, else re-normalised chunk by
+    # chunk (16-row shards here) on every pass: the same neighbours either way.
+    store, _ = synthetic
+    solver = _solver(kind, store)
+    resident = apps.normalised_neighbours(store, solver, topk=5)
+    assert apps.duplicates._NormalisedStore(store, torch.ones(60), None, None).resident is not None
+    monkeypatch.setattr(apps.duplicates, "RESIDENT_CPU_BYTES", 0)
+    scan = apps.duplicates._NormalisedStore(store, torch.ones(60), None, None)
+    assert scan.resident is None
+    streamed = apps.normalised_neighbours(store, solver, topk=5)
+    np.testing.assert_array_equal(resident[1], streamed[1])
+    np.testing.assert_allclose(resident[0], streamed[0], rtol=1e-6, atol=1e-7)

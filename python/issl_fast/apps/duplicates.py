@@ -1,19 +1,22 @@
 """Duplicate detection by normalised (cosine) influence, ``score(i, j) / sqrt(s_i s_j)``.
 
 All pairs are searched with the streaming top-k kernel: each chunk of training examples,
-preconditioned and normalised, is scored against the store read chunk by chunk (normalised by
-sqrt(s_j) in float32), so memory never holds an n x n matrix: only [query chunk x topk] results.
+preconditioned and normalised, is scored against the store normalised by sqrt(s_j) in float32,
+so memory never holds an n x n matrix: only [query chunk x topk] results. The normalised store is
+built once and kept on the scan device when it fits (:class:`_NormalisedStore`), else it is
+re-read and re-normalised chunk by chunk on every pass.
 Transformed copies of the examples (e.g. shifted by a pixel, :mod:`.transforms`) can be searched
 the same way (:func:`transformed_neighbours`) and merged in (:func:`merge_neighbours`), so copies
 that differ by such a transform are found too.
 
-``device``: where the scans run (``None``: the CPU). On a GPU the normalised store chunks are
-streamed through it by the top-k kernel; the preconditioning stays on the CPU in float64.
+``device``: where the scans run (``None``: the CPU). On a GPU the normalised store is held in
+its memory when it fits (else streamed through it chunk by chunk by the top-k kernel); the
+preconditioning stays on the CPU in float64.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +30,11 @@ from ..store import GradientStore
 _QUERY_CHUNK = 4096
 # Guard for an all-zero gradient row (its normalised influence is defined as 0).
 _EPS = 1e-30
+# The normalised store (float32) is kept whole on the scan device when it needs at most this many
+# bytes on the CPU, or this share of the free memory of a GPU; otherwise every pass re-reads and
+# re-normalises the store chunk by chunk (bounded memory for any n).
+RESIDENT_CPU_BYTES = 1 << 28
+RESIDENT_GPU_SHARE = 0.5
 
 
 @dataclass
@@ -52,28 +60,47 @@ def _inverse_sqrt_self_influence(store: GradientStore, solver: Solver,
     return torch.from_numpy(1.0 / np.sqrt(np.maximum(s, _EPS)))
 
 
-def _score_against_store(
-    store: GradientStore,
-    inv: torch.Tensor,
-    q: torch.Tensor,
-    self_rows: torch.Tensor,
-    topk: int,
-    num_threads: int | None,
-    device: torch.device | str | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k store rows for normalised, preconditioned float32 queries ``q [m, dim]``, each
-    excluding its own store row (``self_rows [m]``, -1 for none), in one pass over the store,
-    scored on ``device`` (CPU results)."""
-    if device is not None:
-        q = q.to(device)
-    m = q.shape[0]
-    values = torch.full((m, topk), -torch.inf)
-    idx = torch.full((m, topk), -1, dtype=torch.int64)
-    for i, (rows, first) in enumerate(store.iter_rows(dtype=torch.float64)):
-        g = (rows * inv[first:first + rows.shape[0], None]).float().contiguous()
-        ops.score_topk(q, g, topk, exclude=self_rows, index_offset=first, out=(values, idx),
-                       accumulate=i > 0, num_threads=num_threads)
-    return values, idx
+class _NormalisedStore:
+    """The store's rows scaled by ``inv = 1 / sqrt(s_j)``, float32, as the top-k kernel's store:
+    one tensor on the scan device, built once, when it fits (see RESIDENT_*), else re-read and
+    re-normalised chunk by chunk on each pass."""
+
+    def __init__(self, store: GradientStore, inv: torch.Tensor,
+                 device: torch.device | str | None, num_threads: int | None) -> None:
+        self.store, self.inv, self.num_threads = store, inv, num_threads
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.resident: torch.Tensor | None = None
+        if self._fits(store.rows * store.dim * 4):
+            self.resident = torch.empty(store.rows, store.dim, device=self.device)
+            for rows, first in self._chunks():
+                self.resident[first:first + rows.shape[0]] = rows
+
+    def _fits(self, nbytes: int) -> bool:
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return nbytes <= RESIDENT_GPU_SHARE * free
+        return nbytes <= RESIDENT_CPU_BYTES
+
+    def _chunks(self) -> Iterator[tuple[torch.Tensor, int]]:
+        for rows, first in self.store.iter_rows(dtype=torch.float64):
+            yield (rows * self.inv[first:first + rows.shape[0], None]).float().contiguous(), first
+
+    def topk(self, q: torch.Tensor, self_rows: torch.Tensor, topk: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k rows for normalised, preconditioned float32 queries ``q [m, dim]``, each
+        excluding its own store row (``self_rows [m]``, -1 for none), in one pass; CPU results."""
+        q = q.to(self.device)
+        if self.resident is not None:
+            v, i = ops.score_topk(q, self.resident, topk, exclude=self_rows,
+                                  num_threads=self.num_threads)
+            return v.cpu(), i.cpu()
+        m = q.shape[0]
+        values = torch.full((m, topk), -torch.inf)
+        idx = torch.full((m, topk), -1, dtype=torch.int64)
+        for i, (g, first) in enumerate(self._chunks()):
+            ops.score_topk(q, g, topk, exclude=self_rows, index_offset=first, out=(values, idx),
+                           accumulate=i > 0, num_threads=self.num_threads)
+        return values, idx
 
 
 def normalised_neighbours(
@@ -90,13 +117,13 @@ def normalised_neighbours(
     _check_topk(topk)
     n = store.rows
     inv = _inverse_sqrt_self_influence(store, solver, self_influence)
+    scan = _NormalisedStore(store, inv, device, num_threads)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
     for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64):
         m = q_rows.shape[0]
         q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
-        v, i = _score_against_store(store, inv, q, torch.arange(q0, q0 + m), topk, num_threads,
-                                    device)
+        v, i = scan.topk(q, torch.arange(q0, q0 + m), topk)
         best_v[q0:q0 + m], best_i[q0:q0 + m] = v.numpy(), i.numpy()
     return best_v, best_i
 
@@ -122,6 +149,7 @@ def transformed_neighbours(
     _check_topk(topk)
     n = store.rows
     inv = _inverse_sqrt_self_influence(store, solver, self_influence)
+    scan = _NormalisedStore(store, inv, device, num_threads)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -133,7 +161,7 @@ def transformed_neighbours(
         pre = solver.precondition(phi)
         s = (pre * phi).sum(dim=1).clamp(min=_EPS)
         q = (pre / s.sqrt()[:, None]).float().contiguous()
-        v, i = _score_against_store(store, inv, q, rows, topk, num_threads, device)
+        v, i = scan.topk(q, rows, topk)
         _merge_rows(best_v, best_i, rows.numpy(), v.numpy(), i.numpy())
 
     queued = 0
