@@ -45,7 +45,7 @@ def baseline_pipeline(model: nn.Module, loss, x, ids, k_total: int, gen: torch.G
     out = torch.empty(x.shape[0], k_total, device=G.device)
     for c0 in range(0, k_total, block):
         c1 = min(k_total, c0 + block)
-        R = torch.randint(0, 2, (G.shape[1], c1 - c0), generator=gen, device=G.device)
-        R = R.float().mul_(2).sub_(1)
+        R = torch.randint(0, 2, (G.shape[1], c1 - c0), generator=gen, device=G.device,
+                          dtype=torch.float32).mul_(2).sub_(1)
         out[:, c0:c1] = G @ R
     return out / k_total ** 0.5

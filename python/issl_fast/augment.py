@@ -46,7 +46,9 @@ _N_PARAMS = 16
 
 
 class AugmentFn(Protocol):
-    """Any callable ``augment(x, ids, view) -> x_hat`` can replace :class:`SSLAugment`."""
+    """Any callable ``augment(x, ids, view) -> x_hat`` can replace :class:`SSLAugment`. ``x`` is
+    on the encoder's device (a GPU when the encoder is there) and ``x_hat`` must be too; ``ids``
+    is a CPU int64 tensor."""
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor: ...
 
@@ -235,12 +237,12 @@ def _gray(x: torch.Tensor) -> torch.Tensor:
 
 def _rotate_hue(x: torch.Tensor, angle: torch.Tensor) -> torch.Tensor:
     """Hue rotation by ``angle`` radians per example, as a rotation of the chroma plane in YIQ."""
-    to_yiq = torch.tensor(
+    yiq = torch.tensor(
         [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]],
-        dtype=x.dtype,
-        device=x.device,
+        dtype=torch.float64,
     )
-    from_yiq = torch.linalg.inv(to_yiq)
+    # Inverted on the CPU in float64: on a GPU, inv's error check would sync once per view.
+    to_yiq, from_yiq = yiq.to(x), torch.linalg.inv(yiq).to(x)
     c, s = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
     rot = torch.zeros(x.shape[0], 3, 3, dtype=x.dtype, device=x.device)
     rot[:, 0, 0] = 1

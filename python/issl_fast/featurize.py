@@ -244,7 +244,8 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
                 )
             x = item[key]
             raw = item.get("ids", item.get("id"))
-            ids = None if raw is None else torch.as_tensor(raw, dtype=torch.int64).reshape(-1)
+            ids = (None if raw is None
+                   else torch.as_tensor(raw, dtype=torch.int64).reshape(-1).cpu())
         else:
             raise TypeError(
                 f"cannot read a batch from {type(item).__name__}: yield tensors, "

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from . import apps, ops
+from ._backend import has_cuda
 from .capture import build_layout
 from .featurize import Featurizer, iterate_batches, model_device
 from .loss import AugmentationStability
@@ -72,8 +73,10 @@ class InfluenceSSL:
 
     Device: everything runs where the encoder's parameters are (:attr:`device`, read at each
     call). With the encoder on a GPU, batches are moved there, the sketches and the store scans
-    run on the GPU (the store stays a memory-mapped file, streamed through the GPU), and the
-    curvature stays on the CPU in float64 (it is small). Results (scores, self-influence,
+    run on the GPU (the store stays a memory-mapped file, streamed through the GPU or held there
+    when it fits), and the curvature stays on the CPU in float64 (it is small). A build without
+    the CUDA kernels scans on the CPU (:attr:`scan_device`) and cannot featurise on a GPU
+    (``ops.BackendUnavailableError`` names what the build lacks). Results (scores, self-influence,
     duplicates) come back as CPU tensors / numpy arrays; :meth:`features` returns ``phi`` on
     the device.
     """
@@ -119,6 +122,13 @@ class InfluenceSSL:
     def device(self) -> torch.device:
         """Where featurisation and store scans run: the encoder's device."""
         return model_device(self.encoder)
+
+    @property
+    def scan_device(self) -> torch.device:
+        """Where store scans (score, neighbours, duplicates) run: the encoder's GPU when this
+        build has the CUDA kernels, else the CPU (the store and the solver live there anyway)."""
+        device = self.device
+        return device if device.type == "cuda" and has_cuda() else torch.device("cpu")
 
     @property
     def dim(self) -> int:
@@ -241,7 +251,7 @@ class InfluenceSSL:
         the encoder's device (a GPU streams the shards from the memory-mapped files). The result
         is on the CPU."""
         store = self._store(store)
-        q = q.to(self.device)
+        q = q.to(self.scan_device)
         m = q.shape[0]
         values = torch.full((m, topk), -torch.inf)
         rows = torch.full((m, topk), -1, dtype=torch.int64)
@@ -309,12 +319,12 @@ class InfluenceSSL:
                             "one-shot iterator: it is read once per transform")
         s = self.self_influence(store) if transforms else None  # shared by every pass
         result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
-                                            self_influence=s, device=self.device)
+                                            self_influence=s, device=self.scan_device)
         for t in transforms:
             found = apps.transformed_neighbours(store, self.solver,
                                                 self._transformed_queries(store, data, t),
                                                 topk, self.num_threads, self_influence=s,
-                                                device=self.device)
+                                                device=self.scan_device)
             result = apps.merge_neighbours(result, found)
         return result
 
@@ -352,7 +362,7 @@ class InfluenceSSL:
             neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
         return apps.find_duplicates(store, self.solver, threshold=threshold,
                                     topk=topk, num_threads=self.num_threads,
-                                    neighbours=neighbours, device=self.device)
+                                    neighbours=neighbours, device=self.scan_device)
 
     def find_outliers(self, method: str = "neighbours", *, k: int = 5,
                       normalisation: str | None = "robust", store: GradientStore | None = None,
