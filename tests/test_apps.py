@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from issl_fast import apps
+from issl_fast import apps, residency
 from issl_fast.projection import Block
 from issl_fast.solver import Solver
 from issl_fast.store import GradientStore
@@ -116,7 +116,7 @@ def test_resident_and_streamed_scans_agree(synthetic, monkeypatch, kind) -> None
     solver = _solver(kind, store)
     resident = apps.normalised_neighbours(store, solver, topk=5)
     assert apps.duplicates._NormalisedStore(store, torch.ones(60), None, None).resident is not None
-    monkeypatch.setattr(apps.duplicates, "RESIDENT_CPU_BYTES", 0)
+    monkeypatch.setattr(residency, "RESIDENT_CPU_BYTES", 0)
     scan = apps.duplicates._NormalisedStore(store, torch.ones(60), None, None)
     assert scan.resident is None
     streamed = apps.normalised_neighbours(store, solver, topk=5)

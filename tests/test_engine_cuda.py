@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 from engine_models import batches, cnn_attribution, images
-from issl_fast import apps, ops
+from issl_fast import apps, ops, residency
 from issl_fast.store import GradientStore
 
 pytestmark = pytest.mark.cuda
@@ -153,6 +153,26 @@ def test_scores_on_the_gpu_are_the_cpu_scores(fitted, cuda_scans, opponents) -> 
         np.testing.assert_allclose(top_gpu.values[q].numpy(), top_cpu.values[q].numpy(),
                                    rtol=0, atol=1e-4 * scale)
     np.testing.assert_array_equal(top_gpu.ids.numpy(), store.ids()[top_gpu.rows.numpy()])
+
+
+def test_scores_read_the_store_held_on_the_gpu(fitted, monkeypatch) -> None:
+    _, gpu, store = fitted
+    queries = images(5, seed=9)
+    gpu.release_device_memory()
+    first = gpu.score(queries, topk=4)
+    assert gpu._held is not None
+    held = gpu._held[1]
+    assert held.device.type == "cuda" and held.shape == (store.rows, store.dim)
+    again = gpu.score(queries, topk=4)
+    assert gpu._held[1] is held  # reused, not copied again
+    torch.testing.assert_close(again.values, first.values, rtol=0, atol=0)
+    # With nothing held (over the memory budget) each score streams the shards: same result.
+    gpu.release_device_memory()
+    monkeypatch.setattr(residency, "RESIDENT_GPU_SHARE", 0.0)
+    streamed = gpu.score(queries, topk=4)
+    assert gpu._held is None
+    np.testing.assert_array_equal(streamed.rows.numpy(), first.rows.numpy())
+    torch.testing.assert_close(streamed.values, first.values, rtol=1e-6, atol=1e-7)
 
 
 def test_duplicates_and_outliers_on_the_gpu_match_the_cpu(fitted, cuda_scans) -> None:

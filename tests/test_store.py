@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import issl_fast as issl
 import numpy as np
@@ -105,12 +106,20 @@ def test_bfloat16_and_float16_stores_round_trip(tmp_path) -> None:
     )
     for dtype, tol in (("float16", 2e-3), ("bfloat16", 1e-2)):
         attr = cnn_attribution(store_dtype=dtype)
-        st = attr.featurize(batches(x, 5), tmp_path / dtype, progress=False)
+        st = attr.featurize(batches(x, 5), tmp_path / dtype, shard_rows=4, progress=False)
         got = st.load()
         assert (got - ref).abs().max() <= tol * ref.abs().max()
         attr.fit(st)
         top = attr.score(x[:2], topk=3, ids=torch.arange(2))
         assert top.ids[:, 0].tolist() == [0, 1]  # an example's own features score highest
+        # The branch a GPU takes when it holds the whole store (one scan of one tensor instead
+        # of the shards; here the tensor is on the CPU): the same result.
+        attr._held_rows = lambda store, dt=dtype: store.load_to("cpu", getattr(torch, dt))
+        held = attr.score(x[:2], topk=3, ids=torch.arange(2), exclude_rows=torch.tensor([0, -1]))
+        del attr._held_rows
+        shards = attr.score(x[:2], topk=3, ids=torch.arange(2), exclude_rows=torch.tensor([0, -1]))
+        assert held.rows.tolist() == shards.rows.tolist() and 0 not in held.rows[0].tolist()
+        torch.testing.assert_close(held.values, shards.values, rtol=0, atol=0)
 
 
 def test_append_validates_shapes(tmp_path) -> None:
@@ -121,3 +130,20 @@ def test_append_validates_shapes(tmp_path) -> None:
         st.append(torch.zeros(2, 4), torch.arange(3))
     with pytest.raises(ValueError, match="store dtype"):
         GradientStore.create_or_resume(tmp_path / "t", {}, dim=4, dtype="int8")
+
+
+def test_content_key_and_load_to(tmp_path) -> None:
+    # Two handles on one complete store share a key; a store rebuilt at the same path does not.
+    phi = torch.randn(10, 4)
+    a = GradientStore.create_or_resume(tmp_path / "s", {"m": 1}, 4, "bfloat16", 4)
+    a.append(phi, torch.arange(10))
+    a.finalize()
+    b = GradientStore.open(tmp_path / "s", fingerprint={"m": 1})
+    assert a.content_key == b.content_key and len(a.content_key[1]) == 3
+    torch.testing.assert_close(b.load_to("cpu", torch.float32), b.load(torch.float32))
+    assert b.load_to("cpu", torch.bfloat16).dtype == torch.bfloat16
+    shutil.rmtree(tmp_path / "s")
+    c = GradientStore.create_or_resume(tmp_path / "s", {"m": 1}, 4, "bfloat16", 4)
+    c.append(phi + 1, torch.arange(10))
+    c.finalize()
+    assert c.content_key[0] == a.content_key[0] and c.content_key != a.content_key

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import apps, ops
+from . import apps, ops, residency
 from ._backend import has_cuda
 from .capture import build_layout
 from .featurize import Featurizer, iterate_batches, model_device
@@ -117,6 +117,9 @@ class InfluenceSSL:
         self.store_dtype = store_dtype
         self.num_threads = num_threads
         self.store: GradientStore | None = None
+        # (store content, device, its rows there): repeated scores read them on the GPU instead
+        # of streaming the store over PCIe every time.
+        self._held: tuple[tuple, torch.Tensor] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -248,15 +251,18 @@ class InfluenceSSL:
         exclude_rows: torch.Tensor | None = None,
     ) -> TopInfluence:
         """Streaming top-k of ``q @ phi_i`` over a store's shards (memory independent of n), on
-        the encoder's device (a GPU streams the shards from the memory-mapped files). The result
-        is on the CPU."""
+        :attr:`scan_device`. On a GPU the store's rows are held there after the first call when
+        they fit (:meth:`release_device_memory` drops them), else each call streams the shards
+        from the memory-mapped files. The result is on the CPU."""
         store = self._store(store)
         q = q.to(self.scan_device)
         m = q.shape[0]
         values = torch.full((m, topk), -torch.inf)
         rows = torch.full((m, topk), -1, dtype=torch.int64)
-        for i, (arr, first) in enumerate(store.shards()):
-            if store.dtype == "float64":  # exactness-test stores: the kernel scores in float32
+        held = self._held_rows(store)
+        shards = [(held, 0)] if held is not None else store.shards()
+        for i, (arr, first) in enumerate(shards):
+            if held is None and store.dtype == "float64":  # exactness tests: scored in float32
                 arr = np.asarray(arr, dtype=np.float32)
             ops.score_topk(
                 q,
@@ -271,6 +277,28 @@ class InfluenceSSL:
         all_ids = torch.from_numpy(store.ids())
         ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
         return TopInfluence(-values if negate else values, rows, ids, store.rows)
+
+    def _held_rows(self, store: GradientStore) -> torch.Tensor | None:
+        """The store's rows on the scan GPU, copied there on first use and kept while the same
+        store is scanned, when they fit (:mod:`.residency`); None on the CPU or when they don't
+        (then each scan streams the shards through the GPU)."""
+        device = self.scan_device
+        if device.type != "cuda":
+            return None
+        key = (store.content_key, device)
+        if self._held is not None and self._held[0] == key:
+            return self._held[1]
+        self._held = None  # another store or device: free the old copy before sizing the new
+        dtype = torch.float32 if store.dtype == "float64" else getattr(torch, store.dtype)
+        nbytes = store.rows * store.dim * dtype.itemsize
+        if not store.complete or not residency.fits(device, nbytes):
+            return None
+        self._held = (key, store.load_to(device, dtype))
+        return self._held[1]
+
+    def release_device_memory(self) -> None:
+        """Drops the copy of the store that scores keep on the GPU (it is rebuilt when needed)."""
+        self._held = None
 
     def score_matrix(
         self,

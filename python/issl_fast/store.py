@@ -234,6 +234,12 @@ class GradientStore:
         return bool(self._m["complete"])
 
     @property
+    def content_key(self) -> tuple[str, tuple[str, ...]]:
+        """The path and every shard's SHA-256: equal for two handles on the same rows (a
+        complete store never changes), different once a store is rebuilt at that path."""
+        return str(self.path.resolve()), tuple(sh["phi_sha256"] for sh in self._m["shards"])
+
+    @property
     def fingerprint(self) -> dict:
         return self._m["fingerprint"]
 
@@ -342,6 +348,14 @@ class GradientStore:
             chunks.append(t.to(dtype))
         out = torch.cat(chunks) if chunks else torch.zeros(0, self.dim, dtype=dtype)
         return out if rows is None else out[rows]
+
+    def load_to(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        """All rows as one tensor on ``device``, filled shard by shard (no whole copy in host
+        memory on the way to a GPU)."""
+        out = torch.empty(self.rows, self.dim, dtype=dtype, device=device)
+        for rows, first in self.iter_rows(dtype=dtype):
+            out[first:first + rows.shape[0]] = rows
+        return out
 
     def iter_rows(
         self, chunk: int = 65536, dtype: torch.dtype = torch.float32

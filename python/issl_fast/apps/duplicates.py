@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import ops
+from .. import ops, residency
 from ..solver import Solver
 from ..store import GradientStore
 
@@ -30,11 +30,6 @@ from ..store import GradientStore
 _QUERY_CHUNK = 4096
 # Guard for an all-zero gradient row (its normalised influence is defined as 0).
 _EPS = 1e-30
-# The normalised store (float32) is kept whole on the scan device when it needs at most this many
-# bytes on the CPU, or this share of the free memory of a GPU; otherwise every pass re-reads and
-# re-normalises the store chunk by chunk (bounded memory for any n).
-RESIDENT_CPU_BYTES = 1 << 28
-RESIDENT_GPU_SHARE = 0.5
 
 
 @dataclass
@@ -62,24 +57,18 @@ def _inverse_sqrt_self_influence(store: GradientStore, solver: Solver,
 
 class _NormalisedStore:
     """The store's rows scaled by ``inv = 1 / sqrt(s_j)``, float32, as the top-k kernel's store:
-    one tensor on the scan device, built once, when it fits (see RESIDENT_*), else re-read and
-    re-normalised chunk by chunk on each pass."""
+    one tensor on the scan device, built once, when it fits (:mod:`..residency`), else re-read
+    and re-normalised chunk by chunk on each pass."""
 
     def __init__(self, store: GradientStore, inv: torch.Tensor,
                  device: torch.device | str | None, num_threads: int | None) -> None:
         self.store, self.inv, self.num_threads = store, inv, num_threads
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.resident: torch.Tensor | None = None
-        if self._fits(store.rows * store.dim * 4):
+        if residency.fits(self.device, store.rows * store.dim * 4):
             self.resident = torch.empty(store.rows, store.dim, device=self.device)
             for rows, first in self._chunks():
                 self.resident[first:first + rows.shape[0]] = rows
-
-    def _fits(self, nbytes: int) -> bool:
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return nbytes <= RESIDENT_GPU_SHARE * free
-        return nbytes <= RESIDENT_CPU_BYTES
 
     def _chunks(self) -> Iterator[tuple[torch.Tensor, int]]:
         for rows, first in self.store.iter_rows(dtype=torch.float64):
