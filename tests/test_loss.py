@@ -6,7 +6,7 @@ import issl_fast as issl
 import pytest
 import torch
 import torch.nn.functional as F
-from engine_models import UniformNoise, tiny_mlp64
+from engine_models import UniformNoise, cnn_attribution, images, tiny_mlp64
 
 
 def test_anchor_and_paired_forms_match_their_formulas() -> None:
@@ -53,3 +53,28 @@ def test_representation_selector_and_validation() -> None:
                                      representation=lambda out: "nope")
     with pytest.raises(TypeError, match="representation must be a tensor"):
         bad(model, x, torch.arange(3))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_representations_are_compared_in_float32(dtype) -> None:
+    z = torch.randn(3 * 4, 7).to(dtype)  # groups = views + 1 = 3, batch 4
+    loss = issl.AugmentationStability(views=2)
+    got = loss.from_outputs(z, 4)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, loss.from_outputs(z.float(), 4), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("dtype", "bound"), [(torch.bfloat16, 0.3), (torch.float16, 0.025)])
+def test_half_precision_encoder_features_stay_near_float32(dtype, bound) -> None:
+    # A half-precision encoder against the float32 encoder with the same (rounded) weights and
+    # inputs: only the encoder's own arithmetic differs. Measured: bf16 <= 0.15, fp16 <= 0.012
+    # per row; comparing the representations in half precision gave 0.56 and 0.046.
+    attr = cnn_attribution("block", "kron")
+    attr.encoder.to(dtype).float()
+    x = images(6).to(dtype)
+    ref = attr.features(x.float(), torch.arange(6))
+    attr.encoder.to(dtype)
+    phi = attr.features(x, torch.arange(6))
+    assert phi.dtype == torch.float32
+    err = (phi - ref).norm(dim=1) / ref.norm(dim=1)
+    assert float(err.max()) < bound, err

@@ -104,6 +104,11 @@ class AugmentationStability:
                 "representation=... to pick it from the encoder's output"
             )
         z = z.reshape(self.groups, batch, -1)
+        if z.dtype in (torch.float16, torch.bfloat16):
+            # 1 - cos of nearby views cancels most of its digits: in half precision the loss and
+            # its gradient would be mostly rounding (bf16 features off by ~50%). The cast keeps
+            # the encoder's own arithmetic as it is and the gradient flows back through it.
+            z = z.float()
         if self.two_view:
             cos = F.cosine_similarity(z[0::2], z[1::2], dim=-1, eps=_COS_EPS)  # [K/2, B]
             return (1 - cos).mean(dim=0)
