@@ -139,3 +139,28 @@ def test_model_device_and_the_projection_cache() -> None:
     m_in, m_out = feat._projections(block, layer.d_in, layer.d_out, "meta")
     assert m_in.device.type == "meta" and m_in.shape == p_in.shape
     assert m_out.shape == p_out.shape == (block.k_out, layer.d_out)
+
+
+def test_string_padding_convolutions_match_per_example_gradients() -> None:
+    # padding="same" (odd and even kernels, with dilation: asymmetric zero padding) and "valid",
+    # through both capture paths (im2col factors: identity; conv2d by P_in: kron).
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding="same"), torch.nn.ReLU(),
+        torch.nn.Conv2d(4, 5, (2, 4), padding="same", dilation=(1, 2)), torch.nn.ReLU(),
+        torch.nn.Conv2d(5, 4, 3, padding="valid"), torch.nn.Flatten(),
+        torch.nn.Linear(4 * 6 * 6, 6))
+    loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+    layout = build_layout(model)
+    x, ids = torch.rand(3, 3, 8, 8), torch.arange(3)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-4, atol=1e-6)
+    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
+    phi, _ = feat(x, ids)
+    for layer, block in zip(layout.layers, feat.blocks):
+        G = brute[:, layer.offset : layer.offset + layer.numel].reshape(-1, layer.d_out, layer.d_in)
+        p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
+        want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
+        err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
+        assert err.item() < SKETCH_RTOL, layer.name

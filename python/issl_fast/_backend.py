@@ -9,11 +9,11 @@ from typing import Any
 
 import torch  # imported before _C: torch's libgomp is then the one our OpenMP kernels bind to
 
-from . import _C  # noqa: E402
+from . import _C  # type: ignore[attr-defined]  # noqa: E402  (the compiled module, no stub)
 
 SIMD_LEVELS = ("generic", "avx2", "avx512")
 # Element-type codes of the binding ABI (csrc/include/issl_fast/common.h, enum DType).
-TORCH_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+TORCH_DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @functools.lru_cache(maxsize=1)

@@ -10,7 +10,7 @@ import math
 import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from typing import Union
+from typing import Union, cast
 
 import numpy as np
 import torch
@@ -453,15 +453,15 @@ def _score_topk_cuda_streamed(
     for c, r0 in enumerate(range(0, n, rows)):
         s, r = c % 2, min(rows, n - r0)
         if pinned_src:
-            src = G[r0 : r0 + r]
+            src = cast(torch.Tensor, G)[r0 : r0 + r]
         else:
             if c >= 2:
                 copied[s].synchronize()  # the copy out of staging[s] (step c - 2) is done
             src = staging[s][:r]
-            if isinstance(G, np.ndarray):
-                np.copyto(src.numpy(), G[r0 : r0 + r])
-            else:
+            if isinstance(G, torch.Tensor):
                 src.copy_(G[r0 : r0 + r])
+            else:
+                np.copyto(src.numpy(), G[r0 : r0 + r])
         if c >= 2:
             side.wait_event(consumed[s])  # the kernel of step c - 2 has read bufs[s]
         with torch.cuda.stream(side):

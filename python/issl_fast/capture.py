@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -119,7 +120,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             and mod.weight.requires_grad
             and (mod.bias is None or mod.bias.requires_grad)
         ):
-            w = mod.weight
+            w = cast(torch.Tensor, mod.weight)
             d_in = w[0].numel() + (1 if mod.bias is not None else 0)
             layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None))
         else:
@@ -231,14 +232,28 @@ class FactorCapture:
         return A, D
 
 
+def _conv_pads(mod: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The zero padding a Conv2d applies, as F.pad's (left, right, top, bottom). padding="same"
+    puts the odd pixel of an even total on the right / bottom, as torch's convolution does."""
+    if mod.padding == "valid":
+        return 0, 0, 0, 0
+    if mod.padding == "same":
+        (kh, kw), (dh, dw) = mod.kernel_size, mod.dilation
+        th, tw = dh * (kh - 1), dw * (kw - 1)
+        return tw // 2, tw - tw // 2, th // 2, th - th // 2
+    ph, pw = cast(tuple[int, int], mod.padding)
+    return pw, pw, ph, ph
+
+
 def _positions(layer: Layer, x: torch.Tensor) -> int:
     """Rows T one example contributes per call: Linear leading positions, Conv2d output pixels."""
     if layer.kind == "linear":
         return x[0].numel() // x.shape[-1]
-    mod = layer.module
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = mod.kernel_size, mod.stride, mod.padding, mod.dilation
-    ho = (x.shape[2] + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[3] + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    mod = cast(nn.Conv2d, layer.module)
+    (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
+    left, right, top, bottom = _conv_pads(mod)
+    ho = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
+    wo = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
     return ho * wo
 
 
@@ -252,14 +267,15 @@ def _fill_inputs(layer: Layer, x: torch.Tensor, groups: int, a: torch.Tensor) ->
         src = x.reshape(groups, b, -1, d).transpose(0, 1)
         dst.copy_(src)
     else:
-        mod = layer.module
-        (kh, kw), (sh, sw), (ph, pw) = mod.kernel_size, mod.stride, mod.padding
-        if mod.dilation != (1, 1) or isinstance(mod.padding, str):
-            cols = F.unfold(x, mod.kernel_size, dilation=mod.dilation, padding=mod.padding,
+        mod = cast(nn.Conv2d, layer.module)
+        (kh, kw), (sh, sw) = mod.kernel_size, mod.stride
+        pads = _conv_pads(mod)
+        xp = F.pad(x, pads) if any(pads) else x
+        if mod.dilation != (1, 1):
+            cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation,
                             stride=mod.stride).transpose(1, 2)  # [N, L, C*kh*kw]
             dst.copy_(cols.reshape(groups, b, -1, d).transpose(0, 1))
         else:
-            xp = F.pad(x, (pw, pw, ph, ph)) if ph or pw else x
             patches = xp.unfold(2, kh, sh).unfold(3, kw, sw)  # [N, C, Ho, Wo, kh, kw], a view
             c, ho, wo = patches.shape[1:4]
             src = patches.reshape(groups, b, c, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6)

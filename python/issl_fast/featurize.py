@@ -5,7 +5,7 @@ collect the layer factors, and the fused kernels turn them into ``phi [B, dim]``
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +23,10 @@ _STATS_DTYPE = torch.float64
 def model_device(model: nn.Module) -> torch.device:
     """Where the model runs: the device of its first parameter (or buffer); CPU if it has none.
     Read at every call, so a model moved after the attribution object was built is followed."""
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
     return torch.device("cpu")
 
 
@@ -147,7 +147,7 @@ class Featurizer:
         ``V = P_out g`` (channel mixing), then ``y_b = sum_t V_t (x) U_t``. Equal to
         ``sketch_kron`` of the im2col factors up to float rounding, at the cost of one conv with
         k_in output channels (LoGra's trick for conv layers)."""
-        mod, groups = layer.module, self.loss.groups
+        mod, groups = cast(nn.Conv2d, layer.module), self.loss.groups
         p_in, p_out = self._projections(block, layer.d_in, layer.d_out, phi.device)
         d = layer.d_in - (1 if layer.has_bias else 0)
         w = p_in[:, :d].reshape(block.k_in, *mod.weight.shape[1:])
@@ -168,6 +168,7 @@ class Featurizer:
                 cov_d = cd if cov_d is None else cov_d + cd
         phi[:, block.start:block.stop] = y.reshape(phi.shape[0], -1).to(phi.dtype)
         if self.collect_stats:
+            assert cov_a is not None and cov_d is not None  # cap.calls has at least one call
             stats[f"{block.name}/A"], stats[f"{block.name}/D"] = cov_a, cov_d
 
     def _fallback(self, g: torch.Tensor, phi: torch.Tensor) -> None:
@@ -205,14 +206,15 @@ class Featurizer:
         if key not in self._kron_mats:
             cpu = (block.name, torch.device("cpu"))
             if cpu not in self._kron_mats:
-                p_in, p_out = reference.kron_matrices(
+                m_in, m_out = reference.kron_matrices(
                     block.seed, d_in, d_out, block.k_in, block.k_out, self.projection.dist
                 )
                 self._kron_mats[cpu] = (
-                    torch.from_numpy(p_in).float() / block.k_in**0.5,
-                    torch.from_numpy(p_out).float() / block.k_out**0.5,
+                    torch.from_numpy(m_in).float() / block.k_in**0.5,
+                    torch.from_numpy(m_out).float() / block.k_out**0.5,
                 )
-            self._kron_mats[key] = tuple(p.to(device) for p in self._kron_mats[cpu])
+            p_in, p_out = self._kron_mats[cpu]
+            self._kron_mats[key] = (p_in.to(device), p_out.to(device))
         return self._kron_mats[key]
 
 

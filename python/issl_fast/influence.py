@@ -340,15 +340,19 @@ class InfluenceSSL:
         and one top-k pass over the store per transform. ``data`` is unused without transforms.
         """
         store = self._store(store)
-        if transforms and data is None:
-            raise ValueError("transforms need data=: the training examples, as given to featurize")
-        if transforms and iter(data) is data:  # a generator would be empty after one transform
-            raise TypeError("data must be re-iterable (e.g. a list or a DataLoader), not a "
-                            "one-shot iterator: it is read once per transform")
-        s = self.self_influence(store) if transforms else None  # shared by every pass
+        s = None
+        if transforms:
+            if data is None:
+                raise ValueError("transforms need data=: the training examples, as given to "
+                                 "featurize")
+            if iter(data) is data:  # a generator would be empty after one transform
+                raise TypeError("data must be re-iterable (e.g. a list or a DataLoader), not a "
+                                "one-shot iterator: it is read once per transform")
+            s = self.self_influence(store)  # shared by every pass
         result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
                                             self_influence=s, device=self.scan_device)
         for t in transforms:
+            assert data is not None  # checked above
             found = apps.transformed_neighbours(store, self.solver,
                                                 self._transformed_queries(store, data, t),
                                                 topk, self.num_threads, self_influence=s,

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import Literal
 
 from . import reference
 from .capture import ParamLayout
 
 KINDS = ("dense", "kron", "identity")
+Dist = Literal["rademacher", "gaussian"]  # as issl_fast.ops.Dist
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class Projection:
     k_out: int | None = None
     k_fallback: int = 512
     seed: int = 0
-    dist: str = "rademacher"
+    dist: Dist = "rademacher"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:

@@ -311,7 +311,9 @@ class GradientStore:
         if self._pending_stats:
             name = f"stats_{idx:06d}.npz"
             arrays = {k: v.numpy() for k, v in self._pending_stats.items()}
-            _atomic_write(self.path / name, lambda f: np.savez(f, **arrays))
+            # (numpy's stub reads **arrays as possibly holding its allow_pickle flag)
+            _atomic_write(self.path / name,
+                          lambda f: np.savez(f, **arrays))  # type: ignore[arg-type]
             entry["stats"] = name
             entry["stats_sha256"] = _sha256(self.path / name)
         self._m["shards"].append(entry)

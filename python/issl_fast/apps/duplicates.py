@@ -86,9 +86,9 @@ class _NormalisedStore:
         m = q.shape[0]
         values = torch.full((m, topk), -torch.inf)
         idx = torch.full((m, topk), -1, dtype=torch.int64)
-        for i, (g, first) in enumerate(self._chunks()):
+        for c, (g, first) in enumerate(self._chunks()):
             ops.score_topk(q, g, topk, exclude=self_rows, index_offset=first, out=(values, idx),
-                           accumulate=i > 0, num_threads=self.num_threads)
+                           accumulate=c > 0, num_threads=self.num_threads)
         return values, idx
 
 

@@ -132,7 +132,7 @@ def load_demo_data(
 
     all_x = np.concatenate([train_x, np.stack(extra_x)])
     all_y = np.concatenate([train_y, extra_y])
-    kind = np.concatenate([np.full(n, "clean", dtype=object), extra_kind]).astype(str)
+    kinds = np.concatenate([np.full(n, "clean", dtype=object), extra_kind]).astype(str)
     groups = np.concatenate([train_groups, extra_g]).astype(str)
     okind = np.concatenate([np.full(n, "", dtype=object), extra_ok]).astype(str)
     # Shuffle so planted rows are not a block at the end; remap the duplicate pairs.
@@ -141,6 +141,6 @@ def load_demo_data(
     where[perm] = np.arange(len(perm))
     dup_pairs = np.sort(where[np.array(pairs)], axis=1)
     to_t = lambda a: torch.from_numpy(np.ascontiguousarray(a))[:, None]  # noqa: E731
-    return DemoData(to_t(all_x[perm]), all_y[perm], kind[perm], groups[perm], okind[perm],
+    return DemoData(to_t(all_x[perm]), all_y[perm], kinds[perm], groups[perm], okind[perm],
                     dup_pairs, np.array(pair_kind),
                     to_t(test_x), test_y, test_groups.astype(str))
