@@ -141,6 +141,7 @@ def test_model_device_and_the_projection_cache() -> None:
     assert m_out.shape == p_out.shape == (block.k_out, layer.d_out)
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")  # torch: an even kernel pads a copy
 def test_string_padding_convolutions_match_per_example_gradients() -> None:
     # padding="same" (odd and even kernels, with dilation: asymmetric zero padding) and "valid",
     # through both capture paths (im2col factors: identity; conv2d by P_in: kron).
@@ -164,3 +165,46 @@ def test_string_padding_convolutions_match_per_example_gradients() -> None:
         want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
         err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
         assert err.item() < SKETCH_RTOL, layer.name
+
+
+class _TinyViT(torch.nn.Module):
+    """Patch conv, one torch TransformerEncoderLayer (nn.MultiheadAttention inside), a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention
+def test_multihead_attention_is_tracked_through_the_fallback() -> None:
+    # nn.MultiheadAttention applies out_proj with F.linear (no module call, no hook): its
+    # parameters are tracked by torch.func, the Linear layers around it stay fused.
+    torch.manual_seed(0)
+    model = _TinyViT().eval()
+    layout = build_layout(model)
+    assert [layer.name for layer in layout.layers] == ["patch", "enc.linear1", "enc.linear2",
+                                                       "head"]
+    assert [fb.name for fb in layout.fallback] == [
+        "enc.self_attn.in_proj_weight", "enc.self_attn.in_proj_bias",
+        "enc.self_attn.out_proj.weight", "enc.self_attn.out_proj.bias"]
+    # every parameter but the two LayerNorms' (not tracked by default, like any other module)
+    assert layout.total == sum(p.numel() for p in model.parameters()) - 4 * 8
+    loss = issl.AugmentationStability(views=2, seed=2, augment=issl.SSLAugment.light(seed=2))
+    x, ids = torch.rand(3, 3, 12, 12), torch.arange(3)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, _brute_force_flat_grads(model, layout, loss, x, ids),
+                               rtol=1e-4, atol=1e-6)
+    # Naming out_proj in track= also takes the fallback (fusing it would never see a call);
+    # naming the attention module takes all of its parameters, each once.
+    named = build_layout(model, track=["enc.self_attn.out_proj", "head"])
+    assert [layer.name for layer in named.layers] == ["head"]
+    assert [fb.name for fb in named.fallback] == ["enc.self_attn.out_proj.weight",
+                                                  "enc.self_attn.out_proj.bias"]
+    both = build_layout(model, track=["enc.self_attn.out_proj", "enc.self_attn",
+                                      "enc.self_attn.in_proj_bias"])
+    assert [fb.name for fb in both.fallback] == [fb.name for fb in layout.fallback]

@@ -104,17 +104,21 @@ def _fusable(module: nn.Module) -> str | None:
 def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamLayout:
     """Tracked parameters of ``model``.
 
-    ``track=None``: every trainable Linear and Conv2d (weight and bias). Otherwise an iterable of
-    module names (fused if Linear/Conv2d, else all their trainable parameters fall back to
-    torch.func) and/or parameter names (always fallback).
+    ``track=None``: every trainable Linear and Conv2d (weight and bias), and every parameter of
+    each ``nn.MultiheadAttention`` (fallback: it applies its projections with ``F.linear`` inside
+    its forward, so its ``out_proj`` Linear never runs as a module and no hook can see it).
+    Otherwise an iterable of module names (fused if Linear/Conv2d, else all their trainable
+    parameters fall back to torch.func) and/or parameter names (always fallback).
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     layers: list[Layer] = []
     fallback: list[FallbackParam] = []
+    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    functional = {id(m.out_proj) for m in attention}
 
     def add_module(name: str, mod: nn.Module) -> None:
-        kind = _fusable(mod)
+        kind = None if id(mod) in functional else _fusable(mod)
         if (
             kind is not None
             and mod.weight.requires_grad
@@ -124,14 +128,19 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             d_in = w[0].numel() + (1 if mod.bias is not None else 0)
             layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None))
         else:
-            for pname, p in mod.named_parameters(recurse=False):
+            # An attention module's fallback covers its out_proj child too.
+            recurse = isinstance(mod, nn.MultiheadAttention)
+            for pname, p in mod.named_parameters(recurse=recurse):
                 if p.requires_grad:
                     full = f"{name}.{pname}" if name else pname
                     fallback.append(FallbackParam(full, p))
 
     if track is None:
         for name, mod in model.named_modules():
-            if _fusable(mod) is not None and mod.weight.requires_grad:
+            if isinstance(mod, nn.MultiheadAttention):
+                add_module(name, mod)  # fallback, out_proj included
+            elif id(mod) not in functional and _fusable(mod) is not None \
+                    and mod.weight.requires_grad:
                 add_module(name, mod)
     else:
         wanted = list(track)
@@ -145,8 +154,9 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
                 raise ValueError(
                     f"track: {name!r} is neither a module nor a parameter of the model"
                 )
-        order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-        fallback.sort(key=lambda fb: order[fb.name])
+    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
+    unique = {fb.name: fb for fb in fallback}  # a parameter named twice (module and name) once
+    fallback = sorted(unique.values(), key=lambda fb: order[fb.name])
     if not layers and not fallback:
         raise ValueError(
             "no trainable parameters are tracked (the model has no trainable "
