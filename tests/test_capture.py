@@ -208,3 +208,35 @@ def test_multihead_attention_is_tracked_through_the_fallback() -> None:
     both = build_layout(model, track=["enc.self_attn.out_proj", "enc.self_attn",
                                       "enc.self_attn.in_proj_bias"])
     assert [fb.name for fb in both.fallback] == [fb.name for fb in layout.fallback]
+
+
+class _Mixed(torch.nn.Module):
+    """A depthwise (grouped) and a reflect-padded convolution (fallback), a Linear called twice
+    (shared weights: its factors concatenate both calls) and a 1x1 convolution (fused)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = torch.nn.Conv2d(3, 3, 3, groups=3, padding=1)
+        self.pw = torch.nn.Conv2d(3, 6, 1)
+        self.reflect = torch.nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+        self.shared = torch.nn.Linear(4, 4)
+        self.out = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.reflect(torch.relu(self.pw(self.dw(x)))).mean((2, 3))
+        return self.out(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
+
+
+def test_grouped_padded_and_shared_layers_are_tracked_exactly() -> None:
+    torch.manual_seed(1)
+    model = _Mixed()
+    layout = build_layout(model)
+    assert [layer.name for layer in layout.layers] == ["pw", "shared", "out"]
+    assert [fb.name for fb in layout.fallback] == ["dw.weight", "dw.bias", "reflect.weight",
+                                                   "reflect.bias"]
+    assert layout.total == sum(p.numel() for p in model.parameters())
+    loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
+    x, ids = torch.rand(4, 3, 9, 9), torch.arange(4)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, _brute_force_flat_grads(model, layout, loss, x, ids),
+                               rtol=1e-4, atol=1e-6)

@@ -104,8 +104,9 @@ def _fusable(module: nn.Module) -> str | None:
 def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamLayout:
     """Tracked parameters of ``model``.
 
-    ``track=None``: every trainable Linear and Conv2d (weight and bias), and every parameter of
-    each ``nn.MultiheadAttention`` (fallback: it applies its projections with ``F.linear`` inside
+    ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, except grouped or
+    non-zero-padded convolutions: fallback), and every parameter of each
+    ``nn.MultiheadAttention`` (fallback: it applies its projections with ``F.linear`` inside
     its forward, so its ``out_proj`` Linear never runs as a module and no hook can see it).
     Otherwise an iterable of module names (fused if Linear/Conv2d, else all their trainable
     parameters fall back to torch.func) and/or parameter names (always fallback).
@@ -139,9 +140,9 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
         for name, mod in model.named_modules():
             if isinstance(mod, nn.MultiheadAttention):
                 add_module(name, mod)  # fallback, out_proj included
-            elif id(mod) not in functional and _fusable(mod) is not None \
-                    and mod.weight.requires_grad:
-                add_module(name, mod)
+            elif (isinstance(mod, (nn.Linear, nn.Conv2d)) and id(mod) not in functional
+                  and mod.weight.requires_grad):
+                add_module(name, mod)  # fused; grouped or non-zero-padded convolutions fall back
     else:
         wanted = list(track)
         for name in wanted:
