@@ -43,6 +43,25 @@ def small_cnn(seed: int = 0) -> nn.Module:
     )
 
 
+class _TinyViT(nn.Module):
+    """Patch conv, one torch TransformerEncoderLayer (nn.MultiheadAttention inside), a head;
+    3x12x12 inputs -> 9 tokens of 8 features."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = nn.Conv2d(3, 8, 4, stride=4)
+        self.enc = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.enc(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
+
+
+def tiny_vit(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return _TinyViT().eval()
+
+
 def images(n: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 12, 12, generator=gen)

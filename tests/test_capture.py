@@ -7,7 +7,7 @@ from __future__ import annotations
 import issl_fast as issl
 import pytest
 import torch
-from engine_models import images, small_cnn
+from engine_models import images, small_cnn, tiny_vit
 from issl_fast.capture import build_layout
 from issl_fast.featurize import Featurizer, model_device
 from torch.func import functional_call, grad, vmap
@@ -167,25 +167,12 @@ def test_string_padding_convolutions_match_per_example_gradients() -> None:
         assert err.item() < SKETCH_RTOL, layer.name
 
 
-class _TinyViT(torch.nn.Module):
-    """Patch conv, one torch TransformerEncoderLayer (nn.MultiheadAttention inside), a head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
-        self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
-        self.head = torch.nn.Linear(8, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.enc(self.patch(x).flatten(2).transpose(1, 2)).mean(1))
-
-
 @pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention
 def test_multihead_attention_is_tracked_through_the_fallback() -> None:
     # nn.MultiheadAttention applies out_proj with F.linear (no module call, no hook): its
     # parameters are tracked by torch.func, the Linear layers around it stay fused.
     torch.manual_seed(0)
-    model = _TinyViT().eval()
+    model = tiny_vit()
     layout = build_layout(model)
     assert [layer.name for layer in layout.layers] == ["patch", "enc.linear1", "enc.linear2",
                                                        "head"]

@@ -22,7 +22,7 @@ import issl_fast as issl
 import numpy as np
 import pytest
 import torch
-from engine_models import batches, cnn_attribution, images
+from engine_models import batches, cnn_attribution, images, tiny_vit
 from issl_fast import apps, ops, residency
 from issl_fast.store import GradientStore
 
@@ -200,6 +200,20 @@ def test_transformed_duplicates_on_the_gpu(fitted, cuda_scans) -> None:
     sim_cpu, _ = cpu.neighbours(3, data=data, transforms=shifts)
     np.testing.assert_allclose(sim_gpu, sim_cpu, rtol=0, atol=1e-3)
     assert 41 in rows_gpu[7].tolist() and 7 in rows_gpu[41].tolist()
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over attention
+@pytest.mark.parametrize("kind", ["kron", "dense"])
+def test_an_attention_model_on_the_gpu_matches_the_cpu(kind) -> None:
+    # nn.MultiheadAttention's parameters go through torch.func (vmap of grad over the GPU's
+    # attention kernels); the Linear/Conv2d layers around it through the CUDA sketches.
+    loss = issl.AugmentationStability(views=2, seed=4, augment=issl.SSLAugment.light(seed=4))
+    cpu = issl.InfluenceSSL(tiny_vit(), loss, issl.Projection(kind, k=64, seed=1), "block")
+    gpu = copy.deepcopy(cpu)
+    gpu.encoder.cuda()
+    assert cpu.layout.fallback and gpu.layout.fallback
+    x, ids = images(6, seed=3), torch.arange(6)
+    _assert_rows_close(gpu.features(x, ids), cpu.features(x, ids))
 
 
 def test_the_engine_follows_its_encoder_to_the_gpu() -> None:
