@@ -198,32 +198,71 @@ def test_multihead_attention_is_tracked_through_the_fallback() -> None:
 
 
 class _Mixed(torch.nn.Module):
-    """A depthwise (grouped) and a reflect-padded convolution (fallback), a Linear called twice
-    (shared weights: its factors concatenate both calls) and a 1x1 convolution (fused)."""
+    """A depthwise (grouped) convolution (fallback), reflect / replicate / circular padded ones
+    (fused: the padding made explicit), a Linear called twice (shared weights: its factors
+    concatenate both calls) and a 1x1 convolution."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dw = torch.nn.Conv2d(3, 3, 3, groups=3, padding=1)
         self.pw = torch.nn.Conv2d(3, 6, 1)
         self.reflect = torch.nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+        self.replicate = torch.nn.Conv2d(4, 4, (3, 2), padding="same", padding_mode="replicate")
+        self.circular = torch.nn.Conv2d(4, 4, 3, stride=2, padding=(2, 1), dilation=(2, 1),
+                                        padding_mode="circular")
         self.shared = torch.nn.Linear(4, 4)
         self.out = torch.nn.Linear(4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.reflect(torch.relu(self.pw(self.dw(x)))).mean((2, 3))
+        h = self.reflect(torch.relu(self.pw(self.dw(x))))
+        h = self.circular(torch.relu(self.replicate(h))).mean((2, 3))
         return self.out(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_grouped_padded_and_shared_layers_are_tracked_exactly() -> None:
     torch.manual_seed(1)
     model = _Mixed()
     layout = build_layout(model)
-    assert [layer.name for layer in layout.layers] == ["pw", "shared", "out"]
-    assert [fb.name for fb in layout.fallback] == ["dw.weight", "dw.bias", "reflect.weight",
-                                                   "reflect.bias"]
+    assert [layer.name for layer in layout.layers] == ["pw", "reflect", "replicate", "circular",
+                                                       "shared", "out"]
+    assert [fb.name for fb in layout.fallback] == ["dw.weight", "dw.bias"]
     assert layout.total == sum(p.numel() for p in model.parameters())
     loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
     x, ids = torch.rand(4, 3, 9, 9), torch.arange(4)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
     phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, _brute_force_flat_grads(model, layout, loss, x, ids),
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(phi, brute, rtol=1e-4, atol=1e-6)
+    # The kron path sketches convolutions with conv2d by P_in over the explicitly padded input.
+    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
+    phi, _ = feat(x, ids)
+    for layer, block in zip(layout.layers, feat.blocks):
+        G = brute[:, layer.offset : layer.offset + layer.numel].reshape(-1, layer.d_out, layer.d_in)
+        p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
+        want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
+        err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
+        assert err.item() < SKETCH_RTOL, layer.name
+
+
+def test_tied_and_attention_subclass_parameters_are_tracked_once() -> None:
+    # Tied weights: named_parameters() names the tensor once (as "a.weight"); so does the layout.
+    tied = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Tanh(), torch.nn.Linear(3, 3))
+    tied[2].weight = tied[0].weight
+    for lin in (tied[0], tied[2]):
+        lin.bias.requires_grad_(False)  # not fusable: their weights take the fallback
+    layout = build_layout(tied)
+    assert [fb.name for fb in layout.fallback] == ["0.weight"] and not layout.layers
+
+    # An attention subclass with a Linear child of its own: that Linear is fused, once.
+    class Gated(torch.nn.MultiheadAttention):
+        def __init__(self) -> None:
+            super().__init__(4, 2, batch_first=True)
+            self.gate = torch.nn.Linear(4, 4)
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
+    model.add_module("att", Gated())
+    layout = build_layout(model)
+    assert [layer.name for layer in layout.layers] == ["0", "att.gate"]
+    assert [fb.name for fb in layout.fallback] == [
+        "att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"]
+    assert layout.total == sum(p.numel() for p in model.parameters())

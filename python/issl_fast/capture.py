@@ -96,7 +96,7 @@ class ParamLayout:
 def _fusable(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
+    if isinstance(module, nn.Conv2d) and module.groups == 1:
         return "conv2d"
     return None
 
@@ -104,8 +104,8 @@ def _fusable(module: nn.Module) -> str | None:
 def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamLayout:
     """Tracked parameters of ``model``.
 
-    ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, except grouped or
-    non-zero-padded convolutions: fallback), and every parameter of each
+    ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, except grouped
+    convolutions: fallback), and every parameter of each
     ``nn.MultiheadAttention`` (fallback: it applies its projections with ``F.linear`` inside
     its forward, so its ``out_proj`` Linear never runs as a module and no hook can see it).
     Otherwise an iterable of module names (fused if Linear/Conv2d, else all their trainable
@@ -129,9 +129,10 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             d_in = w[0].numel() + (1 if mod.bias is not None else 0)
             layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None))
         else:
-            # An attention module's fallback covers its out_proj child too.
-            recurse = isinstance(mod, nn.MultiheadAttention)
-            for pname, p in mod.named_parameters(recurse=recurse):
+            own = list(mod.named_parameters(recurse=False))
+            if isinstance(mod, nn.MultiheadAttention):  # its out_proj runs through F.linear too
+                own += [(f"out_proj.{n}", p) for n, p in mod.out_proj.named_parameters()]
+            for pname, p in own:
                 if p.requires_grad:
                     full = f"{name}.{pname}" if name else pname
                     fallback.append(FallbackParam(full, p))
@@ -142,7 +143,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
                 add_module(name, mod)  # fallback, out_proj included
             elif (isinstance(mod, (nn.Linear, nn.Conv2d)) and id(mod) not in functional
                   and mod.weight.requires_grad):
-                add_module(name, mod)  # fused; grouped or non-zero-padded convolutions fall back
+                add_module(name, mod)  # fused; grouped convolutions fall back
     else:
         wanted = list(track)
         for name in wanted:
@@ -155,9 +156,12 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
                 raise ValueError(
                     f"track: {name!r} is neither a module nor a parameter of the model"
                 )
-    order = {n: i for i, (n, _) in enumerate(model.named_parameters())}
-    unique = {fb.name: fb for fb in fallback}  # a parameter named twice (module and name) once
-    fallback = sorted(unique.values(), key=lambda fb: order[fb.name])
+    # Each fallback parameter once (named twice, as a module's and by name, or tied to another
+    # name), under the name and in the order named_parameters() gives it.
+    canonical = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
+    unique = {id(fb.param): fb.param for fb in fallback}
+    fallback = [FallbackParam(canonical[k][1], p)
+                for k, p in sorted(unique.items(), key=lambda kv: canonical[kv[0]][0])]
     if not layers and not fallback:
         raise ValueError(
             "no trainable parameters are tracked (the model has no trainable "
@@ -243,6 +247,18 @@ class FactorCapture:
         return A, D
 
 
+# nn.Conv2d's padding_mode -> F.pad's mode.
+_PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
+              "circular": "circular"}
+
+
+def padded_input(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` with the padding the convolution applies made explicit (its size and mode), so a
+    convolution with padding 0 over it sees what the module sees."""
+    pads = _conv_pads(mod)
+    return F.pad(x, pads, mode=_PAD_MODES[mod.padding_mode]) if any(pads) else x
+
+
 def _conv_pads(mod: nn.Conv2d) -> tuple[int, int, int, int]:
     """The zero padding a Conv2d applies, as F.pad's (left, right, top, bottom). padding="same"
     puts the odd pixel of an even total on the right / bottom, as torch's convolution does."""
@@ -280,8 +296,7 @@ def _fill_inputs(layer: Layer, x: torch.Tensor, groups: int, a: torch.Tensor) ->
     else:
         mod = cast(nn.Conv2d, layer.module)
         (kh, kw), (sh, sw) = mod.kernel_size, mod.stride
-        pads = _conv_pads(mod)
-        xp = F.pad(x, pads) if any(pads) else x
+        xp = padded_input(mod, x)
         if mod.dilation != (1, 1):
             cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation,
                             stride=mod.stride).transpose(1, 2)  # [N, L, C*kh*kw]

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .capture import FactorCapture, Layer, ParamLayout, fallback_grads
+from .capture import FactorCapture, Layer, ParamLayout, fallback_grads, padded_input
 from .loss import AugmentationStability
 from .projection import Block, Projection, plan_blocks
 
@@ -156,7 +156,10 @@ class Featurizer:
         cov_a = cov_d = None
         for x, g in cap.calls(layer):
             b = x.shape[0] // groups
-            U = F.conv2d(x.float(), w, bias, mod.stride, mod.padding, mod.dilation)
+            if mod.padding_mode == "zeros":
+                U = F.conv2d(x.float(), w, bias, mod.stride, mod.padding, mod.dilation)
+            else:  # reflect / replicate / circular: pad as the module does, then no padding
+                U = F.conv2d(padded_input(mod, x.float()), w, bias, mod.stride, 0, mod.dilation)
             U = U.flatten(2).reshape(groups, b, block.k_in, -1)  # [groups, B, k_in, L]
             V = (p_out @ g.float().flatten(2)).reshape(groups, b, block.k_out, -1)
             y += torch.einsum("gbal,gbcl->bac", V, U)

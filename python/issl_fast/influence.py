@@ -171,6 +171,7 @@ class InfluenceSSL:
         incomplete by a crash (the data must come in the same order). Returns the store."""
         from tqdm.auto import tqdm
 
+        self.release_device_memory()  # the GPU memory goes to the model while it featurises
         store = GradientStore.create_or_resume(
             path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
         )
@@ -215,6 +216,7 @@ class InfluenceSSL:
     def fit(self, store: GradientStore | str | os.PathLike | None = None) -> InfluenceSSL:
         """Fit the curvature (and damping) on a store's features."""
         store = self._store(store)
+        self.release_device_memory()
         self.solver.fit(store)
         self.store = store
         return self
@@ -342,6 +344,7 @@ class InfluenceSSL:
         and one top-k pass over the store per transform. ``data`` is unused without transforms.
         """
         store = self._store(store)
+        self.release_device_memory()  # the scans hold their own (normalised) copy
         s = None
         if transforms:
             if data is None:
@@ -394,6 +397,8 @@ class InfluenceSSL:
             raise ValueError("pass either neighbours= (precomputed) or transforms=, not both")
         if neighbours is None and transforms:
             neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
+        if neighbours is None:
+            self.release_device_memory()  # the scan holds its own (normalised) copy
         return apps.find_duplicates(store, self.solver, threshold=threshold,
                                     topk=topk, num_threads=self.num_threads,
                                     neighbours=neighbours, device=self.scan_device)

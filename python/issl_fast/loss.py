@@ -88,6 +88,9 @@ class AugmentationStability:
             "two_view": self.two_view,
             "augment": aug,
             "representation": rep,
+            # half-precision representations are compared in float32 (from_outputs); stores
+            # featurised before that rule (when bf16 features were mostly rounding) differ
+            "compare_dtype": "float32",
         }
 
     def encoder_inputs(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
