@@ -105,9 +105,9 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
     """Tracked parameters of ``model``.
 
     ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, except grouped
-    convolutions: fallback), and every parameter of each
-    ``nn.MultiheadAttention`` (fallback: it applies its projections with ``F.linear`` inside
-    its forward, so its ``out_proj`` Linear never runs as a module and no hook can see it).
+    convolutions: fallback), and every parameter of each ``nn.MultiheadAttention`` (fallback: it
+    applies its projections with ``F.linear`` inside its forward, so its ``out_proj`` Linear never
+    runs as a module and no hook can see it).
     Otherwise an iterable of module names (fused if Linear/Conv2d, else all their trainable
     parameters fall back to torch.func) and/or parameter names (always fallback).
     """
@@ -260,8 +260,9 @@ def padded_input(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _conv_pads(mod: nn.Conv2d) -> tuple[int, int, int, int]:
-    """The zero padding a Conv2d applies, as F.pad's (left, right, top, bottom). padding="same"
-    puts the odd pixel of an even total on the right / bottom, as torch's convolution does."""
+    """How many pixels a Conv2d pads on each side, as F.pad's (left, right, top, bottom) (the
+    values come from ``padding_mode``). padding="same" puts the odd pixel of an even total on the
+    right / bottom, as torch's convolution does."""
     if mod.padding == "valid":
         return 0, 0, 0, 0
     if mod.padding == "same":
