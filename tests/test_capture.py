@@ -7,7 +7,7 @@ from __future__ import annotations
 import issl_fast as issl
 import pytest
 import torch
-from engine_models import images, small_cnn, tiny_vit
+from engine_models import batches, images, small_cnn, tiny_vit
 from issl_fast.capture import build_layout
 from issl_fast.featurize import Featurizer, model_device
 from torch.func import functional_call, grad, vmap
@@ -198,14 +198,16 @@ def test_multihead_attention_is_tracked_through_the_fallback() -> None:
 
 
 class _Mixed(torch.nn.Module):
-    """A depthwise (grouped) convolution (fallback), reflect / replicate / circular padded ones
-    (fused: the padding made explicit), a Linear called twice (shared weights: its factors
-    concatenate both calls) and a 1x1 convolution."""
+    """A depthwise and a grouped convolution (their exact per-example gradients), reflect /
+    replicate / circular padded ones (the padding made explicit), a Linear called twice (shared
+    weights: its factors concatenate both calls) and a 1x1 convolution: all fused."""
 
     def __init__(self) -> None:
         super().__init__()
         self.dw = torch.nn.Conv2d(3, 3, 3, groups=3, padding=1)
         self.pw = torch.nn.Conv2d(3, 6, 1)
+        self.grouped = torch.nn.Conv2d(6, 6, (3, 2), groups=2, stride=(2, 1), dilation=(1, 2),
+                                       padding=2, padding_mode="reflect", bias=False)
         self.reflect = torch.nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
         self.replicate = torch.nn.Conv2d(4, 4, (3, 2), padding="same", padding_mode="replicate")
         self.circular = torch.nn.Conv2d(4, 4, 3, stride=2, padding=(2, 1), dilation=(2, 1),
@@ -214,7 +216,7 @@ class _Mixed(torch.nn.Module):
         self.out = torch.nn.Linear(4, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.reflect(torch.relu(self.pw(self.dw(x))))
+        h = self.reflect(torch.relu(self.grouped(torch.relu(self.pw(self.dw(x))))))
         h = self.circular(torch.relu(self.replicate(h))).mean((2, 3))
         return self.out(torch.tanh(self.shared(torch.tanh(self.shared(h)))))
 
@@ -222,18 +224,24 @@ class _Mixed(torch.nn.Module):
 @pytest.mark.filterwarnings("ignore:Using padding='same'")
 def test_grouped_padded_and_shared_layers_are_tracked_exactly() -> None:
     torch.manual_seed(1)
-    model = _Mixed()
+    model = _Mixed().double()  # float64 truth: the sketches' own float32 error is what is left
     layout = build_layout(model)
-    assert [layer.name for layer in layout.layers] == ["pw", "reflect", "replicate", "circular",
-                                                       "shared", "out"]
-    assert [fb.name for fb in layout.fallback] == ["dw.weight", "dw.bias"]
+    assert [layer.name for layer in layout.layers] == ["dw", "pw", "grouped", "reflect",
+                                                       "replicate", "circular", "shared", "out"]
+    assert [layer.groups for layer in layout.layers][:3] == [3, 1, 2] and not layout.fallback
     assert layout.total == sum(p.numel() for p in model.parameters())
     loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
-    x, ids = torch.rand(4, 3, 9, 9), torch.arange(4)
+    x, ids = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.arange(4)
     brute = _brute_force_flat_grads(model, layout, loss, x, ids)
     phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-4, atol=1e-6)
-    # The kron path sketches convolutions with conv2d by P_in over the explicitly padded input.
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    brute = brute.float()
+    proj = issl.Projection("dense", k=200, seed=5)
+    phi, _ = Featurizer(model, layout, loss, proj)(x, ids)
+    want = issl.sketch_dense(brute.contiguous(), 200, seed=5)
+    assert ((phi - want).abs().max() / want.abs().max()).item() < SKETCH_RTOL
+    # The kron path sketches convolutions with conv2d by P_in over the explicitly padded input
+    # (grouped ones: P_out G P_in^T of their exact gradient).
     feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
     phi, _ = feat(x, ids)
     for layer, block in zip(layout.layers, feat.blocks):
@@ -266,3 +274,19 @@ def test_tied_and_attention_subclass_parameters_are_tracked_once() -> None:
     assert [fb.name for fb in layout.fallback] == [
         "att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"]
     assert layout.total == sum(p.numel() for p in model.parameters())
+
+
+def test_ekfac_gives_grouped_convolutions_a_gauss_newton_block(tmp_path) -> None:
+    # A grouped convolution's gradient is block-diagonal, not a pair of Kronecker factors: its
+    # kron block is fitted as a Gauss-Newton (Cholesky) block, the others by EK-FAC.
+    torch.manual_seed(2)
+    loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
+    attr = issl.InfluenceSSL(_Mixed(), loss, issl.Projection("kron", k=9, seed=2), "ekfac")
+    kinds = {b.name: b.kind for b in attr.featurizer.blocks}
+    assert kinds["dw"] == kinds["grouped"] == "kron_grouped" and kinds["pw"] == "kron"
+    store = attr.featurize(batches(torch.rand(12, 3, 9, 9), 5), tmp_path / "s", progress=False)
+    assert "pw/A" in store.stats() and "dw/A" not in store.stats()
+    attr.fit(store)
+    parts = {b.name: type(p).__name__ for b, p in attr.solver._parts}
+    assert parts["dw"] == parts["grouped"] == "_CholeskyBlock" and parts["pw"] == "_EKFACBlock"
+    assert (attr.self_influence() > 0).all()

@@ -8,7 +8,12 @@ gradient is ``[W | b]`` row-major: index ``o * (d_in + 1) + i`` (``d_in`` = the 
 All inputs of an example (its clean anchor and views, and repeated calls of a shared module) are
 concatenated along T, so one fused sketch call yields the example's whole layer gradient.
 
-Any other trainable parameter the user asks for (LayerNorm, embeddings, grouped convs...) is a
+A grouped ``nn.Conv2d`` (depthwise included) has a block-diagonal weight gradient, not one
+``D^T A``: its exact per-example gradient ``[B, d_out, d_in]`` is formed from the same hooks
+(:meth:`FactorCapture.grouped_grads`, one strided slice of the input per kernel tap, never an
+unfolded copy) and sketched from there; it is small (the layer's own parameter count).
+
+Any other trainable parameter the user asks for (LayerNorm, embeddings, attention...) is a
 *fallback* parameter: its per-example gradient comes from ``torch.func`` and is sketched densely
 with its column offset. The flat gradient is the tracked layers in module order, then the
 fallback parameters in ``named_parameters`` order.
@@ -32,17 +37,18 @@ class Layer:
     name: str
     module: nn.Module
     kind: str  # "linear" | "conv2d"
-    d_in: int  # input features (+1 for the bias column)
+    d_in: int  # input features (+1 for the bias column); a grouped conv: one group's
     d_out: int
     has_bias: bool
     offset: int = 0
+    groups: int = 1  # a grouped Conv2d's groups (its gradient: FactorCapture.grouped_grads)
 
     @property
     def numel(self) -> int:
         return self.d_in * self.d_out
 
     def describe(self) -> dict:
-        return {
+        out = {
             "name": self.name,
             "kind": self.kind,
             "d_in": self.d_in,
@@ -50,6 +56,9 @@ class Layer:
             "bias": self.has_bias,
             "offset": self.offset,
         }
+        if self.groups > 1:  # (only then: fingerprints of ungrouped layouts stay as they were)
+            out["groups"] = self.groups
+        return out
 
 
 @dataclass
@@ -96,7 +105,7 @@ class ParamLayout:
 def _fusable(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
-    if isinstance(module, nn.Conv2d) and module.groups == 1:
+    if isinstance(module, nn.Conv2d):
         return "conv2d"
     return None
 
@@ -104,8 +113,8 @@ def _fusable(module: nn.Module) -> str | None:
 def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamLayout:
     """Tracked parameters of ``model``.
 
-    ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, except grouped
-    convolutions: fallback), and every parameter of each ``nn.MultiheadAttention`` (fallback: it
+    ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, grouped
+    convolutions included), and every parameter of each ``nn.MultiheadAttention`` (fallback: it
     applies its projections with ``F.linear`` inside its forward, so its ``out_proj`` Linear never
     runs as a module and no hook can see it).
     Otherwise an iterable of module names (fused if Linear/Conv2d, else all their trainable
@@ -127,7 +136,9 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
         ):
             w = cast(torch.Tensor, mod.weight)
             d_in = w[0].numel() + (1 if mod.bias is not None else 0)
-            layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None))
+            groups = int(getattr(mod, "groups", 1))
+            layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None,
+                                groups=groups))
         else:
             own = list(mod.named_parameters(recurse=False))
             if isinstance(mod, nn.MultiheadAttention):  # its out_proj runs through F.linear too
@@ -143,7 +154,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
                 add_module(name, mod)  # fallback, out_proj included
             elif (isinstance(mod, (nn.Linear, nn.Conv2d)) and id(mod) not in functional
                   and mod.weight.requires_grad):
-                add_module(name, mod)  # fused; grouped convolutions fall back
+                add_module(name, mod)  # fused
     else:
         wanted = list(track)
         for name in wanted:
@@ -224,6 +235,41 @@ class FactorCapture:
                 "encoder whose output the loss uses?"
             )
         return list(zip(xs, gs))
+
+    def grouped_grads(self, layer: Layer, groups: int) -> torch.Tensor:
+        """The exact per-example weight gradient ``[B, d_out, d_in]`` of a grouped Conv2d (bias
+        column last, as in the flat layout), summed over the example's ``groups`` inputs and
+        over calls; float32 (float64 for a float64 model).
+
+        Weight tap (i, j) of output o and input channel c of its group is
+        ``sum_l D[o, l] * x_pad[group(o) * cg + c, at l shifted by the tap]``: one strided slice
+        of the padded input per tap, no unfolded copy (a depthwise 7x7 layer would need 49 times
+        its input)."""
+        mod = cast(nn.Conv2d, layer.module)
+        (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
+        G = layer.groups
+        total: torch.Tensor | None = None
+        for x, g in self.calls(layer):
+            dtype = torch.promote_types(x.dtype, torch.float32)
+            n, b = x.shape[0], x.shape[0] // groups
+            ho, wo = g.shape[2:]
+            xp = padded_input(mod, x.to(dtype))
+            cg, og = x.shape[1] // G, g.shape[1] // G
+            gg = g.to(dtype).reshape(n, G, og, ho * wo)
+            w = xp.new_empty(n, G, og, cg, kh, kw)
+            for i in range(kh):
+                for j in range(kw):
+                    tap = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
+                             j * dw:j * dw + sw * (wo - 1) + 1:sw]
+                    w[..., i, j] = torch.einsum("ngol,ngcl->ngoc", gg,
+                                                tap.reshape(n, G, cg, ho * wo))
+            grad = w.reshape(n, G * og, cg * kh * kw)
+            if layer.has_bias:
+                grad = torch.cat([grad, gg.sum(-1).reshape(n, G * og, 1)], dim=2)
+            grad = grad.reshape(groups, b, *grad.shape[1:]).sum(0)  # the example's inputs
+            total = grad if total is None else total + grad
+        assert total is not None  # calls() raises when the layer never ran
+        return total
 
     def factors(self, layer: Layer, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-example ``(A, D)`` of a layer: ``[B, groups*T, d_in]``, ``[B, groups*T, d_out]``.

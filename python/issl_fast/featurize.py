@@ -99,6 +99,9 @@ class Featurizer:
     ) -> None:
         proj, groups = self.projection, self.loss.groups
         for i, layer in enumerate(self.layout.layers):
+            if layer.groups > 1:
+                self._grouped(cap, layer, i, phi, stats)
+                continue
             if proj.kind == "kron" and layer.kind == "conv2d":
                 self._kron_conv(cap, layer, self.blocks[i], phi, stats)
                 continue
@@ -139,6 +142,28 @@ class Featurizer:
                 V = (D.float() @ p_out.T).to(_STATS_DTYPE)  # [B, T, k_out]
                 stats[f"{block.name}/A"] = torch.einsum("bti,btj->bij", U, U)
                 stats[f"{block.name}/D"] = torch.einsum("bti,btj->bij", V, V)
+
+    def _grouped(self, cap: FactorCapture, layer: Layer, index: int, phi: torch.Tensor,
+                 stats: dict[str, torch.Tensor]) -> None:
+        """A grouped Conv2d from its exact per-example gradient G ``[B, d_out, d_in]``: copied
+        (identity), densely sketched with its column offset (dense), or ``vec(P_out G P_in^T)``
+        (kron: the same projection as sketch_kron of a dense layer). Under EK-FAC its block is
+        a Gauss-Newton one (its gradient is block-diagonal, not a Kronecker factor pair), so it
+        collects no statistics."""
+        G = cap.grouped_grads(layer, self.loss.groups)
+        proj = self.projection
+        if proj.kind == "dense":  # one block for the whole model: this layer's columns of it
+            ops.sketch_dense(_kernel_dtype(G.reshape(G.shape[0], -1)), proj.k, seed=proj.seed,
+                             dist=proj.dist, col_offset=layer.offset, out=phi,
+                             accumulate=index > 0, num_threads=self.num_threads)
+            return
+        block = self.blocks[index]
+        if proj.kind == "identity":
+            phi[:, block.start:block.stop] = G.reshape(G.shape[0], -1).to(phi.dtype)
+        else:
+            p_in, p_out = self._projections(block, layer.d_in, layer.d_out, phi.device)
+            y = p_out @ G.float() @ p_in.T  # [B, k_out, k_in]
+            phi[:, block.start:block.stop] = y.reshape(G.shape[0], -1).to(phi.dtype)
 
     def _kron_conv(self, cap: FactorCapture, layer: Layer, block: Block, phi: torch.Tensor,
                    stats: dict[str, torch.Tensor]) -> None:

@@ -71,7 +71,9 @@ class Block:
     name: str
     start: int
     stop: int
-    kind: str  # "kron" | "dense" | "identity"
+    # "kron" | "kron_grouped" (a grouped conv: the same projection of its exact gradient, no
+    # K-FAC factors) | "dense" | "identity"
+    kind: str
     k_in: int = 0  # kron: phi[start:stop] is vec of a [k_out, k_in] matrix
     k_out: int = 0
     seed: int = 0
@@ -103,8 +105,9 @@ def plan_blocks(proj: Projection, layout: ParamLayout) -> list[Block]:
     k_in, k_out = proj.kron_dims()
     for i, layer in enumerate(layout.layers):
         ki, ko = min(k_in, layer.d_in), min(k_out, layer.d_out)
+        kind = "kron_grouped" if layer.groups > 1 else "kron"
         blocks.append(
-            Block(layer.name, off, off + ki * ko, "kron", ki, ko, layer_seed(proj.seed, i))
+            Block(layer.name, off, off + ki * ko, kind, ki, ko, layer_seed(proj.seed, i))
         )
         off += ki * ko
     if layout.fallback:
