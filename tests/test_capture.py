@@ -29,12 +29,24 @@ def _brute_force_flat_grads(model, layout, loss, x, ids) -> torch.Tensor:
     g = vmap(grad(one), in_dims=(None, 0))(params, per_ex)
     parts = []
     for layer in layout.layers:
-        w = g[f"{layer.name}.weight"].reshape(b, layer.d_out, -1)
+        w = g[layer.params[0]].reshape(b, layer.d_out, -1)
         if layer.has_bias:
-            w = torch.cat([w, g[f"{layer.name}.bias"][:, :, None]], dim=2)
+            w = torch.cat([w, g[layer.params[1]][:, :, None]], dim=2)
         parts.append(w.reshape(b, -1))
     parts += [g[fb.name].reshape(b, -1) for fb in layout.fallback]
     return torch.cat(parts, dim=1)
+
+
+def _assert_kron_blocks_match(model, layout, loss, x, ids, brute: torch.Tensor) -> None:
+    """Each layer's kron block is ``vec(P_out G P_in^T)`` of its brute-force gradient G."""
+    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
+    phi, _ = feat(x, ids)
+    for layer, block in zip(layout.layers, feat.blocks):
+        G = brute[:, layer.offset : layer.offset + layer.numel].reshape(-1, layer.d_out, layer.d_in)
+        p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
+        want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
+        err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
+        assert err.item() < SKETCH_RTOL, layer.name
 
 
 @pytest.fixture()
@@ -157,44 +169,85 @@ def test_string_padding_convolutions_match_per_example_gradients() -> None:
     brute = _brute_force_flat_grads(model, layout, loss, x, ids)
     phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
     torch.testing.assert_close(phi, brute, rtol=1e-4, atol=1e-6)
-    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
-    phi, _ = feat(x, ids)
-    for layer, block in zip(layout.layers, feat.blocks):
-        G = brute[:, layer.offset : layer.offset + layer.numel].reshape(-1, layer.d_out, layer.d_in)
-        p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
-        want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
-        err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
-        assert err.item() < SKETCH_RTOL, layer.name
+    _assert_kron_blocks_match(model, layout, loss, x, ids, brute.float())
 
 
-@pytest.mark.filterwarnings("ignore:There is a performance drop")  # vmap over CPU attention
-def test_multihead_attention_is_tracked_through_the_fallback() -> None:
-    # nn.MultiheadAttention applies out_proj with F.linear (no module call, no hook): its
-    # parameters are tracked by torch.func, the Linear layers around it stay fused.
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch.func's reference
+def test_multihead_attention_projections_are_fused_layers() -> None:
+    # nn.MultiheadAttention applies its projections with F.linear (no module call, no hook):
+    # they are recorded through F.linear as two Linear layers, exact against torch.func.
     torch.manual_seed(0)
-    model = tiny_vit()
+    model = tiny_vit().double()
     layout = build_layout(model)
-    assert [layer.name for layer in layout.layers] == ["patch", "enc.linear1", "enc.linear2",
-                                                       "head"]
-    assert [fb.name for fb in layout.fallback] == [
-        "enc.self_attn.in_proj_weight", "enc.self_attn.in_proj_bias",
-        "enc.self_attn.out_proj.weight", "enc.self_attn.out_proj.bias"]
+    assert [layer.name for layer in layout.layers] == [
+        "patch", "enc.self_attn.in_proj", "enc.self_attn.out_proj", "enc.linear1",
+        "enc.linear2", "head"]
+    assert layout.layers[1].params == ("enc.self_attn.in_proj_weight",
+                                       "enc.self_attn.in_proj_bias")
+    assert (layout.layers[1].d_in, layout.layers[1].d_out) == (8 + 1, 24) and not layout.fallback
     # every parameter but the two LayerNorms' (not tracked by default, like any other module)
     assert layout.total == sum(p.numel() for p in model.parameters()) - 4 * 8
     loss = issl.AugmentationStability(views=2, seed=2, augment=issl.SSLAugment.light(seed=2))
-    x, ids = torch.rand(3, 3, 12, 12), torch.arange(3)
+    x, ids = torch.rand(3, 3, 12, 12, dtype=torch.float64), torch.arange(3)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
     phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, _brute_force_flat_grads(model, layout, loss, x, ids),
-                               rtol=1e-4, atol=1e-6)
-    # Naming out_proj in track= also takes the fallback (fusing it would never see a call);
-    # naming the attention module takes all of its parameters, each once.
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    assert torch.nn.functional.linear is torch._C._nn.linear  # restored after the capture
+    _assert_kron_blocks_match(model, layout, loss, x, ids, brute.float())
+    # Naming out_proj in track= fuses it alone; naming the attention module and its parts
+    # again takes each layer and parameter once.
     named = build_layout(model, track=["enc.self_attn.out_proj", "head"])
-    assert [layer.name for layer in named.layers] == ["head"]
-    assert [fb.name for fb in named.fallback] == ["enc.self_attn.out_proj.weight",
-                                                  "enc.self_attn.out_proj.bias"]
+    assert [layer.name for layer in named.layers] == ["enc.self_attn.out_proj", "head"]
     both = build_layout(model, track=["enc.self_attn.out_proj", "enc.self_attn",
                                       "enc.self_attn.in_proj_bias"])
-    assert [fb.name for fb in both.fallback] == [fb.name for fb in layout.fallback]
+    assert [layer.name for layer in both.layers] == ["enc.self_attn.out_proj",
+                                                     "enc.self_attn.in_proj"]
+    assert not both.fallback
+
+
+class _CrossAttention(torch.nn.Module):
+    """Cross-attention (query from one half of the tokens, key = value from the other), a
+    masked self-attention without biases in sequence-first layout, and an attention the fused
+    capture does not cover (kdim != embed_dim: torch.func)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(3, 6)
+        self.cross = torch.nn.MultiheadAttention(6, 2, batch_first=True)
+        self.masked = torch.nn.MultiheadAttention(6, 3, bias=False)
+        self.other = torch.nn.MultiheadAttention(6, 2, kdim=4, vdim=4, batch_first=True)
+        self.keys = torch.nn.Linear(6, 4)
+        self.head = torch.nn.Linear(6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.embed(x.flatten(2).transpose(1, 2))  # [N, 144, 6]
+        q, kv = t[:, :8], t[:, 8:20]
+        h, _ = self.cross(q, kv, kv)  # need_weights=True: the explicit softmax path
+        causal = torch.triu(torch.ones(8, 8, dtype=torch.bool), diagonal=1)
+        s = h.transpose(0, 1)
+        h = self.masked(s, s, s, attn_mask=causal, need_weights=False)[0].transpose(0, 1)
+        k = self.keys(h)
+        h = self.other(h, k, k, need_weights=False)[0]
+        return self.head(h.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_cross_and_masked_attention_are_exact_and_other_forms_fall_back() -> None:
+    torch.manual_seed(4)
+    model = _CrossAttention().double()
+    layout = build_layout(model)
+    assert [layer.name for layer in layout.layers] == [
+        "embed", "cross.in_proj", "cross.out_proj", "masked.in_proj", "masked.out_proj",
+        "keys", "head"]
+    assert [fb.name for fb in layout.fallback] == [
+        "other.q_proj_weight", "other.k_proj_weight", "other.v_proj_weight",
+        "other.in_proj_bias", "other.out_proj.weight", "other.out_proj.bias"]
+    loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+    x, ids = torch.rand(3, 3, 12, 12, dtype=torch.float64), torch.arange(3)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    _assert_kron_blocks_match(model, layout, loss, x, ids, brute.float())
 
 
 class _Mixed(torch.nn.Module):
@@ -242,14 +295,7 @@ def test_grouped_padded_and_shared_layers_are_tracked_exactly() -> None:
     assert ((phi - want).abs().max() / want.abs().max()).item() < SKETCH_RTOL
     # The kron path sketches convolutions with conv2d by P_in over the explicitly padded input
     # (grouped ones: P_out G P_in^T of their exact gradient).
-    feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
-    phi, _ = feat(x, ids)
-    for layer, block in zip(layout.layers, feat.blocks):
-        G = brute[:, layer.offset : layer.offset + layer.numel].reshape(-1, layer.d_out, layer.d_in)
-        p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
-        want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
-        err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
-        assert err.item() < SKETCH_RTOL, layer.name
+    _assert_kron_blocks_match(model, layout, loss, x, ids, brute.float())
 
 
 def test_tied_and_attention_subclass_parameters_are_tracked_once() -> None:
@@ -261,7 +307,8 @@ def test_tied_and_attention_subclass_parameters_are_tracked_once() -> None:
     layout = build_layout(tied)
     assert [fb.name for fb in layout.fallback] == ["0.weight"] and not layout.layers
 
-    # An attention subclass with a Linear child of its own: that Linear is fused, once.
+    # An attention subclass with a Linear child of its own: each projection and that Linear are
+    # fused, once.
     class Gated(torch.nn.MultiheadAttention):
         def __init__(self) -> None:
             super().__init__(4, 2, batch_first=True)
@@ -270,9 +317,9 @@ def test_tied_and_attention_subclass_parameters_are_tracked_once() -> None:
     model = torch.nn.Sequential(torch.nn.Linear(4, 4))
     model.add_module("att", Gated())
     layout = build_layout(model)
-    assert [layer.name for layer in layout.layers] == ["0", "att.gate"]
-    assert [fb.name for fb in layout.fallback] == [
-        "att.in_proj_weight", "att.in_proj_bias", "att.out_proj.weight", "att.out_proj.bias"]
+    assert [layer.name for layer in layout.layers] == ["0", "att.in_proj", "att.out_proj",
+                                                       "att.gate"]
+    assert not layout.fallback
     assert layout.total == sum(p.numel() for p in model.parameters())
 
 

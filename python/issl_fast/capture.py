@@ -13,7 +13,10 @@ A grouped ``nn.Conv2d`` (depthwise included) has a block-diagonal weight gradien
 (:meth:`FactorCapture.grouped_grads`, one strided slice of the input per kernel tap, never an
 unfolded copy) and sketched from there; it is small (the layer's own parameter count).
 
-Any other trainable parameter the user asks for (LayerNorm, embeddings, attention...) is a
+An ``nn.MultiheadAttention``'s projections are two Linear layers whose calls are recorded through
+``F.linear`` (attention.py): module hooks cannot see them.
+
+Any other trainable parameter the user asks for (LayerNorm, embeddings...) is a
 *fallback* parameter: its per-example gradient comes from ``torch.func`` and is sketched densely
 with its column offset. The flat gradient is the tracked layers in module order, then the
 fallback parameters in ``named_parameters`` order.
@@ -21,13 +24,15 @@ fallback parameters in ``named_parameters`` order.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import attention
 
 
 @dataclass
@@ -42,6 +47,12 @@ class Layer:
     has_bias: bool
     offset: int = 0
     groups: int = 1  # a grouped Conv2d's groups (its gradient: FactorCapture.grouped_grads)
+    # An attention projection (see attention.py): the nn.MultiheadAttention whose F.linear calls
+    # are recorded, and the attribute of `module` holding the weight.
+    owner: nn.MultiheadAttention | None = None
+    weight_attr: str = "weight"
+    # The model's names of the weight (and bias) this layer's flat gradient covers, in order.
+    params: tuple[str, ...] = ()
 
     @property
     def numel(self) -> int:
@@ -102,6 +113,10 @@ class ParamLayout:
         }
 
 
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
 def _fusable(module: nn.Module) -> str | None:
     if isinstance(module, nn.Linear):
         return "linear"
@@ -114,21 +129,51 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
     """Tracked parameters of ``model``.
 
     ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, grouped
-    convolutions included), and every parameter of each ``nn.MultiheadAttention`` (fallback: it
-    applies its projections with ``F.linear`` inside its forward, so its ``out_proj`` Linear never
-    runs as a module and no hook can see it).
-    Otherwise an iterable of module names (fused if Linear/Conv2d, else all their trainable
-    parameters fall back to torch.func) and/or parameter names (always fallback).
+    convolutions included), and each ``nn.MultiheadAttention``'s projections: fused as two Linear
+    layers (``<name>.in_proj``, the packed q/k/v projection, and ``<name>.out_proj``) recorded
+    through ``F.linear`` (attention.py), or for the forms that does not cover, all its parameters
+    through the torch.func fallback. Otherwise an iterable of module names (fused if
+    Linear/Conv2d/attention, else all their trainable parameters fall back to torch.func) and/or
+    parameter names (always fallback).
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
     layers: list[Layer] = []
     fallback: list[FallbackParam] = []
-    attention = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
-    functional = {id(m.out_proj) for m in attention}
+    mhas = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    # out_proj Linears never run as modules: their attention module's F.linear calls are seen.
+    owner_of = {id(m.out_proj): m for m in mhas}
+
+    def add_linear(name: str, layer_name: str, mod: nn.Module, owner: nn.MultiheadAttention,
+                   weight_attr: str = "weight", bias_attr: str = "bias") -> None:
+        """An attention projection: module ``name``'s ``weight_attr`` / ``bias_attr``."""
+        w, b = getattr(mod, weight_attr), getattr(mod, bias_attr)
+        names = tuple(_join(name, a) for a, p in ((weight_attr, w), (bias_attr, b))
+                      if p is not None)
+        if w.requires_grad and (b is None or b.requires_grad):
+            d_in = w.shape[1] + (1 if b is not None else 0)
+            layers.append(Layer(layer_name, mod, "linear", d_in, w.shape[0], b is not None,
+                                owner=owner, weight_attr=weight_attr, params=names))
+        else:
+            for full, p in zip(names, (p for p in (w, b) if p is not None)):
+                if p.requires_grad:
+                    fallback.append(FallbackParam(full, p))
 
     def add_module(name: str, mod: nn.Module) -> None:
-        kind = None if id(mod) in functional else _fusable(mod)
+        if isinstance(mod, nn.MultiheadAttention) and attention.fusable(mod):
+            add_linear(name, _join(name, "in_proj"), mod, mod, "in_proj_weight", "in_proj_bias")
+            add_linear(_join(name, "out_proj"), _join(name, "out_proj"), mod.out_proj, mod)
+            return
+        owner = owner_of.get(id(mod))
+        if owner is not None:
+            if attention.fusable(owner):
+                add_linear(name, name, mod, owner)
+            else:
+                for pname, p in mod.named_parameters():
+                    if p.requires_grad:
+                        fallback.append(FallbackParam(f"{name}.{pname}", p))
+            return
+        kind = _fusable(mod)
         if (
             kind is not None
             and mod.weight.requires_grad
@@ -137,8 +182,10 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             w = cast(torch.Tensor, mod.weight)
             d_in = w[0].numel() + (1 if mod.bias is not None else 0)
             groups = int(getattr(mod, "groups", 1))
+            names = (_join(name, "weight"),) + ((_join(name, "bias"),) if mod.bias is not None
+                                                else ())
             layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None,
-                                groups=groups))
+                                groups=groups, params=names))
         else:
             own = list(mod.named_parameters(recurse=False))
             if isinstance(mod, nn.MultiheadAttention):  # its out_proj runs through F.linear too
@@ -151,8 +198,8 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
     if track is None:
         for name, mod in model.named_modules():
             if isinstance(mod, nn.MultiheadAttention):
-                add_module(name, mod)  # fallback, out_proj included
-            elif (isinstance(mod, (nn.Linear, nn.Conv2d)) and id(mod) not in functional
+                add_module(name, mod)  # its projections, out_proj included
+            elif (isinstance(mod, (nn.Linear, nn.Conv2d)) and id(mod) not in owner_of
                   and mod.weight.requires_grad):
                 add_module(name, mod)  # fused
     else:
@@ -167,10 +214,16 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
                 raise ValueError(
                     f"track: {name!r} is neither a module nor a parameter of the model"
                 )
-    # Each fallback parameter once (named twice, as a module's and by name, or tied to another
-    # name), under the name and in the order named_parameters() gives it.
+    # Each layer once (an attention module and its out_proj both named in track=); each fallback
+    # parameter once (named twice, as a module's and by name, or tied to another name) and only
+    # if no layer covers it, under the name and in the order named_parameters() gives it.
+    firsts: dict[str, Layer] = {}
+    for layer in layers:
+        firsts.setdefault(layer.name, layer)
+    layers = list(firsts.values())
+    covered = {id(params[n]) for layer in layers for n in layer.params if n in params}
     canonical = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
-    unique = {id(fb.param): fb.param for fb in fallback}
+    unique = {id(fb.param): fb.param for fb in fallback if id(fb.param) not in covered}
     fallback = [FallbackParam(canonical[k][1], p)
                 for k, p in sorted(unique.items(), key=lambda kv: canonical[kv[0]][0])]
     if not layers and not fallback:
@@ -179,6 +232,11 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             "Linear/Conv2d and track= named none)"
         )
     return ParamLayout(layers, fallback)
+
+
+# Maps a recorded output's gradient to the layer's D (attention projections: batch-first rows,
+# zero-padded to the layer's width).
+Post = Callable[[torch.Tensor], torch.Tensor]
 
 
 class FactorCapture:
@@ -193,37 +251,50 @@ class FactorCapture:
     def __init__(self, layout: ParamLayout) -> None:
         self.layout = layout
         self._inputs: dict[str, list[torch.Tensor]] = {}
-        self._outputs: dict[str, list[torch.Tensor]] = {}
+        # (output, how its gradient becomes the layer's D: None = as it is)
+        self._outputs: dict[str, list[tuple[torch.Tensor, Post | None]]] = {}
         self._grads: dict[str, list[torch.Tensor]] = {}
         self._handles: list = []
+        self._functional = attention.FunctionalLinear(self._record)
 
     def __enter__(self) -> FactorCapture:
         for layer in self.layout.layers:
-            self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+            if layer.owner is not None:  # an attention projection: its F.linear calls
+                self._functional.track(layer.name, getattr(layer.module, layer.weight_attr),
+                                       layer.owner, layer.d_out)
+            else:
+                self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+        self._functional.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        self._functional.__exit__(*exc)
         for h in self._handles:
             h.remove()
         self._handles.clear()
 
+    def _record(self, name: str, x: torch.Tensor, output: torch.Tensor,
+                post: Post | None = None) -> None:
+        self._inputs.setdefault(name, []).append(x)
+        self._outputs.setdefault(name, []).append((output, post))
+
     def _hook(self, layer: Layer):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
             if torch.is_grad_enabled() and output.requires_grad:
-                self._inputs.setdefault(layer.name, []).append(inputs[0].detach())
-                self._outputs.setdefault(layer.name, []).append(output)
+                self._record(layer.name, inputs[0].detach(), output)
 
         return hook
 
     def backward(self, total: torch.Tensor) -> None:
         """Gradients of the scalar ``total`` w.r.t. every recorded layer output. An output the
         loss does not depend on (e.g. a head after the chosen representation) gets zeros."""
-        names = [n for n in self._outputs for _ in self._outputs[n]]
-        outs = [o for n in self._outputs for o in self._outputs[n]]
+        calls = [(n, out, post) for n in self._outputs for out, post in self._outputs[n]]
+        outs = [out for _, out, _ in calls]
         grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
         self._grads = {}
-        for name, out, g in zip(names, outs, grads):
-            self._grads.setdefault(name, []).append(torch.zeros_like(out) if g is None else g)
+        for (name, out, post), g in zip(calls, grads):
+            g = torch.zeros_like(out) if g is None else g
+            self._grads.setdefault(name, []).append(g if post is None else post(g))
         self._outputs.clear()  # release the graph
 
     def calls(self, layer: Layer) -> list[tuple[torch.Tensor, torch.Tensor]]:

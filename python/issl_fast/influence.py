@@ -66,9 +66,8 @@ class InfluenceSSL:
         loss: the per-example loss; default ``AugmentationStability(views=4, seed=0)``.
         projection: how gradients are sketched; default ``Projection("kron", k=256)``.
         solver: ``"identity" | "gauss_newton" | "block" | "ekfac"`` (default).
-        track: module / parameter names to track; default every Linear and Conv2d (fused
-            kernels) and every ``nn.MultiheadAttention``'s parameters (torch.func: it applies
-            its projections functionally, out of reach of module hooks).
+        track: module / parameter names to track; default every Linear and Conv2d and the two
+            projections of every ``nn.MultiheadAttention`` (see capture.build_layout).
         damping: relative damping (x mean eigenvalue); absolute_damping overrides it.
         store_dtype: ``"float16" | "bfloat16" | "float32" | "float64"`` for stored features.
         num_threads: threads for the CPU kernels (default: torch's).
