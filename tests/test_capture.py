@@ -206,14 +206,16 @@ def test_multihead_attention_projections_are_fused_layers() -> None:
 
 
 class _CrossAttention(torch.nn.Module):
-    """Cross-attention (query from one half of the tokens, key = value from the other), a
-    masked self-attention without biases in sequence-first layout, and an attention the fused
-    capture does not cover (kdim != embed_dim: torch.func)."""
+    """Cross-attention (query from some tokens, key = value from others: a split projection),
+    attention with query, key and value all different (three row slices), a masked
+    self-attention without biases in sequence-first layout, and an attention the fused capture
+    does not cover (kdim != embed_dim: torch.func)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.embed = torch.nn.Linear(3, 6)
         self.cross = torch.nn.MultiheadAttention(6, 2, batch_first=True)
+        self.triple = torch.nn.MultiheadAttention(6, 1, batch_first=True)
         self.masked = torch.nn.MultiheadAttention(6, 3, bias=False)
         self.other = torch.nn.MultiheadAttention(6, 2, kdim=4, vdim=4, batch_first=True)
         self.keys = torch.nn.Linear(6, 4)
@@ -223,6 +225,7 @@ class _CrossAttention(torch.nn.Module):
         t = self.embed(x.flatten(2).transpose(1, 2))  # [N, 144, 6]
         q, kv = t[:, :8], t[:, 8:20]
         h, _ = self.cross(q, kv, kv)  # need_weights=True: the explicit softmax path
+        h = h + self.triple(h, t[:, 20:30], t[:, 30:40], need_weights=False)[0]
         causal = torch.triu(torch.ones(8, 8, dtype=torch.bool), diagonal=1)
         s = h.transpose(0, 1)
         h = self.masked(s, s, s, attn_mask=causal, need_weights=False)[0].transpose(0, 1)
@@ -237,8 +240,8 @@ def test_cross_and_masked_attention_are_exact_and_other_forms_fall_back() -> Non
     model = _CrossAttention().double()
     layout = build_layout(model)
     assert [layer.name for layer in layout.layers] == [
-        "embed", "cross.in_proj", "cross.out_proj", "masked.in_proj", "masked.out_proj",
-        "keys", "head"]
+        "embed", "cross.in_proj", "cross.out_proj", "triple.in_proj", "triple.out_proj",
+        "masked.in_proj", "masked.out_proj", "keys", "head"]
     assert [fb.name for fb in layout.fallback] == [
         "other.q_proj_weight", "other.k_proj_weight", "other.v_proj_weight",
         "other.in_proj_bias", "other.out_proj.weight", "other.out_proj.bias"]
