@@ -7,8 +7,8 @@ from __future__ import annotations
 import issl_fast as issl
 import pytest
 import torch
-from engine_models import batches, images, small_cnn, tiny_vit
-from issl_fast.capture import build_layout
+from engine_models import UniformNoise, batches, images, small_cnn, tiny_vit
+from issl_fast.capture import FactorCapture, build_layout
 from issl_fast.featurize import Featurizer, model_device
 from torch.func import functional_call, grad, vmap
 
@@ -340,3 +340,109 @@ def test_ekfac_gives_grouped_convolutions_a_gauss_newton_block(tmp_path) -> None
     parts = {b.name: type(p).__name__ for b, p in attr.solver._parts}
     assert parts["dw"] == parts["grouped"] == "_CholeskyBlock" and parts["pw"] == "_EKFACBlock"
     assert (attr.self_influence() > 0).all()
+
+
+class _SeqFirst(torch.nn.Module):
+    """torch's default sequence-first transformer layer ([T, N, E] inside), norm_first, with a
+    causal mask; then out_proj applied again as a module, outside the attention's forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, norm_first=True)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).permute(2, 0, 1)  # [T, N, E]
+        mask = torch.nn.Transformer.generate_square_subsequent_mask(t.shape[0], dtype=t.dtype)
+        t = self.enc(t, src_mask=mask, is_causal=True)
+        t = self.enc.self_attn.out_proj(t.transpose(0, 1))  # [N, T, E], a plain module call
+        return self.head(t.mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("batch", [3, 2])  # 3: T = 9 = views x examples, the ambiguous case
+def test_sequence_first_transformers_are_exact(batch) -> None:
+    torch.manual_seed(5)
+    model = _SeqFirst().double().eval()
+    layout = build_layout(model)
+    assert [layer.seq_first for layer in layout.layers] == [False, False, False, True, True,
+                                                            False]
+    loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+    x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+
+
+def test_inputs_without_a_batch_dimension_and_stray_projections_are_errors() -> None:
+    loss = issl.AugmentationStability(views=1, augment=UniformNoise())
+
+    class Folded(torch.nn.Module):  # a Linear over rows that mix examples
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(x.reshape(2, -1, 4)).reshape(x.shape[0], -1)
+
+    model = Folded()
+    with pytest.raises(ValueError, match="neither its first nor its second dimension"):
+        Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(
+            torch.rand(3, 5, 4), torch.arange(3))
+
+    class Stray(torch.nn.Module):  # the packed projection used outside the attention
+        def __init__(self) -> None:
+            super().__init__()
+            self.att = torch.nn.MultiheadAttention(4, 1, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.att(x, x, x)[0]
+            return torch.nn.functional.linear(h, self.att.in_proj_weight).mean(1)
+
+    model = Stray()
+    with pytest.raises(RuntimeError, match="outside its nn.MultiheadAttention's forward"):
+        Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(
+            torch.rand(2, 5, 4), torch.arange(2))
+    assert torch.nn.functional.linear is torch._C._nn.linear  # restored after the error
+
+    class Clash(torch.nn.MultiheadAttention):
+        def __init__(self) -> None:
+            super().__init__(4, 1)
+            self.in_proj = torch.nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match="both named"):
+        build_layout(torch.nn.Sequential(Clash()))
+
+
+def test_captures_nest_and_run_in_threads() -> None:
+    import threading
+
+    loss = issl.AugmentationStability(views=2, seed=2, augment=issl.SSLAugment.light(seed=2))
+    models = [tiny_vit(seed=s) for s in range(4)]
+    feats = [Featurizer(m, build_layout(m), loss, issl.Projection("kron", k=16)) for m in models]
+    x, ids = torch.rand(3, 3, 12, 12), torch.arange(3)
+    alone = [f(x, ids)[0] for f in feats]
+    # Nested captures closing out of order leave torch's F.linear in place.
+    a, b = FactorCapture(feats[0].layout), FactorCapture(feats[1].layout)
+    a.__enter__()
+    b.__enter__()
+    a.__exit__(None, None, None)
+    b.__exit__(None, None, None)
+    assert torch.nn.functional.linear is torch._C._nn.linear
+    # Four threads featurising four models at once (and two on the same model) agree with the
+    # results computed one at a time.
+    results: dict[int, torch.Tensor] = {}
+
+    def run(i: int, f: Featurizer) -> None:
+        for _ in range(3):
+            results[i] = f(x, ids)[0]
+
+    jobs = [threading.Thread(target=run, args=(i, f)) for i, f in enumerate(feats + feats[:1])]
+    for j in jobs:
+        j.start()
+    for j in jobs:
+        j.join()
+    for i in range(len(jobs)):
+        torch.testing.assert_close(results[i], alone[i % 4], rtol=1e-5, atol=1e-7)
+    assert torch.nn.functional.linear is torch._C._nn.linear

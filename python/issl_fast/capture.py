@@ -24,6 +24,7 @@ fallback parameters in ``named_parameters`` order.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import cast
@@ -53,6 +54,8 @@ class Layer:
     weight_attr: str = "weight"
     # The model's names of the weight (and bias) this layer's flat gradient covers, in order.
     params: tuple[str, ...] = ()
+    # A Linear inside a sequence-first torch transformer layer: its inputs are [T, N, d].
+    seq_first: bool = False
 
     @property
     def numel(self) -> int:
@@ -184,8 +187,12 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             groups = int(getattr(mod, "groups", 1))
             names = (_join(name, "weight"),) + ((_join(name, "bias"),) if mod.bias is not None
                                                 else ())
+            parent = modules.get(name.rpartition(".")[0])
+            seq_first = (isinstance(parent, (nn.TransformerEncoderLayer,
+                                             nn.TransformerDecoderLayer))
+                         and not parent.self_attn.batch_first)
             layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None,
-                                groups=groups, params=names))
+                                groups=groups, params=names, seq_first=seq_first))
         else:
             own = list(mod.named_parameters(recurse=False))
             if isinstance(mod, nn.MultiheadAttention):  # its out_proj runs through F.linear too
@@ -217,10 +224,15 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
     # Each layer once (an attention module and its out_proj both named in track=); each fallback
     # parameter once (named twice, as a module's and by name, or tied to another name) and only
     # if no layer covers it, under the name and in the order named_parameters() gives it.
-    firsts: dict[str, Layer] = {}
+    firsts: dict[tuple[int, str], Layer] = {}
     for layer in layers:
-        firsts.setdefault(layer.name, layer)
+        firsts.setdefault((id(layer.module), layer.weight_attr), layer)
     layers = list(firsts.values())
+    names = [layer.name for layer in layers]
+    if len(set(names)) != len(names):  # e.g. an attention subclass with a child named in_proj
+        clash = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"two tracked layers are both named {clash}: rename the module or "
+                         "choose the layers with track=")
     covered = {id(params[n]) for layer in layers for n in layer.params if n in params}
     canonical = {id(p): (i, n) for i, (n, p) in enumerate(model.named_parameters())}
     unique = {id(fb.param): fb.param for fb in fallback if id(fb.param) not in covered}
@@ -239,6 +251,10 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
 Post = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _swap_first_two(g: torch.Tensor) -> torch.Tensor:
+    return g.transpose(0, 1)
+
+
 class FactorCapture:
     """Context manager that records every tracked layer's inputs and outputs on the forward pass;
     :meth:`backward` then asks autograd for the gradients w.r.t. those outputs only (no weight
@@ -246,10 +262,15 @@ class FactorCapture:
 
     The forward runs on ``groups * B`` rows (group-major: row ``g * B + b``); :meth:`factors`
     returns per-example ``A [B, groups*T, d_in]`` and ``D [B, groups*T, d_out]`` for a layer.
+    ``rows`` (``groups * B``, when known) locates the batch dimension of Linear inputs: a
+    sequence-first ``[T, rows, d]`` input (torch's transformer layers by default) is turned
+    batch-first, and an input with neither dimension equal to ``rows`` is an error. Hooks fire
+    only for the thread that opened the capture.
     """
 
-    def __init__(self, layout: ParamLayout) -> None:
+    def __init__(self, layout: ParamLayout, rows: int | None = None) -> None:
         self.layout = layout
+        self.rows = rows
         self._inputs: dict[str, list[torch.Tensor]] = {}
         # (output, how its gradient becomes the layer's D: None = as it is)
         self._outputs: dict[str, list[tuple[torch.Tensor, Post | None]]] = {}
@@ -258,10 +279,11 @@ class FactorCapture:
         self._functional = attention.FunctionalLinear(self._record)
 
     def __enter__(self) -> FactorCapture:
+        self._thread = threading.get_ident()
         for layer in self.layout.layers:
             if layer.owner is not None:  # an attention projection: its F.linear calls
-                self._functional.track(layer.name, getattr(layer.module, layer.weight_attr),
-                                       layer.owner, layer.d_out)
+                which = "in" if layer.weight_attr == "in_proj_weight" else "out"
+                self._functional.track(layer.name, layer.owner, which, layer.d_out)
             else:
                 self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
         self._functional.__enter__()
@@ -280,10 +302,30 @@ class FactorCapture:
 
     def _hook(self, layer: Layer):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            if threading.get_ident() != self._thread:
+                return  # another thread featurising the same model with its own capture
             if torch.is_grad_enabled() and output.requires_grad:
-                self._record(layer.name, inputs[0].detach(), output)
+                x = inputs[0].detach()
+                if layer.kind == "linear" and self._sequence_first(layer, x):
+                    self._record(layer.name, x.transpose(0, 1), output, _swap_first_two)
+                else:
+                    self._record(layer.name, x, output)
 
         return hook
+
+    def _sequence_first(self, layer: Layer, x: torch.Tensor) -> bool:
+        """Whether a Linear input is ``[T, rows, ...]`` rather than ``[rows, ...]``."""
+        if self.rows is None or x.dim() < 3:
+            return False
+        if layer.seq_first or (x.shape[0] != self.rows and x.shape[1] == self.rows):
+            return True
+        if x.shape[0] != self.rows:
+            raise ValueError(
+                f"layer {layer.name!r} got an input of shape {tuple(x.shape)}: neither its first "
+                f"nor its second dimension is the batch ({self.rows} rows = views x examples), "
+                "so its rows cannot be assigned to examples"
+            )
+        return False
 
     def backward(self, total: torch.Tensor) -> None:
         """Gradients of the scalar ``total`` w.r.t. every recorded layer output. An output the
@@ -313,30 +355,24 @@ class FactorCapture:
         over calls; float32 (float64 for a float64 model).
 
         Weight tap (i, j) of output o and input channel c of its group is
-        ``sum_l D[o, l] * x_pad[group(o) * cg + c, at l shifted by the tap]``: one strided slice
-        of the padded input per tap, no unfolded copy (a depthwise 7x7 layer would need 49 times
-        its input)."""
+        ``sum_l D[o, l] * x_pad[group(o) * cg + c, at l shifted by the tap]``: a correlation of
+        the padded input with D, i.e. one grouped convolution with every (row, group) pair a
+        group of its own, D as the filters, the layer's dilation as stride and its stride as
+        dilation (no unfolded copy: a depthwise 7x7 layer would need 49 times its input)."""
         mod = cast(nn.Conv2d, layer.module)
-        (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
-        G = layer.groups
+        (kh, kw), G = mod.kernel_size, layer.groups
         total: torch.Tensor | None = None
         for x, g in self.calls(layer):
             dtype = torch.promote_types(x.dtype, torch.float32)
             n, b = x.shape[0], x.shape[0] // groups
-            ho, wo = g.shape[2:]
-            xp = padded_input(mod, x.to(dtype))
             cg, og = x.shape[1] // G, g.shape[1] // G
-            gg = g.to(dtype).reshape(n, G, og, ho * wo)
-            w = xp.new_empty(n, G, og, cg, kh, kw)
-            for i in range(kh):
-                for j in range(kw):
-                    tap = xp[:, :, i * dh:i * dh + sh * (ho - 1) + 1:sh,
-                             j * dw:j * dw + sw * (wo - 1) + 1:sw]
-                    w[..., i, j] = torch.einsum("ngol,ngcl->ngoc", gg,
-                                                tap.reshape(n, G, cg, ho * wo))
-            grad = w.reshape(n, G * og, cg * kh * kw)
+            xp = padded_input(mod, x.to(dtype))
+            inp = xp.reshape(n * G, cg, *xp.shape[2:]).transpose(0, 1)  # [cg, n*G, Hp, Wp]
+            filters = g.to(dtype).reshape(n * G * og, 1, *g.shape[2:])  # [n*G*og, 1, Ho, Wo]
+            w = F.conv2d(inp, filters, stride=mod.dilation, dilation=mod.stride, groups=n * G)
+            grad = w[..., :kh, :kw].transpose(0, 1).reshape(n, G * og, cg * kh * kw)
             if layer.has_bias:
-                grad = torch.cat([grad, gg.sum(-1).reshape(n, G * og, 1)], dim=2)
+                grad = torch.cat([grad, g.to(dtype).sum((2, 3))[..., None]], dim=2)
             grad = grad.reshape(groups, b, *grad.shape[1:]).sum(0)  # the example's inputs
             total = grad if total is None else total + grad
         assert total is not None  # calls() raises when the layer never ran

@@ -78,7 +78,7 @@ class Featurizer:
         try:
             with torch.no_grad():
                 inputs = self.loss.encoder_inputs(x, ids)
-            with torch.enable_grad(), FactorCapture(self.layout) as cap:
+            with torch.enable_grad(), FactorCapture(self.layout, rows=inputs.shape[0]) as cap:
                 losses = self.loss.from_outputs(self.model(inputs), B)
                 cap.backward(losses.sum())
                 phi = torch.empty(B, self.dim, dtype=self.feature_dtype, device=device)
