@@ -415,6 +415,57 @@ def test_inputs_without_a_batch_dimension_and_stray_projections_are_errors() -> 
         build_layout(torch.nn.Sequential(Clash()))
 
 
+class _ResidualAttentionBlock(torch.nn.Module):
+    """open_clip's block: a sequence-first attention and an MLP of Linears (not torch's
+    transformer layer), both on [L, N, D]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = torch.nn.MultiheadAttention(8, 2)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(),
+                                       torch.nn.Linear(16, 8))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t = t + self.attn(t, t, t, need_weights=False)[0]
+        return t + self.mlp(t)
+
+
+class _ClipThenWindows(torch.nn.Module):
+    """Tokens (side x side) through an open_clip block, then Swin-like windows: a Linear on
+    [N * 4, 9, D] (each example's 4 windows of 9 tokens together)."""
+
+    def __init__(self, tokens_per_side: int) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 8, 12 // tokens_per_side, stride=12 // tokens_per_side)
+        self.block = _ResidualAttentionBlock()
+        self.win = torch.nn.Linear(8, 8)
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.block(self.patch(x).flatten(2).permute(2, 0, 1))  # [L, N, 8]
+        n, u = t.shape[1], t.permute(1, 0, 2)
+        u = u.repeat(1, 36 // u.shape[1], 1)  # 36 tokens
+        w = self.win(u.reshape(n * 4, 9, 8))
+        return self.head(w.reshape(n, 36, 8).mean(1))
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize(("side", "batch"), [(3, 3), (6, 3), (6, 2)])
+def test_open_clip_blocks_and_windows_are_exact(side, batch) -> None:
+    # (3, 3): L = 9 = views x examples inside the sequence-first block; (6, 3): windows of 9
+    # tokens = views x examples, batch-first.
+    torch.manual_seed(6)
+    model = _ClipThenWindows(side).double().eval()
+    layout = build_layout(model)
+    assert [layer.name for layer in layout.layers if layer.seq_first] == ["block.mlp.0",
+                                                                        "block.mlp.2"]
+    loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+    x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+
+
 def test_captures_nest_and_run_in_threads() -> None:
     import threading
 
@@ -423,13 +474,29 @@ def test_captures_nest_and_run_in_threads() -> None:
     feats = [Featurizer(m, build_layout(m), loss, issl.Projection("kron", k=16)) for m in models]
     x, ids = torch.rand(3, 3, 12, 12), torch.arange(3)
     alone = [f(x, ids)[0] for f in feats]
-    # Nested captures closing out of order leave torch's F.linear in place.
-    a, b = FactorCapture(feats[0].layout), FactorCapture(feats[1].layout)
+    # Two captures open on one model both see its attention; closing out of order, from
+    # another thread, or entering twice leave torch's F.linear in place; a reference to the
+    # wrapper taken meanwhile keeps working.
+    layout = feats[0].layout
+    a, b = FactorCapture(layout), FactorCapture(layout)
     a.__enter__()
     b.__enter__()
-    a.__exit__(None, None, None)
+    wrapper = torch.nn.functional.linear
+    with pytest.raises(RuntimeError, match="already open"):
+        b._functional.__enter__()
+    inputs = loss.encoder_inputs(x, ids)
+    with torch.enable_grad():
+        losses = loss.from_outputs(models[0](inputs), 3)
+        a.backward(losses.sum())
+    for layer in layout.layers:
+        assert len(a.calls(layer)) == len(b._inputs[layer.name]) == 1, layer.name
+    closer = threading.Thread(target=a.__exit__, args=(None, None, None))
+    closer.start()
+    closer.join()
     b.__exit__(None, None, None)
     assert torch.nn.functional.linear is torch._C._nn.linear
+    assert not getattr(issl.attention._local, "open", [])  # a closed from the other thread too
+    assert torch.equal(wrapper(x[0, 0], x[0, 0]), x[0, 0] @ x[0, 0].T)
     # Four threads featurising four models at once (and two on the same model) agree with the
     # results computed one at a time.
     results: dict[int, torch.Tensor] = {}

@@ -2,21 +2,22 @@
 
 torch's attention applies its packed input projection (``in_proj_weight``, ``[3E, E]``) and its
 output projection (``out_proj``) with ``F.linear`` inside ``F.multi_head_attention_forward``, so
-module hooks never see them. While a :class:`~issl_fast.capture.FactorCapture` is open, a wrapper
-of ``torch.nn.functional.linear`` hands every call to the innermost open capture of the calling
-thread; that capture's :class:`FunctionalLinear` records the calls made inside the forward of a
-tracked attention module whose weight is that module's projection (or a row slice of the packed
-one): the input as the layer's ``A`` and the output, whose gradient becomes ``D``. Every other
-call passes through untouched. The wrapper is installed while any capture is open, in any thread
-(reference counted), and torch's own function is restored when the last one closes.
+module hooks never see them. While any :class:`~issl_fast.capture.FactorCapture` is open, in any
+thread, ``torch.nn.functional.linear`` is a wrapper (installed and removed reference-counted; it
+always calls torch's own function). A capture's :class:`FunctionalLinear` hooks the forward of
+each attention module it tracks: while that forward runs, the calling thread's record of open
+attention forwards says which module (and which captures) the ``F.linear`` calls belong to, and a
+call whose weight is that module's projection (or a row slice of the packed one) is recorded: the
+input as the layer's ``A`` and the output, whose gradient becomes ``D``. Every other call passes
+through untouched.
 
 Inside the attention function the tensors are sequence-first (``[T, N, E]``; the output
 projection sees ``[T * N, E]``), so inputs and gradients are turned batch-first here. A row slice
 (cross-attention: query and key/value projected separately) records the rows it covers; its
 gradient is zero-padded to all ``3E`` rows, so the layer's calls still sum to its gradient. A
-direct call of ``out_proj`` as a module, outside the attention's forward, is recorded by an
+direct call of ``out_proj`` as a module, outside its attention's forward, is recorded by an
 ordinary module hook; a tracked ``in_proj_weight`` used outside its module's forward is an error
-(no hook can see it).
+(nothing can see it there).
 
 Only the common form is fused: one packed projection (``kdim = vdim = embed_dim``) and no
 ``bias_k`` / ``bias_v``. Other attention modules keep the torch.func fallback.
@@ -26,11 +27,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# torch's own function, taken once: the wrapper and stale references to it always reach it.
+_TORCH_LINEAR: Callable[..., torch.Tensor] = F.linear
+_lock = threading.Lock()
+_installed = 0  # open FunctionalLinear contexts, all threads
+_local = threading.local()  # .forwards: this thread's open attention forwards; .open: captures
 
 
 def fusable(mha: nn.MultiheadAttention) -> bool:
@@ -38,48 +45,60 @@ def fusable(mha: nn.MultiheadAttention) -> bool:
     return bool(mha._qkv_same_embed_dim) and mha.bias_k is None and mha.bias_v is None
 
 
-# -- the process-wide wrapper ---------------------------------------------------------------------
-_lock = threading.Lock()
-_installed = 0  # open FunctionalLinear contexts, all threads
-_torch_linear: Callable[..., torch.Tensor] | None = None
-_local = threading.local()  # .stack: this thread's open FunctionalLinear contexts
+@dataclass
+class _Forward:
+    """One open attention forward, as one capture sees it."""
+
+    capture: FunctionalLinear
+    module: nn.MultiheadAttention
+    batch: int | None  # N of its query (None when gradients are off: nothing is recorded)
+
+
+def _thread_list(name: str) -> list:
+    found = getattr(_local, name, None)
+    if found is None:
+        found = []
+        setattr(_local, name, found)
+    return found
 
 
 def _linear(input: torch.Tensor, weight: torch.Tensor,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    assert _torch_linear is not None
-    out = _torch_linear(input, weight, bias)
-    stack = getattr(_local, "stack", None)
-    if stack:
-        stack[-1].on_linear(input, weight, out)
+    out = _TORCH_LINEAR(input, weight, bias)
+    forwards: list[_Forward] = getattr(_local, "forwards", [])
+    if forwards:
+        # The innermost attention forward, as seen by every capture tracking that module.
+        top = forwards[-1].module
+        for f in reversed(forwards):
+            if f.module is not top:
+                break
+            f.capture.on_linear(f, input, weight, out)
+    else:
+        for capture in getattr(_local, "open", []):
+            capture.check_outside(weight)
     return out
 
 
 def _install() -> None:
-    global _installed, _torch_linear
+    global _installed
     with _lock:
         if _installed == 0:
-            _torch_linear = F.linear
             F.linear = _linear  # the attention function looks `linear` up at call time
         _installed += 1
 
 
 def _uninstall() -> None:
-    global _installed, _torch_linear
+    global _installed
     with _lock:
         _installed -= 1
         if _installed == 0:
-            assert _torch_linear is not None
-            F.linear = _torch_linear
-            _torch_linear = None
+            F.linear = _TORCH_LINEAR
 
 
-# -- one capture's recorder -----------------------------------------------------------------------
 @dataclass
 class _Tracked:
     in_layer: tuple[str, int] | None = None  # (layer name, its width 3E)
     out_layer: tuple[str, int] | None = None
-    active: list[int] = field(default_factory=list)  # N of each open forward (nested calls)
 
 
 class FunctionalLinear:
@@ -91,10 +110,12 @@ class FunctionalLinear:
     def __init__(self, record: Callable[..., None]) -> None:
         self._record = record
         self._tracked: dict[int, tuple[nn.MultiheadAttention, _Tracked]] = {}
-        self._open: list[nn.MultiheadAttention] = []  # attention forwards running, innermost last
         self._handles: list = []
-        self._thread = 0
+        self._thread: int | None = None  # the thread that opened it (None: closed)
         self._in_weights: dict[int, str] = {}  # id(in_proj_weight) -> its layer name
+        # That thread's lists (kept: the capture may be closed from another thread)
+        self._open: list[FunctionalLinear] = []
+        self._forwards: list[_Forward] = []
 
     def track(self, layer_name: str, owner: nn.MultiheadAttention, which: str, d_out: int) -> None:
         """``which``: "in" (the packed q/k/v projection) or "out" (out_proj)."""
@@ -107,83 +128,95 @@ class FunctionalLinear:
     def __enter__(self) -> FunctionalLinear:
         if not self._tracked:
             return self
+        if self._thread is not None:
+            raise RuntimeError("this capture is already open")
         self._thread = threading.get_ident()
         self._in_weights = {id(o.in_proj_weight): t.in_layer[0]
                             for o, t in self._tracked.values() if t.in_layer is not None}
-        for owner, t in self._tracked.values():
-            self._handles.append(owner.register_forward_pre_hook(self._enter_forward,
-                                                                 with_kwargs=True))
-            self._handles.append(owner.register_forward_hook(self._exit_forward,
-                                                             always_call=True))
-            if t.out_layer is not None:
-                self._handles.append(owner.out_proj.register_forward_hook(self._module_call))
         _install()
-        stack = getattr(_local, "stack", None)
-        if stack is None:
-            stack = _local.stack = []
-        stack.append(self)
+        self._open, self._forwards = _thread_list("open"), _thread_list("forwards")
+        self._open.append(self)
+        try:
+            for owner, t in self._tracked.values():
+                self._handles.append(owner.register_forward_pre_hook(self._enter_forward,
+                                                                     with_kwargs=True))
+                self._handles.append(owner.register_forward_hook(self._exit_forward,
+                                                                 always_call=True))
+                if t.out_layer is not None:
+                    self._handles.append(owner.out_proj.register_forward_hook(self._module_call))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self._handles:
+        if self._thread is None:
             return
-        _local.stack.remove(self)
-        _uninstall()
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._open.clear()
+        try:
+            for h in self._handles:
+                h.remove()
+            self._handles.clear()
+            if self in self._open:
+                self._open.remove(self)
+            self._forwards[:] = [f for f in self._forwards if f.capture is not self]
+        finally:
+            self._thread = None
+            _uninstall()
 
     # -- hooks ------------------------------------------------------------------------------------
     def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if threading.get_ident() != self._thread:
             return
-        query = args[0] if args else kwargs["query"]
-        if query.dim() != 3:
-            raise ValueError(
-                f"nn.MultiheadAttention got an unbatched query of shape {tuple(query.shape)}: "
-                "featurising needs [N, T, E] (batch_first) or [T, N, E] inputs"
-            )
         assert isinstance(module, nn.MultiheadAttention)
-        self._tracked[id(module)][1].active.append(
-            query.shape[0] if module.batch_first else query.shape[1])
-        self._open.append(module)
+        query = args[0] if args else kwargs["query"]
+        forward = _Forward(self, module, None)
+        _thread_list("forwards").append(forward)  # first: the exit hook pops it even if we raise
+        if torch.is_grad_enabled():
+            if query.dim() != 3:
+                raise ValueError(
+                    f"nn.MultiheadAttention got an unbatched query of shape "
+                    f"{tuple(query.shape)}: featurising needs [N, T, E] (batch_first) or "
+                    "[T, N, E] inputs"
+                )
+            forward.batch = query.shape[0] if module.batch_first else query.shape[1]
 
     def _exit_forward(self, module: nn.Module, args: tuple, output: object) -> None:
-        if threading.get_ident() != self._thread or not self._open:
+        if threading.get_ident() != self._thread:
             return
-        self._open.pop()
-        self._tracked[id(module)][1].active.pop()
+        forwards = getattr(_local, "forwards", [])
+        for i in range(len(forwards) - 1, -1, -1):
+            if forwards[i].capture is self and forwards[i].module is module:
+                del forwards[i]
+                return
 
     def _module_call(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """out_proj called as a module, outside its attention's forward: a batch-first Linear."""
-        if threading.get_ident() != self._thread or not output.requires_grad:
+        if threading.get_ident() != self._thread or not torch.is_grad_enabled():
             return
-        owner = next(o for o, t in self._tracked.values() if o.out_proj is module)
-        t = self._tracked[id(owner)][1]
-        if not t.active and t.out_layer is not None and torch.is_grad_enabled():
+        if not output.requires_grad:
+            return
+        owner, t = next(v for v in self._tracked.values() if v[0].out_proj is module)
+        inside = any(f.capture is self and f.module is owner
+                     for f in getattr(_local, "forwards", []))
+        if not inside and t.out_layer is not None:
             self._record(t.out_layer[0], args[0].detach(), output, None)
 
     # -- the F.linear calls -----------------------------------------------------------------------
-    def on_linear(self, input: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
-        if not (torch.is_grad_enabled() and out.requires_grad):
+    def on_linear(self, forward: _Forward, input: torch.Tensor, weight: torch.Tensor,
+                  out: torch.Tensor) -> None:
+        if forward.batch is None or not (torch.is_grad_enabled() and out.requires_grad):
             return
-        if not self._open:
-            self._check_outside(weight)
-            return
-        owner = self._open[-1]
+        owner, n = forward.module, forward.batch
         t = self._tracked[id(owner)][1]
-        if t.in_layer is not None and (weight is owner.in_proj_weight
-                                       or weight._base is owner.in_proj_weight):
+        packed = owner.in_proj_weight
+        if t.in_layer is not None and (weight is packed or weight._base is packed):
             # a row slice (split / chunk along dim 0) starts at its storage offset's row
-            row0 = ((weight.storage_offset() - owner.in_proj_weight.storage_offset())
-                    // owner.in_proj_weight.stride(0))
+            row0 = (weight.storage_offset() - packed.storage_offset()) // packed.stride(0)
             name, width = t.in_layer
         elif t.out_layer is not None and weight is owner.out_proj.weight:
             row0, (name, width) = 0, t.out_layer
         else:
             return
-        n = t.active[-1]
 
         def batch_first(x: torch.Tensor) -> torch.Tensor:  # [T, N, C] / [T * N, C] -> [N, T, C]
             return x.reshape(-1, n, x.shape[-1]).transpose(0, 1)
@@ -198,7 +231,10 @@ class FunctionalLinear:
 
         self._record(name, batch_first(input.detach()), out, post)
 
-    def _check_outside(self, weight: torch.Tensor) -> None:
+    def check_outside(self, weight: torch.Tensor) -> None:
+        """A tracked packed projection used outside any attention forward cannot be captured."""
+        if not self._in_weights or not torch.is_grad_enabled():
+            return
         name = self._in_weights.get(id(weight))
         if name is None and weight._base is not None:
             name = self._in_weights.get(id(weight._base))

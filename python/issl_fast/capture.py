@@ -116,6 +116,22 @@ class ParamLayout:
         }
 
 
+def _in_sequence_first_block(modules: dict[str, nn.Module], name: str) -> bool:
+    """Whether the nearest enclosing module with an ``nn.MultiheadAttention`` child (a transformer
+    block: torch's TransformerEncoderLayer, open_clip's ResidualAttentionBlock...) runs it
+    sequence-first: the block's other layers then see ``[T, N, d]`` too."""
+    prefix = name
+    while prefix:
+        prefix = prefix.rpartition(".")[0]
+        block = modules.get(prefix)
+        if block is None:
+            continue
+        attention = [m for m in block.children() if isinstance(m, nn.MultiheadAttention)]
+        if attention:
+            return not attention[0].batch_first
+    return False
+
+
 def _join(prefix: str, name: str) -> str:
     return f"{prefix}.{name}" if prefix else name
 
@@ -187,10 +203,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             groups = int(getattr(mod, "groups", 1))
             names = (_join(name, "weight"),) + ((_join(name, "bias"),) if mod.bias is not None
                                                 else ())
-            parent = modules.get(name.rpartition(".")[0])
-            seq_first = (isinstance(parent, (nn.TransformerEncoderLayer,
-                                             nn.TransformerDecoderLayer))
-                         and not parent.self_attn.batch_first)
+            seq_first = _in_sequence_first_block(modules, name)
             layers.append(Layer(name, mod, kind, d_in, w.shape[0], mod.bias is not None,
                                 groups=groups, params=names, seq_first=seq_first))
         else:
@@ -280,13 +293,17 @@ class FactorCapture:
 
     def __enter__(self) -> FactorCapture:
         self._thread = threading.get_ident()
-        for layer in self.layout.layers:
-            if layer.owner is not None:  # an attention projection: its F.linear calls
-                which = "in" if layer.weight_attr == "in_proj_weight" else "out"
-                self._functional.track(layer.name, layer.owner, which, layer.d_out)
-            else:
-                self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
-        self._functional.__enter__()
+        try:
+            for layer in self.layout.layers:
+                if layer.owner is not None:  # an attention projection: its F.linear calls
+                    which = "in" if layer.weight_attr == "in_proj_weight" else "out"
+                    self._functional.track(layer.name, layer.owner, which, layer.d_out)
+                else:
+                    self._handles.append(layer.module.register_forward_hook(self._hook(layer)))
+            self._functional.__enter__()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -314,18 +331,31 @@ class FactorCapture:
         return hook
 
     def _sequence_first(self, layer: Layer, x: torch.Tensor) -> bool:
-        """Whether a Linear input is ``[T, rows, ...]`` rather than ``[rows, ...]``."""
-        if self.rows is None or x.dim() < 3:
+        """Whether a Linear input is ``[T, rows, ...]`` rather than batch-first ``[rows * k,
+        ...]`` (k >= 1: e.g. k windows per example, each example's rows together). Layers in a
+        block whose attention is sequence-first are (``Layer.seq_first``); otherwise an input is
+        batch-first when its first size is a multiple of ``rows``, sequence-first when only its
+        second size is ``rows``, and an error when neither (its rows cannot be assigned to
+        examples). Batch-first wins where both fit, outside sequence-first blocks."""
+        if x.dim() < 3:
             return False
-        if layer.seq_first or (x.shape[0] != self.rows and x.shape[1] == self.rows):
+        if layer.seq_first:
+            if self.rows is not None and x.shape[1] != self.rows:
+                raise ValueError(
+                    f"layer {layer.name!r} sits in a sequence-first attention block but its "
+                    f"input {tuple(x.shape)} does not have the batch ({self.rows} rows = views x "
+                    "examples) as its second dimension"
+                )
             return True
-        if x.shape[0] != self.rows:
-            raise ValueError(
-                f"layer {layer.name!r} got an input of shape {tuple(x.shape)}: neither its first "
-                f"nor its second dimension is the batch ({self.rows} rows = views x examples), "
-                "so its rows cannot be assigned to examples"
-            )
-        return False
+        if self.rows is None or x.shape[0] % self.rows == 0:
+            return False
+        if x.shape[1] == self.rows:
+            return True
+        raise ValueError(
+            f"layer {layer.name!r} got an input of shape {tuple(x.shape)}: neither its first "
+            f"nor its second dimension is the batch ({self.rows} rows = views x examples), "
+            "so its rows cannot be assigned to examples"
+        )
 
     def backward(self, total: torch.Tensor) -> None:
         """Gradients of the scalar ``total`` w.r.t. every recorded layer output. An output the
@@ -385,8 +415,9 @@ class FactorCapture:
         factor: no im2col buffer, bias concatenation or transposed copy in between)."""
         calls = self.calls(layer)
         xs, gs = [x for x, _ in calls], [g for _, g in calls]
-        b = xs[0].shape[0] // groups
-        positions = [_positions(layer, x) for x in xs]
+        rows = self.rows if self.rows is not None else xs[0].shape[0]
+        b = rows // groups
+        positions = [_positions(layer, x, rows) for x in xs]
         total = groups * sum(positions)
         A = xs[0].new_empty(b, total, layer.d_in)
         D = gs[0].new_empty(b, total, layer.d_out)
@@ -426,10 +457,12 @@ def _conv_pads(mod: nn.Conv2d) -> tuple[int, int, int, int]:
     return pw, pw, ph, ph
 
 
-def _positions(layer: Layer, x: torch.Tensor) -> int:
-    """Rows T one example contributes per call: Linear leading positions, Conv2d output pixels."""
+def _positions(layer: Layer, x: torch.Tensor, rows: int) -> int:
+    """Rows T one example contributes per call: Linear leading positions (an input of
+    ``rows * k`` leading rows, e.g. k windows per example, counts k times), Conv2d output
+    pixels."""
     if layer.kind == "linear":
-        return x[0].numel() // x.shape[-1]
+        return x.numel() // (x.shape[-1] * rows)
     mod = cast(nn.Conv2d, layer.module)
     (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
     left, right, top, bottom = _conv_pads(mod)
