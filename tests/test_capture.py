@@ -513,3 +513,79 @@ def test_captures_nest_and_run_in_threads() -> None:
     for i in range(len(jobs)):
         torch.testing.assert_close(results[i], alone[i % 4], rtol=1e-5, atol=1e-7)
     assert torch.nn.functional.linear is torch._C._nn.linear
+
+
+class _StdConv2d(torch.nn.Conv2d):
+    """Weight standardisation (BiT ResNets): the forward uses a function of the weight."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return torch.nn.functional.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class _Reparametrised(torch.nn.Module):
+    """A standardised conv, a DINO-style head whose last layer is weight-normed (new and old
+    APIs), a spectral-normed Linear, and a block that can be checkpointed (non-reentrant: its
+    forward is recomputed during backward; torch.func cannot run it, so only without the
+    reparametrised layers)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.std = _StdConv2d(3, 4, 3, stride=2)
+        self.block = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh())
+        self.wn_new = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(6, 6))
+        self.wn_old = torch.nn.utils.weight_norm(torch.nn.Linear(6, 6))
+        self.sn = torch.nn.utils.parametrizations.spectral_norm(torch.nn.Linear(6, 6))
+        self.out = torch.nn.Linear(6, 5)
+        self.checkpointed, self.plain = False, False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.std(x).mean((2, 3))
+        if self.checkpointed:
+            h = torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=False)
+        else:
+            h = self.block(h)
+        if not self.plain:
+            h = torch.tanh(self.sn(torch.tanh(self.wn_old(torch.tanh(self.wn_new(h))))))
+        return self.out(h)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # the older weight_norm API, on purpose
+def test_reparametrised_weights_and_checkpointed_blocks_are_exact() -> None:
+    torch.manual_seed(7)
+    model = _Reparametrised().double().eval()
+    layout = build_layout(model)
+    assert [layer.name for layer in layout.layers] == ["block.0", "out"]
+    assert [fb.name for fb in layout.fallback] == [
+        "std.weight", "std.bias", "wn_new.bias", "wn_new.parametrizations.weight.original0",
+        "wn_new.parametrizations.weight.original1", "wn_old.bias", "wn_old.weight_g",
+        "wn_old.weight_v", "sn.bias", "sn.parametrizations.weight.original"]
+    assert layout.total == sum(p.numel() for p in model.parameters())
+    loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
+    x, ids = torch.rand(3, 3, 9, 9, dtype=torch.float64), torch.arange(3)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    # A checkpointed block recomputes its forward inside backward(): the hooks record the
+    # forward pass only (fused layers only: torch.func cannot differentiate a checkpoint).
+    model.plain = True
+    layout = build_layout(model, track=["block.0", "out"])
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    model.checkpointed = True
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+
+    class Functional(torch.nn.Module):  # applies its Linear's weight without calling it
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.linear(x, self.lin.weight, self.lin.bias)
+
+    model = Functional()
+    loss = issl.AugmentationStability(views=1, augment=UniformNoise())
+    with pytest.raises(RuntimeError, match="F.linear / F.conv2d"):
+        Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(
+            torch.rand(2, 4), torch.arange(2))

@@ -112,6 +112,7 @@ class FunctionalLinear:
         self._tracked: dict[int, tuple[nn.MultiheadAttention, _Tracked]] = {}
         self._handles: list = []
         self._thread: int | None = None  # the thread that opened it (None: closed)
+        self.recording = True  # False once backward() starts (checkpointed recomputations)
         self._in_weights: dict[int, str] = {}  # id(in_proj_weight) -> its layer name
         # That thread's lists (kept: the capture may be closed from another thread)
         self._open: list[FunctionalLinear] = []
@@ -165,7 +166,7 @@ class FunctionalLinear:
 
     # -- hooks ------------------------------------------------------------------------------------
     def _enter_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        if threading.get_ident() != self._thread:
+        if threading.get_ident() != self._thread or not self.recording:
             return
         assert isinstance(module, nn.MultiheadAttention)
         query = args[0] if args else kwargs["query"]
@@ -191,7 +192,8 @@ class FunctionalLinear:
 
     def _module_call(self, module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         """out_proj called as a module, outside its attention's forward: a batch-first Linear."""
-        if threading.get_ident() != self._thread or not torch.is_grad_enabled():
+        if (threading.get_ident() != self._thread or not torch.is_grad_enabled()
+                or not self.recording):
             return
         if not output.requires_grad:
             return

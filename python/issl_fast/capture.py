@@ -32,6 +32,7 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 from . import attention
 
@@ -137,9 +138,17 @@ def _join(prefix: str, name: str) -> str:
 
 
 def _fusable(module: nn.Module) -> str | None:
-    if isinstance(module, nn.Linear):
+    """The fused kind of a module, or None. Only modules whose output is torch's own function of
+    their own ``weight`` / ``bias`` parameters: a subclass with its own forward (weight
+    standardisation, padding inside forward) or a reparametrised weight (weight / spectral norm:
+    the parameters are others) takes the torch.func fallback, which differentiates the real
+    parameters."""
+    if "weight" not in module._parameters or parametrize.is_parametrized(module):
+        return None
+    if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
-    if isinstance(module, nn.Conv2d):
+    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
+            and type(module)._conv_forward is nn.Conv2d._conv_forward):
         return "conv2d"
     return None
 
@@ -210,6 +219,9 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             own = list(mod.named_parameters(recurse=False))
             if isinstance(mod, nn.MultiheadAttention):  # its out_proj runs through F.linear too
                 own += [(f"out_proj.{n}", p) for n, p in mod.out_proj.named_parameters()]
+            if parametrize.is_parametrized(mod):  # the real parameters of e.g. a weight norm
+                own += [(f"parametrizations.{n}", p)
+                        for n, p in cast(nn.Module, mod.parametrizations).named_parameters()]
             for pname, p in own:
                 if p.requires_grad:
                     full = f"{name}.{pname}" if name else pname
@@ -284,6 +296,7 @@ class FactorCapture:
     def __init__(self, layout: ParamLayout, rows: int | None = None) -> None:
         self.layout = layout
         self.rows = rows
+        self._recording = True
         self._inputs: dict[str, list[torch.Tensor]] = {}
         # (output, how its gradient becomes the layer's D: None = as it is)
         self._outputs: dict[str, list[tuple[torch.Tensor, Post | None]]] = {}
@@ -319,8 +332,10 @@ class FactorCapture:
 
     def _hook(self, layer: Layer):
         def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            if threading.get_ident() != self._thread:
-                return  # another thread featurising the same model with its own capture
+            if threading.get_ident() != self._thread or not self._recording:
+                # another thread featurising the same model with its own capture, or the
+                # recomputation of an activation-checkpointed forward during backward()
+                return
             if torch.is_grad_enabled() and output.requires_grad:
                 x = inputs[0].detach()
                 if layer.kind == "linear" and self._sequence_first(layer, x):
@@ -360,6 +375,7 @@ class FactorCapture:
     def backward(self, total: torch.Tensor) -> None:
         """Gradients of the scalar ``total`` w.r.t. every recorded layer output. An output the
         loss does not depend on (e.g. a head after the chosen representation) gets zeros."""
+        self._recording = self._functional.recording = False  # checkpoints recompute forwards
         calls = [(n, out, post) for n in self._outputs for out, post in self._outputs[n]]
         outs = [out for _, out, _ in calls]
         grads = torch.autograd.grad(total, outs, allow_unused=True) if outs else ()
@@ -374,8 +390,11 @@ class FactorCapture:
         xs, gs = self._inputs.get(layer.name, []), self._grads.get(layer.name, [])
         if not xs or len(gs) != len(xs):
             raise RuntimeError(
-                f"layer {layer.name!r} was not called in the forward pass: is it part of the "
-                "encoder whose output the loss uses?"
+                f"layer {layer.name!r} was not called in the forward pass (or once for each of "
+                "its recorded outputs): is it part of the encoder whose output the loss uses? A "
+                "model that applies the module's weight with F.linear / F.conv2d instead of "
+                "calling the module needs its parameters tracked by name (track=[...], the "
+                "torch.func path)"
             )
         return list(zip(xs, gs))
 
