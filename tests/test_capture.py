@@ -452,13 +452,13 @@ class _ClipThenWindows(torch.nn.Module):
 @pytest.mark.filterwarnings("ignore:There is a performance drop")
 @pytest.mark.parametrize(("side", "batch"), [(3, 3), (6, 3), (6, 2)])
 def test_open_clip_blocks_and_windows_are_exact(side, batch) -> None:
-    # (3, 3): L = 9 = views x examples inside the sequence-first block; (6, 3): windows of 9
-    # tokens = views x examples, batch-first.
+    # (3, 3): L = 9 = views x examples inside the sequence-first block; (6, 3): 36 tokens and
+    # windows of 9 = views x examples. Where both of an input's first two sizes fit the batch,
+    # a probe with one row fewer tells which one it is.
     torch.manual_seed(6)
     model = _ClipThenWindows(side).double().eval()
     layout = build_layout(model)
-    assert [layer.name for layer in layout.layers if layer.seq_first] == ["block.mlp.0",
-                                                                        "block.mlp.2"]
+    assert not [layer.name for layer in layout.layers if layer.seq_first]  # found from shapes
     loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
     x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
     brute = _brute_force_flat_grads(model, layout, loss, x, ids)
@@ -589,3 +589,38 @@ def test_reparametrised_weights_and_checkpointed_blocks_are_exact() -> None:
     with pytest.raises(RuntimeError, match="F.linear / F.conv2d"):
         Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(
             torch.rand(2, 4), torch.arange(2))
+
+
+class _AttentionPooling(torch.nn.Module):
+    """A batch-first MLP over tokens, then a root-level sequence-first attention pooling (a
+    query token attending over [T, N, D]) and a head: layers beside a sequence-first attention
+    that are batch-first themselves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 8, 4, stride=4)
+        self.mlp = torch.nn.Linear(8, 8)
+        self.pool = torch.nn.MultiheadAttention(8, 2)
+        self.query = torch.nn.Parameter(torch.randn(1, 1, 8))
+        self.head = torch.nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = torch.tanh(self.mlp(self.patch(x).flatten(2).transpose(1, 2)))  # [N, 9, 8]
+        kv = t.transpose(0, 1)  # [9, N, 8]
+        q = self.query.expand(1, t.shape[0], 8)
+        return self.head(self.pool(q, kv, kv, need_weights=False)[0][0])
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+@pytest.mark.parametrize("batch", [3, 2])  # 3: the MLP's [9, 9, 8] input is ambiguous
+def test_batch_first_layers_beside_sequence_first_attention_are_exact(batch) -> None:
+    torch.manual_seed(8)
+    model = _AttentionPooling().double()
+    layout = build_layout(model, track=["patch", "mlp", "pool", "head"])
+    loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+    x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    feat = Featurizer(model, layout, loss, issl.Projection("identity"))
+    phi, _ = feat(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    assert feat._batch_axes == ({"mlp": 0} if batch == 3 else {})  # probed only when needed

@@ -118,19 +118,11 @@ class ParamLayout:
 
 
 def _in_sequence_first_block(modules: dict[str, nn.Module], name: str) -> bool:
-    """Whether the nearest enclosing module with an ``nn.MultiheadAttention`` child (a transformer
-    block: torch's TransformerEncoderLayer, open_clip's ResidualAttentionBlock...) runs it
-    sequence-first: the block's other layers then see ``[T, N, d]`` too."""
-    prefix = name
-    while prefix:
-        prefix = prefix.rpartition(".")[0]
-        block = modules.get(prefix)
-        if block is None:
-            continue
-        attention = [m for m in block.children() if isinstance(m, nn.MultiheadAttention)]
-        if attention:
-            return not attention[0].batch_first
-    return False
+    """Whether the module is a Linear of torch's own sequence-first transformer layer: its input
+    is then ``[T, N, d]`` by construction (elsewhere the shapes, or a probe, tell)."""
+    parent = modules.get(name.rpartition(".")[0])
+    return (isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer))
+            and not parent.self_attn.batch_first)
 
 
 def _join(prefix: str, name: str) -> str:
@@ -276,10 +268,6 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
 Post = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _swap_first_two(g: torch.Tensor) -> torch.Tensor:
-    return g.transpose(0, 1)
-
-
 class FactorCapture:
     """Context manager that records every tracked layer's inputs and outputs on the forward pass;
     :meth:`backward` then asks autograd for the gradients w.r.t. those outputs only (no weight
@@ -293,10 +281,15 @@ class FactorCapture:
     only for the thread that opened the capture.
     """
 
-    def __init__(self, layout: ParamLayout, rows: int | None = None) -> None:
+    def __init__(self, layout: ParamLayout, rows: int | None = None,
+                 batch_axes: dict[str, int] | None = None) -> None:
         self.layout = layout
         self.rows = rows
+        # Which dimension of each Linear's input is the batch (0 or 1), where known: from
+        # torch's transformer layers, from the shapes, or from resolve() (see ambiguous()).
+        self.batch_axes = batch_axes if batch_axes is not None else {}
         self._recording = True
+        self._axes: dict[str, list[int | None]] = {}  # per recorded call; None = ambiguous
         self._inputs: dict[str, list[torch.Tensor]] = {}
         # (output, how its gradient becomes the layer's D: None = as it is)
         self._outputs: dict[str, list[tuple[torch.Tensor, Post | None]]] = {}
@@ -338,39 +331,53 @@ class FactorCapture:
                 return
             if torch.is_grad_enabled() and output.requires_grad:
                 x = inputs[0].detach()
-                if layer.kind == "linear" and self._sequence_first(layer, x):
-                    self._record(layer.name, x.transpose(0, 1), output, _swap_first_two)
-                else:
-                    self._record(layer.name, x, output)
+                axis = self._batch_axis(layer, x) if layer.kind == "linear" else 0
+                self._axes.setdefault(layer.name, []).append(axis)
+                self._record(layer.name, x, output)
 
         return hook
 
-    def _sequence_first(self, layer: Layer, x: torch.Tensor) -> bool:
-        """Whether a Linear input is ``[T, rows, ...]`` rather than batch-first ``[rows * k,
-        ...]`` (k >= 1: e.g. k windows per example, each example's rows together). Layers in a
-        block whose attention is sequence-first are (``Layer.seq_first``); otherwise an input is
-        batch-first when its first size is a multiple of ``rows``, sequence-first when only its
-        second size is ``rows``, and an error when neither (its rows cannot be assigned to
-        examples). Batch-first wins where both fit, outside sequence-first blocks."""
+    def _batch_axis(self, layer: Layer, x: torch.Tensor) -> int | None:
+        """Which dimension of a Linear input is the batch: 0 (``[rows * k, ...]``, k >= 1 rows
+        per example together, e.g. windows) or 1 (sequence-first ``[T, rows, ...]``); None when
+        both fit and nothing says which (resolve() decides). A Linear in torch's sequence-first
+        transformer layers is 1; a shape where neither fits is an error."""
         if x.dim() < 3:
-            return False
+            return 0
         if layer.seq_first:
             if self.rows is not None and x.shape[1] != self.rows:
                 raise ValueError(
-                    f"layer {layer.name!r} sits in a sequence-first attention block but its "
+                    f"layer {layer.name!r} sits in a sequence-first transformer layer but its "
                     f"input {tuple(x.shape)} does not have the batch ({self.rows} rows = views x "
                     "examples) as its second dimension"
                 )
-            return True
-        if self.rows is None or x.shape[0] % self.rows == 0:
-            return False
-        if x.shape[1] == self.rows:
-            return True
+            return 1
+        if self.rows is None:
+            return 0
+        first, second = x.shape[0] % self.rows == 0, x.shape[1] == self.rows
+        if first and second:
+            return self.batch_axes.get(layer.name)
+        if first or second:
+            return 0 if first else 1
         raise ValueError(
             f"layer {layer.name!r} got an input of shape {tuple(x.shape)}: neither its first "
             f"nor its second dimension is the batch ({self.rows} rows = views x examples), "
             "so its rows cannot be assigned to examples"
         )
+
+    def ambiguous(self) -> dict[str, tuple[int, list[tuple[int, ...]]]]:
+        """Layers with a call whose batch dimension the shapes leave open (both the first and the
+        second fit): the index of the first such call and the input shapes of all its calls,
+        for :meth:`resolve`."""
+        return {name: (axes.index(None), [tuple(x.shape) for x in self._inputs[name]])
+                for name, axes in self._axes.items() if None in axes}
+
+    def resolve(self, axes: dict[str, int]) -> None:
+        """Settles the ambiguous calls' batch dimensions (e.g. found by a probe with another
+        batch size) and remembers them in ``batch_axes``."""
+        self.batch_axes.update(axes)
+        for name, calls in self._axes.items():
+            self._axes[name] = [axes[name] if a is None else a for a in calls]
 
     def backward(self, total: torch.Tensor) -> None:
         """Gradients of the scalar ``total`` w.r.t. every recorded layer output. An output the
@@ -396,7 +403,12 @@ class FactorCapture:
                 "calling the module needs its parameters tracked by name (track=[...], the "
                 "torch.func path)"
             )
-        return list(zip(xs, gs))
+        axes = self._axes.get(layer.name, [0] * len(xs))
+        if None in axes:
+            raise RuntimeError(f"layer {layer.name!r}: its batch dimension was never resolved")
+        # sequence-first calls turned batch-first: [T, rows, ...] -> [rows, T, ...]
+        return [(x.transpose(0, 1), g.transpose(0, 1)) if a == 1 else (x, g)
+                for x, g, a in zip(xs, gs, axes)]
 
     def grouped_grads(self, layer: Layer, groups: int) -> torch.Tensor:
         """The exact per-example weight gradient ``[B, d_out, d_in]`` of a grouped Conv2d (bias

@@ -58,6 +58,7 @@ class Featurizer:
         self.collect_stats = collect_stats and projection.kind == "kron"
         self.num_threads = num_threads
         self._kron_mats: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._batch_axes: dict[str, int] = {}  # Linear inputs' batch dimension, where probed
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -78,9 +79,14 @@ class Featurizer:
         try:
             with torch.no_grad():
                 inputs = self.loss.encoder_inputs(x, ids)
-            with torch.enable_grad(), FactorCapture(self.layout, rows=inputs.shape[0]) as cap:
+            rows = inputs.shape[0]
+            with torch.enable_grad(), FactorCapture(self.layout, rows=rows,
+                                                    batch_axes=self._batch_axes) as cap:
                 losses = self.loss.from_outputs(self.model(inputs), B)
                 cap.backward(losses.sum())
+                unknown = cap.ambiguous()
+                if unknown:  # once per layer: the answer is kept in self._batch_axes
+                    cap.resolve(probe_batch_axes(self.model, self.layout, inputs, unknown))
                 phi = torch.empty(B, self.dim, dtype=self.feature_dtype, device=device)
                 stats: dict[str, torch.Tensor] = {}
                 self._layers(cap, phi, stats)
@@ -244,6 +250,38 @@ class Featurizer:
             p_in, p_out = self._kron_mats[cpu]
             self._kron_mats[key] = (p_in.to(device), p_out.to(device))
         return self._kron_mats[key]
+
+
+def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor,
+                     unknown: dict[str, tuple[int, list[tuple[int, ...]]]]) -> dict[str, int]:
+    """Which dimension of each listed Linear's input is the batch, when its shape leaves it open
+    (``[rows, rows, ...]``: e.g. as many tokens as views x examples): one forward without
+    gradients on one row fewer, and of the first two dimensions the one whose size changed is
+    the batch (``unknown``: :meth:`FactorCapture.ambiguous`)."""
+    shapes: dict[str, list[tuple[int, ...]]] = {}
+    layers = [layer for layer in layout.layers if layer.name in unknown]
+    handles = [layer.module.register_forward_hook(
+        lambda m, args, out, name=layer.name: shapes.setdefault(name, []).append(
+            tuple(args[0].shape))) for layer in layers]
+    try:
+        with torch.no_grad():
+            model(inputs[:-1])
+    finally:
+        for h in handles:
+            h.remove()
+    axes: dict[str, int] = {}
+    for name, (call, full) in unknown.items():
+        small = shapes.get(name, [])
+        changed = ([d for d in (0, 1) if small[call][d] != full[call][d]]
+                   if len(small) == len(full) and len(small[call]) == len(full[call]) else [])
+        if len(changed) != 1:
+            raise ValueError(
+                f"layer {name!r}: its input {full[call]} leaves open whether the batch is its "
+                "first or second dimension, and a probe with one row fewer did not tell "
+                f"(input shapes {small}); featurise with another batch size"
+            )
+        axes[name] = changed[0]
+    return axes
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
