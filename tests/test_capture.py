@@ -623,4 +623,56 @@ def test_batch_first_layers_beside_sequence_first_attention_are_exact(batch) -> 
     feat = Featurizer(model, layout, loss, issl.Projection("identity"))
     phi, _ = feat(x, ids)
     torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
-    assert feat._batch_axes == ({"mlp": 0} if batch == 3 else {})  # probed only when needed
+    assert feat._batch_axes == {"mlp": [0], "head": [0]}  # probed on the first batch
+
+
+class _TwoLayouts(torch.nn.Module):
+    """One Linear used batch-first on 9 tokens, then (shared) sequence-first on 6, and once more
+    under no_grad (a stop-gradient branch, which takes no part in the gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, 4, 4, stride=4)
+        self.f = torch.nn.Linear(4, 4)
+        self.head = torch.nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.patch(x).flatten(2).transpose(1, 2)  # [N, 9, 4]
+        a = torch.tanh(self.f(t))  # batch-first
+        b = torch.tanh(self.f(a[:, :6].transpose(0, 1)))  # [6, N, 4]: sequence-first
+        with torch.no_grad():
+            target = self.f(t).mean()
+        return self.head(a.mean(1) + b.mean(0)) + 0 * target
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_batch_dimensions_are_per_call_and_checked_on_later_batches() -> None:
+    # B = 3 (rows 9: the first call is ambiguous), then B = 2 (rows 6: the second is) with the
+    # same Featurizer: each call keeps its own probed axis; a kept answer is used only while
+    # the shape fits it.
+    torch.manual_seed(9)
+    model = _TwoLayouts().double()
+    layout = build_layout(model)
+    loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+    feat = Featurizer(model, layout, loss, issl.Projection("identity"))
+    for batch in (3, 2, 3):
+        x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
+        brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+        phi, _ = feat(x, ids)
+        torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    assert feat._batch_axes["f"] == [0, 1]
+
+    class Table(torch.nn.Module):  # a Linear fed a learned table: not per example
+        def __init__(self) -> None:
+            super().__init__()
+            self.pos = torch.nn.Parameter(torch.randn(6, 4))
+            self.proj = torch.nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return (x.reshape(x.shape[0], 6, 4) + self.proj(self.pos)).mean(1)
+
+    model = Table()
+    loss = issl.AugmentationStability(views=1, augment=UniformNoise())
+    with pytest.raises(ValueError, match="learned table"):
+        Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(
+            torch.rand(3, 24), torch.arange(3))

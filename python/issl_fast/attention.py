@@ -235,7 +235,7 @@ class FunctionalLinear:
 
     def check_outside(self, weight: torch.Tensor) -> None:
         """A tracked packed projection used outside any attention forward cannot be captured."""
-        if not self._in_weights or not torch.is_grad_enabled():
+        if not self._in_weights or not torch.is_grad_enabled() or not self.recording:
             return
         name = self._in_weights.get(id(weight))
         if name is None and weight._base is not None:

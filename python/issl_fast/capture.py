@@ -282,11 +282,11 @@ class FactorCapture:
     """
 
     def __init__(self, layout: ParamLayout, rows: int | None = None,
-                 batch_axes: dict[str, int] | None = None) -> None:
+                 batch_axes: dict[str, list[int]] | None = None) -> None:
         self.layout = layout
         self.rows = rows
-        # Which dimension of each Linear's input is the batch (0 or 1), where known: from
-        # torch's transformer layers, from the shapes, or from resolve() (see ambiguous()).
+        # Which dimension of each hooked Linear call's input is the batch (0 or 1), per layer
+        # and call, as a probe found it (see resolve()); kept across batches by the caller.
         self.batch_axes = batch_axes if batch_axes is not None else {}
         self._recording = True
         self._axes: dict[str, list[int | None]] = {}  # per recorded call; None = ambiguous
@@ -331,53 +331,50 @@ class FactorCapture:
                 return
             if torch.is_grad_enabled() and output.requires_grad:
                 x = inputs[0].detach()
-                axis = self._batch_axis(layer, x) if layer.kind == "linear" else 0
-                self._axes.setdefault(layer.name, []).append(axis)
+                if layer.kind == "linear":  # (convolutions: [N, C, H, W] by definition)
+                    axis = self._batch_axis(layer, x)
+                    self._axes.setdefault(layer.name, []).append(axis)
                 self._record(layer.name, x, output)
 
         return hook
 
     def _batch_axis(self, layer: Layer, x: torch.Tensor) -> int | None:
         """Which dimension of a Linear input is the batch: 0 (``[rows * k, ...]``, k >= 1 rows
-        per example together, e.g. windows) or 1 (sequence-first ``[T, rows, ...]``); None when
-        both fit and nothing says which (resolve() decides). A Linear in torch's sequence-first
-        transformer layers is 1; a shape where neither fits is an error."""
-        if x.dim() < 3:
-            return 0
-        if layer.seq_first:
-            if self.rows is not None and x.shape[1] != self.rows:
-                raise ValueError(
-                    f"layer {layer.name!r} sits in a sequence-first transformer layer but its "
-                    f"input {tuple(x.shape)} does not have the batch ({self.rows} rows = views x "
-                    "examples) as its second dimension"
-                )
-            return 1
+        per example together, e.g. windows) or 1 (sequence-first ``[T, rows, ...]``). A probed
+        answer for this call (``batch_axes``) is used while the shape still fits it; otherwise
+        the shape decides where only one of the two fits. None: not settled (both fit, or not
+        yet probed: see :meth:`unsettled`)."""
+        call = len(self._axes.get(layer.name, []))
+        known = self.batch_axes.get(layer.name, [])
         if self.rows is None:
-            return 0
-        first, second = x.shape[0] % self.rows == 0, x.shape[1] == self.rows
-        if first and second:
-            return self.batch_axes.get(layer.name)
-        if first or second:
-            return 0 if first else 1
-        raise ValueError(
-            f"layer {layer.name!r} got an input of shape {tuple(x.shape)}: neither its first "
-            f"nor its second dimension is the batch ({self.rows} rows = views x examples), "
-            "so its rows cannot be assigned to examples"
-        )
+            return 1 if layer.seq_first and x.dim() >= 3 else 0
+        first = x.shape[0] % self.rows == 0
+        second = x.dim() >= 3 and x.shape[1] == self.rows
+        if call < len(known) and (first, second)[known[call]]:
+            return known[call]
+        if not (first or second):
+            raise ValueError(
+                f"layer {layer.name!r} got an input of shape {tuple(x.shape)}: neither its first "
+                f"nor its second dimension is the batch ({self.rows} rows = views x examples), "
+                "so its rows cannot be assigned to examples"
+            )
+        return None
 
-    def ambiguous(self) -> dict[str, tuple[int, list[tuple[int, ...]]]]:
-        """Layers with a call whose batch dimension the shapes leave open (both the first and the
-        second fit): the index of the first such call and the input shapes of all its calls,
-        for :meth:`resolve`."""
-        return {name: (axes.index(None), [tuple(x.shape) for x in self._inputs[name]])
-                for name, axes in self._axes.items() if None in axes}
+    def unsettled(self) -> bool:
+        """Whether some recorded Linear call's batch dimension needs the probe
+        (:func:`~issl_fast.featurize.probe_batch_axes`, then :meth:`resolve`)."""
+        return any(None in axes for axes in self._axes.values())
 
-    def resolve(self, axes: dict[str, int]) -> None:
-        """Settles the ambiguous calls' batch dimensions (e.g. found by a probe with another
-        batch size) and remembers them in ``batch_axes``."""
-        self.batch_axes.update(axes)
-        for name, calls in self._axes.items():
-            self._axes[name] = [axes[name] if a is None else a for a in calls]
+    def input_shapes(self) -> dict[str, list[tuple[int, ...]]]:
+        """The input shape of every recorded call of every hooked Linear."""
+        return {name: [tuple(x.shape) for x in self._inputs[name]] for name in self._axes}
+
+    def resolve(self, axes: dict[str, list[int]]) -> None:
+        """Sets every hooked Linear call's batch dimension from a probe (per layer, per call)
+        and keeps them in ``batch_axes`` for later batches."""
+        for name in self._axes:
+            self._axes[name] = list(axes[name])
+            self.batch_axes[name] = list(axes[name])
 
     def backward(self, total: torch.Tensor) -> None:
         """Gradients of the scalar ``total`` w.r.t. every recorded layer output. An output the

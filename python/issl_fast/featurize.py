@@ -4,6 +4,7 @@ collect the layer factors, and the fused kernels turn them into ``phi [B, dim]``
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Iterator
 from typing import Any, cast
 
@@ -58,7 +59,8 @@ class Featurizer:
         self.collect_stats = collect_stats and projection.kind == "kron"
         self.num_threads = num_threads
         self._kron_mats: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._batch_axes: dict[str, int] = {}  # Linear inputs' batch dimension, where probed
+        # batch dimension of each hooked Linear call's input, as probed (FactorCapture.resolve)
+        self._batch_axes: dict[str, list[int]] = {}
 
     @property
     def feature_dtype(self) -> torch.dtype:
@@ -84,9 +86,9 @@ class Featurizer:
                                                     batch_axes=self._batch_axes) as cap:
                 losses = self.loss.from_outputs(self.model(inputs), B)
                 cap.backward(losses.sum())
-                unknown = cap.ambiguous()
-                if unknown:  # once per layer: the answer is kept in self._batch_axes
-                    cap.resolve(probe_batch_axes(self.model, self.layout, inputs, unknown))
+                if cap.unsettled():  # first batch, or shapes the kept answers do not fit
+                    cap.resolve(probe_batch_axes(self.model, self.layout, inputs,
+                                                 cap.input_shapes()))
                 phi = torch.empty(B, self.dim, dtype=self.feature_dtype, device=device)
                 stats: dict[str, torch.Tensor] = {}
                 self._layers(cap, phi, stats)
@@ -253,34 +255,53 @@ class Featurizer:
 
 
 def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor,
-                     unknown: dict[str, tuple[int, list[tuple[int, ...]]]]) -> dict[str, int]:
-    """Which dimension of each listed Linear's input is the batch, when its shape leaves it open
-    (``[rows, rows, ...]``: e.g. as many tokens as views x examples): one forward without
-    gradients on one row fewer, and of the first two dimensions the one whose size changed is
-    the batch (``unknown``: :meth:`FactorCapture.ambiguous`)."""
+                     full: dict[str, list[tuple[int, ...]]]) -> dict[str, list[int]]:
+    """Which dimension of each hooked Linear call's input is the batch (0, or 1 for
+    sequence-first): the same forward on one row fewer, and of the first two dimensions the one
+    whose size changed. ``full``: the calls' input shapes on all rows
+    (:meth:`FactorCapture.input_shapes`). Calls are matched in order; only those that take part
+    in the gradient count, as in the capture. An input that does not change with the batch (a
+    learned table fed to the layer) is an error: hooks cannot split its gradient by example."""
+    thread = threading.get_ident()
     shapes: dict[str, list[tuple[int, ...]]] = {}
-    layers = [layer for layer in layout.layers if layer.name in unknown]
-    handles = [layer.module.register_forward_hook(
-        lambda m, args, out, name=layer.name: shapes.setdefault(name, []).append(
-            tuple(args[0].shape))) for layer in layers]
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if threading.get_ident() == thread and torch.is_grad_enabled() and out.requires_grad:
+                shapes.setdefault(name, []).append(tuple(args[0].shape))
+        return record
+
+    handles = [layer.module.register_forward_hook(hook(layer.name))
+               for layer in layout.layers if layer.name in full]
     try:
-        with torch.no_grad():
+        with torch.enable_grad():  # the capture's code paths (no-grad fast paths differ)
             model(inputs[:-1])
     finally:
         for h in handles:
             h.remove()
-    axes: dict[str, int] = {}
-    for name, (call, full) in unknown.items():
+    rows = inputs.shape[0]
+    axes: dict[str, list[int]] = {}
+    for name, sizes in full.items():
         small = shapes.get(name, [])
-        changed = ([d for d in (0, 1) if small[call][d] != full[call][d]]
-                   if len(small) == len(full) and len(small[call]) == len(full[call]) else [])
-        if len(changed) != 1:
+        if len(small) != len(sizes):
             raise ValueError(
-                f"layer {name!r}: its input {full[call]} leaves open whether the batch is its "
-                "first or second dimension, and a probe with one row fewer did not tell "
-                f"(input shapes {small}); featurise with another batch size"
+                f"layer {name!r} ran {len(sizes)} times on the batch but {len(small)} times on "
+                "one row fewer: its calls cannot be matched to find its batch dimension"
             )
-        axes[name] = changed[0]
+        found = []
+        for f, s in zip(sizes, small):
+            changed = [d for d in range(min(2, len(f))) if f[d] != s[d]]
+            fits = len(changed) == 1 and (f[0] % rows == 0 if changed[0] == 0
+                                          else f[1] == rows)
+            if not fits:
+                raise ValueError(
+                    f"layer {name!r}: its input {f} (on one row fewer: {s}) does not have the "
+                    f"batch ({rows} rows = views x examples) as its first or second dimension "
+                    "(e.g. a learned table fed to it), so hooks cannot split its gradient by "
+                    "example: track its parameters by name (track=[...], the torch.func path)"
+                )
+            found.append(changed[0])
+        axes[name] = found
     return axes
 
 
