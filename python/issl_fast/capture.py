@@ -275,10 +275,10 @@ class FactorCapture:
 
     The forward runs on ``groups * B`` rows (group-major: row ``g * B + b``); :meth:`factors`
     returns per-example ``A [B, groups*T, d_in]`` and ``D [B, groups*T, d_out]`` for a layer.
-    ``rows`` (``groups * B``, when known) locates the batch dimension of Linear inputs: a
-    sequence-first ``[T, rows, d]`` input (torch's transformer layers by default) is turned
-    batch-first, and an input with neither dimension equal to ``rows`` is an error. Hooks fire
-    only for the thread that opened the capture.
+    ``rows`` (``groups * B``, when known) and a probe (:meth:`unsettled`, :meth:`resolve`)
+    locate the batch dimension of each Linear call's input: a sequence-first ``[T, rows, d]``
+    input (torch's transformer layers by default) is turned batch-first. Hooks fire only for the
+    thread that opened the capture.
     """
 
     def __init__(self, layout: ParamLayout, rows: int | None = None,
@@ -341,9 +341,10 @@ class FactorCapture:
     def _batch_axis(self, layer: Layer, x: torch.Tensor) -> int | None:
         """Which dimension of a Linear input is the batch: 0 (``[rows * k, ...]``, k >= 1 rows
         per example together, e.g. windows) or 1 (sequence-first ``[T, rows, ...]``). A probed
-        answer for this call (``batch_axes``) is used while the shape still fits it; otherwise
-        the shape decides where only one of the two fits. None: not settled (both fit, or not
-        yet probed: see :meth:`unsettled`)."""
+        answer for this call (``batch_axes``) is used while the shape still fits it; None: to be
+        probed (:meth:`unsettled`), the shape alone cannot tell (a batch-first input can have as
+        many tokens as rows, a table fed to the layer can have a multiple of rows). An input
+        where neither dimension fits is an error."""
         call = len(self._axes.get(layer.name, []))
         known = self.batch_axes.get(layer.name, [])
         if self.rows is None:
