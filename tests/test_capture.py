@@ -37,6 +37,15 @@ def _brute_force_flat_grads(model, layout, loss, x, ids) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
+def _assert_identity_exact(model, layout, loss, x, ids) -> torch.Tensor:
+    """The identity features equal the brute-force per-example gradients (float64 models: to
+    1e-10); returns the brute-force gradients for further checks."""
+    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
+    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
+    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    return brute
+
+
 def _assert_kron_blocks_match(model, layout, loss, x, ids, brute: torch.Tensor) -> None:
     """Each layer's kron block is ``vec(P_out G P_in^T)`` of its brute-force gradient G."""
     feat = Featurizer(model, layout, loss, issl.Projection("kron", k=9, seed=2))
@@ -189,9 +198,7 @@ def test_multihead_attention_projections_are_fused_layers() -> None:
     assert layout.total == sum(p.numel() for p in model.parameters()) - 4 * 8
     loss = issl.AugmentationStability(views=2, seed=2, augment=issl.SSLAugment.light(seed=2))
     x, ids = torch.rand(3, 3, 12, 12, dtype=torch.float64), torch.arange(3)
-    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
-    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    brute = _assert_identity_exact(model, layout, loss, x, ids)
     assert torch.nn.functional.linear is torch._C._nn.linear  # restored after the capture
     _assert_kron_blocks_match(model, layout, loss, x, ids, brute.float())
     # Naming out_proj in track= fuses it alone; naming the attention module and its parts
@@ -247,9 +254,7 @@ def test_cross_and_masked_attention_are_exact_and_other_forms_fall_back() -> Non
         "other.in_proj_bias", "other.out_proj.weight", "other.out_proj.bias"]
     loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
     x, ids = torch.rand(3, 3, 12, 12, dtype=torch.float64), torch.arange(3)
-    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
-    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    brute = _assert_identity_exact(model, layout, loss, x, ids)
     _assert_kron_blocks_match(model, layout, loss, x, ids, brute.float())
 
 
@@ -288,9 +293,7 @@ def test_grouped_padded_and_shared_layers_are_tracked_exactly() -> None:
     assert layout.total == sum(p.numel() for p in model.parameters())
     loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
     x, ids = torch.rand(4, 3, 9, 9, dtype=torch.float64), torch.arange(4)
-    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
-    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    brute = _assert_identity_exact(model, layout, loss, x, ids)
     brute = brute.float()
     proj = issl.Projection("dense", k=200, seed=5)
     phi, _ = Featurizer(model, layout, loss, proj)(x, ids)
@@ -370,9 +373,7 @@ def test_sequence_first_transformers_are_exact(batch) -> None:
                                                             False]
     loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
     x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
-    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
-    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    _assert_identity_exact(model, layout, loss, x, ids)
 
 
 def test_inputs_without_a_batch_dimension_and_stray_projections_are_errors() -> None:
@@ -461,9 +462,7 @@ def test_open_clip_blocks_and_windows_are_exact(side, batch) -> None:
     assert not [layer.name for layer in layout.layers if layer.seq_first]  # found from shapes
     loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
     x, ids = torch.rand(batch, 3, 12, 12, dtype=torch.float64), torch.arange(batch)
-    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
-    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    _assert_identity_exact(model, layout, loss, x, ids)
 
 
 def test_captures_nest_and_run_in_threads() -> None:
@@ -564,9 +563,7 @@ def test_reparametrised_weights_and_checkpointed_blocks_are_exact() -> None:
     assert layout.total == sum(p.numel() for p in model.parameters())
     loss = issl.AugmentationStability(views=2, seed=3, augment=issl.SSLAugment.light(seed=3))
     x, ids = torch.rand(3, 3, 9, 9, dtype=torch.float64), torch.arange(3)
-    brute = _brute_force_flat_grads(model, layout, loss, x, ids)
-    phi, _ = Featurizer(model, layout, loss, issl.Projection("identity"))(x, ids)
-    torch.testing.assert_close(phi, brute, rtol=1e-10, atol=1e-12)
+    brute = _assert_identity_exact(model, layout, loss, x, ids)
     # A checkpointed block recomputes its forward inside backward(): the hooks record the
     # forward pass only (fused layers only: torch.func cannot differentiate a checkpoint).
     model.plain = True
