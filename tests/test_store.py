@@ -114,7 +114,8 @@ def test_bfloat16_and_float16_stores_round_trip(tmp_path) -> None:
         assert top.ids[:, 0].tolist() == [0, 1]  # an example's own features score highest
         # The branch a GPU takes when it holds the whole store (one scan of one tensor instead
         # of the shards; here the tensor is on the CPU): the same result.
-        attr._held_rows = lambda store, dt=dtype: store.load_to("cpu", getattr(torch, dt))
+        attr._held_rows = lambda store, span, dt=dtype: store.load_to(
+            "cpu", getattr(torch, dt), rows=span)
         held = attr.score(x[:2], topk=3, ids=torch.arange(2), exclude_rows=torch.tensor([0, -1]))
         del attr._held_rows
         shards = attr.score(x[:2], topk=3, ids=torch.arange(2), exclude_rows=torch.tensor([0, -1]))

@@ -15,14 +15,16 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import apps, ops, residency
+from . import apps, distributed, ops, residency
 from ._backend import has_cuda
 from .capture import build_layout
 from .featurize import Featurizer, iterate_batches, model_device
@@ -30,7 +32,7 @@ from .loss import AugmentationStability
 from .projection import Projection
 from .reference import HASH_VERSION
 from .solver import Solver
-from .store import GradientStore
+from .store import MANIFEST, PART_PATTERN, GradientStore, StoreError, part_name
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -71,6 +73,9 @@ class InfluenceSSL:
         damping: relative damping (x mean eigenvalue); absolute_damping overrides it.
         store_dtype: ``"float16" | "bfloat16" | "float32" | "float64"`` for stored features.
         num_threads: threads for the CPU kernels (default: torch's).
+        distributed: split featurize / fit / scans over the ranks of the initialised
+            ``torch.distributed`` process group (:mod:`.distributed`); default (None): when one
+            with more than one rank is initialised. False: this process works alone.
 
     Device: everything runs where the encoder's parameters are (:attr:`device`, read at each
     call). With the encoder on a GPU, batches are moved there, the sketches and the store scans
@@ -94,7 +99,12 @@ class InfluenceSSL:
         absolute_damping: float | None = None,
         store_dtype: str = "float16",
         num_threads: int | None = None,
+        distributed: bool | None = None,
     ) -> None:
+        if distributed and not (torch.distributed.is_available()
+                                and torch.distributed.is_initialized()):
+            raise ValueError("distributed=True needs torch.distributed.init_process_group(...) "
+                             "first (e.g. under torchrun)")
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
         self.encoder = encoder
@@ -117,6 +127,7 @@ class InfluenceSSL:
         self.solver = Solver(solver, self.featurizer.blocks, damping, absolute_damping)
         self.store_dtype = store_dtype
         self.num_threads = num_threads
+        self.distributed = distributed
         self.store: GradientStore | None = None
         # (store content, device, its rows there): repeated scores read them on the GPU instead
         # of streaming the store over PCIe every time.
@@ -133,6 +144,11 @@ class InfluenceSSL:
         build has the CUDA kernels, else the CPU (the store and the solver live there anyway)."""
         device = self.device
         return device if device.type == "cuda" and has_cuda() else torch.device("cpu")
+
+    @property
+    def ranks(self) -> tuple[int, int]:
+        """``(rank, world size)`` this object shares its work over; ``(0, 1)`` alone."""
+        return (0, 1) if self.distributed is False else distributed.world()
 
     @property
     def dim(self) -> int:
@@ -167,29 +183,41 @@ class InfluenceSSL:
         progress: bool = True,
     ) -> GradientStore:
         """Features of every example of ``data`` into a store at ``path``; resumes a store left
-        incomplete by a crash (the data must come in the same order). Returns the store."""
+        incomplete by a crash (the data must come in the same order). Returns the store.
+
+        Distributed (:attr:`ranks`): every rank passes the same data and path; each featurises
+        its share of the batches into ``path/part-<rank>-of-<world>`` and rank 0 joins the
+        parts into one store (:mod:`.distributed`); a crash resumes with the same world size."""
+        self.release_device_memory()  # the GPU memory goes to the model while it featurises
+        rank, size = self.ranks
+        if size > 1:
+            store = self._featurize_distributed(data, Path(path), shard_rows, progress)
+        else:
+            store = GradientStore.create_or_resume(
+                path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
+            )
+            if not store.complete:
+                total = (len(data.dataset)
+                         if hasattr(data, "dataset") and hasattr(data.dataset, "__len__")
+                         else None)
+                positioned = _with_positions(data)
+                self._featurize_into(store, positioned, total, progress)
+        self.store = store
+        return store
+
+    def _featurize_into(self, store: GradientStore,
+                        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]],
+                        total: int | None, progress: bool, desc: str = "featurize") -> None:
+        """Appends the features of ``(x, ids or None, stream position)`` batches to ``store``
+        (skipping the rows it already holds) and completes it."""
         from tqdm.auto import tqdm
 
-        self.release_device_memory()  # the GPU memory goes to the model while it featurises
-        store = GradientStore.create_or_resume(
-            path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
-        )
-        if store.complete:
-            self.store = store
-            return store
         done, seen = store.rows, 0
-        total = (
-            len(data.dataset)
-            if hasattr(data, "dataset") and hasattr(data.dataset, "__len__")
-            else None
-        )
-        with tqdm(
-            total=total, initial=done, unit="ex", desc="featurize", disable=not progress
-        ) as bar:
-            for x, ids in iterate_batches(data):
+        with tqdm(total=total, initial=done, unit="ex", desc=desc, disable=not progress) as bar:
+            for x, ids, position in batches:
                 B = x.shape[0]
                 if ids is None:
-                    ids = torch.arange(seen, seen + B)
+                    ids = torch.arange(position, position + B)
                 if seen + B <= done:  # already durable in the store: skip without computing
                     seen += B
                     continue
@@ -199,8 +227,42 @@ class InfluenceSSL:
                 seen += B
                 bar.update(B - cut)
         store.finalize(meta={"rows": store.rows})
-        self.store = store
-        return store
+
+    def _featurize_distributed(self, data: Iterable[Any], path: Path, shard_rows: int,
+                               progress: bool) -> GradientStore:
+        rank, size = self.ranks
+        fingerprint = self.fingerprint()
+        done: GradientStore | None = None
+        with distributed.together("featurize"):
+            if (path / MANIFEST).exists():  # a finished store (or a one-process one)
+                done = GradientStore.open(path, fingerprint=fingerprint, verify=False,
+                                          require_complete=False)
+                if not done.complete:
+                    raise StoreError(f"store at {path} was started by one process: finish it "
+                                     "with one process (distributed=False) or remove it")
+            else:
+                _check_part_directory(path, size)
+        if done is not None:
+            return done
+        with distributed.together("featurize"):
+            path.mkdir(parents=True, exist_ok=True)
+            part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
+                                                  self.dim, self.store_dtype, shard_rows)
+            batches = distributed.RankBatches(data, rank, size)
+        distributed.same_on_all_ranks(batches.digest, "the data's batch order (a shuffling "
+                                      "DataLoader needs a seeded generator=)")
+        with distributed.together("featurize"):
+            if not part.complete:
+                self._featurize_into(part, batches, batches.rows, progress and rank == 0,
+                                     desc=f"featurize (rank 0 of {size})")
+        # a plain iterable's order is known once it was read (not by a rank whose part was done)
+        distributed.same_on_all_ranks(batches.digest, "the data stream (batch sizes, ids)")
+        with distributed.together("featurize (joining the parts)"):
+            if rank == 0:
+                parts = [GradientStore.open(path / part_name(r, size), verify=False)
+                         for r in range(size)]
+                GradientStore.from_parts(path, parts)
+        return GradientStore.open(path, fingerprint=fingerprint, verify=False)
 
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
@@ -216,15 +278,26 @@ class InfluenceSSL:
         """Fit the curvature (and damping) on a store's features."""
         store = self._store(store)
         self.release_device_memory()
-        self.solver.fit(store)
+        rank, size = self.ranks
+        if size > 1:
+            with distributed.together("fit"):
+                self.solver.fit(store, distributed.row_range(store.rows, rank, size),
+                                distributed.all_reduce_sum)
+        else:
+            self.solver.fit(store)
         self.store = store
         return self
 
     def preconditioned(
         self, queries: torch.Tensor, ids: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]`` on the CPU."""
-        return self.solver.precondition(self.features(queries, ids)).float().contiguous()
+        """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]`` on the CPU
+        (distributed: rank 0's, on every rank, so that all ranks score the same queries)."""
+        q = self.solver.precondition(self.features(queries, ids)).float().contiguous()
+        if self.ranks[1] > 1:
+            distributed.same_on_all_ranks(str(tuple(q.shape)), "the queries' shape")
+            q = distributed.broadcast(q)
+        return q
 
     def score(
         self,
@@ -256,14 +329,17 @@ class InfluenceSSL:
         """Streaming top-k of ``q @ phi_i`` over a store's shards (memory independent of n), on
         :attr:`scan_device`. On a GPU the store's rows are held there after the first call when
         they fit (:meth:`release_device_memory` drops them), else each call streams the shards
-        from the memory-mapped files. The result is on the CPU."""
+        from the memory-mapped files. The result is on the CPU. Distributed: each rank scans its
+        range of rows, and the ranks' top-k lists are merged (every rank gets the result)."""
         store = self._store(store)
+        rank, size = self.ranks
+        span = distributed.row_range(store.rows, rank, size)
         q = q.to(self.scan_device)
         m = q.shape[0]
         values = torch.full((m, topk), -torch.inf)
         rows = torch.full((m, topk), -1, dtype=torch.int64)
-        held = self._held_rows(store)
-        shards = [(held, 0)] if held is not None else store.shards()
+        held = self._held_rows(store, span)
+        shards = [(held, span[0])] if held is not None else store.shards(span)
         for i, (arr, first) in enumerate(shards):
             if held is None and store.dtype == "float64":  # exactness tests: scored in float32
                 arr = np.asarray(arr, dtype=np.float32)
@@ -277,26 +353,29 @@ class InfluenceSSL:
                 accumulate=i > 0,
                 num_threads=self.num_threads,
             )
+        if size > 1:
+            values, rows = distributed.merge_topk(distributed.all_gather(values),
+                                                  distributed.all_gather(rows), topk)
         all_ids = torch.from_numpy(store.ids())
         ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
         return TopInfluence(-values if negate else values, rows, ids, store.rows)
 
-    def _held_rows(self, store: GradientStore) -> torch.Tensor | None:
-        """The store's rows on the scan GPU, copied there on first use and kept while the same
-        store is scanned, when they fit (:mod:`.residency`); None on the CPU or when they don't
-        (then each scan streams the shards through the GPU)."""
+    def _held_rows(self, store: GradientStore, span: tuple[int, int]) -> torch.Tensor | None:
+        """The store's rows ``span`` on the scan GPU, copied there on first use and kept while
+        the same store is scanned, when they fit (:mod:`.residency`); None on the CPU or when
+        they don't (then each scan streams the shards through the GPU)."""
         device = self.scan_device
         if device.type != "cuda":
             return None
-        key = (store.content_key, device)
+        key = (store.content_key, span, device)
         if self._held is not None and self._held[0] == key:
             return self._held[1]
         self._held = None  # another store or device: free the old copy before sizing the new
         dtype = torch.float32 if store.dtype == "float64" else getattr(torch, store.dtype)
-        nbytes = store.rows * store.dim * dtype.itemsize
+        nbytes = (span[1] - span[0]) * store.dim * dtype.itemsize
         if not store.complete or not residency.fits(device, nbytes):
             return None
-        self._held = (key, store.load_to(device, dtype))
+        self._held = (key, store.load_to(device, dtype, rows=span))
         return self._held[1]
 
     def release_device_memory(self) -> None:
@@ -324,8 +403,15 @@ class InfluenceSSL:
         return S
 
     def self_influence(self, store: GradientStore | None = None) -> np.ndarray:
-        """``s_i = phi_i^T F^-1 phi_i`` for every store row, float64 ``[n]``."""
-        return self.solver.store_quad(self._store(store))
+        """``s_i = phi_i^T F^-1 phi_i`` for every store row, float64 ``[n]`` (distributed: each
+        rank computes its range of rows; every rank gets them all)."""
+        store = self._store(store)
+        rank, size = self.ranks
+        if size == 1:
+            return self.solver.store_quad(store)
+        with distributed.together("self_influence"):
+            local = self.solver.store_quad(store, distributed.row_range(store.rows, rank, size))
+        return distributed.gather_rows(local, store.rows)
 
     # -- applications -----------------------------------------------------------------------------
     def neighbours(self, topk: int = 5, store: GradientStore | None = None, *,
@@ -344,7 +430,8 @@ class InfluenceSSL:
         """
         store = self._store(store)
         self.release_device_memory()  # the scans hold their own (normalised) copy
-        s = None
+        rank, size = self.ranks
+        s = self.self_influence(store) if size > 1 else None  # shared by every rank and pass
         if transforms:
             if data is None:
                 raise ValueError("transforms need data=: the training examples, as given to "
@@ -352,31 +439,44 @@ class InfluenceSSL:
             if iter(data) is data:  # a generator would be empty after one transform
                 raise TypeError("data must be re-iterable (e.g. a list or a DataLoader), not a "
                                 "one-shot iterator: it is read once per transform")
-            s = self.self_influence(store)  # shared by every pass
-        result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
-                                            self_influence=s, device=self.scan_device)
+            if s is None:
+                s = self.self_influence(store)  # shared by every pass
+        span = distributed.row_range(store.rows, rank, size)
+        with distributed.together("neighbours") if size > 1 else nullcontext():
+            result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
+                                                self_influence=s, device=self.scan_device,
+                                                rows=span)
+        if size > 1:  # each rank found its range's neighbours
+            result = (distributed.gather_rows(result[0][span[0]:span[1]], store.rows),
+                      distributed.gather_rows(result[1][span[0]:span[1]], store.rows))
         for t in transforms:
             assert data is not None  # checked above
-            found = apps.transformed_neighbours(store, self.solver,
-                                                self._transformed_queries(store, data, t),
-                                                topk, self.num_threads, self_influence=s,
-                                                device=self.scan_device)
+            batches = (distributed.RankBatches(data, rank, size) if size > 1
+                       else _with_positions(data))
+            with distributed.together("neighbours") if size > 1 else nullcontext():
+                found = apps.transformed_neighbours(store, self.solver,
+                                                    self._transformed_queries(store, batches, t),
+                                                    topk, self.num_threads, self_influence=s,
+                                                    device=self.scan_device)
+            if isinstance(batches, distributed.RankBatches):  # each rank did its batches
+                distributed.same_on_all_ranks(batches.digest, "the data's batch order")
+                found = apps.merge_neighbours(
+                    *zip(*(distributed.all_gather(torch.from_numpy(a)) for a in found)))
             result = apps.merge_neighbours(result, found)
         return result
 
     def _transformed_queries(
-        self, store: GradientStore, data: Iterable[Any],
+        self, store: GradientStore,
+        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]],
         transform: Callable[[torch.Tensor], torch.Tensor]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(features of transform(x), store rows)`` per batch of ``data``."""
+        """``(features of transform(x), store rows)`` per ``(x, ids, position)`` batch."""
         ids_all = store.ids()
         order = np.argsort(ids_all, kind="stable")
         sorted_ids = ids_all[order]
-        seen = 0
-        for x, ids in iterate_batches(data):
+        for x, ids, position in batches:
             if ids is None:
-                ids = torch.arange(seen, seen + x.shape[0])
-            seen += x.shape[0]
+                ids = torch.arange(position, position + x.shape[0])
             pos = np.minimum(np.searchsorted(sorted_ids, ids.numpy()), max(len(sorted_ids) - 1, 0))
             missing = ids.numpy()[sorted_ids[pos] != ids.numpy()] if len(sorted_ids) else ids
             if len(missing):
@@ -394,7 +494,7 @@ class InfluenceSSL:
         store = self._store(store)
         if neighbours is not None and transforms:
             raise ValueError("pass either neighbours= (precomputed) or transforms=, not both")
-        if neighbours is None and transforms:
+        if neighbours is None and (transforms or self.ranks[1] > 1):
             neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
         if neighbours is None:
             self.release_device_memory()  # the scan holds its own (normalised) copy
@@ -429,3 +529,27 @@ class InfluenceSSL:
         return apps.group_influence(store, self.self_influence(store), np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,
                                     n_boot=n_boot, seed=seed)
+
+
+def _with_positions(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None,
+                                                        int]]:
+    """``(x, ids or None, stream position of the batch's first example)`` per batch."""
+    position = 0
+    for x, ids in iterate_batches(data):
+        yield x, ids, position
+        position += x.shape[0]
+
+
+def _check_part_directory(path: Path, size: int) -> None:
+    """``path`` may hold only parts of a distributed featurisation by ``size`` ranks."""
+    if not path.exists():
+        return
+    names = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")]
+    other = [n for n in names if (m := PART_PATTERN.match(n)) and int(m.group(2)) != size]
+    if other:
+        raise StoreError(f"{path} holds parts of a run by another number of ranks ({other[:3]}): "
+                         "resume it with that many ranks or remove it")
+    alien = [n for n in names if not PART_PATTERN.match(n)]
+    if alien:
+        raise StoreError(f"{path} is not empty and has no {MANIFEST}: refusing to write a store "
+                         f"over {alien[:5]}")

@@ -19,6 +19,7 @@ same relative rule damps far more after sketching. The absolute lambda used per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,16 +33,25 @@ SOLVERS = ("identity", "gauss_newton", "block", "ekfac")
 _CHUNK = 16384
 
 
-def _accumulate_gram(store: GradientStore, blocks: list[Block]) -> tuple[list[torch.Tensor], int]:
-    """Per block sum_i phi_i phi_i^T (float64) over the whole store."""
+# Sums a float64 tensor over the processes that share a fit (distributed.all_reduce_sum), or
+# leaves it as it is (one process).
+Reduce = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _no_reduce(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _accumulate_gram(store: GradientStore, blocks: list[Block], rows: tuple[int, int] | None,
+                     reduce: Reduce) -> list[torch.Tensor]:
+    """Per block sum_i phi_i phi_i^T (float64) over the store's rows (``rows``: this process's
+    range; ``reduce`` adds the other processes' sums)."""
     grams = [torch.zeros(b.dim, b.dim, dtype=torch.float64) for b in blocks]
-    n = 0
-    for rows, _ in store.iter_rows(_CHUNK, torch.float64):
-        n += rows.shape[0]
+    for chunk, _ in store.iter_rows(_CHUNK, torch.float64, rows=rows):
         for g, b in zip(grams, blocks):
-            part = rows[:, b.start : b.stop]
+            part = chunk[:, b.start : b.stop]
             g += part.T @ part
-    return grams, n
+    return [reduce(g) for g in grams]
 
 
 def _damping(mean_eig: float, relative: float, absolute: float | None) -> float:
@@ -129,7 +139,12 @@ class Solver:
         """Absolute lambda per block (empty for identity)."""
         return {b.name: float(p.lam) for b, p in self._parts}
 
-    def fit(self, store: GradientStore) -> Solver:
+    def fit(self, store: GradientStore, rows: tuple[int, int] | None = None,
+            reduce: Reduce | None = None) -> Solver:
+        """Fits the curvature on the store's features. Several processes can share the work:
+        each passes its ``rows=(start, stop)`` range and a ``reduce`` that sums a tensor over
+        all of them (:func:`.distributed.all_reduce_sum`); each then holds the same solver."""
+        reduce = reduce or _no_reduce
         if self.kind == "identity":
             self.n = store.rows
             return self
@@ -137,16 +152,17 @@ class Solver:
             raise ValueError(
                 f"store dim {store.dim} does not match the projection's {self.blocks[-1].stop}"
             )
+        n = store.rows
         if self.kind == "gauss_newton":
             whole = Block("all", 0, store.dim, "dense")
-            grams, n = _accumulate_gram(store, [whole])
+            grams = _accumulate_gram(store, [whole], rows, reduce)
             self._parts = [
                 (whole, _CholeskyBlock(grams[0], n, self.damping, self.absolute_damping))
             ]
         else:
             ek = [b for b in self.blocks if self.kind == "ekfac" and b.kind == "kron"]
             gn = [b for b in self.blocks if b not in ek]
-            grams, n = _accumulate_gram(store, gn) if gn else ([], store.rows)
+            grams = _accumulate_gram(store, gn, rows, reduce) if gn else []
             parts: dict[str, Any] = {
                 b.name: _CholeskyBlock(g, n, self.damping, self.absolute_damping)
                 for b, g in zip(gn, grams)
@@ -162,13 +178,12 @@ class Solver:
                 eks = {
                     b.name: _EKFACBlock(b, stats[f"{b.name}/A"], stats[f"{b.name}/D"]) for b in ek
                 }
-                n = 0
-                for rows, _ in store.iter_rows(_CHUNK, torch.float64):
-                    n += rows.shape[0]
+                for chunk, _ in store.iter_rows(_CHUNK, torch.float64, rows=rows):
                     for b in ek:
-                        Mp = eks[b.name].rotate(rows[:, b.start : b.stop])
+                        Mp = eks[b.name].rotate(chunk[:, b.start : b.stop])
                         eks[b.name].sq += (Mp * Mp).sum(dim=0)
                 for e in eks.values():
+                    e.sq = reduce(e.sq)
                     e.finish(n, self.damping, self.absolute_damping)
                 parts.update(eks)
             self._parts = [(b, parts[b.name]) for b in self.blocks]
@@ -196,9 +211,12 @@ class Solver:
             out[:, b.start : b.stop] = part.solve(x[:, b.start : b.stop])
         return out
 
-    def store_quad(self, store: GradientStore) -> np.ndarray:
-        """:meth:`quad` of every store row (the self-influences), float64 ``[n]``."""
-        parts = [self.quad(rows).numpy() for rows, _ in store.iter_rows(dtype=torch.float64)]
+    def store_quad(self, store: GradientStore, rows: tuple[int, int] | None = None
+                   ) -> np.ndarray:
+        """:meth:`quad` of every store row (the self-influences), float64 ``[n]`` (``rows``: of
+        that range only)."""
+        parts = [self.quad(chunk).numpy()
+                 for chunk, _ in store.iter_rows(dtype=torch.float64, rows=rows)]
         return np.concatenate(parts) if parts else np.zeros(0)
 
     def quad(self, x: torch.Tensor) -> torch.Tensor:

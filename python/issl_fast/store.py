@@ -13,6 +13,10 @@ the last complete shard are recomputed. Shards hold exactly ``shard_rows`` rows 
 fewer), whatever the batch size, so a resumed run writes the same shards as an uninterrupted one.
 Each shard's SHA-256 is in the manifest and is checked on open. Scoring reads shards as memory
 maps: a store larger than RAM works.
+
+A store featurised by several ``torch.distributed`` ranks (:mod:`.distributed`) is one directory
+holding a store per rank, ``part-<rank>-of-<world>/``, plus a top-level manifest that lists their
+shards in rank order (:meth:`GradientStore.from_parts`): it opens and reads like any other.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,6 +45,23 @@ DTYPES = {
 }
 # Bytes hashed per read when checksumming a shard (bounded memory for any shard size).
 _HASH_CHUNK = 1 << 24
+# Per-rank part stores of a distributed featurisation: part-<rank>-of-<world>.
+PART_PATTERN = re.compile(r"^part-(\d{5})-of-(\d{5})$")
+
+
+def part_name(rank: int, world: int) -> str:
+    """Directory name of rank ``rank``'s part of a store featurised by ``world`` ranks."""
+    return f"part-{rank:05d}-of-{world:05d}"
+
+
+def _unfinished_parts(path: Path) -> str:
+    """A hint naming the unfinished distributed run in ``path`` ('' if there is none)."""
+    worlds = sorted({int(m.group(2)) for p in path.iterdir()
+                     if (m := PART_PATTERN.match(p.name))}) if path.is_dir() else []
+    if not worlds:
+        return ""
+    return (f"; it holds the parts of an unfinished featurize by {worlds[0]} ranks: run it again "
+            f"with {worlds[0]} ranks (torchrun) to resume it")
 
 
 class StoreError(ValueError):
@@ -142,7 +164,7 @@ class GradientStore:
         if leftovers:
             raise StoreError(
                 f"{path} is not empty and has no {MANIFEST}: refusing to write a "
-                f"store over {leftovers[:5]}"
+                f"store over {leftovers[:5]}" + _unfinished_parts(path)
             )
         manifest = {
             "format_version": FORMAT_VERSION,
@@ -172,7 +194,8 @@ class GradientStore:
         path = Path(path)
         mpath = path / MANIFEST
         if not mpath.exists():
-            raise StoreError(f"no gradient store at {path} ({MANIFEST} missing)")
+            raise StoreError(f"no gradient store at {path} ({MANIFEST} missing)"
+                             + _unfinished_parts(path))
         manifest = json.loads(mpath.read_text())
         if manifest.get("format_version") != FORMAT_VERSION:
             raise StoreError(
@@ -198,6 +221,55 @@ class GradientStore:
         store = cls(path, manifest)
         if verify:
             store.verify()
+        return store
+
+    @classmethod
+    def from_parts(cls, path: str | os.PathLike, parts: list[GradientStore]) -> GradientStore:
+        """Make ``path`` one complete store of the rows of ``parts`` (complete stores in
+        subdirectories of ``path``, e.g. one per rank), in order: only a manifest is written,
+        listing the parts' shards; no row is copied. The parts must agree on fingerprint, dim,
+        dtype and shard size, and no example id may occur in two of them."""
+        path = Path(path)
+        if not parts:
+            raise ValueError("from_parts needs at least one part")
+        first = parts[0]
+        for part in parts:
+            if part.path.resolve().parent != path.resolve():
+                raise ValueError(f"part {part.path} must be a directory directly inside {path}")
+            if not part.complete:
+                raise StoreError(f"part {part.path} is incomplete ({part.rows} rows written)")
+            diff = fingerprint_diff(first.fingerprint, part.fingerprint)
+            if diff:
+                raise StoreError(f"parts {first.path.name} and {part.path.name} were built "
+                                 "differently (did every rank load the same weights?): "
+                                 + "; ".join(diff))
+            for key in ("dim", "dtype", "shard_rows"):
+                if part._m[key] != first._m[key]:
+                    raise StoreError(f"parts {first.path.name} and {part.path.name} differ in "
+                                     f"{key}: {first._m[key]!r} vs {part._m[key]!r}")
+        ids = np.concatenate([part.ids() for part in parts])
+        uniq, counts = np.unique(ids, return_counts=True)
+        if (counts > 1).any():
+            raise StoreError(
+                f"example ids {uniq[counts > 1][:5].tolist()} occur in more than one part: the "
+                "ranks featurised overlapping data (each rank must see the same stream; remove "
+                f"{path} and featurize again)")
+        shards, rows = [], 0
+        for part in parts:
+            for sh in part._m["shards"]:
+                entry = dict(sh, first_row=rows)
+                for key in ("phi", "ids", "stats"):
+                    if key in sh:
+                        entry[key] = f"{part.path.name}/{sh[key]}"
+                shards.append(entry)
+                rows += int(sh["rows"])
+        manifest = {key: first._m[key] for key in
+                    ("format_version", "hash_version", "fingerprint", "dim", "dtype",
+                     "shard_rows")}
+        manifest.update(shards=shards, rows=rows, complete=True,
+                        parts=[part.path.name for part in parts], meta={"rows": rows})
+        store = cls(path, manifest)
+        store._write_manifest()
         return store
 
     def verify(self) -> None:
@@ -327,15 +399,32 @@ class GradientStore:
         _atomic_write(self.path / MANIFEST, lambda f: f.write(text))
 
     # -- reading ----------------------------------------------------------------------------------
-    def shards(self) -> Iterator[tuple[torch.Tensor | np.ndarray, int]]:
+    def _row_span(self, rows: tuple[int, int] | None) -> tuple[int, int]:
+        if rows is None:
+            return 0, self.rows
+        start, stop = (int(r) for r in rows)
+        if not 0 <= start <= stop <= self.rows:
+            raise ValueError(f"rows must be a (start, stop) range within [0, {self.rows}], "
+                             f"got {rows!r}")
+        return start, stop
+
+    def shards(
+        self, rows: tuple[int, int] | None = None
+    ) -> Iterator[tuple[torch.Tensor | np.ndarray, int]]:
         """``(rows, first_row)`` per shard; rows are a read-only memory map (numpy for float16 /
-        float32, a zero-copy bfloat16 tensor view for bfloat16)."""
+        float32, a zero-copy bfloat16 tensor view for bfloat16). ``rows=(start, stop)``: only
+        that range of rows (shards cut to it)."""
+        start, stop = self._row_span(rows)
         for sh in self._m["shards"]:
-            arr = np.load(self.path / sh["phi"], mmap_mode="r")
+            first = int(sh["first_row"])
+            lo, hi = max(start, first), min(stop, first + int(sh["rows"]))
+            if lo >= hi:
+                continue
+            arr = np.load(self.path / sh["phi"], mmap_mode="r")[lo - first:hi - first]
             if self.dtype == "bfloat16":
-                yield _readonly_tensor(arr.view(np.int16)).view(torch.bfloat16), sh["first_row"]
+                yield _readonly_tensor(arr.view(np.int16)).view(torch.bfloat16), lo
             else:
-                yield arr, sh["first_row"]
+                yield arr, lo
 
     def ids(self) -> np.ndarray:
         """Example ids of all rows, in row order."""
@@ -351,19 +440,23 @@ class GradientStore:
         out = torch.cat(chunks) if chunks else torch.zeros(0, self.dim, dtype=dtype)
         return out if rows is None else out[rows]
 
-    def load_to(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
-        """All rows as one tensor on ``device``, filled shard by shard (no whole copy in host
-        memory on the way to a GPU)."""
-        out = torch.empty(self.rows, self.dim, dtype=dtype, device=device)
-        for rows, first in self.iter_rows(dtype=dtype):
-            out[first:first + rows.shape[0]] = rows
+    def load_to(self, device: torch.device | str, dtype: torch.dtype,
+                rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """All rows (or the range ``rows=(start, stop)``) as one tensor on ``device``, filled
+        shard by shard (no whole copy in host memory on the way to a GPU)."""
+        start, stop = self._row_span(rows)
+        out = torch.empty(stop - start, self.dim, dtype=dtype, device=device)
+        for part, first in self.iter_rows(dtype=dtype, rows=(start, stop)):
+            out[first - start:first - start + part.shape[0]] = part
         return out
 
     def iter_rows(
-        self, chunk: int = 65536, dtype: torch.dtype = torch.float32
+        self, chunk: int = 65536, dtype: torch.dtype = torch.float32,
+        rows: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, int]]:
-        """``(rows [<=chunk, dim], first_row)`` in order, converted to ``dtype``: bounded memory."""
-        for arr, first in self.shards():
+        """``(rows [<=chunk, dim], first_row)`` in order, converted to ``dtype``: bounded memory.
+        ``rows=(start, stop)``: only that range."""
+        for arr, first in self.shards(rows):
             for s in range(0, arr.shape[0], chunk):
                 part = arr[s : s + chunk]
                 t = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))

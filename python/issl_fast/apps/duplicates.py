@@ -99,17 +99,20 @@ def normalised_neighbours(
     num_threads: int | None = None,
     self_influence: np.ndarray | None = None,
     device: torch.device | str | None = None,
+    rows: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every store row, its ``topk`` most similar other rows by normalised influence:
     ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding).
-    ``self_influence``: the store's ``s_i`` when already computed (else one pass computes it)."""
+    ``self_influence``: the store's ``s_i`` when already computed (else one pass computes it);
+    ``rows=(start, stop)``: only those rows' neighbours (among all rows) are searched, the
+    others are left empty (one rank's share of a distributed search)."""
     _check_topk(topk)
     n = store.rows
     inv = _inverse_sqrt_self_influence(store, solver, self_influence)
     scan = _NormalisedStore(store, inv, device, num_threads)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
-    for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64):
+    for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64, rows=rows):
         m = q_rows.shape[0]
         q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
         v, i = scan.topk(q, torch.arange(q0, q0 + m), topk)

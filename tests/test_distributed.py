@@ -1,0 +1,403 @@
+"""Scale-out over torch.distributed ranks (gloo, CPU): real processes, compared with one process.
+
+Every multi-rank test spawns W processes (torch.multiprocessing, a file:// rendezvous, one thread
+each); each rank writes what it got to a file and the parent compares. Stores built by W ranks
+hold the same rows as one process's store, in another order (rank by rank), so results are
+compared through the example ids.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import issl_fast as issl
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from engine_models import batches, cnn_attribution, images
+from issl_fast import distributed
+from issl_fast.store import GradientStore, StoreError, part_name
+from torch.utils.data import DataLoader, TensorDataset
+
+N, BATCH, SHARD, TOPK = 23, 4, 5, 4
+RTOL = 1e-9  # float64 sums over the ranks, added in another order than one process adds them
+
+
+# -- running ranks --------------------------------------------------------------------------------
+def _rank_main(rank: int, size: int, tmp: str, scenario: str, args: dict) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
+                            world_size=size)
+    try:
+        outcome: dict[str, Any] = {"result": SCENARIOS[scenario](rank, size, Path(tmp), **args)}
+    except Exception as exc:  # noqa: BLE001 (reported to the parent, which asserts on it)
+        outcome = {"error": f"{type(exc).__name__}: {exc}", "type": type(exc).__name__}
+    finally:
+        dist.destroy_process_group()
+    with open(Path(tmp) / f"rank{rank}.pkl", "wb") as f:
+        pickle.dump(outcome, f)
+
+
+def run_ranks(tmp_path: Path, size: int, scenario: str, **args: Any) -> list[dict]:
+    """Runs ``SCENARIOS[scenario]`` on ``size`` ranks; each rank's outcome dict, in rank order."""
+    run = tmp_path / f"run-{scenario}-{len(list(tmp_path.glob('run-*')))}"
+    run.mkdir()
+    mp.spawn(_rank_main, args=(size, str(run), scenario, args), nprocs=size, join=True)
+    outcomes = []
+    for r in range(size):
+        with open(run / f"rank{r}.pkl", "rb") as f:
+            outcomes.append(pickle.load(f))
+    return outcomes
+
+
+def _data(kind: str, n: int = N) -> Any:
+    x = images(n)
+    if kind == "list":
+        return batches(x, BATCH)
+    if kind == "loader":
+        return DataLoader(TensorDataset(x), batch_size=BATCH)
+    if kind == "dict":  # explicit, non-positional ids
+        return [{"x": x[i:i + BATCH], "ids": torch.arange(i, min(i + BATCH, n)) * 7 + 3}
+                for i in range(0, n, BATCH)]
+    raise ValueError(kind)
+
+
+def _queries() -> torch.Tensor:
+    return images(5, seed=9)
+
+
+def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> dict:
+    """featurize -> fit -> every scan, as plain arrays keyed by example id."""
+    store = attr.featurize(_data(data_kind), store_path, shard_rows=SHARD, progress=False)
+    attr.fit(store)
+    ids = store.ids()
+    top = attr.score(_queries(), topk=TOPK)
+    low = attr.score(_queries(), topk=TOPK, opponents=True)
+    sim, nb = attr.neighbours(3)
+    dups = attr.find_duplicates(threshold=-1.0, topk=2)
+    return {
+        "ids": ids,
+        "phi": store.load(torch.float64).numpy(),
+        "stats": {k: v.numpy() for k, v in store.stats().items()},
+        "damping": attr.solver.damping_used,
+        "top_values": top.values.numpy(), "top_ids": top.ids.numpy(),
+        "low_values": low.values.numpy(), "low_ids": low.ids.numpy(),
+        "self_influence": attr.self_influence(),
+        "neighbour_sim": sim, "neighbour_ids": np.where(nb >= 0, ids[nb], -1),
+        "dup_ids": dups.ids, "dup_sim": dups.similarity,
+        "parts": json.loads((store_path / "manifest.json").read_text()).get("parts"),
+    }
+
+
+def _scenario_everything(rank: int, size: int, tmp: Path, data_kind: str, solver: str,
+                         device: str = "cpu") -> dict:
+    attr = cnn_attribution(solver)
+    if device == "cuda":
+        _deterministic_cuda()
+        attr.encoder.cuda()
+    return _everything(attr, tmp / "store", data_kind)
+
+
+def _deterministic_cuda() -> None:
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+
+
+def _by_id(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
+    return values[np.argsort(ids, kind="stable")]
+
+
+def _single_process(tmp_path: Path, data_kind: str, solver: str, device: str = "cpu") -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks: the same arithmetic, bit for bit
+    try:
+        attr = cnn_attribution(solver, distributed=False)
+        if device == "cuda":
+            _deterministic_cuda()
+            attr.encoder.cuda()
+        return _everything(attr, tmp_path / f"single-{data_kind}-{solver}-{device}", data_kind)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _assert_same_attribution(got: dict, want: dict, phi_rtol: float = 0.0) -> None:
+    # The same rows (each computed from the same batch), rank by rank instead of in stream order.
+    assert sorted(got["ids"].tolist()) == sorted(want["ids"].tolist())
+    np.testing.assert_allclose(_by_id(got["ids"], got["phi"]), _by_id(want["ids"], want["phi"]),
+                               rtol=phi_rtol, atol=0)
+    assert got["stats"].keys() == want["stats"].keys()
+    for k in want["stats"]:
+        np.testing.assert_allclose(got["stats"][k], want["stats"][k], rtol=RTOL, atol=0)
+    assert got["damping"].keys() == want["damping"].keys()
+    for k in want["damping"]:
+        assert got["damping"][k] == pytest.approx(want["damping"][k], rel=RTOL)
+    for key in ("top", "low"):
+        np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
+        np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=1e-5)
+    np.testing.assert_allclose(_by_id(got["ids"], got["self_influence"]),
+                               _by_id(want["ids"], want["self_influence"]), rtol=1e-7)
+    np.testing.assert_array_equal(_by_id(got["ids"], got["neighbour_ids"]),
+                                  _by_id(want["ids"], want["neighbour_ids"]))
+    np.testing.assert_allclose(_by_id(got["ids"], got["neighbour_sim"]),
+                               _by_id(want["ids"], want["neighbour_sim"]), rtol=1e-5, atol=1e-6)
+    pairs = lambda d: sorted(map(tuple, np.sort(d["dup_ids"], axis=1).tolist()))  # noqa: E731
+    assert pairs(got) == pairs(want)
+
+
+# -- featurize / fit / scans on W ranks equal one process ----------------------------------------
+@pytest.mark.parametrize(("size", "data_kind", "solver"), [
+    (2, "loader", "ekfac"),
+    (3, "list", "ekfac"),
+    (2, "dict", "block"),
+])
+def test_ranks_give_the_one_process_answer(tmp_path: Path, size: int, data_kind: str,
+                                           solver: str) -> None:
+    outcomes = run_ranks(tmp_path, size, "everything", data_kind=data_kind, solver=solver)
+    assert all("error" not in o for o in outcomes), [o.get("error") for o in outcomes]
+    want = _single_process(tmp_path, data_kind, solver)
+    for o in outcomes:
+        _assert_same_attribution(o["result"], want)
+    # every rank holds the same answer, and the store is made of one part per rank
+    assert outcomes[0]["result"]["parts"] == [part_name(r, size) for r in range(size)]
+    for o in outcomes[1:]:
+        np.testing.assert_array_equal(o["result"]["top_values"],
+                                      outcomes[0]["result"]["top_values"])
+        np.testing.assert_array_equal(o["result"]["self_influence"],
+                                      outcomes[0]["result"]["self_influence"])
+
+
+@pytest.mark.cuda
+def test_ranks_on_a_gpu_give_the_one_process_answer(tmp_path: Path) -> None:
+    """Two ranks (gloo) with the encoder, the sketches and the scans on the GPU, the GPU store
+    held per rank's range of rows."""
+    outcomes = run_ranks(tmp_path, 2, "everything", data_kind="loader", solver="ekfac",
+                         device="cuda")
+    assert all("error" not in o for o in outcomes), [o.get("error") for o in outcomes]
+    want = _single_process(tmp_path, "loader", "ekfac", device="cuda")
+    for o in outcomes:  # (float32 sketches on the GPU: the same batches, maybe other kernels)
+        _assert_same_attribution(o["result"], want, phi_rtol=1e-5)
+
+
+def test_torchrun_example_matches_one_process(tmp_path: Path) -> None:
+    """examples/torchrun_attribution.py launched by torchrun (env:// rendezvous, 2 ranks) and
+    run alone write the same result."""
+    script = Path(__file__).parents[1] / "examples" / "torchrun_attribution.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    runs = {
+        "torchrun": [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                     "--nproc_per_node=2", str(script), str(tmp_path / "torchrun")],
+        "alone": [sys.executable, str(script), str(tmp_path / "alone")],
+    }
+    results = {}
+    for name, cmd in runs.items():
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+    two, one = results["torchrun"], results["alone"]
+    assert (two["ranks"], one["ranks"]) == (2, 1)
+    assert two["duplicate_ids"] == one["duplicate_ids"] == [[3, 200], [10, 301], [42, 402]]
+    assert two["top_ids"] == one["top_ids"]
+    np.testing.assert_allclose(two["top_values"], one["top_values"], rtol=1e-5)
+    assert two["most_outlying_ids"] == one["most_outlying_ids"]
+
+
+def test_the_store_opens_in_one_process(tmp_path: Path) -> None:
+    run_ranks(tmp_path, 2, "everything", data_kind="list", solver="ekfac")
+    path = next(tmp_path.glob("run-*")) / "store"
+    alone = cnn_attribution(distributed=False)
+    store = GradientStore.open(path, fingerprint=alone.fingerprint())  # checksums verified
+    assert store.rows == N and store.complete
+    assert sorted(store.ids().tolist()) == list(range(N))
+    again = alone.featurize(batches(images(N), BATCH), path, shard_rows=SHARD, progress=False)
+    assert again.content_key == store.content_key  # complete: nothing recomputed
+
+
+# -- failures: every rank raises, nothing is lost, the run resumes -------------------------------
+class _Crash(RuntimeError):
+    pass
+
+
+def _failing(data: list, fail_after: int) -> Any:
+    for j, item in enumerate(data):
+        if j == fail_after:
+            raise _Crash(f"disk on fire at batch {j}")
+        yield item
+
+
+def _scenario_crash_then_resume(rank: int, size: int, tmp: Path) -> dict:
+    attr = cnn_attribution()
+    path = tmp / "store"
+    data = batches(images(N), BATCH)
+    first: dict[str, Any] = {}
+    try:
+        # rank 1 dies after reading 4 batches (2 of its own): rank 0 must not wait forever
+        attr.featurize(_failing(data, 4) if rank == 1 else data, path, shard_rows=SHARD,
+                       progress=False)
+    except Exception as exc:  # noqa: BLE001
+        first = {"type": type(exc).__name__, "message": str(exc)}
+    written = GradientStore.open(path / part_name(rank, size), verify=False,
+                                 require_complete=False).rows
+    store = attr.featurize(data, path, shard_rows=SHARD, progress=False)
+    return {"first": first, "written": written, "ids": store.ids(),
+            "phi": store.load(torch.float64).numpy()}
+
+
+def test_a_failing_rank_stops_every_rank_and_the_run_resumes(tmp_path: Path) -> None:
+    outcomes = [o["result"] for o in run_ranks(tmp_path, 2, "crash_then_resume")]
+    assert outcomes[1]["first"]["type"] == "_Crash"
+    assert outcomes[0]["first"]["type"] == "RuntimeError"
+    assert "rank 1" in outcomes[0]["first"]["message"]
+    assert "disk on fire" in outcomes[0]["first"]["message"]
+    assert outcomes[0]["written"] > 0  # rank 0's rows were kept, rank 1's full shards too
+    assert outcomes[1]["written"] == 5  # 2 batches of 4 = 8 rows: one shard of 5 durable
+    want = _single_process(tmp_path, "list", "ekfac")
+    for o in outcomes:
+        np.testing.assert_array_equal(_by_id(o["ids"], o["phi"]), _by_id(want["ids"], want["phi"]))
+
+
+def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, shuffled: bool = False
+                        ) -> str:
+    attr = cnn_attribution()  # (seeds torch's RNG with the model's seed)
+    torch.manual_seed(rank)  # an unseeded shuffling loader draws another order on each rank
+    data = (DataLoader(TensorDataset(images(N)), batch_size=BATCH, shuffle=True) if shuffled
+            else batches(images(N), BATCH))
+    return str(attr.featurize(data, path, shard_rows=SHARD, progress=False))
+
+
+def test_resuming_with_another_number_of_ranks_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "store"
+    path.mkdir()
+    attr = cnn_attribution(distributed=False)
+    part = GradientStore.create_or_resume(path / part_name(0, 2), attr.fingerprint(), attr.dim)
+    part.append(torch.zeros(2, attr.dim), torch.arange(2))
+    outcomes = run_ranks(tmp_path, 3, "featurize", path=str(path))
+    for o in outcomes:
+        assert o["type"] in ("StoreError", "RuntimeError")
+        assert "another number of ranks" in o["error"]
+    with pytest.raises(StoreError, match="unfinished featurize by 2 ranks"):
+        GradientStore.open(path)
+    with pytest.raises(StoreError, match="unfinished featurize by 2 ranks"):
+        attr.featurize(batches(images(N), BATCH), path, progress=False)
+
+
+def test_an_unseeded_shuffling_loader_is_refused_on_every_rank(tmp_path: Path) -> None:
+    outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"), shuffled=True)
+    for o in outcomes:
+        assert o["type"] == "ValueError"
+        assert "batch order" in o["error"] and "generator" in o["error"]
+
+
+SCENARIOS = {
+    "everything": _scenario_everything,
+    "crash_then_resume": _scenario_crash_then_resume,
+    "featurize": _scenario_featurize,
+}
+
+
+# -- the pieces, in one process --------------------------------------------------------------------
+def test_distributed_true_needs_a_process_group() -> None:
+    with pytest.raises(ValueError, match="init_process_group"):
+        cnn_attribution(distributed=True)
+
+
+@pytest.mark.parametrize(("n", "size"), [(0, 3), (1, 2), (10, 3), (23, 4), (5, 8)])
+def test_row_ranges_split_every_row_once(n: int, size: int) -> None:
+    spans = [distributed.row_range(n, r, size) for r in range(size)]
+    assert spans[0][0] == 0 and spans[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))
+    assert max(s[1] - s[0] for s in spans) - min(s[1] - s[0] for s in spans) <= 1
+
+
+def test_merge_topk_equals_one_pass_over_all_rows() -> None:
+    gen = torch.Generator().manual_seed(4)
+    q = torch.randn(6, 16, generator=gen)
+    g = torch.randn(37, 16, generator=gen)
+    g[20] = g[3]  # an exact tie: the lower row must win
+    want_v, want_i = issl.ops.score_topk(q, g, 9, backend="cpu")
+    pieces = [(0, 5), (5, 5), (5, 30), (30, 37)]  # one piece empty, one shorter than topk
+    parts = [issl.ops.score_topk(q, g[a:b], 9, index_offset=a, backend="cpu")
+             for a, b in pieces]
+    v, i = distributed.merge_topk([p[0] for p in parts], [p[1] for p in parts], 9)
+    torch.testing.assert_close(v, want_v, rtol=0, atol=0)
+    torch.testing.assert_close(i, want_i, rtol=0, atol=0)
+    # more slots than rows: the empty ones stay (-inf, -1), last
+    v, i = distributed.merge_topk([parts[0][0][:, :2]], [parts[0][1][:, :2]], 3)
+    assert v.shape == (6, 2)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5])
+@pytest.mark.parametrize("kind", ["list", "loader"])
+def test_rank_batches_cover_the_stream_once(size: int, kind: str) -> None:
+    x = images(N)
+    got: dict[int, torch.Tensor] = {}
+    for rank in range(size):
+        rb = distributed.RankBatches(_data(kind), rank, size)
+        mine = 0
+        for xb, ids, position in rb:
+            assert ids is None and position % BATCH == 0 and (position // BATCH) % size == rank
+            for j in range(xb.shape[0]):
+                assert position + j not in got
+                got[position + j] = xb[j]
+            mine += xb.shape[0]
+        assert rb.rows == (mine if kind == "loader" else None)
+        assert rb.digest is not None  # known after a whole pass, for both kinds
+    assert sorted(got) == list(range(N))
+    torch.testing.assert_close(torch.stack([got[p] for p in range(N)]), x, rtol=0, atol=0)
+
+
+def test_rank_batches_loader_reads_only_its_examples() -> None:
+    read: list[int] = []
+
+    class Logged(TensorDataset):
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+            read.append(int(i))
+            return super().__getitem__(i)
+
+    loader = DataLoader(Logged(images(N)), batch_size=BATCH)
+    list(distributed.RankBatches(loader, 1, 3))
+    assert sorted(read) == [i for i in range(N) if (i // BATCH) % 3 == 1]
+
+
+def test_from_parts_refuses_overlapping_ids_and_mismatches(tmp_path: Path) -> None:
+    attr = cnn_attribution(distributed=False)
+    fp = attr.fingerprint()
+
+    def part(name: str, ids: list[int], fingerprint: dict = fp) -> GradientStore:
+        s = GradientStore.create_or_resume(tmp_path / name, fingerprint, attr.dim)
+        s.append(torch.ones(len(ids), attr.dim), torch.tensor(ids))
+        s.finalize()
+        return s
+
+    a, b = part("a", [0, 1, 2]), part("b", [5, 2])
+    with pytest.raises(StoreError, match=r"example ids \[2\] occur in more than one part"):
+        GradientStore.from_parts(tmp_path, [a, b])
+    assert not (tmp_path / "manifest.json").exists()
+    b = part("c", [5, 6], dict(fp, model="other weights"))
+    with pytest.raises(StoreError, match="did every rank load the same weights"):
+        GradientStore.from_parts(tmp_path, [a, b])
+    with pytest.raises(ValueError, match="directly inside"):
+        GradientStore.from_parts(tmp_path / "elsewhere", [a])
+
+
+def test_store_row_ranges_read_only_that_range(tmp_path: Path) -> None:
+    store = GradientStore.create_or_resume(tmp_path / "s", {"x": 1}, 3, "float32", shard_rows=4)
+    phi = torch.arange(30, dtype=torch.float32).reshape(10, 3)
+    store.append(phi, torch.arange(10))
+    store.finalize()
+    for span in [(0, 10), (3, 9), (4, 8), (5, 5), (9, 10)]:
+        got = store.load_to("cpu", torch.float32, rows=span)
+        torch.testing.assert_close(got, phi[span[0]:span[1]], rtol=0, atol=0)
+        firsts = [first for _, first in store.iter_rows(chunk=3, rows=span)]
+        assert firsts == sorted(firsts) and (not firsts or firsts[0] == span[0])
+    with pytest.raises(ValueError, match="within"):
+        store.load_to("cpu", torch.float32, rows=(2, 11))
