@@ -36,7 +36,7 @@ def main() -> None:
 
     device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one process per rank
-        if torch.cuda.is_available():
+        if torch.cuda.is_available() and issl.has_cuda():  # (a GPU and a build for it)
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")

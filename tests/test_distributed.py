@@ -13,6 +13,7 @@ import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,16 @@ from issl_fast.store import GradientStore, StoreError, part_name
 from torch.utils.data import DataLoader, TensorDataset
 
 N, BATCH, SHARD, TOPK = 23, 4, 5, 4
-RTOL = 1e-9  # float64 sums over the ranks, added in another order than one process adds them
+# Sums over examples (K-FAC statistics, the curvature): float32 per-example terms computed in
+# other batches (see below), added in float64 in another order.
+RTOL = 1e-5
+# Features of the same example computed in another batch (the ranks cut batches where their
+# blocks end): torch's convolutions may sum in another order for another batch size (float32:
+# ~1e-6 of a row's norm), and the float16 store then rounds some values the other way (2^-11
+# of a value). Compared per row, relative to the row's norm.
+PHI_ROW_RTOL = 1e-3
+# Scores from those features (and the curvature fitted on them).
+SCORE_RTOL = 1e-3
 
 
 # -- running ranks --------------------------------------------------------------------------------
@@ -93,6 +103,8 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
         "self_influence": attr.self_influence(),
         "neighbour_sim": sim, "neighbour_ids": np.where(nb >= 0, ids[nb], -1),
         "dup_ids": dups.ids, "dup_sim": dups.similarity,
+        # labels in dataset order: row i must be example i, as in one process
+        "groups": attr.group_influence(np.arange(N) % 3, n_boot=10).self_mean,
         "parts": json.loads((store_path / "manifest.json").read_text()).get("parts"),
     }
 
@@ -113,10 +125,6 @@ def _deterministic_cuda() -> None:
     torch.backends.cudnn.allow_tf32 = False
 
 
-def _by_id(ids: np.ndarray, values: np.ndarray) -> np.ndarray:
-    return values[np.argsort(ids, kind="stable")]
-
-
 def _single_process(tmp_path: Path, data_kind: str, solver: str, device: str = "cpu") -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the ranks: the same arithmetic, bit for bit
@@ -130,28 +138,32 @@ def _single_process(tmp_path: Path, data_kind: str, solver: str, device: str = "
         torch.set_num_threads(threads)
 
 
-def _assert_same_attribution(got: dict, want: dict, phi_rtol: float = 0.0) -> None:
-    # The same rows (each computed from the same batch), rank by rank instead of in stream order.
-    assert sorted(got["ids"].tolist()) == sorted(want["ids"].tolist())
-    np.testing.assert_allclose(_by_id(got["ids"], got["phi"]), _by_id(want["ids"], want["phi"]),
-                               rtol=phi_rtol, atol=0)
+def _assert_rows_close(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    err = np.linalg.norm(got - want, axis=1) / np.linalg.norm(want, axis=1)
+    assert err.max() <= PHI_ROW_RTOL, f"row {err.argmax()}: relative error {err.max():.2e}"
+
+
+def _assert_same_attribution(got: dict, want: dict) -> None:
+    # The same rows in the same (stream) order; the ranks featurised them in other batches.
+    np.testing.assert_array_equal(got["ids"], want["ids"])
+    _assert_rows_close(got["phi"], want["phi"])
     assert got["stats"].keys() == want["stats"].keys()
-    for k in want["stats"]:
-        np.testing.assert_allclose(got["stats"][k], want["stats"][k], rtol=RTOL, atol=0)
+    for k in want["stats"]:  # relative to the matrix's norm
+        diff = np.linalg.norm(got["stats"][k] - want["stats"][k])
+        assert diff <= RTOL * np.linalg.norm(want["stats"][k]), k
     assert got["damping"].keys() == want["damping"].keys()
     for k in want["damping"]:
         assert got["damping"][k] == pytest.approx(want["damping"][k], rel=RTOL)
     for key in ("top", "low"):
         np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
-        np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=1e-5)
-    np.testing.assert_allclose(_by_id(got["ids"], got["self_influence"]),
-                               _by_id(want["ids"], want["self_influence"]), rtol=1e-7)
-    np.testing.assert_array_equal(_by_id(got["ids"], got["neighbour_ids"]),
-                                  _by_id(want["ids"], want["neighbour_ids"]))
-    np.testing.assert_allclose(_by_id(got["ids"], got["neighbour_sim"]),
-                               _by_id(want["ids"], want["neighbour_sim"]), rtol=1e-5, atol=1e-6)
-    pairs = lambda d: sorted(map(tuple, np.sort(d["dup_ids"], axis=1).tolist()))  # noqa: E731
-    assert pairs(got) == pairs(want)
+        np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=SCORE_RTOL)
+    np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=SCORE_RTOL)
+    np.testing.assert_array_equal(got["neighbour_ids"], want["neighbour_ids"])
+    np.testing.assert_allclose(got["neighbour_sim"], want["neighbour_sim"], rtol=SCORE_RTOL,
+                               atol=SCORE_RTOL)
+    np.testing.assert_array_equal(got["dup_ids"], want["dup_ids"])
+    np.testing.assert_allclose(got["groups"], want["groups"], rtol=SCORE_RTOL)
 
 
 # -- featurize / fit / scans on W ranks equal one process ----------------------------------------
@@ -185,7 +197,7 @@ def test_ranks_on_a_gpu_give_the_one_process_answer(tmp_path: Path) -> None:
     assert all("error" not in o for o in outcomes), [o.get("error") for o in outcomes]
     want = _single_process(tmp_path, "loader", "ekfac", device="cuda")
     for o in outcomes:  # (float32 sketches on the GPU: the same batches, maybe other kernels)
-        _assert_same_attribution(o["result"], want, phi_rtol=1e-5)
+        _assert_same_attribution(o["result"], want)
 
 
 def test_torchrun_example_matches_one_process(tmp_path: Path) -> None:
@@ -234,14 +246,20 @@ def _failing(data: list, fail_after: int) -> Any:
         yield item
 
 
+def _slow(data: list) -> Any:
+    for item in data:
+        time.sleep(0.4)
+        yield item
+
+
 def _scenario_crash_then_resume(rank: int, size: int, tmp: Path) -> dict:
     attr = cnn_attribution()
     path = tmp / "store"
     data = batches(images(N), BATCH)
     first: dict[str, Any] = {}
     try:
-        # rank 1 dies after reading 4 batches (2 of its own): rank 0 must not wait forever
-        attr.featurize(_failing(data, 4) if rank == 1 else data, path, shard_rows=SHARD,
+        # rank 1 dies after reading 4 batches; rank 0, slow, must stop instead of finishing
+        attr.featurize(_failing(data, 4) if rank == 1 else _slow(data), path, shard_rows=SHARD,
                        progress=False)
     except Exception as exc:  # noqa: BLE001
         first = {"type": type(exc).__name__, "message": str(exc)}
@@ -258,11 +276,14 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes(tmp_path: Path) -> 
     assert outcomes[0]["first"]["type"] == "RuntimeError"
     assert "rank 1" in outcomes[0]["first"]["message"]
     assert "disk on fire" in outcomes[0]["first"]["message"]
-    assert outcomes[0]["written"] > 0  # rank 0's rows were kept, rank 1's full shards too
-    assert outcomes[1]["written"] == 5  # 2 batches of 4 = 8 rows: one shard of 5 durable
+    # Blocks of SHARD=5 rows in turn: rank 1 had rows 5-9 and 15 when batch 4 failed (one
+    # block durable); rank 0 stopped at its next batch, short of its 13 rows (0-4, 10-14, 20-22).
+    assert outcomes[1]["written"] == 5
+    assert outcomes[0]["written"] < 13
     want = _single_process(tmp_path, "list", "ekfac")
     for o in outcomes:
-        np.testing.assert_array_equal(_by_id(o["ids"], o["phi"]), _by_id(want["ids"], want["phi"]))
+        np.testing.assert_array_equal(o["ids"], want["ids"])
+        _assert_rows_close(o["phi"], want["phi"])
 
 
 def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, shuffled: bool = False
@@ -294,13 +315,26 @@ def test_an_unseeded_shuffling_loader_is_refused_on_every_rank(tmp_path: Path) -
     outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"), shuffled=True)
     for o in outcomes:
         assert o["type"] == "ValueError"
-        assert "batch order" in o["error"] and "generator" in o["error"]
+        assert "order of examples" in o["error"] and "generator" in o["error"]
+
+
+def _scenario_different_queries(rank: int, size: int, tmp: Path) -> str:
+    attr = cnn_attribution("identity")
+    attr.featurize(batches(images(N), BATCH), tmp / "store", shard_rows=SHARD, progress=False)
+    q = torch.randn(2 + rank, attr.dim)  # rank 1 has one query more
+    return str(attr.topk_from_preconditioned(q, 3))
+
+
+def test_different_queries_per_rank_are_refused_on_every_rank(tmp_path: Path) -> None:
+    for o in run_ranks(tmp_path, 2, "different_queries"):
+        assert o["type"] == "ValueError" and "queries' shape" in o["error"]
 
 
 SCENARIOS = {
     "everything": _scenario_everything,
     "crash_then_resume": _scenario_crash_then_resume,
     "featurize": _scenario_featurize,
+    "different_queries": _scenario_different_queries,
 }
 
 
@@ -336,16 +370,22 @@ def test_merge_topk_equals_one_pass_over_all_rows() -> None:
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
-@pytest.mark.parametrize("kind", ["list", "loader"])
-def test_rank_batches_cover_the_stream_once(size: int, kind: str) -> None:
+@pytest.mark.parametrize(("kind", "shard_rows"), [("list", 3), ("list", 64), ("loader", 3),
+                                                  ("loader", 64)])
+def test_rank_batches_cover_the_stream_once_in_blocks(size: int, kind: str,
+                                                      shard_rows: int) -> None:
     x = images(N)
     got: dict[int, torch.Tensor] = {}
     for rank in range(size):
-        rb = distributed.RankBatches(_data(kind), rank, size)
+        rb = distributed.RankBatches(_data(kind), rank, size, shard_rows)
+        # a loader's length is known: blocks small enough for ~8 per rank; else shard_rows
+        assert rb.block == (max(1, min(shard_rows, -(-N // (8 * size)))) if kind == "loader"
+                            else shard_rows)
         mine = 0
         for xb, ids, position in rb:
-            assert ids is None and position % BATCH == 0 and (position // BATCH) % size == rank
+            assert ids is None and 0 < xb.shape[0] <= BATCH
             for j in range(xb.shape[0]):
+                assert (position + j) // rb.block % size == rank  # only this rank's blocks
                 assert position + j not in got
                 got[position + j] = xb[j]
             mine += xb.shape[0]
@@ -363,28 +403,73 @@ def test_rank_batches_loader_reads_only_its_examples() -> None:
             read.append(int(i))
             return super().__getitem__(i)
 
-    loader = DataLoader(Logged(images(N)), batch_size=BATCH)
-    list(distributed.RankBatches(loader, 1, 3))
-    assert sorted(read) == [i for i in range(N) if (i // BATCH) % 3 == 1]
+    loader = DataLoader(Logged(images(100)), batch_size=BATCH, num_workers=0)
+    rb = distributed.RankBatches(loader, 1, 3, shard_rows=64)
+    assert rb.block == 5  # 100 rows, 3 ranks: ~8 blocks each
+    list(rb)
+    assert sorted(read) == [i for i in range(100) if (i // 5) % 3 == 1]
 
 
-def test_from_parts_refuses_overlapping_ids_and_mismatches(tmp_path: Path) -> None:
+def test_rank_batches_refuse_a_distributed_sampler_and_keep_loader_subclasses() -> None:
+    from torch.utils.data import DistributedSampler
+
+    ds = TensorDataset(images(N))
+    with pytest.raises(ValueError, match="DistributedSampler"):
+        distributed.RankBatches(DataLoader(ds, batch_size=4, sampler=DistributedSampler(
+            ds, num_replicas=2, rank=0)), 0, 2, SHARD)
+
+    class Shifted(DataLoader):  # post-processes its batches: must be read as it is
+        def __iter__(self):  # type: ignore[override]
+            for (xb,) in super().__iter__():
+                yield {"x": xb - 0.5}
+
+    pieces = list(distributed.RankBatches(Shifted(ds, batch_size=4), 0, 2, SHARD))
+    assert pieces[0][0].min() < 0  # the subclass's own batches
+    torch.testing.assert_close(pieces[0][0], images(N)[:4] - 0.5)
+
+    class Keyed(TensorDataset):  # a sampler of (index, scale) keys: read as any iterable
+        def __getitem__(self, key: tuple[int, float]) -> tuple[torch.Tensor, ...]:
+            return (super().__getitem__(key[0])[0] * key[1],)
+
+    keyed = DataLoader(Keyed(images(N)), batch_size=4, sampler=[(i, 2.0) for i in range(N)])
+    rb = distributed.RankBatches(keyed, 1, 2, SHARD)
+    assert rb.rows is None  # not re-made: read whole, this rank's pieces kept
+    got = torch.cat([xb for xb, _, _ in rb])
+    x = images(N)
+    torch.testing.assert_close(got, 2.0 * torch.cat([x[5:10], x[15:20]]), rtol=0, atol=0)
+
+
+def test_from_parts_takes_shards_in_turn_and_refuses_bad_parts(tmp_path: Path) -> None:
     attr = cnn_attribution(distributed=False)
     fp = attr.fingerprint()
 
     def part(name: str, ids: list[int], fingerprint: dict = fp) -> GradientStore:
-        s = GradientStore.create_or_resume(tmp_path / name, fingerprint, attr.dim)
-        s.append(torch.ones(len(ids), attr.dim), torch.tensor(ids))
+        s = GradientStore.create_or_resume(tmp_path / name, fingerprint, attr.dim,
+                                           shard_rows=2)
+        s.append(torch.tensor(ids, dtype=torch.float32)[:, None].expand(-1, attr.dim),
+                 torch.tensor(ids))
         s.finalize()
         return s
 
-    a, b = part("a", [0, 1, 2]), part("b", [5, 2])
-    with pytest.raises(StoreError, match=r"example ids \[2\] occur in more than one part"):
-        GradientStore.from_parts(tmp_path, [a, b])
-    assert not (tmp_path / "manifest.json").exists()
-    b = part("c", [5, 6], dict(fp, model="other weights"))
+    # three ranks taking turns on blocks of 2 over 9 rows: 0-1 2-3 4-5 | 6-7 8
+    a, b, c = part("a", [0, 1, 6, 7]), part("b", [2, 3, 8]), part("c", [4, 5])
+    store = GradientStore.from_parts(tmp_path, [a, b, c])
+    assert store.ids().tolist() == list(range(9))
+    assert store.load()[:, 0].tolist() == list(range(9))
+    assert [first for _, first in store.shards()] == [0, 2, 4, 6, 8]
+    (tmp_path / "manifest.json").unlink()
+    with pytest.raises(StoreError, match="taking turns"):
+        GradientStore.from_parts(tmp_path, [c, b, a])  # c holds one shard, not two
+    d = part("d", [6, 9])
+    with pytest.raises(StoreError, match=r"example ids \[6\] occur in more than one part"):
+        GradientStore.from_parts(tmp_path, [a, d])
+    e = part("e", [20, 21, 22, 23])
+    with pytest.raises(StoreError, match="holds 1 rows, not 2"):
+        GradientStore.from_parts(tmp_path, [b, e])  # b's short last shard is not the last
+    f = part("f", [10, 11], dict(fp, model="other weights"))
     with pytest.raises(StoreError, match="did every rank load the same weights"):
-        GradientStore.from_parts(tmp_path, [a, b])
+        GradientStore.from_parts(tmp_path, [a, f])
+    assert not (tmp_path / "manifest.json").exists()
     with pytest.raises(ValueError, match="directly inside"):
         GradientStore.from_parts(tmp_path / "elsewhere", [a])
 

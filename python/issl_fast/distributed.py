@@ -23,15 +23,18 @@ that failed: every rank raises.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from .featurize import iterate_batches
 
@@ -95,11 +98,43 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([b.numpy()[:c] for b, c in zip(blocks, counts)])
 
 
+# How long ranks wait for each other where one may legitimately be far behind (a resumed
+# featurize: ranks whose part is done wait for the others), instead of the process group's
+# timeout (30 min for gloo, 10 min for nccl by default).
+AGREEMENT_TIMEOUT = timedelta(hours=24)
+_agreement: tuple[Any, Any] | None = None  # (default group it was made for, gloo group)
+
+
+def _agreement_group() -> Any:
+    """A gloo group over all ranks with :data:`AGREEMENT_TIMEOUT`, made on first use (every rank
+    reaches its first use at the same call) and remade for a new default group."""
+    global _agreement
+    world_group = dist.group.WORLD
+    if _agreement is None or _agreement[0] is not world_group:
+        _agreement = (world_group, dist.new_group(backend="gloo", timeout=AGREEMENT_TIMEOUT))
+    return _agreement[1]
+
+
+def _forget_agreement_group() -> None:
+    # A group object still referenced while the interpreter shuts down can abort the process
+    # (gloo, seen as SIGABRT at exit): drop it while the interpreter still runs normally.
+    global _agreement
+    _agreement = None
+
+
+atexit.register(_forget_agreement_group)
+
+
+def _gather_objects(value: Any) -> list[Any]:
+    values: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(values, value, group=_agreement_group())
+    return values
+
+
 def same_on_all_ranks(value: str | None, what: str) -> None:
     """Raises on every rank unless ``value`` is equal on all the ranks that know it (None:
     this rank does not)."""
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values = _gather_objects(value)
     known = [(r, v) for r, v in enumerate(values) if v is not None]
     differ = [r for r, v in known if v != known[0][1]]
     if differ:
@@ -111,21 +146,49 @@ def same_on_all_ranks(value: str | None, what: str) -> None:
 def together(what: str) -> Iterator[None]:
     """Runs the block on every rank, then tells every rank whether any failed: a rank that
     raised re-raises its own exception, the others raise a ``RuntimeError`` naming the rank and
-    its error (instead of waiting forever in the next collective)."""
+    its error (instead of waiting forever in the next collective). The block must not itself
+    enter a collective (a failed rank would be waiting here while the others wait there)."""
     error: BaseException | None = None
     try:
         yield
     except Exception as exc:  # noqa: BLE001 (sent to the other ranks, then re-raised)
         error = exc
-    messages: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(messages, None if error is None
-                           else f"{type(error).__name__}: {error}")
+    messages = _gather_objects(None if error is None else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
     if failed:
         rank, message = failed[0]
         raise RuntimeError(f"{what} failed on rank {rank} (of {len(messages)}): {message}")
+
+
+class PeerFailures:
+    """Failure notes in a directory every rank sees (the store's): a rank that fails writes
+    one, and the others stop at their next :meth:`check` instead of finishing their share
+    before they learn of it."""
+
+    PREFIX = "failed-rank-"
+
+    def __init__(self, path: Path, rank: int) -> None:
+        self.path, self.rank = path, rank
+
+    def clear(self) -> None:
+        """Removes notes of an earlier run (one rank, before any rank starts working)."""
+        for note in self.path.glob(self.PREFIX + "*"):
+            note.unlink(missing_ok=True)
+
+    def record(self, error: BaseException) -> None:
+        note = self.path / f"{self.PREFIX}{self.rank:05d}.txt"
+        tmp = self.path / f".{note.name}.tmp"  # (renamed whole: never read half-written)
+        tmp.write_text(f"{type(error).__name__}: {error}")
+        tmp.replace(note)
+
+    def check(self) -> None:
+        """Raises a ``RuntimeError`` if another rank has recorded a failure."""
+        for note in sorted(self.path.glob(self.PREFIX + "*")):
+            rank = int(note.stem[len(self.PREFIX):])
+            if rank != self.rank:
+                raise RuntimeError(f"stopped: rank {rank} failed ({note.read_text()})")
 
 
 def merge_topk(values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], topk: int
@@ -142,57 +205,113 @@ def merge_topk(values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], top
     return v.gather(1, by_value), r.gather(1, by_value)
 
 
+# Each rank's share of a stream of unknown length: about this many blocks per rank, so that the
+# shares differ by at most ~1/8 (a block is one shard of the rank's part store).
+BLOCKS_PER_RANK = 8
+
+
+def block_rows(n: int | None, size: int, shard_rows: int) -> int:
+    """Rows of the blocks the ranks take turns on: ``shard_rows``, or smaller when the stream's
+    length ``n`` is known and short (about :data:`BLOCKS_PER_RANK` blocks per rank)."""
+    if n is None:
+        return shard_rows
+    return max(1, min(shard_rows, -(-n // (size * BLOCKS_PER_RANK))))
+
+
 class RankBatches:
-    """Rank ``rank``'s batches of ``data`` (batches rank, rank + size, ...), as
-    ``(x, ids or None, position)`` with ``position`` the stream position of the batch's first
-    example (the default ids of :func:`.featurize.iterate_batches` are positions).
+    """Rank ``rank``'s share of the examples of ``data``: the stream is cut into blocks of
+    :attr:`block` examples and the ranks take turns (block j is rank j % size's). Yields
+    ``(x, ids or None, position)`` pieces of batches (a batch is cut where a block ends), with
+    ``position`` the stream position of the piece's first example (positions are the default
+    ids of :func:`.featurize.iterate_batches`). A rank's blocks are exactly the shards of its
+    part store, so taking every rank's shards in turn gives the rows in stream order.
 
-    A map-style ``DataLoader`` with a batch sampler is re-made over this rank's batches only
-    (same dataset, collate function, workers), so other ranks' examples are never loaded; its
-    batch order must then be the same on every rank (a shuffling sampler needs a seeded
-    ``generator=``): :attr:`digest` identifies it. Any other iterable is read whole on every
-    rank, this rank's batches kept; its digest (every batch's size and ids) is known once the
-    iteration has ended."""
+    A ``DataLoader`` (not a subclass) over a map-style dataset is re-made over this rank's
+    examples only (same dataset, collate function, workers), so other ranks' examples are never
+    loaded; its sampler's order must be the same on every rank. Any other iterable is read whole
+    on every rank and this rank's pieces kept. :attr:`digest` identifies the stream (the
+    loader's indices; or every batch's size, ids and a sample of its values) so that ranks can
+    check they all read the same one; for a plain iterable it is known once it has been read to
+    the end (None before)."""
 
-    def __init__(self, data: Iterable[Any], rank: int, size: int) -> None:
+    def __init__(self, data: Iterable[Any], rank: int, size: int, shard_rows: int) -> None:
         self.data, self.rank, self.size = data, rank, size
-        self._loader: DataLoader | None = None
         self._hash = hashlib.sha256()
         self._known = False  # whether the digest covers the whole stream
-        if (isinstance(data, DataLoader) and data.batch_sampler is not None
-                and not isinstance(data.dataset, IterableDataset)):
-            batches = [[int(i) for i in b] for b in data.batch_sampler]
-            for b in batches:
-                self._hash.update(np.asarray(b, dtype=np.int64).tobytes() + b"|")
-            self._starts = np.concatenate([[0], np.cumsum([len(b) for b in batches])])
-            self._mine = list(range(rank, len(batches), size))
-            self.rows: int | None = sum(len(batches[i]) for i in self._mine)
-            self._loader = _loader_over(data, [batches[i] for i in self._mine])
-            self._known = True
-        else:
-            self.rows = None
+        self._loader: DataLoader | None = None
+        batches = _sampler_batches(data)
+        if batches is None:
+            self.rows: int | None = None
+            self.block = block_rows(None, size, shard_rows)
+            return
+        for b in batches:
+            self._hash.update(np.asarray(b, dtype=np.int64).tobytes() + b"|")
+        self._known = True
+        self.block = block_rows(sum(len(b) for b in batches), size, shard_rows)
+        mine = [(b[a:e], pos + a) for b, pos in zip(batches, _positions(batches))
+                for a, e in self._pieces(pos, len(b))]
+        self.rows = sum(len(b) for b, _ in mine)
+        self._piece_positions = [pos for _, pos in mine]
+        assert isinstance(data, DataLoader)
+        self._loader = _loader_over(data, [b for b, _ in mine])
 
     @property
     def digest(self) -> str | None:
-        """What every rank must agree on: the batch order; None for a plain iterable until it
-        has been read to the end."""
+        """What every rank must agree on (None: not known yet)."""
         return self._hash.hexdigest() if self._known else None
+
+    def _pieces(self, position: int, B: int) -> Iterator[tuple[int, int]]:
+        """``(start, stop)`` within a batch of ``B`` examples at ``position``: this rank's."""
+        a = 0
+        while a < B:
+            block = (position + a) // self.block
+            e = min(B, (block + 1) * self.block - position)
+            if block % self.size == self.rank:
+                yield a, e
+            a = e
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
         if self._loader is not None:
-            for j, (x, ids) in enumerate(iterate_batches(self._loader)):
-                yield x, ids, int(self._starts[self._mine[j]])
+            for (x, ids), pos in zip(iterate_batches(self._loader), self._piece_positions):
+                yield x, ids, pos
             return
         position = 0
-        for j, (x, ids) in enumerate(iterate_batches(self.data)):
+        for x, ids in iterate_batches(self.data):
             B = x.shape[0]
-            self._hash.update(f"{B}|".encode())
+            self._hash.update(f"{B}|".encode() + _sample_bytes(x))
             if ids is not None:
                 self._hash.update(ids.numpy().tobytes())
-            if j % self.size == self.rank:
-                yield x, ids, position
+            for a, e in self._pieces(position, B):
+                yield x[a:e], None if ids is None else ids[a:e], position + a
             position += B
         self._known = True
+
+
+def _positions(batches: list[list[int]]) -> list[int]:
+    return np.concatenate([[0], np.cumsum([len(b) for b in batches])]).astype(int).tolist()[:-1]
+
+
+def _sample_bytes(x: torch.Tensor, values: int = 64) -> bytes:
+    """A few of a batch's values, evenly spaced: tells different data apart at no cost."""
+    flat = x.detach().reshape(-1)
+    step = max(1, flat.numel() // values)
+    return flat[::step][:values].to("cpu", torch.float32).numpy().tobytes()
+
+
+def _sampler_batches(data: Iterable[Any]) -> list[list[int]] | None:
+    """The batches of dataset indices a plain ``DataLoader`` over a map-style dataset will
+    read (None for anything else: it is then read whole on every rank)."""
+    if (type(data) is not DataLoader or data.batch_sampler is None
+            or isinstance(data.dataset, IterableDataset)):
+        return None
+    if isinstance(data.sampler, DistributedSampler):
+        raise ValueError("do not give the DataLoader a DistributedSampler: InfluenceSSL splits "
+                         "the examples over the ranks itself (every rank passes the same "
+                         "loader; a DistributedSampler would also pad with repeated examples)")
+    batches = [list(b) for b in data.batch_sampler]
+    if not all(isinstance(i, (int, np.integer)) for b in batches for i in b):
+        return None  # a sampler of other keys: read whole, as any iterable
+    return [[int(i) for i in b] for b in batches]
 
 
 def _loader_over(loader: DataLoader, batches: list[list[int]]) -> DataLoader:
@@ -209,4 +328,7 @@ def _loader_over(loader: DataLoader, batches: list[list[int]]) -> DataLoader:
     if loader.num_workers > 0:  # torch refuses these without workers
         kwargs["prefetch_factor"] = loader.prefetch_factor
         kwargs["persistent_workers"] = loader.persistent_workers
+    for name in ("pin_memory_device", "in_order"):  # (newer torch versions only)
+        if hasattr(loader, name):
+            kwargs[name] = getattr(loader, name)
     return DataLoader(loader.dataset, batch_sampler=batches, **kwargs)

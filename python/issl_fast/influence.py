@@ -207,14 +207,18 @@ class InfluenceSSL:
 
     def _featurize_into(self, store: GradientStore,
                         batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]],
-                        total: int | None, progress: bool, desc: str = "featurize") -> None:
+                        total: int | None, progress: bool, desc: str = "featurize",
+                        check: Callable[[], None] | None = None) -> None:
         """Appends the features of ``(x, ids or None, stream position)`` batches to ``store``
-        (skipping the rows it already holds) and completes it."""
+        (skipping the rows it already holds) and completes it; ``check`` runs before each
+        batch (it raises to stop)."""
         from tqdm.auto import tqdm
 
         done, seen = store.rows, 0
         with tqdm(total=total, initial=done, unit="ex", desc=desc, disable=not progress) as bar:
             for x, ids, position in batches:
+                if check is not None:
+                    check()
                 B = x.shape[0]
                 if ids is None:
                     ids = torch.arange(position, position + B)
@@ -230,8 +234,11 @@ class InfluenceSSL:
 
     def _featurize_distributed(self, data: Iterable[Any], path: Path, shard_rows: int,
                                progress: bool) -> GradientStore:
+        """Every rank featurises its blocks of the stream into its part store; rank 0 then
+        lists every part's shards, in turn, in the store's manifest (stream order)."""
         rank, size = self.ranks
         fingerprint = self.fingerprint()
+        failures = distributed.PeerFailures(path, rank)
         done: GradientStore | None = None
         with distributed.together("featurize"):
             if (path / MANIFEST).exists():  # a finished store (or a one-process one)
@@ -240,23 +247,31 @@ class InfluenceSSL:
                 if not done.complete:
                     raise StoreError(f"store at {path} was started by one process: finish it "
                                      "with one process (distributed=False) or remove it")
+                done.check_layout(self.dim, self.store_dtype, None)
             else:
                 _check_part_directory(path, size)
+                if rank == 0:
+                    failures.clear()
         if done is not None:
             return done
         with distributed.together("featurize"):
+            batches = distributed.RankBatches(data, rank, size, shard_rows)
             path.mkdir(parents=True, exist_ok=True)
             part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
-                                                  self.dim, self.store_dtype, shard_rows)
-            batches = distributed.RankBatches(data, rank, size)
-        distributed.same_on_all_ranks(batches.digest, "the data's batch order (a shuffling "
-                                      "DataLoader needs a seeded generator=)")
+                                                  self.dim, self.store_dtype, batches.block)
+        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (do "
+                                      "not shuffle, or give it a seeded generator=)")
         with distributed.together("featurize"):
-            if not part.complete:
-                self._featurize_into(part, batches, batches.rows, progress and rank == 0,
-                                     desc=f"featurize (rank 0 of {size})")
-        # a plain iterable's order is known once it was read (not by a rank whose part was done)
-        distributed.same_on_all_ranks(batches.digest, "the data stream (batch sizes, ids)")
+            try:
+                if not part.complete:
+                    self._featurize_into(part, batches, batches.rows, progress and rank == 0,
+                                         desc=f"featurize (rank 0 of {size})",
+                                         check=failures.check)
+            except Exception as exc:
+                failures.record(exc)  # the other ranks stop at their next batch
+                raise
+        # a plain iterable's content is known once read (not by a rank whose part was done)
+        distributed.same_on_all_ranks(batches.digest, "the data stream (batch sizes, ids, values)")
         with distributed.together("featurize (joining the parts)"):
             if rank == 0:
                 parts = [GradientStore.open(path / part_name(r, size), verify=False)
@@ -272,17 +287,26 @@ class InfluenceSSL:
             return self.store
         if isinstance(store, GradientStore):
             return store
-        return GradientStore.open(store, fingerprint=self.fingerprint())
+        rank, size = self.ranks
+        if size == 1:
+            return GradientStore.open(store, fingerprint=self.fingerprint())
+        with distributed.together("opening the store"):  # each rank checksums its share
+            opened = GradientStore.open(store, fingerprint=self.fingerprint(), verify=False)
+            opened.verify(shards=range(rank, opened.num_shards, size))
+        return opened
 
     def fit(self, store: GradientStore | str | os.PathLike | None = None) -> InfluenceSSL:
         """Fit the curvature (and damping) on a store's features."""
         store = self._store(store)
         self.release_device_memory()
         rank, size = self.ranks
-        if size > 1:
+        if size > 1:  # each rank sums its rows; the sums are added over the ranks
             with distributed.together("fit"):
-                self.solver.fit(store, distributed.row_range(store.rows, rank, size),
-                                distributed.all_reduce_sum)
+                sums = self.solver.accumulate(store,
+                                              distributed.row_range(store.rows, rank, size))
+            sums = [distributed.all_reduce_sum(t) for t in sums]
+            with distributed.together("fit"):
+                self.solver.finish(store, sums)
         else:
             self.solver.fit(store)
         self.store = store
@@ -333,6 +357,9 @@ class InfluenceSSL:
         range of rows, and the ranks' top-k lists are merged (every rank gets the result)."""
         store = self._store(store)
         rank, size = self.ranks
+        if size > 1:  # (different shapes would meet in the gathers below and abort the ranks)
+            distributed.same_on_all_ranks(str((tuple(q.shape), topk, negate)),
+                                          "the queries' shape, topk or negate")
         span = distributed.row_range(store.rows, rank, size)
         q = q.to(self.scan_device)
         m = q.shape[0]
@@ -451,18 +478,22 @@ class InfluenceSSL:
                       distributed.gather_rows(result[1][span[0]:span[1]], store.rows))
         for t in transforms:
             assert data is not None  # checked above
-            batches = (distributed.RankBatches(data, rank, size) if size > 1
-                       else _with_positions(data))
-            with distributed.together("neighbours") if size > 1 else nullcontext():
-                found = apps.transformed_neighbours(store, self.solver,
-                                                    self._transformed_queries(store, batches, t),
-                                                    topk, self.num_threads, self_influence=s,
-                                                    device=self.scan_device)
-            if isinstance(batches, distributed.RankBatches):  # each rank did its batches
-                distributed.same_on_all_ranks(batches.digest, "the data's batch order")
-                found = apps.merge_neighbours(
-                    *zip(*(distributed.all_gather(torch.from_numpy(a)) for a in found)))
-            result = apps.merge_neighbours(result, found)
+            if size == 1:
+                found = apps.transformed_neighbours(
+                    store, self.solver, self._transformed_queries(store, _with_positions(data), t),
+                    topk, self.num_threads, self_influence=s, device=self.scan_device)
+                result = apps.merge_neighbours(result, found)
+                continue
+            with distributed.together("neighbours"):  # each rank featurises its share of data
+                batches = distributed.RankBatches(data, rank, size, store.shard_rows)
+                found = apps.transformed_neighbours(
+                    store, self.solver, self._transformed_queries(store, batches, t), topk,
+                    self.num_threads, self_influence=s, device=self.scan_device)
+            distributed.same_on_all_ranks(batches.digest, "the data stream")
+            sims = distributed.all_gather(torch.from_numpy(found[0]))
+            rows = distributed.all_gather(torch.from_numpy(found[1]))
+            result = apps.merge_neighbours(result, *((v.numpy(), i.numpy())
+                                                     for v, i in zip(sims, rows)))
         return result
 
     def _transformed_queries(
@@ -544,7 +575,8 @@ def _check_part_directory(path: Path, size: int) -> None:
     """``path`` may hold only parts of a distributed featurisation by ``size`` ranks."""
     if not path.exists():
         return
-    names = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")]
+    names = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")
+             and not p.name.startswith(distributed.PeerFailures.PREFIX)]
     other = [n for n in names if (m := PART_PATTERN.match(n)) and int(m.group(2)) != size]
     if other:
         raise StoreError(f"{path} holds parts of a run by another number of ranks ({other[:3]}): "

@@ -19,7 +19,6 @@ same relative rule damps far more after sketching. The absolute lambda used per 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -33,25 +32,15 @@ SOLVERS = ("identity", "gauss_newton", "block", "ekfac")
 _CHUNK = 16384
 
 
-# Sums a float64 tensor over the processes that share a fit (distributed.all_reduce_sum), or
-# leaves it as it is (one process).
-Reduce = Callable[[torch.Tensor], torch.Tensor]
-
-
-def _no_reduce(t: torch.Tensor) -> torch.Tensor:
-    return t
-
-
-def _accumulate_gram(store: GradientStore, blocks: list[Block], rows: tuple[int, int] | None,
-                     reduce: Reduce) -> list[torch.Tensor]:
-    """Per block sum_i phi_i phi_i^T (float64) over the store's rows (``rows``: this process's
-    range; ``reduce`` adds the other processes' sums)."""
+def _accumulate_gram(store: GradientStore, blocks: list[Block], rows: tuple[int, int] | None
+                     ) -> list[torch.Tensor]:
+    """Per block sum_i phi_i phi_i^T (float64) over the store's rows (``rows``: a range)."""
     grams = [torch.zeros(b.dim, b.dim, dtype=torch.float64) for b in blocks]
     for chunk, _ in store.iter_rows(_CHUNK, torch.float64, rows=rows):
         for g, b in zip(grams, blocks):
             part = chunk[:, b.start : b.stop]
             g += part.T @ part
-    return [reduce(g) for g in grams]
+    return grams
 
 
 def _damping(mean_eig: float, relative: float, absolute: float | None) -> float:
@@ -131,6 +120,7 @@ class Solver:
         self.damping = damping
         self.absolute_damping = absolute_damping
         self._parts: list[tuple[Block, Any]] = []
+        self._bases: tuple[Any, dict[str, _EKFACBlock]] | None = None
         self.n = 0
         self.fitted = kind == "identity"
 
@@ -139,57 +129,87 @@ class Solver:
         """Absolute lambda per block (empty for identity)."""
         return {b.name: float(p.lam) for b, p in self._parts}
 
-    def fit(self, store: GradientStore, rows: tuple[int, int] | None = None,
-            reduce: Reduce | None = None) -> Solver:
-        """Fits the curvature on the store's features. Several processes can share the work:
-        each passes its ``rows=(start, stop)`` range and a ``reduce`` that sums a tensor over
-        all of them (:func:`.distributed.all_reduce_sum`); each then holds the same solver."""
-        reduce = reduce or _no_reduce
+    def fit(self, store: GradientStore) -> Solver:
+        """Fits the curvature (and damping) on the store's features."""
+        return self.finish(store, self.accumulate(store))
+
+    def accumulate(self, store: GradientStore, rows: tuple[int, int] | None = None
+                   ) -> list[torch.Tensor]:
+        """The first half of :meth:`fit`: the curvature sums over the store's rows (``rows``: a
+        range of them), float64 tensors, with no communication. Processes that split a store's
+        rows add their sums (:func:`.distributed.all_reduce_sum`) and each calls
+        :meth:`finish` with the totals, so they all hold the same solver."""
         if self.kind == "identity":
-            self.n = store.rows
-            return self
+            return []
         if store.dim != (self.blocks[-1].stop if self.blocks else 0):
             raise ValueError(
                 f"store dim {store.dim} does not match the projection's {self.blocks[-1].stop}"
             )
+        if self.kind == "gauss_newton":
+            return _accumulate_gram(store, [Block("all", 0, store.dim, "dense")], rows)
+        ek, gn = self._ekfac_blocks(), self._gauss_newton_blocks()
+        sums = _accumulate_gram(store, gn, rows) if gn else []
+        if ek:
+            eks = self._eigenbases(store, ek)
+            sq = [torch.zeros(b.k_out, b.k_in, dtype=torch.float64) for b in ek]
+            for chunk, _ in store.iter_rows(_CHUNK, torch.float64, rows=rows):
+                for acc, b in zip(sq, ek):
+                    Mp = eks[b.name].rotate(chunk[:, b.start : b.stop])
+                    acc += (Mp * Mp).sum(dim=0)
+            sums += sq
+        return sums
+
+    def finish(self, store: GradientStore, sums: list[torch.Tensor]) -> Solver:
+        """The second half of :meth:`fit`, from the sums of :meth:`accumulate` over all rows."""
         n = store.rows
+        if self.kind == "identity":
+            self.n = n
+            return self
         if self.kind == "gauss_newton":
             whole = Block("all", 0, store.dim, "dense")
-            grams = _accumulate_gram(store, [whole], rows, reduce)
             self._parts = [
-                (whole, _CholeskyBlock(grams[0], n, self.damping, self.absolute_damping))
+                (whole, _CholeskyBlock(sums[0], n, self.damping, self.absolute_damping))
             ]
         else:
-            ek = [b for b in self.blocks if self.kind == "ekfac" and b.kind == "kron"]
-            gn = [b for b in self.blocks if b not in ek]
-            grams = _accumulate_gram(store, gn, rows, reduce) if gn else []
+            ek, gn = self._ekfac_blocks(), self._gauss_newton_blocks()
             parts: dict[str, Any] = {
                 b.name: _CholeskyBlock(g, n, self.damping, self.absolute_damping)
-                for b, g in zip(gn, grams)
+                for b, g in zip(gn, sums)
             }
             if ek:
-                stats = store.stats()
-                missing = [b.name for b in ek if f"{b.name}/A" not in stats]
-                if missing:
-                    raise ValueError(
-                        f"the store has no K-FAC statistics for {missing[:3]}: featurize with "
-                        "solver='ekfac' (it collects them) or choose solver='block'"
-                    )
-                eks = {
-                    b.name: _EKFACBlock(b, stats[f"{b.name}/A"], stats[f"{b.name}/D"]) for b in ek
-                }
-                for chunk, _ in store.iter_rows(_CHUNK, torch.float64, rows=rows):
-                    for b in ek:
-                        Mp = eks[b.name].rotate(chunk[:, b.start : b.stop])
-                        eks[b.name].sq += (Mp * Mp).sum(dim=0)
-                for e in eks.values():
-                    e.sq = reduce(e.sq)
-                    e.finish(n, self.damping, self.absolute_damping)
+                eks = self._eigenbases(store, ek)
+                for b, sq in zip(ek, sums[len(gn):]):
+                    eks[b.name].sq = sq
+                    eks[b.name].finish(n, self.damping, self.absolute_damping)
                 parts.update(eks)
             self._parts = [(b, parts[b.name]) for b in self.blocks]
         self.n = n
         self.fitted = True
         return self
+
+    def _ekfac_blocks(self) -> list[Block]:
+        return [b for b in self.blocks if self.kind == "ekfac" and b.kind == "kron"]
+
+    def _gauss_newton_blocks(self) -> list[Block]:
+        ek = self._ekfac_blocks()
+        return [b for b in self.blocks if b not in ek]
+
+    def _eigenbases(self, store: GradientStore, ek: list[Block]) -> dict[str, _EKFACBlock]:
+        """EK-FAC blocks with the eigenbases of the store's K-FAC statistics (the same on every
+        process reading the same store; computed once per store and kept)."""
+        key = (store.content_key, tuple(b.name for b in ek))
+        if self._bases is not None and self._bases[0] == key:
+            return self._bases[1]
+        stats = store.stats()
+        missing = [b.name for b in ek if f"{b.name}/A" not in stats]
+        if missing:
+            raise ValueError(
+                f"the store has no K-FAC statistics for {missing[:3]}: featurize with "
+                "solver='ekfac' (it collects them) or choose solver='block'"
+            )
+        eks = {b.name: _EKFACBlock(b, stats[f"{b.name}/A"], stats[f"{b.name}/D"]) for b in ek}
+        self._bases = (key, eks)
+        return eks
 
     def _check(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fitted:

@@ -26,7 +26,7 @@ import json
 import os
 import re
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -155,9 +155,7 @@ class GradientStore:
         path = Path(path)
         if (path / MANIFEST).exists():
             store = cls.open(path, fingerprint=fingerprint, require_complete=False)
-            for key, want in (("dim", dim), ("dtype", dtype), ("shard_rows", shard_rows)):
-                if store._m[key] != want:
-                    raise StoreError(f"store at {path} has {key}={store._m[key]!r}, asked {want!r}")
+            store.check_layout(dim, dtype, shard_rows)
             return store
         path.mkdir(parents=True, exist_ok=True)
         leftovers = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")]
@@ -223,12 +221,26 @@ class GradientStore:
             store.verify()
         return store
 
+    def check_layout(self, dim: int, dtype: str, shard_rows: int | None) -> None:
+        """Raises unless the store has this dim and dtype and, while it is still being written,
+        ``shard_rows`` (a complete store is read the same whatever its shard size)."""
+        want = {"dim": dim, "dtype": dtype}
+        if not self.complete and shard_rows is not None:
+            want["shard_rows"] = shard_rows
+        for key, value in want.items():
+            if self._m[key] != value:
+                raise StoreError(f"store at {self.path} has {key}={self._m[key]!r}, asked "
+                                 f"{value!r}")
+
     @classmethod
     def from_parts(cls, path: str | os.PathLike, parts: list[GradientStore]) -> GradientStore:
         """Make ``path`` one complete store of the rows of ``parts`` (complete stores in
-        subdirectories of ``path``, e.g. one per rank), in order: only a manifest is written,
-        listing the parts' shards; no row is copied. The parts must agree on fingerprint, dim,
-        dtype and shard size, and no example id may occur in two of them."""
+        subdirectories of ``path``, one per rank) written by ranks that took turns on blocks of
+        ``shard_rows`` rows (:class:`.distributed.RankBatches`): the shards are listed in turn,
+        part 0's first, part 1's first, ..., part 0's second, ..., which is the order of the
+        stream. Only a manifest is written; no row is copied. The parts must agree on
+        fingerprint, dim, dtype and shard size, every shard but the last in that order must be
+        full, and no example id may occur in two parts."""
         path = Path(path)
         if not parts:
             raise ValueError("from_parts needs at least one part")
@@ -248,21 +260,34 @@ class GradientStore:
                     raise StoreError(f"parts {first.path.name} and {part.path.name} differ in "
                                      f"{key}: {first._m[key]!r} vs {part._m[key]!r}")
         ids = np.concatenate([part.ids() for part in parts])
-        uniq, counts = np.unique(ids, return_counts=True)
-        if (counts > 1).any():
+        uniq, repeats = np.unique(ids, return_counts=True)
+        if (repeats > 1).any():
             raise StoreError(
-                f"example ids {uniq[counts > 1][:5].tolist()} occur in more than one part: the "
+                f"example ids {uniq[repeats > 1][:5].tolist()} occur in more than one part: the "
                 "ranks featurised overlapping data (each rank must see the same stream; remove "
                 f"{path} and featurize again)")
+        counts = [len(part._m["shards"]) for part in parts]
+        turns = sum(counts)
+        # Taking turns, part r holds blocks r, r + W, ...: its share of the first `turns` blocks.
+        expected = [len(range(r, turns, len(parts))) for r in range(len(parts))]
+        if counts != expected:
+            raise StoreError(f"the parts hold {counts} shards, not the turns of {len(parts)} "
+                             f"ranks over {turns} blocks ({expected}): they were not written by "
+                             "ranks taking turns on one stream")
         shards, rows = [], 0
-        for part in parts:
-            for sh in part._m["shards"]:
-                entry = dict(sh, first_row=rows)
-                for key in ("phi", "ids", "stats"):
-                    if key in sh:
-                        entry[key] = f"{part.path.name}/{sh[key]}"
-                shards.append(entry)
-                rows += int(sh["rows"])
+        for turn in range(turns):
+            part = parts[turn % len(parts)]
+            sh = part._m["shards"][turn // len(parts)]
+            if turn < turns - 1 and int(sh["rows"]) != int(first._m["shard_rows"]):
+                raise StoreError(f"{part.path.name}: shard {turn // len(parts)} holds "
+                                 f"{sh['rows']} rows, not {first._m['shard_rows']}, though "
+                                 "another block follows it in the stream")
+            entry = dict(sh, first_row=rows)
+            for key in ("phi", "ids", "stats"):
+                if key in sh:
+                    entry[key] = f"{part.path.name}/{sh[key]}"
+            shards.append(entry)
+            rows += int(sh["rows"])
         manifest = {key: first._m[key] for key in
                     ("format_version", "hash_version", "fingerprint", "dim", "dtype",
                      "shard_rows")}
@@ -272,9 +297,10 @@ class GradientStore:
         store._write_manifest()
         return store
 
-    def verify(self) -> None:
-        """Check every shard file against its recorded size and SHA-256."""
-        for sh in self._m["shards"]:
+    def verify(self, shards: Iterable[int] | None = None) -> None:
+        """Check every shard file (or those numbered in ``shards``) against its SHA-256."""
+        entries = self._m["shards"]
+        for sh in entries if shards is None else (entries[i] for i in shards):
             for key in ("phi", "ids", "stats"):
                 name = sh.get(key)
                 if name is None:
@@ -296,6 +322,14 @@ class GradientStore:
     @property
     def dim(self) -> int:
         return int(self._m["dim"])
+
+    @property
+    def shard_rows(self) -> int:
+        return int(self._m["shard_rows"])
+
+    @property
+    def num_shards(self) -> int:
+        return len(self._m["shards"])
 
     @property
     def dtype(self) -> str:
