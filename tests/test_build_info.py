@@ -27,6 +27,7 @@ EXPECTED_TYPES: dict[str, tuple[type, ...]] = {
     "torch_version": (str,),
     "machine": (str,),
     "python": (str,),
+    "distributed_backends": (str, type(None)),
 }
 
 
@@ -45,6 +46,8 @@ def test_build_info_keys_and_types() -> None:
         assert info["cuda_devices"] == 0 and info["cuda_version"] is None
     assert issl_fast.has_cuda() == (info["cuda_compiled"] and info["cuda_devices"] > 0
                                     and torch.cuda.is_available())
+    if torch.distributed.is_available():  # what the scale-out tests use here
+        assert "gloo" in info["distributed_backends"].split(",")
     json.dumps(info)  # serialisable as the CLI's --json output
 
 

@@ -40,7 +40,8 @@ def build_info() -> dict[str, Any]:
 
     Keys: version, hash_version, cuda_compiled, cuda_version, cuda_architectures, cuda_devices,
     cuda_error, openmp_max_threads, torch_threads, simd_level (in use), simd_supported (best this
-    CPU allows), torch_version, machine, python.
+    CPU allows), torch_version, machine, python, simd_env, distributed_backends (torch.distributed
+    backends for several ranks, e.g. "gloo,nccl"; None without torch.distributed).
     """
     info = dict(_C.build_info())
     count, err = _cuda_devices()
@@ -51,7 +52,19 @@ def build_info() -> dict[str, Any]:
     info["machine"] = platform.machine()
     info["python"] = platform.python_version()
     info["simd_env"] = os.environ.get("ISSL_FAST_SIMD")
+    info["distributed_backends"] = _distributed_backends()
     return info
+
+
+def _distributed_backends() -> str | None:
+    """The torch.distributed backends this torch offers (scale-out, :mod:`.distributed`)."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return None
+    names = {"gloo": dist.is_gloo_available(), "nccl": dist.is_nccl_available(),
+             "mpi": dist.is_mpi_available()}
+    return ",".join(name for name, ok in names.items() if ok) or None
 
 
 def simd_level() -> str:
