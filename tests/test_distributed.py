@@ -2,8 +2,8 @@
 
 Every multi-rank test spawns W processes (torch.multiprocessing, a file:// rendezvous, one thread
 each); each rank writes what it got to a file and the parent compares. Stores built by W ranks
-hold the same rows as one process's store, in another order (rank by rank), so results are
-compared through the example ids.
+hold the same rows in the same (stream) order as one process's store; the features differ only
+by float rounding (the ranks featurise them in other batches).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import pickle
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,10 @@ SCORE_RTOL = 1e-3
 # -- running ranks --------------------------------------------------------------------------------
 def _rank_main(rank: int, size: int, tmp: str, scenario: str, args: dict) -> None:
     torch.set_num_threads(1)
+    # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
     dist.init_process_group("gloo", init_method=f"file://{tmp}/rendezvous", rank=rank,
-                            world_size=size)
+                            world_size=size, timeout=timedelta(seconds=60))
+    distributed.PeerFailures.INTERVAL_S = 0.0  # look for failure notes before every batch
     try:
         outcome: dict[str, Any] = {"result": SCENARIOS[scenario](rank, size, Path(tmp), **args)}
     except Exception as exc:  # noqa: BLE001 (reported to the parent, which asserts on it)
@@ -273,11 +276,12 @@ def _scenario_crash_then_resume(rank: int, size: int, tmp: Path) -> dict:
 def test_a_failing_rank_stops_every_rank_and_the_run_resumes(tmp_path: Path) -> None:
     outcomes = [o["result"] for o in run_ranks(tmp_path, 2, "crash_then_resume")]
     assert outcomes[1]["first"]["type"] == "_Crash"
-    assert outcomes[0]["first"]["type"] == "RuntimeError"
+    assert outcomes[0]["first"]["type"] in ("PeerStopped", "RuntimeError")  # stopped early
     assert "rank 1" in outcomes[0]["first"]["message"]
     assert "disk on fire" in outcomes[0]["first"]["message"]
     # Blocks of SHARD=5 rows in turn: rank 1 had rows 5-9 and 15 when batch 4 failed (one
-    # block durable); rank 0 stopped at its next batch, short of its 13 rows (0-4, 10-14, 20-22).
+    # block durable); rank 0 stopped at its next batch (PeerStopped), short of its 13 rows
+    # (0-4, 10-14, 20-22).
     assert outcomes[1]["written"] == 5
     assert outcomes[0]["written"] < 13
     want = _single_process(tmp_path, "list", "ekfac")
@@ -315,7 +319,69 @@ def test_an_unseeded_shuffling_loader_is_refused_on_every_rank(tmp_path: Path) -
     outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"), shuffled=True)
     for o in outcomes:
         assert o["type"] == "ValueError"
-        assert "order of examples" in o["error"] and "generator" in o["error"]
+        assert "order of examples" in o["error"] and "do not shuffle" in o["error"]
+
+
+def _scenario_other_data_on_a_rank(rank: int, size: int, tmp: Path) -> list[str]:
+    attr = cnn_attribution()
+    x = images(N)
+    wrong = x + 1.0 if rank == 1 else x  # rank 1 was given other images of the same sizes
+    outcomes = []
+    for data in (batches(wrong, BATCH), batches(wrong, BATCH), batches(x, BATCH)):
+        try:
+            store = attr.featurize(data, tmp / "store", shard_rows=SHARD, progress=False)
+            outcomes.append(f"ok {store.rows}")
+        except ValueError as exc:
+            outcomes.append(f"ValueError {exc}")
+    return outcomes
+
+
+def test_other_data_on_a_rank_is_refused_again_on_rerun_then_resumes(tmp_path: Path) -> None:
+    for o in run_ranks(tmp_path, 2, "other_data_on_a_rank"):
+        first, rerun, fixed = o["result"]
+        # refused before any part is finished, so an identical rerun cannot join them
+        assert first.startswith("ValueError") and "data stream" in first
+        assert rerun.startswith("ValueError") and "data stream" in rerun
+        assert fixed == f"ok {N}"
+
+
+def _scenario_collate_drops_rows(rank: int, size: int, tmp: Path) -> str:
+    def drop_first(items: list) -> list[torch.Tensor]:
+        return [torch.stack([t for (t,) in items[1:]])]  # "a corrupt example" dropped
+
+    loader = DataLoader(TensorDataset(images(N)), batch_size=BATCH, collate_fn=drop_first)
+    return str(cnn_attribution().featurize(loader, tmp / "store", shard_rows=SHARD,
+                                           progress=False))
+
+
+def test_a_loader_that_drops_rows_is_refused(tmp_path: Path) -> None:
+    for o in run_ranks(tmp_path, 2, "collate_drops_rows"):
+        assert o["type"] in ("ValueError", "RuntimeError")
+        assert "rows for" in o["error"] and "wrapped" in o["error"]
+
+
+def _scenario_missing_shard(rank: int, size: int, tmp: Path, method: str) -> str:
+    attr = cnn_attribution("block")
+    store = attr.featurize(batches(images(N), BATCH), tmp / "store", shard_rows=SHARD,
+                           progress=False)
+    attr.fit(store)
+    dist.barrier()
+    if rank == 0:  # the last shard, in rank 1's range of rows
+        last = json.loads((tmp / "store" / "manifest.json").read_text())["shards"][-1]["phi"]
+        (tmp / "store" / last).rename(tmp / "moved.npy")
+    dist.barrier()
+    if method == "score":
+        return str(attr.score(_queries(), topk=3).values.shape)
+    return str(attr.self_influence().shape)
+
+
+@pytest.mark.parametrize("method", ["score", "self_influence"])
+def test_a_scan_failing_on_one_rank_raises_on_every_rank(tmp_path: Path, method: str) -> None:
+    start = time.monotonic()
+    outcomes = run_ranks(tmp_path, 2, "missing_shard", method=method)
+    assert time.monotonic() - start < 50  # not left waiting for the 60 s timeout
+    assert outcomes[1]["type"] == "FileNotFoundError"
+    assert outcomes[0]["type"] == "RuntimeError" and "rank 1" in outcomes[0]["error"]
 
 
 def _scenario_different_queries(rank: int, size: int, tmp: Path) -> str:
@@ -335,6 +401,9 @@ SCENARIOS = {
     "crash_then_resume": _scenario_crash_then_resume,
     "featurize": _scenario_featurize,
     "different_queries": _scenario_different_queries,
+    "other_data_on_a_rank": _scenario_other_data_on_a_rank,
+    "collate_drops_rows": _scenario_collate_drops_rows,
+    "missing_shard": _scenario_missing_shard,
 }
 
 

@@ -3,11 +3,12 @@
 With a process group of W > 1 ranks initialised, :class:`~issl_fast.InfluenceSSL` splits its work
 (every rank runs the same script with the same encoder weights, data and queries):
 
-- ``featurize``: rank r featurises batches r, r + W, r + 2W, ... of the data stream into its own
-  part store, ``<path>/part-<r>-of-<W>/`` (resumable on its own); rank 0 then writes the store's
-  manifest listing every part's shards (:meth:`.GradientStore.from_parts`; nothing is copied),
-  so the result opens like any store, in one process or in many. A ``DataLoader`` is re-made
-  per rank over its own batches (:func:`rank_batches`), so no rank loads another's images.
+- ``featurize``: the stream of examples is cut into blocks and the ranks take turns (block j is
+  rank j % W's, :class:`RankBatches`); each writes its blocks as the shards of its own part
+  store, ``<path>/part-<r>-of-<W>/`` (resumable on its own); rank 0 then writes the store's
+  manifest listing the parts' shards in turn (:meth:`.GradientStore.from_parts`; nothing is
+  copied), so the store holds the rows in stream order, as one process would, and opens like any
+  store. A ``DataLoader`` is re-made per rank over its own examples, so no rank loads another's.
 - ``fit``: each rank accumulates the curvature sums over its range of the store's rows
   (:func:`row_range`); they are summed over the ranks (:func:`all_reduce_sum`), so every rank
   holds the same solver.
@@ -18,13 +19,15 @@ With a process group of W > 1 ranks initialised, :class:`~issl_fast.InfluenceSSL
 Collectives run on the CPU with gloo and on the rank's current GPU with nccl (call
 ``torch.cuda.set_device`` first, as torchrun scripts do). A Python exception on one rank is
 sent to the others (:func:`together`), so that no rank waits forever in a collective for a rank
-that failed: every rank raises.
+that failed: every rank raises. Each agreement names its step, so ranks that got out of step
+(one skipped a step the others took) fail with both steps named instead of pairing wrong ones.
 """
 
 from __future__ import annotations
 
 import atexit
 import hashlib
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -125,16 +128,22 @@ def _forget_agreement_group() -> None:
 atexit.register(_forget_agreement_group)
 
 
-def _gather_objects(value: Any) -> list[Any]:
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value, group=_agreement_group())
-    return values
+def _gather_objects(step: str, value: Any) -> list[Any]:
+    """Every rank's ``value`` for agreement ``step``; raises if the ranks are at other steps."""
+    pairs: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(pairs, (step, value), group=_agreement_group())
+    lost = [(r, st) for r, (st, _) in enumerate(pairs) if st != step]
+    if lost:
+        raise RuntimeError(f"ranks out of step: this rank is at {step!r}, rank {lost[0][0]} at "
+                           f"{lost[0][1]!r} (every rank must call the same methods in the same "
+                           "order)")
+    return [v for _, v in pairs]
 
 
 def same_on_all_ranks(value: str | None, what: str) -> None:
     """Raises on every rank unless ``value`` is equal on all the ranks that know it (None:
     this rank does not)."""
-    values = _gather_objects(value)
+    values = _gather_objects(f"compare {what}", value)
     known = [(r, v) for r, v in enumerate(values) if v is not None]
     differ = [r for r, v in known if v != known[0][1]]
     if differ:
@@ -153,7 +162,8 @@ def together(what: str) -> Iterator[None]:
         yield
     except Exception as exc:  # noqa: BLE001 (sent to the other ranks, then re-raised)
         error = exc
-    messages = _gather_objects(None if error is None else f"{type(error).__name__}: {error}")
+    messages = _gather_objects(what, None if error is None
+                               else f"{type(error).__name__}: {error}")
     if error is not None:
         raise error
     failed = [(r, m) for r, m in enumerate(messages) if m is not None]
@@ -162,15 +172,22 @@ def together(what: str) -> Iterator[None]:
         raise RuntimeError(f"{what} failed on rank {rank} (of {len(messages)}): {message}")
 
 
+class PeerStopped(RuntimeError):
+    """This rank stopped because another one failed (:meth:`PeerFailures.check`)."""
+
+
 class PeerFailures:
     """Failure notes in a directory every rank sees (the store's): a rank that fails writes
     one, and the others stop at their next :meth:`check` instead of finishing their share
     before they learn of it."""
 
     PREFIX = "failed-rank-"
+    # Seconds between looks at the directory (a listing on a shared file system costs).
+    INTERVAL_S = 2.0
 
     def __init__(self, path: Path, rank: int) -> None:
         self.path, self.rank = path, rank
+        self._next = 0.0
 
     def clear(self) -> None:
         """Removes notes of an earlier run (one rank, before any rank starts working)."""
@@ -178,17 +195,26 @@ class PeerFailures:
             note.unlink(missing_ok=True)
 
     def record(self, error: BaseException) -> None:
+        """Leaves a note of this rank's failure (not for a :class:`PeerStopped`: the rank that
+        failed left its own)."""
+        if isinstance(error, PeerStopped):
+            return
         note = self.path / f"{self.PREFIX}{self.rank:05d}.txt"
         tmp = self.path / f".{note.name}.tmp"  # (renamed whole: never read half-written)
         tmp.write_text(f"{type(error).__name__}: {error}")
         tmp.replace(note)
 
     def check(self) -> None:
-        """Raises a ``RuntimeError`` if another rank has recorded a failure."""
+        """Raises :class:`PeerStopped` if another rank has left a note (looks at most every
+        :attr:`INTERVAL_S` seconds)."""
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self.INTERVAL_S
         for note in sorted(self.path.glob(self.PREFIX + "*")):
             rank = int(note.stem[len(self.PREFIX):])
             if rank != self.rank:
-                raise RuntimeError(f"stopped: rank {rank} failed ({note.read_text()})")
+                raise PeerStopped(f"stopped: rank {rank} failed ({note.read_text()})")
 
 
 def merge_topk(values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], topk: int
@@ -252,6 +278,7 @@ class RankBatches:
                 for a, e in self._pieces(pos, len(b))]
         self.rows = sum(len(b) for b, _ in mine)
         self._piece_positions = [pos for _, pos in mine]
+        self._piece_rows = [len(b) for b, _ in mine]
         assert isinstance(data, DataLoader)
         self._loader = _loader_over(data, [b for b, _ in mine])
 
@@ -272,7 +299,14 @@ class RankBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
         if self._loader is not None:
-            for (x, ids), pos in zip(iterate_batches(self._loader), self._piece_positions):
+            for (x, ids), pos, n in zip(iterate_batches(self._loader), self._piece_positions,
+                                        self._piece_rows):
+                if x.shape[0] != n:
+                    raise ValueError(
+                        f"the DataLoader gave a batch of {x.shape[0]} rows for {n} sampled "
+                        "indices (its collate_fn or dataset drops or adds rows), so the "
+                        "examples' stream positions are unknown: pass it wrapped, e.g. "
+                        "(batch for batch in loader), to have every rank read it whole")
                 yield x, ids, pos
             return
         position = 0

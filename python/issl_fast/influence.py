@@ -13,6 +13,7 @@ Liang's ``I_up,loss(z_i, z_t)`` is ``-score / n``. Self-influence ``s_i = phi_i^
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -208,10 +209,11 @@ class InfluenceSSL:
     def _featurize_into(self, store: GradientStore,
                         batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]],
                         total: int | None, progress: bool, desc: str = "featurize",
-                        check: Callable[[], None] | None = None) -> None:
+                        check: Callable[[], None] | None = None,
+                        finalize: bool = True) -> None:
         """Appends the features of ``(x, ids or None, stream position)`` batches to ``store``
-        (skipping the rows it already holds) and completes it; ``check`` runs before each
-        batch (it raises to stop)."""
+        (skipping the rows it already holds) and completes it (``finalize``); ``check`` runs
+        before each batch (it raises to stop)."""
         from tqdm.auto import tqdm
 
         done, seen = store.rows, 0
@@ -230,7 +232,8 @@ class InfluenceSSL:
                 store.append(phi[cut:], ids[cut:], {k: v[cut:] for k, v in stats.items()})
                 seen += B
                 bar.update(B - cut)
-        store.finalize(meta={"rows": store.rows})
+        if finalize:
+            store.finalize(meta={"rows": store.rows})
 
     def _featurize_distributed(self, data: Iterable[Any], path: Path, shard_rows: int,
                                progress: bool) -> GradientStore:
@@ -238,9 +241,12 @@ class InfluenceSSL:
         lists every part's shards, in turn, in the store's manifest (stream order)."""
         rank, size = self.ranks
         fingerprint = self.fingerprint()
+        distributed.same_on_all_ranks(
+            hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
+            .hexdigest(), "the encoder's weights, layers, loss or projection (fingerprint)")
         failures = distributed.PeerFailures(path, rank)
         done: GradientStore | None = None
-        with distributed.together("featurize"):
+        with distributed.together("featurize: open"):
             if (path / MANIFEST).exists():  # a finished store (or a one-process one)
                 done = GradientStore.open(path, fingerprint=fingerprint, verify=False,
                                           require_complete=False)
@@ -254,30 +260,37 @@ class InfluenceSSL:
                     failures.clear()
         if done is not None:
             return done
-        with distributed.together("featurize"):
+        with distributed.together("featurize: parts"):
             batches = distributed.RankBatches(data, rank, size, shard_rows)
             path.mkdir(parents=True, exist_ok=True)
             part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
                                                   self.dim, self.store_dtype, batches.block)
         distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (do "
-                                      "not shuffle, or give it a seeded generator=)")
+                                      "not shuffle it)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
                     self._featurize_into(part, batches, batches.rows, progress and rank == 0,
                                          desc=f"featurize (rank 0 of {size})",
-                                         check=failures.check)
+                                         check=failures.check, finalize=False)
             except Exception as exc:
                 failures.record(exc)  # the other ranks stop at their next batch
                 raise
-        # a plain iterable's content is known once read (not by a rank whose part was done)
-        distributed.same_on_all_ranks(batches.digest, "the data stream (batch sizes, ids, values)")
-        with distributed.together("featurize (joining the parts)"):
+        # The stream every rank read (a plain iterable's is known now; a finished part kept
+        # its own), compared before any part is finished: a mismatch leaves them resumable.
+        digest = batches.digest if not part.complete else part.meta.get("stream")
+        distributed.same_on_all_ranks(digest, "the data stream (batch sizes, ids, values)")
+        with distributed.together("featurize: finish the parts"):
+            if not part.complete:
+                part.finalize(meta={"rows": part.rows, "stream": digest})
+        with distributed.together("featurize: join the parts"):
             if rank == 0:
                 parts = [GradientStore.open(path / part_name(r, size), verify=False)
                          for r in range(size)]
                 GradientStore.from_parts(path, parts)
-        return GradientStore.open(path, fingerprint=fingerprint, verify=False)
+        with distributed.together("featurize: open the store"):
+            store = GradientStore.open(path, fingerprint=fingerprint, verify=False)
+        return store
 
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
@@ -317,11 +330,12 @@ class InfluenceSSL:
     ) -> torch.Tensor:
         """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]`` on the CPU
         (distributed: rank 0's, on every rank, so that all ranks score the same queries)."""
-        q = self.solver.precondition(self.features(queries, ids)).float().contiguous()
-        if self.ranks[1] > 1:
-            distributed.same_on_all_ranks(str(tuple(q.shape)), "the queries' shape")
-            q = distributed.broadcast(q)
-        return q
+        if self.ranks[1] == 1:
+            return self.solver.precondition(self.features(queries, ids)).float().contiguous()
+        with distributed.together("preconditioned"):
+            q = self.solver.precondition(self.features(queries, ids)).float().contiguous()
+        distributed.same_on_all_ranks(str(tuple(q.shape)), "the queries' shape")
+        return distributed.broadcast(q)
 
     def score(
         self,
@@ -361,6 +375,18 @@ class InfluenceSSL:
             distributed.same_on_all_ranks(str((tuple(q.shape), topk, negate)),
                                           "the queries' shape, topk or negate")
         span = distributed.row_range(store.rows, rank, size)
+        with distributed.together("score") if size > 1 else nullcontext():
+            values, rows = self._scan(q, topk, store, span, exclude_rows)
+        if size > 1:
+            values, rows = distributed.merge_topk(distributed.all_gather(values),
+                                                  distributed.all_gather(rows), topk)
+        all_ids = torch.from_numpy(store.ids())
+        ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+        return TopInfluence(-values if negate else values, rows, ids, store.rows)
+
+    def _scan(self, q: torch.Tensor, topk: int, store: GradientStore, span: tuple[int, int],
+              exclude_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of ``q @ phi_i`` over the store rows ``span``: (values, rows), on the CPU."""
         q = q.to(self.scan_device)
         m = q.shape[0]
         values = torch.full((m, topk), -torch.inf)
@@ -380,12 +406,7 @@ class InfluenceSSL:
                 accumulate=i > 0,
                 num_threads=self.num_threads,
             )
-        if size > 1:
-            values, rows = distributed.merge_topk(distributed.all_gather(values),
-                                                  distributed.all_gather(rows), topk)
-        all_ids = torch.from_numpy(store.ids())
-        ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
-        return TopInfluence(-values if negate else values, rows, ids, store.rows)
+        return values, rows
 
     def _held_rows(self, store: GradientStore, span: tuple[int, int]) -> torch.Tensor | None:
         """The store's rows ``span`` on the scan GPU, copied there on first use and kept while

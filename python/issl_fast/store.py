@@ -255,6 +255,10 @@ class GradientStore:
                 raise StoreError(f"parts {first.path.name} and {part.path.name} were built "
                                  "differently (did every rank load the same weights?): "
                                  + "; ".join(diff))
+            stream = (part.meta.get("stream"), first.meta.get("stream"))
+            if None not in stream and stream[0] != stream[1]:
+                raise StoreError(f"parts {first.path.name} and {part.path.name} were written "
+                                 "from different data streams")
             for key in ("dim", "dtype", "shard_rows"):
                 if part._m[key] != first._m[key]:
                     raise StoreError(f"parts {first.path.name} and {part.path.name} differ in "
