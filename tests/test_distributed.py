@@ -94,6 +94,9 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
     ids = store.ids()
     top = attr.score(_queries(), topk=TOPK)
     low = attr.score(_queries(), topk=TOPK, opponents=True)
+    # many queries: a list of batches, and the store itself (each row excluding its own)
+    many = attr.score(batches(_queries(), 2), topk=TOPK)
+    itself = attr.score(store, topk=2, exclude_rows=torch.arange(store.rows))
     sim, nb = attr.neighbours(3)
     dups = attr.find_duplicates(threshold=-1.0, topk=2)
     return {
@@ -103,6 +106,8 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
         "damping": attr.solver.damping_used,
         "top_values": top.values.numpy(), "top_ids": top.ids.numpy(),
         "low_values": low.values.numpy(), "low_ids": low.ids.numpy(),
+        "many_values": many.values.numpy(), "many_ids": many.ids.numpy(),
+        "itself_values": itself.values.numpy(), "itself_ids": itself.ids.numpy(),
         "self_influence": attr.self_influence(),
         "neighbour_sim": sim, "neighbour_ids": np.where(nb >= 0, ids[nb], -1),
         "dup_ids": dups.ids, "dup_sim": dups.similarity,
@@ -158,7 +163,7 @@ def _assert_same_attribution(got: dict, want: dict) -> None:
     assert got["damping"].keys() == want["damping"].keys()
     for k in want["damping"]:
         assert got["damping"][k] == pytest.approx(want["damping"][k], rel=RTOL)
-    for key in ("top", "low"):
+    for key in ("top", "low", "many", "itself"):
         np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
         np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=SCORE_RTOL)
     np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=SCORE_RTOL)

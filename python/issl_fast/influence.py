@@ -33,7 +33,18 @@ from .loss import AugmentationStability
 from .projection import Projection
 from .reference import HASH_VERSION
 from .solver import Solver
-from .store import MANIFEST, PART_PATTERN, GradientStore, StoreError, part_name
+from .store import (
+    MANIFEST,
+    PART_PATTERN,
+    GradientStore,
+    StoreError,
+    fingerprint_diff,
+    part_name,
+)
+
+# Queries scored per pass over the store when there are many (score of a loader or a store):
+# large enough for the top-k kernel's matrix-rate path, small enough for its [block, topk] lists.
+QUERY_BLOCK = 1024
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -55,6 +66,8 @@ class TopInfluence:
     rows: torch.Tensor
     ids: torch.Tensor
     n: int
+    # The queries' example ids (their ids, or positions in the query stream), one per row.
+    query_ids: torch.Tensor | None = None
 
     def koh_liang(self) -> torch.Tensor:
         """``I_up,loss = -score / n`` (change of the query's loss per unit upweighting)."""
@@ -339,7 +352,7 @@ class InfluenceSSL:
 
     def score(
         self,
-        queries: torch.Tensor,
+        queries: torch.Tensor | GradientStore | Iterable[Any],
         topk: int = 10,
         *,
         ids: torch.Tensor | None = None,
@@ -348,12 +361,87 @@ class InfluenceSSL:
         exclude_rows: torch.Tensor | None = None,
     ) -> TopInfluence:
         """Top-k training examples per query by ``score = phi_t^T F^-1 phi_i``: the proponents
-        (most positive), or with ``opponents=True`` the most negative ones."""
+        (most positive), or with ``opponents=True`` the most negative ones.
+
+        ``queries``: a batch of inputs ``[m, ...]`` (``ids``: their example ids, for their
+        augmentations); or many: an iterable of batches as :meth:`featurize` takes (a test
+        ``DataLoader``), or a :class:`GradientStore` of query features made by this object's
+        :meth:`featurize` (e.g. a test set featurised once). Many queries are scored in blocks
+        of :data:`QUERY_BLOCK`, one pass over the store per block (the store is read once per
+        block, not once per batch). ``exclude_rows [m]``: a store row each query must not
+        return (-1: none), e.g. its own row when the queries are the training set.
+        ``query_ids`` of the result: the queries' ids (or stream positions)."""
         store = self._store(store)
-        q = self.preconditioned(queries, ids)
-        return self.topk_from_preconditioned(
-            -q if opponents else q, topk, store, negate=opponents, exclude_rows=exclude_rows
-        )
+        if isinstance(queries, torch.Tensor):
+            q = self.preconditioned(queries, ids)
+            top = self.topk_from_preconditioned(
+                -q if opponents else q, topk, store, negate=opponents, exclude_rows=exclude_rows
+            )
+            top.query_ids = (torch.arange(q.shape[0]) if ids is None
+                             else torch.as_tensor(ids, dtype=torch.int64).reshape(-1))
+            return top
+        if ids is not None:
+            raise ValueError("ids= is for a batch tensor: many queries carry their own ids (or "
+                             "are numbered by their position)")
+        if isinstance(queries, GradientStore):
+            diff = fingerprint_diff(json.loads(json.dumps(queries.fingerprint, default=str)),
+                                    json.loads(json.dumps(self.fingerprint(), default=str)))
+            if diff:
+                raise StoreError(f"query store at {queries.path} was built differently: "
+                                 + "; ".join(diff))
+            blocks: Iterator[tuple[torch.Tensor, torch.Tensor]] = (
+                (self.solver.precondition(rows).float(), torch.from_numpy(
+                    queries.ids()[first:first + rows.shape[0]]))
+                for rows, first in queries.iter_rows(QUERY_BLOCK, torch.float64))
+        else:
+            blocks = self._preconditioned_blocks(queries)
+        exclude = None if exclude_rows is None else torch.as_tensor(exclude_rows).reshape(-1)
+        parts: list[TopInfluence] = []
+        done = 0
+        for q, query_ids in blocks:
+            ex = None
+            if exclude is not None:
+                ex = exclude[done:done + q.shape[0]]
+                if ex.numel() != q.shape[0]:
+                    raise ValueError(f"exclude_rows must have one entry per query: it has "
+                                     f"{exclude.numel()}, there are more queries")
+            part = self.topk_from_preconditioned(-q if opponents else q, topk, store,
+                                                 negate=opponents, exclude_rows=ex)
+            part.query_ids = query_ids
+            parts.append(part)
+            done += q.shape[0]
+        if exclude is not None and exclude.numel() != done:
+            raise ValueError(f"exclude_rows must have one entry per query: it has "
+                             f"{exclude.numel()}, there are {done} queries")
+        if not parts:  # no queries
+            empty = torch.zeros(0, topk, dtype=torch.int64)
+            return TopInfluence(torch.zeros(0, topk), empty, empty.clone(), store.rows,
+                                torch.zeros(0, dtype=torch.int64))
+        return TopInfluence(torch.cat([t.values for t in parts]),
+                            torch.cat([t.rows for t in parts]),
+                            torch.cat([t.ids for t in parts]), store.rows,
+                            torch.cat([t.query_ids for t in parts
+                                       if t.query_ids is not None]))
+
+    def _preconditioned_blocks(self, data: Iterable[Any]
+                               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(F^-1 phi [<=QUERY_BLOCK, dim] float32, ids)`` of the examples of ``data``,
+        gathered into blocks of :data:`QUERY_BLOCK` rows."""
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        count = 0
+        for x, ids, position in _with_positions(data):
+            if ids is None:
+                ids = torch.arange(position, position + x.shape[0])
+            pending.append((self.preconditioned(x, ids), ids))
+            count += x.shape[0]
+            while count >= QUERY_BLOCK:
+                q = torch.cat([p for p, _ in pending])
+                i = torch.cat([p for _, p in pending])
+                yield q[:QUERY_BLOCK], i[:QUERY_BLOCK]
+                pending = [(q[QUERY_BLOCK:], i[QUERY_BLOCK:])]
+                count -= QUERY_BLOCK
+        if count:
+            yield torch.cat([p for p, _ in pending]), torch.cat([p for _, p in pending])
 
     def topk_from_preconditioned(
         self,
