@@ -61,6 +61,7 @@ def main() -> None:
             views=2, augment=dataclasses.replace(issl.SSLAugment.light(seed=0), shared=True)),
         projection=issl.Projection("kron", k=64),
         solver="ekfac",
+        distributed=dist.is_initialized(),  # split the work over the ranks (all call alike)
     )
     store = attr.featurize(train, args.out / "store", progress=rank == 0)
     attr.fit(store)

@@ -119,7 +119,7 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
 
 def _scenario_everything(rank: int, size: int, tmp: Path, data_kind: str, solver: str,
                          device: str = "cpu") -> dict:
-    attr = cnn_attribution(solver)
+    attr = cnn_attribution(solver, distributed=True)
     if device == "cuda":
         _deterministic_cuda()
         attr.encoder.cuda()
@@ -261,7 +261,7 @@ def _slow(data: list) -> Any:
 
 
 def _scenario_crash_then_resume(rank: int, size: int, tmp: Path) -> dict:
-    attr = cnn_attribution()
+    attr = cnn_attribution(distributed=True)
     path = tmp / "store"
     data = batches(images(N), BATCH)
     first: dict[str, Any] = {}
@@ -297,7 +297,7 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes(tmp_path: Path) -> 
 
 def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, shuffled: bool = False
                         ) -> str:
-    attr = cnn_attribution()  # (seeds torch's RNG with the model's seed)
+    attr = cnn_attribution(distributed=True)  # (seeds torch's RNG with the model's seed)
     torch.manual_seed(rank)  # an unseeded shuffling loader draws another order on each rank
     data = (DataLoader(TensorDataset(images(N)), batch_size=BATCH, shuffle=True) if shuffled
             else batches(images(N), BATCH))
@@ -328,7 +328,7 @@ def test_an_unseeded_shuffling_loader_is_refused_on_every_rank(tmp_path: Path) -
 
 
 def _scenario_other_data_on_a_rank(rank: int, size: int, tmp: Path) -> list[str]:
-    attr = cnn_attribution()
+    attr = cnn_attribution(distributed=True)
     x = images(N)
     wrong = x + 1.0 if rank == 1 else x  # rank 1 was given other images of the same sizes
     outcomes = []
@@ -355,8 +355,8 @@ def _scenario_collate_drops_rows(rank: int, size: int, tmp: Path) -> str:
         return [torch.stack([t for (t,) in items[1:]])]  # "a corrupt example" dropped
 
     loader = DataLoader(TensorDataset(images(N)), batch_size=BATCH, collate_fn=drop_first)
-    return str(cnn_attribution().featurize(loader, tmp / "store", shard_rows=SHARD,
-                                           progress=False))
+    attr = cnn_attribution(distributed=True)
+    return str(attr.featurize(loader, tmp / "store", shard_rows=SHARD, progress=False))
 
 
 def test_a_loader_that_drops_rows_is_refused(tmp_path: Path) -> None:
@@ -366,7 +366,7 @@ def test_a_loader_that_drops_rows_is_refused(tmp_path: Path) -> None:
 
 
 def _scenario_missing_shard(rank: int, size: int, tmp: Path, method: str) -> str:
-    attr = cnn_attribution("block")
+    attr = cnn_attribution("block", distributed=True)
     store = attr.featurize(batches(images(N), BATCH), tmp / "store", shard_rows=SHARD,
                            progress=False)
     attr.fit(store)
@@ -389,8 +389,25 @@ def test_a_scan_failing_on_one_rank_raises_on_every_rank(tmp_path: Path, method:
     assert outcomes[0]["type"] == "RuntimeError" and "rank 1" in outcomes[0]["error"]
 
 
+def _scenario_rank_zero_alone(rank: int, size: int, tmp: Path) -> int:
+    # attribution on rank 0 only, as at the end of a DDP job: the default works alone
+    rows = -1
+    if rank == 0:
+        attr = cnn_attribution()
+        store = attr.featurize(batches(images(N), BATCH), tmp / "store", progress=False)
+        attr.fit(store)
+        rows = int(attr.score(_queries(), topk=2).n)
+    dist.barrier()
+    return rows
+
+
+def test_the_default_works_alone_beside_a_process_group(tmp_path: Path) -> None:
+    outcomes = run_ranks(tmp_path, 2, "rank_zero_alone")
+    assert [o["result"] for o in outcomes] == [N, -1]
+
+
 def _scenario_different_queries(rank: int, size: int, tmp: Path) -> str:
-    attr = cnn_attribution("identity")
+    attr = cnn_attribution("identity", distributed=True)
     attr.featurize(batches(images(N), BATCH), tmp / "store", shard_rows=SHARD, progress=False)
     q = torch.randn(2 + rank, attr.dim)  # rank 1 has one query more
     return str(attr.topk_from_preconditioned(q, 3))
@@ -406,6 +423,7 @@ SCENARIOS = {
     "crash_then_resume": _scenario_crash_then_resume,
     "featurize": _scenario_featurize,
     "different_queries": _scenario_different_queries,
+    "rank_zero_alone": _scenario_rank_zero_alone,
     "other_data_on_a_rank": _scenario_other_data_on_a_rank,
     "collate_drops_rows": _scenario_collate_drops_rows,
     "missing_shard": _scenario_missing_shard,

@@ -58,14 +58,22 @@ def test_query_ids_come_from_the_data(fitted, small_blocks) -> None:
     _assert_same_top(got, attr.score(q, topk=4, ids=ids))
 
 
-def test_a_store_of_queries_equals_one_batch(fitted, small_blocks, tmp_path) -> None:
+def test_a_store_of_queries_equals_one_batch(fitted, small_blocks, tmp_path,
+                                            monkeypatch) -> None:
     attr, train = fitted
     q = images(M, seed=7)
-    test_store = attr.featurize(batches(q, 5), tmp_path / "test", progress=False)
-    attr.store = train  # (featurize made the test store the default one)
-    got = attr.score(test_store, topk=5, store=train)
-    _assert_same_top(got, attr.score(q, topk=5, store=train))
+    # shards of 3 rows: the blocks of 4 queries are gathered across them (3 passes, not 4)
+    test_store = attr.featurize(batches(q, 5), tmp_path / "test", shard_rows=3, progress=False)
+    passes = []
+    scan = attr.topk_from_preconditioned
+    monkeypatch.setattr(attr, "topk_from_preconditioned",
+                        lambda q, *a, **kw: passes.append(q.shape[0]) or scan(q, *a, **kw))
+    got = attr.score(test_store, topk=5)  # scans still default to the store fit used
+    assert passes == [4, 4, 3] and got.n == N
+    monkeypatch.undo()
+    _assert_same_top(got, attr.score(q, topk=5))
     assert got.query_ids.tolist() == list(range(M))
+    assert attr.self_influence().shape == (N,)  # the training store, not the test one
 
 
 def test_the_training_set_against_itself_excluding_each_row(fitted, small_blocks) -> None:
@@ -79,12 +87,36 @@ def test_the_training_set_against_itself_excluding_each_row(fitted, small_blocks
         assert got.rows[i, 0] == [r for r in plain.rows[i].tolist() if r != i][0]
 
 
+def test_exclude_rows_of_several_rows_per_query(fitted, small_blocks) -> None:
+    attr, train = fitted
+    plain = attr.score(train, topk=3)
+    two = torch.stack([torch.arange(N), plain.rows[:, 1]], dim=1)  # itself and its runner-up
+    got = attr.score(train, topk=3, exclude_rows=two)
+    for i in range(N):
+        assert not set(got.rows[i].tolist()) & set(two[i].tolist())
+    # the same as one batch of the same queries with the same [m, 2] exclusions
+    q = train.load(torch.float64)
+    want = attr.topk_from_preconditioned(attr.solver.precondition(q).float(), 3,
+                                         exclude_rows=two)
+    np.testing.assert_array_equal(got.rows.numpy(), want.rows.numpy())
+
+
 def test_bad_many_query_arguments_are_refused(fitted, small_blocks, tmp_path) -> None:
     attr, train = fitted
     q = images(M, seed=7)
+    with pytest.raises(ValueError, match="topk must be an int >= 1"):
+        attr.score([], topk=0)
+    with pytest.raises(ValueError, match="exclude_rows must have one row per query: it has 5, "
+                                         "the query store 30"):
+        attr.score(train, topk=3, exclude_rows=torch.arange(5))
+    partial = issl.GradientStore.create_or_resume(tmp_path / "partial", attr.fingerprint(),
+                                                  attr.dim, "float32")
+    partial.append(torch.zeros(2, attr.dim), torch.arange(2))
+    with pytest.raises(issl.StoreError, match="query store .* is incomplete"):
+        attr.score(partial, topk=3)
     with pytest.raises(ValueError, match="ids= is for a batch tensor"):
         attr.score(batches(q, 3), topk=3, ids=torch.arange(M))
-    with pytest.raises(ValueError, match="exclude_rows must have one entry per query"):
+    with pytest.raises(ValueError, match="exclude_rows must have one row per query"):
         attr.score(batches(q, 3), topk=3, exclude_rows=torch.arange(5))
     with pytest.raises(ValueError, match="it has 12, there are 11 queries"):
         attr.score(batches(q, 3), topk=3, exclude_rows=torch.arange(12))

@@ -88,8 +88,9 @@ class InfluenceSSL:
         store_dtype: ``"float16" | "bfloat16" | "float32" | "float64"`` for stored features.
         num_threads: threads for the CPU kernels (default: torch's).
         distributed: split featurize / fit / scans over the ranks of the initialised
-            ``torch.distributed`` process group (:mod:`.distributed`); default (None): when one
-            with more than one rank is initialised. False: this process works alone.
+            ``torch.distributed`` process group (:mod:`.distributed`; every rank must then call
+            the same methods with the same arguments). Default False: this process works
+            alone, whatever process group exists (e.g. attribution on rank 0 of a DDP job).
 
     Device: everything runs where the encoder's parameters are (:attr:`device`, read at each
     call). With the encoder on a GPU, batches are moved there, the sketches and the store scans
@@ -113,8 +114,10 @@ class InfluenceSSL:
         absolute_damping: float | None = None,
         store_dtype: str = "float16",
         num_threads: int | None = None,
-        distributed: bool | None = None,
+        distributed: bool = False,
     ) -> None:
+        if not isinstance(distributed, bool):
+            raise TypeError(f"distributed must be True or False, got {distributed!r}")
         if distributed and not (torch.distributed.is_available()
                                 and torch.distributed.is_initialized()):
             raise ValueError("distributed=True needs torch.distributed.init_process_group(...) "
@@ -142,7 +145,10 @@ class InfluenceSSL:
         self.store_dtype = store_dtype
         self.num_threads = num_threads
         self.distributed = distributed
+        # The default store of scans: the one fit used, else the last one featurised (so that
+        # featurising a test set after fit does not make it the training set).
         self.store: GradientStore | None = None
+        self._fitted_store: GradientStore | None = None
         # (store content, device, its rows there): repeated scores read them on the GPU instead
         # of streaming the store over PCIe every time.
         self._held: tuple[tuple, torch.Tensor] | None = None
@@ -162,7 +168,7 @@ class InfluenceSSL:
     @property
     def ranks(self) -> tuple[int, int]:
         """``(rank, world size)`` this object shares its work over; ``(0, 1)`` alone."""
-        return (0, 1) if self.distributed is False else distributed.world()
+        return distributed.world() if self.distributed else (0, 1)
 
     @property
     def dim(self) -> int:
@@ -308,9 +314,10 @@ class InfluenceSSL:
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
         if store is None:
-            if self.store is None:
+            default = self._fitted_store or self.store
+            if default is None:
                 raise ValueError("no store: call featurize(...) first or pass store=")
-            return self.store
+            return default
         if isinstance(store, GradientStore):
             return store
         rank, size = self.ranks
@@ -322,8 +329,11 @@ class InfluenceSSL:
         return opened
 
     def fit(self, store: GradientStore | str | os.PathLike | None = None) -> InfluenceSSL:
-        """Fit the curvature (and damping) on a store's features."""
-        store = self._store(store)
+        """Fit the curvature (and damping) on a store's features (default: the last store
+        featurised); scans then default to that store."""
+        if store is None and self.store is None:
+            raise ValueError("no store: call featurize(...) first or pass store=")
+        store = self._store(store if store is not None else self.store)
         self.release_device_memory()
         rank, size = self.ranks
         if size > 1:  # each rank sums its rows; the sums are added over the ranks
@@ -335,7 +345,7 @@ class InfluenceSSL:
                 self.solver.finish(store, sums)
         else:
             self.solver.fit(store)
-        self.store = store
+        self.store = self._fitted_store = store
         return self
 
     def preconditioned(
@@ -361,16 +371,20 @@ class InfluenceSSL:
         exclude_rows: torch.Tensor | None = None,
     ) -> TopInfluence:
         """Top-k training examples per query by ``score = phi_t^T F^-1 phi_i``: the proponents
-        (most positive), or with ``opponents=True`` the most negative ones.
+        (most positive), or with ``opponents=True`` the most negative ones. ``store``: the
+        training store (default: the one :meth:`fit` used).
 
         ``queries``: a batch of inputs ``[m, ...]`` (``ids``: their example ids, for their
         augmentations); or many: an iterable of batches as :meth:`featurize` takes (a test
-        ``DataLoader``), or a :class:`GradientStore` of query features made by this object's
-        :meth:`featurize` (e.g. a test set featurised once). Many queries are scored in blocks
-        of :data:`QUERY_BLOCK`, one pass over the store per block (the store is read once per
-        block, not once per batch). ``exclude_rows [m]``: a store row each query must not
-        return (-1: none), e.g. its own row when the queries are the training set.
-        ``query_ids`` of the result: the queries' ids (or stream positions)."""
+        ``DataLoader``), or a complete :class:`GradientStore` of query features made by this
+        object's :meth:`featurize` (e.g. a test set featurised once; its features carry the
+        store's precision). Many queries are scored in blocks of :data:`QUERY_BLOCK`, one
+        pass over the training store per block (not per batch). ``exclude_rows``: ``[m]`` or
+        ``[m, e]`` store rows each query must not return (-1: none), e.g. its own row when the
+        queries are the training set. ``query_ids`` of the result: the queries' ids (or stream
+        positions)."""
+        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+            raise ValueError(f"topk must be an int >= 1, got {topk!r}")
         store = self._store(store)
         if isinstance(queries, torch.Tensor):
             q = self.preconditioned(queries, ids)
@@ -383,36 +397,45 @@ class InfluenceSSL:
         if ids is not None:
             raise ValueError("ids= is for a batch tensor: many queries carry their own ids (or "
                              "are numbered by their position)")
+        exclude = None
+        if exclude_rows is not None:
+            exclude = torch.as_tensor(exclude_rows, dtype=torch.int64)
+            if exclude.dim() == 1:
+                exclude = exclude[:, None]
+            if exclude.dim() != 2:
+                raise ValueError(f"exclude_rows must be [m] or [m, e], got shape "
+                                 f"{tuple(exclude.shape)}")
         if isinstance(queries, GradientStore):
-            diff = fingerprint_diff(json.loads(json.dumps(queries.fingerprint, default=str)),
-                                    json.loads(json.dumps(self.fingerprint(), default=str)))
-            if diff:
-                raise StoreError(f"query store at {queries.path} was built differently: "
-                                 + "; ".join(diff))
-            blocks: Iterator[tuple[torch.Tensor, torch.Tensor]] = (
-                (self.solver.precondition(rows).float(), torch.from_numpy(
-                    queries.ids()[first:first + rows.shape[0]]))
+            self._check_query_store(queries)
+            if exclude is not None and exclude.shape[0] != queries.rows:
+                raise ValueError(f"exclude_rows must have one row per query: it has "
+                                 f"{exclude.shape[0]}, the query store {queries.rows}")
+            query_ids = queries.ids()
+            pieces: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
+                (self.solver.precondition(rows).float(),
+                 torch.from_numpy(query_ids[first:first + rows.shape[0]]))
                 for rows, first in queries.iter_rows(QUERY_BLOCK, torch.float64))
         else:
-            blocks = self._preconditioned_blocks(queries)
-        exclude = None if exclude_rows is None else torch.as_tensor(exclude_rows).reshape(-1)
+            pieces = self._preconditioned_batches(queries)
+        store_ids = store.ids()
         parts: list[TopInfluence] = []
         done = 0
-        for q, query_ids in blocks:
+        for q, q_ids in _blocks_of(pieces, QUERY_BLOCK):
             ex = None
             if exclude is not None:
                 ex = exclude[done:done + q.shape[0]]
-                if ex.numel() != q.shape[0]:
-                    raise ValueError(f"exclude_rows must have one entry per query: it has "
-                                     f"{exclude.numel()}, there are more queries")
+                if ex.shape[0] != q.shape[0]:
+                    raise ValueError(f"exclude_rows must have one row per query: it has "
+                                     f"{exclude.shape[0]}, there are more queries")
             part = self.topk_from_preconditioned(-q if opponents else q, topk, store,
-                                                 negate=opponents, exclude_rows=ex)
-            part.query_ids = query_ids
+                                                 negate=opponents, exclude_rows=ex,
+                                                 store_ids=store_ids)
+            part.query_ids = q_ids
             parts.append(part)
             done += q.shape[0]
-        if exclude is not None and exclude.numel() != done:
-            raise ValueError(f"exclude_rows must have one entry per query: it has "
-                             f"{exclude.numel()}, there are {done} queries")
+        if exclude is not None and exclude.shape[0] != done:
+            raise ValueError(f"exclude_rows must have one row per query: it has "
+                             f"{exclude.shape[0]}, there are {done} queries")
         if not parts:  # no queries
             empty = torch.zeros(0, topk, dtype=torch.int64)
             return TopInfluence(torch.zeros(0, topk), empty, empty.clone(), store.rows,
@@ -423,25 +446,23 @@ class InfluenceSSL:
                             torch.cat([t.query_ids for t in parts
                                        if t.query_ids is not None]))
 
-    def _preconditioned_blocks(self, data: Iterable[Any]
-                               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(F^-1 phi [<=QUERY_BLOCK, dim] float32, ids)`` of the examples of ``data``,
-        gathered into blocks of :data:`QUERY_BLOCK` rows."""
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        count = 0
+    def _check_query_store(self, queries: GradientStore) -> None:
+        if not queries.complete:
+            raise StoreError(f"query store at {queries.path} is incomplete ({queries.rows} rows "
+                             "written): run featurize again to finish it")
+        diff = fingerprint_diff(json.loads(json.dumps(queries.fingerprint, default=str)),
+                                json.loads(json.dumps(self.fingerprint(), default=str)))
+        if diff:
+            raise StoreError(f"query store at {queries.path} was built differently: "
+                             + "; ".join(diff))
+
+    def _preconditioned_batches(self, data: Iterable[Any]
+                                ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(F^-1 phi [B, dim] float32, ids [B])`` per batch of ``data``."""
         for x, ids, position in _with_positions(data):
             if ids is None:
                 ids = torch.arange(position, position + x.shape[0])
-            pending.append((self.preconditioned(x, ids), ids))
-            count += x.shape[0]
-            while count >= QUERY_BLOCK:
-                q = torch.cat([p for p, _ in pending])
-                i = torch.cat([p for _, p in pending])
-                yield q[:QUERY_BLOCK], i[:QUERY_BLOCK]
-                pending = [(q[QUERY_BLOCK:], i[QUERY_BLOCK:])]
-                count -= QUERY_BLOCK
-        if count:
-            yield torch.cat([p for p, _ in pending]), torch.cat([p for _, p in pending])
+            yield self.preconditioned(x, ids), ids
 
     def topk_from_preconditioned(
         self,
@@ -451,12 +472,14 @@ class InfluenceSSL:
         *,
         negate: bool = False,
         exclude_rows: torch.Tensor | None = None,
+        store_ids: np.ndarray | None = None,
     ) -> TopInfluence:
         """Streaming top-k of ``q @ phi_i`` over a store's shards (memory independent of n), on
         :attr:`scan_device`. On a GPU the store's rows are held there after the first call when
         they fit (:meth:`release_device_memory` drops them), else each call streams the shards
         from the memory-mapped files. The result is on the CPU. Distributed: each rank scans its
-        range of rows, and the ranks' top-k lists are merged (every rank gets the result)."""
+        range of rows, and the ranks' top-k lists are merged (every rank gets the result).
+        ``store_ids``: ``store.ids()`` when the caller has them already."""
         store = self._store(store)
         rank, size = self.ranks
         if size > 1:  # (different shapes would meet in the gathers below and abort the ranks)
@@ -468,8 +491,10 @@ class InfluenceSSL:
         if size > 1:
             values, rows = distributed.merge_topk(distributed.all_gather(values),
                                                   distributed.all_gather(rows), topk)
-        all_ids = torch.from_numpy(store.ids())
-        ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], torch.full_like(rows, -1))
+        all_ids = torch.from_numpy(store.ids() if store_ids is None else store_ids)
+        ids = torch.full_like(rows, -1)
+        if len(all_ids):  # (an empty store returns only empty slots)
+            ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], ids)
         return TopInfluence(-values if negate else values, rows, ids, store.rows)
 
     def _scan(self, q: torch.Tensor, topk: int, store: GradientStore, span: tuple[int, int],
@@ -694,3 +719,23 @@ def _check_part_directory(path: Path, size: int) -> None:
     if alien:
         raise StoreError(f"{path} is not empty and has no {MANIFEST}: refusing to write a store "
                          f"over {alien[:5]}")
+
+
+def _blocks_of(pieces: Iterable[tuple[torch.Tensor, torch.Tensor]], block: int
+               ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Regroups ``(rows [b, ...], ids [b])`` pieces of any sizes into blocks of ``block`` rows
+    (the last one shorter), copying each row once."""
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+    count = 0
+    for rows, ids in pieces:
+        start = 0
+        while start < rows.shape[0]:
+            take = min(block - count, rows.shape[0] - start)
+            pending.append((rows[start:start + take], ids[start:start + take]))
+            count += take
+            start += take
+            if count == block:
+                yield torch.cat([r for r, _ in pending]), torch.cat([i for _, i in pending])
+                pending, count = [], 0
+    if count:
+        yield torch.cat([r for r, _ in pending]), torch.cat([i for _, i in pending])
