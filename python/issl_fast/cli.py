@@ -1,4 +1,5 @@
-"""Command line: ``issl-fast demo`` (the main job) and ``issl-fast info`` (build report)."""
+"""Command line: ``issl-fast demo`` (the main job), ``issl-fast info`` (build report) and
+``issl-fast bench`` (this build's kernels against pure PyTorch, on this machine)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,14 @@ def _info(args: argparse.Namespace) -> int:
     width = max(len(k) for k in info)
     for key in sorted(info):
         print(f"{key:<{width}}  {info[key]}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from .benchmark import format_table, run
+
+    result = run(rounds=args.rounds, quick=args.quick, threads=args.threads)
+    print(json.dumps(result, indent=2) if args.json else format_table(result))
     return 0
 
 
@@ -64,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
     p_info = sub.add_parser("info", help="print build info: version, CUDA, SIMD level, threads")
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_info.set_defaults(func=_info)
+    p_bench = sub.add_parser("bench", help="time this build's CPU kernels against pure "
+                             "PyTorch and this machine's limits (about 10 s)")
+    p_bench.add_argument("--rounds", type=int, default=5, help="timed rounds per case (median)")
+    p_bench.add_argument("--threads", type=int, default=None,
+                         help="threads for the kernels and the baselines (default: torch's)")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    p_bench.add_argument("--json", action="store_true", help="machine-readable output")
+    p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="find planted duplicates/outliers in digits (report)")
     p_demo.add_argument("--out", default="issl_demo", help="report directory (default issl_demo)")
     p_demo.add_argument("--ssl", default="simclr", choices=["simclr", "byol", "barlow"],

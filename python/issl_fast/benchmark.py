@@ -1,0 +1,163 @@
+"""``issl-fast bench``: a quick check of this build's CPU kernels on this machine.
+
+Times three kernels against the pure-PyTorch code a user would write instead
+(:mod:`.baselines`), after checking that both agree with the reference, and reports each as a
+speed-up over its baseline and as a fraction of this machine's limits, measured in the same
+run: the fp32 ``torch.mm`` rate and the memory bandwidth of a ``c = a + b`` triad. Times are
+medians of a few rounds. The full suite, with the targets and memory figures, is
+``python -m pytest bench/`` in the source tree (``bench/README.md``); the GPU one is
+``bench/gpu/run.sh``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from . import baselines, ops, reference
+
+# Columns of a k-column sketch checked against the reference (they depend on k only through
+# 1/sqrt(k), so a k=CHECK_COLS reference checks them without building the whole matrix).
+CHECK_COLS = 64
+# Worst relative error (of a row's norm) accepted between a kernel and the reference.
+CHECK_RTOL = 1e-3
+
+
+@dataclass
+class Case:
+    """One kernel against its baseline: median seconds, speed-up, and the fraction of the
+    machine limit the kernel reached (``limit``: "gemm" or "bandwidth")."""
+
+    op: str
+    shape: str
+    ours_s: float
+    baseline: str
+    baseline_s: float
+    speedup: float
+    limit: str
+    fraction_of_limit: float
+    max_rel_err: float
+
+
+def median_time(fn: Callable[[], Any], rounds: int) -> float:
+    """Median wall time of ``rounds`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def machine_limits(rounds: int, quick: bool) -> dict[str, float]:
+    """fp32 ``torch.mm`` rate (FLOP/s) and triad bandwidth (bytes/s), measured now."""
+    n = 512 if quick else 1536
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    gemm = 2 * n**3 / median_time(lambda: torch.mm(a, b), rounds)
+    size = (1 << 22) if quick else (1 << 25)  # floats per array (16 MiB / 128 MiB)
+    x, y, z = torch.randn(size), torch.randn(size), torch.empty(size)
+    bandwidth = 3 * 4 * size / median_time(lambda: torch.add(x, y, out=z), rounds)
+    return {"gemm_flops": gemm, "bandwidth_bytes": bandwidth}
+
+
+def _row_rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    err = (ours.double() - ref.double()).norm(dim=1) / ref.double().norm(dim=1).clamp(min=1e-30)
+    return float(err.max())
+
+
+def _leading_cols(y: torch.Tensor, k: int) -> torch.Tensor:
+    """The first CHECK_COLS sketch columns, at the scale of a CHECK_COLS-column sketch."""
+    return y[:, :CHECK_COLS].double() * math.sqrt(k / CHECK_COLS)
+
+
+def bench_linear(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
+    B, d, k = (8, 128, 1024) if quick else (32, 256, 2048)
+    gen = torch.Generator().manual_seed(0)
+    A, D = torch.randn(B, 1, d, generator=gen), torch.randn(B, 1, d, generator=gen)
+    ours = ops.sketch_linear(A, D, k, seed=0, backend="cpu", num_threads=threads)
+    ref = reference.sketch_linear(A.double(), D.double(), CHECK_COLS, seed=0,
+                                  accum=torch.float64)
+    err = _row_rel_err(_leading_cols(ours, k), ref)
+    blocks = baselines.TorchRademacherBlocks(d * d, baselines.DENSE_BLOCK)
+    t_ours = median_time(lambda: ops.sketch_linear(A, D, k, seed=0, backend="cpu",
+                                                   num_threads=threads), rounds)
+    t_base = median_time(lambda: baselines.linear_baseline(A, D, k, blocks), rounds)
+    flops = 2 * B * d * d * k
+    return Case("sketch_linear", f"B={B} {d}x{d} k={k} fp32", t_ours,
+                "einsum G + torch RNG blocks", t_base, t_base / t_ours, "gemm",
+                flops / t_ours / limits["gemm_flops"], err)
+
+
+def bench_kron(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
+    B, T, d, kk = (16, 16, 128, 16) if quick else (64, 64, 256, 32)
+    gen = torch.Generator().manual_seed(1)
+    A, D = torch.randn(B, T, d, generator=gen), torch.randn(B, T, d, generator=gen)
+    p_in, p_out = (torch.from_numpy(p).float()
+                   for p in reference.kron_matrices(0, d, d, kk, kk))
+    ours = ops.sketch_kron(A, D, kk, kk, seed=0, backend="cpu", num_threads=threads)
+    err = _row_rel_err(ours, reference.sketch_kron(A.double(), D.double(), kk, kk, seed=0,
+                                                   accum=torch.float64))
+    t_ours = median_time(lambda: ops.sketch_kron(A, D, kk, kk, seed=0, backend="cpu",
+                                                 num_threads=threads), rounds)
+    t_base = median_time(lambda: baselines.kron_baseline(A, D, p_in, p_out), rounds)
+    flops = 2 * B * T * (d * kk + d * kk + kk * kk)
+    return Case("sketch_kron", f"B={B} T={T} {d}x{d} k={kk}x{kk} fp32", t_ours,
+                "2 mm + einsum (matrices cached)", t_base, t_base / t_ours, "gemm",
+                flops / t_ours / limits["gemm_flops"], err)
+
+
+def bench_score_topk(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
+    n, k, m, topk = ((1 << 16), 256, 1, 10) if quick else ((1 << 18), 512, 1, 10)
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(n, k, generator=gen).half()
+    Q = torch.randn(m, k, generator=gen)
+    values, _ = ops.score_topk(Q, G, topk, backend="cpu", num_threads=threads)
+    want, _ = baselines.topk_baseline(Q, G, topk)  # (float32 upcast: exact products of fp16)
+    err = _row_rel_err(values, want)
+    t_ours = median_time(lambda: ops.score_topk(Q, G, topk, backend="cpu",
+                                                num_threads=threads), rounds)
+    t_base = median_time(lambda: baselines.topk_baseline(Q, G, topk), rounds)
+    return Case("score_topk", f"n={n} k={k} fp16 store, m={m} top{topk}", t_ours,
+                "upcast chunks + mm + topk", t_base, t_base / t_ours, "bandwidth",
+                n * k * 2 / t_ours / limits["bandwidth_bytes"], err)
+
+
+def run(rounds: int = 5, quick: bool = False, threads: int | None = None) -> dict[str, Any]:
+    """Measures the machine's limits, then each kernel against its baseline; raises
+    ``RuntimeError`` if a kernel disagrees with the reference."""
+    threads = threads or torch.get_num_threads()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # the baselines get the same threads as the kernels
+    try:
+        limits = machine_limits(rounds, quick)
+        cases = [bench(rounds, quick, threads, limits)
+                 for bench in (bench_linear, bench_kron, bench_score_topk)]
+    finally:
+        torch.set_num_threads(previous)
+    wrong = [c for c in cases if not c.max_rel_err <= CHECK_RTOL]
+    if wrong:
+        raise RuntimeError("kernel results disagree with the reference: " + ", ".join(
+            f"{c.op} (max row error {c.max_rel_err:.2e})" for c in wrong))
+    return {"threads": threads, "rounds": rounds, "quick": quick, "limits": limits,
+            "cases": [asdict(c) for c in cases]}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lim = result["limits"]
+    lines = [f"issl-fast bench: {result['threads']} threads, median of {result['rounds']}; "
+             f"this machine now: fp32 mm {lim['gemm_flops'] / 1e9:.0f} GFLOP/s, "
+             f"triad {lim['bandwidth_bytes'] / 1e9:.1f} GB/s",
+             f"{'op':<14}{'shape':<38}{'ours ms':>9}{'base ms':>10}{'speed-up':>10}"
+             f"{'of limit':>10}  baseline"]
+    for c in result["cases"]:
+        lines.append(f"{c['op']:<14}{c['shape']:<38}{c['ours_s'] * 1e3:>9.1f}"
+                     f"{c['baseline_s'] * 1e3:>10.1f}{c['speedup']:>9.1f}x"
+                     f"{c['fraction_of_limit']:>9.0%} {c['limit'][:4]}  {c['baseline']}")
+    return "\n".join(lines)

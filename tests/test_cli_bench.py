@@ -1,0 +1,39 @@
+"""``issl-fast bench``: the quick self-check of the CPU kernels against pure PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from issl_fast import benchmark, cli, ops
+
+
+def test_bench_json_reports_every_kernel_checked_against_the_reference(capsys) -> None:
+    assert cli.main(["bench", "--quick", "--json", "--rounds", "1", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["threads"] == 1 and result["quick"] is True
+    assert result["limits"]["gemm_flops"] > 0 and result["limits"]["bandwidth_bytes"] > 0
+    cases = {c["op"]: c for c in result["cases"]}
+    assert set(cases) == {"sketch_linear", "sketch_kron", "score_topk"}
+    for c in cases.values():
+        assert c["ours_s"] > 0 and c["baseline_s"] > 0
+        assert c["speedup"] == pytest.approx(c["baseline_s"] / c["ours_s"])
+        assert 0 <= c["max_rel_err"] <= benchmark.CHECK_RTOL
+        assert c["limit"] in ("gemm", "bandwidth") and c["fraction_of_limit"] > 0
+    assert torch.get_num_threads() >= 1  # restored after the run
+
+
+def test_bench_refuses_a_kernel_that_disagrees(monkeypatch) -> None:
+    real = ops.sketch_kron
+    monkeypatch.setattr(ops, "sketch_kron", lambda *a, **kw: real(*a, **kw) * 1.01)
+    with pytest.raises(RuntimeError, match=r"sketch_kron \(max row error 1.00e-02\)"):
+        benchmark.run(rounds=1, quick=True, threads=1)
+
+
+def test_bench_table_names_the_baselines(capsys) -> None:
+    assert cli.main(["bench", "--quick", "--rounds", "1", "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "fp32 mm" in out and "triad" in out
+    for op in ("sketch_linear", "sketch_kron", "score_topk"):
+        assert op in out
