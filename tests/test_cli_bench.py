@@ -10,7 +10,9 @@ from issl_fast import benchmark, cli, ops
 
 
 def test_bench_json_reports_every_kernel_checked_against_the_reference(capsys) -> None:
+    threads = torch.get_num_threads()
     assert cli.main(["bench", "--quick", "--json", "--rounds", "1", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads  # restored after the run
     result = json.loads(capsys.readouterr().out)
     assert result["threads"] == 1 and result["quick"] is True
     assert result["limits"]["gemm_flops"] > 0 and result["limits"]["bandwidth_bytes"] > 0
@@ -21,7 +23,6 @@ def test_bench_json_reports_every_kernel_checked_against_the_reference(capsys) -
         assert c["speedup"] == pytest.approx(c["baseline_s"] / c["ours_s"])
         assert 0 <= c["max_rel_err"] <= benchmark.CHECK_RTOL
         assert c["limit"] in ("gemm", "bandwidth") and c["fraction_of_limit"] > 0
-    assert torch.get_num_threads() >= 1  # restored after the run
 
 
 def test_bench_refuses_a_kernel_that_disagrees(monkeypatch) -> None:
@@ -29,6 +30,35 @@ def test_bench_refuses_a_kernel_that_disagrees(monkeypatch) -> None:
     monkeypatch.setattr(ops, "sketch_kron", lambda *a, **kw: real(*a, **kw) * 1.01)
     with pytest.raises(RuntimeError, match=r"sketch_kron \(max row error 1.00e-02\)"):
         benchmark.run(rounds=1, quick=True, threads=1)
+
+
+@pytest.mark.parametrize("broken", ["linear_tail", "topk_rows"])
+def test_bench_checks_whole_results(monkeypatch, broken: str) -> None:
+    """A sketch wrong past its first columns, or top-k rows that are not the top rows, fail."""
+    if broken == "linear_tail":
+        real_linear = ops.sketch_linear
+
+        def linear(*a, **kw):
+            y = real_linear(*a, **kw)
+            y[:, benchmark.CHECK_COLS:] = 0
+            return y
+
+        monkeypatch.setattr(ops, "sketch_linear", linear)
+        match = "sketch_linear"
+    else:
+        real_topk = ops.score_topk
+        monkeypatch.setattr(ops, "score_topk", lambda *a, **kw: (
+            real_topk(*a, **kw)[0], torch.zeros_like(real_topk(*a, **kw)[1])))
+        match = r"score_topk \(max row error inf\)"
+    with pytest.raises(RuntimeError, match=match):
+        benchmark.run(rounds=1, quick=True, threads=1)
+
+
+def test_bench_refuses_bad_rounds_and_threads(capsys) -> None:
+    for argv in (["--rounds", "0"], ["--threads", "-1"], ["--threads", "0"]):
+        with pytest.raises(SystemExit):
+            cli.main(["bench", "--quick", *argv])
+        assert "must be >= 1" in capsys.readouterr().err
 
 
 def test_bench_table_names_the_baselines(capsys) -> None:

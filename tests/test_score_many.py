@@ -127,3 +127,24 @@ def test_bad_many_query_arguments_are_refused(fitted, small_blocks, tmp_path) ->
         attr.score(foreign, topk=3, store=train)
     empty = attr.score([], topk=3, store=train)
     assert empty.values.shape == (0, 3) and empty.query_ids.shape == (0,)
+
+
+def test_fit_without_a_store_refuses_to_guess(tmp_path) -> None:
+    attr = cnn_attribution("block", store_dtype="float32")
+    train = attr.featurize(batches(images(N), 6), tmp_path / "train", progress=False)
+    attr.fit()  # one store: no doubt
+    attr.featurize(batches(images(M, seed=7), 6), tmp_path / "test", progress=False)
+    with pytest.raises(ValueError, match="fit\\(\\) has 2 stores to choose from"):
+        attr.fit()  # the test set, or a refit of the training set?
+    attr.fit(train)
+    assert attr.self_influence().shape == (N,)  # scans stay on the store fit used
+
+
+def test_many_query_exclusions_are_checked(fitted, small_blocks) -> None:
+    attr, train = fitted
+    with pytest.raises(TypeError, match="exclude_rows must hold integer store rows"):
+        attr.score(train, topk=3, exclude_rows=torch.zeros(N))
+    with pytest.raises(ValueError, match=r"exclude_rows must be store rows in \[0, 30\) or -1"):
+        attr.score(train, topk=3, exclude_rows=torch.full((N,), N))
+    got = attr.score(train, topk=np.int64(2), exclude_rows=torch.full((N,), -1))
+    assert got.values.shape == (N, 2)

@@ -21,6 +21,13 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import format_table, run
 
@@ -75,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     p_info.set_defaults(func=_info)
     p_bench = sub.add_parser("bench", help="time this build's CPU kernels against pure "
                              "PyTorch and this machine's limits (about 10 s)")
-    p_bench.add_argument("--rounds", type=int, default=5, help="timed rounds per case (median)")
-    p_bench.add_argument("--threads", type=int, default=None,
+    p_bench.add_argument("--rounds", type=_positive_int, default=5,
+                         help="timed rounds per case (median)")
+    p_bench.add_argument("--threads", type=_positive_int, default=None,
                          help="threads for the kernels and the baselines (default: torch's)")
     p_bench.add_argument("--quick", action="store_true", help="small sizes (seconds)")
     p_bench.add_argument("--json", action="store_true", help="machine-readable output")

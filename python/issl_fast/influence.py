@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
@@ -149,6 +150,9 @@ class InfluenceSSL:
         # featurising a test set after fit does not make it the training set).
         self.store: GradientStore | None = None
         self._fitted_store: GradientStore | None = None
+        # Every store featurised by this object (resolved paths): fit() without a store is
+        # refused when that would have to guess between several.
+        self._featurized: set[str] = set()
         # (store content, device, its rows there): repeated scores read them on the GPU instead
         # of streaming the store over PCIe every time.
         self._held: tuple[tuple, torch.Tensor] | None = None
@@ -223,6 +227,7 @@ class InfluenceSSL:
                 positioned = _with_positions(data)
                 self._featurize_into(store, positioned, total, progress)
         self.store = store
+        self._featurized.add(str(store.path.resolve()))
         return store
 
     def _featurize_into(self, store: GradientStore,
@@ -314,7 +319,7 @@ class InfluenceSSL:
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
         if store is None:
-            default = self._fitted_store or self.store
+            default = self._fitted_store if self._fitted_store is not None else self.store
             if default is None:
                 raise ValueError("no store: call featurize(...) first or pass store=")
             return default
@@ -331,8 +336,15 @@ class InfluenceSSL:
     def fit(self, store: GradientStore | str | os.PathLike | None = None) -> InfluenceSSL:
         """Fit the curvature (and damping) on a store's features (default: the last store
         featurised); scans then default to that store."""
-        if store is None and self.store is None:
-            raise ValueError("no store: call featurize(...) first or pass store=")
+        if store is None:
+            known = set(self._featurized)
+            if self._fitted_store is not None:
+                known.add(str(self._fitted_store.path.resolve()))
+            if len(known) > 1:
+                raise ValueError(f"fit() has {len(known)} stores to choose from "
+                                 f"({sorted(known)[:3]}): pass the training store, fit(store)")
+            if self.store is None:
+                raise ValueError("no store: call featurize(...) first or pass store=")
         store = self._store(store if store is not None else self.store)
         self.release_device_memory()
         rank, size = self.ranks
@@ -383,8 +395,9 @@ class InfluenceSSL:
         ``[m, e]`` store rows each query must not return (-1: none), e.g. its own row when the
         queries are the training set. ``query_ids`` of the result: the queries' ids (or stream
         positions)."""
-        if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
+        if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+        topk = int(topk)
         store = self._store(store)
         if isinstance(queries, torch.Tensor):
             q = self.preconditioned(queries, ids)
@@ -399,12 +412,19 @@ class InfluenceSSL:
                              "are numbered by their position)")
         exclude = None
         if exclude_rows is not None:
-            exclude = torch.as_tensor(exclude_rows, dtype=torch.int64)
+            exclude = torch.as_tensor(exclude_rows)
+            if exclude.dtype.is_floating_point or exclude.dtype.is_complex or \
+                    exclude.dtype == torch.bool:
+                raise TypeError(f"exclude_rows must hold integer store rows, got {exclude.dtype}")
+            exclude = exclude.to(torch.int64)
             if exclude.dim() == 1:
                 exclude = exclude[:, None]
             if exclude.dim() != 2:
                 raise ValueError(f"exclude_rows must be [m] or [m, e], got shape "
                                  f"{tuple(exclude.shape)}")
+            if exclude.numel() and (int(exclude.min()) < -1 or int(exclude.max()) >= store.rows):
+                raise ValueError(f"exclude_rows must be store rows in [0, {store.rows}) or -1, "
+                                 f"got values in [{int(exclude.min())}, {int(exclude.max())}]")
         if isinstance(queries, GradientStore):
             self._check_query_store(queries)
             if exclude is not None and exclude.shape[0] != queries.rows:
