@@ -578,3 +578,19 @@ def test_store_row_ranges_read_only_that_range(tmp_path: Path) -> None:
         assert firsts == sorted(firsts) and (not firsts or firsts[0] == span[0])
     with pytest.raises(ValueError, match="within"):
         store.load_to("cpu", torch.float32, rows=(2, 11))
+
+
+def test_rank_batches_remake_a_loader_with_workers() -> None:
+    """The re-made loader keeps the workers, prefetching and collate function."""
+    loader = DataLoader(TensorDataset(images(N)), batch_size=BATCH, num_workers=2,
+                        prefetch_factor=3, persistent_workers=True)
+    rb = distributed.RankBatches(loader, 1, 2, SHARD)
+    assert rb._loader is not None
+    assert (rb._loader.num_workers, rb._loader.prefetch_factor,
+            rb._loader.persistent_workers) == (2, 3, True)
+    got = {pos: xb for xb, _, pos in rb}
+    x = images(N)
+    for pos, xb in got.items():
+        assert (pos // rb.block) % 2 == 1
+        torch.testing.assert_close(xb, x[pos:pos + xb.shape[0]], rtol=0, atol=0)
+    assert sum(xb.shape[0] for xb in got.values()) == rb.rows
