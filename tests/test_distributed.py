@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from engine_models import batches, cnn_attribution, images
-from issl_fast import distributed
+from issl_fast import distributed, influence
 from issl_fast.store import GradientStore, StoreError, part_name
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -94,8 +94,17 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
     ids = store.ids()
     top = attr.score(_queries(), topk=TOPK)
     low = attr.score(_queries(), topk=TOPK, opponents=True)
-    # many queries: a list of batches, and the store itself (each row excluding its own)
-    many = attr.score(batches(_queries(), 2), topk=TOPK)
+    # many queries: a list of batches (blocks of 2: under W ranks, featurised in turns), and
+    # the store itself (each row excluding its own)
+    featurised: list[int] = []
+    features = attr.features
+    attr.features = lambda x, ids=None: featurised.append(len(x)) or features(x, ids)
+    block, influence.QUERY_BLOCK = influence.QUERY_BLOCK, 2
+    try:
+        many = attr.score(batches(_queries(), 2), topk=TOPK)
+    finally:
+        influence.QUERY_BLOCK = block
+        attr.features = features
     itself = attr.score(store, topk=2, exclude_rows=torch.arange(store.rows))
     sim, nb = attr.neighbours(3)
     dups = attr.find_duplicates(threshold=-1.0, topk=2)
@@ -107,6 +116,7 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
         "top_values": top.values.numpy(), "top_ids": top.ids.numpy(),
         "low_values": low.values.numpy(), "low_ids": low.ids.numpy(),
         "many_values": many.values.numpy(), "many_ids": many.ids.numpy(),
+        "many_query_ids": many.query_ids.numpy(), "many_featurised": sum(featurised),
         "itself_values": itself.values.numpy(), "itself_ids": itself.ids.numpy(),
         "self_influence": attr.self_influence(),
         "neighbour_sim": sim, "neighbour_ids": np.where(nb >= 0, ids[nb], -1),
@@ -163,6 +173,7 @@ def _assert_same_attribution(got: dict, want: dict) -> None:
     assert got["damping"].keys() == want["damping"].keys()
     for k in want["damping"]:
         assert got["damping"][k] == pytest.approx(want["damping"][k], rel=RTOL)
+    np.testing.assert_array_equal(got["many_query_ids"], np.arange(5))
     for key in ("top", "low", "many", "itself"):
         np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
         np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=SCORE_RTOL)
@@ -189,6 +200,10 @@ def test_ranks_give_the_one_process_answer(tmp_path: Path, size: int, data_kind:
         _assert_same_attribution(o["result"], want)
     # every rank holds the same answer, and the store is made of one part per rank
     assert outcomes[0]["result"]["parts"] == [part_name(r, size) for r in range(size)]
+    # the 5 many-queries in blocks of 2 (0-1, 2-3, 4) were featurised once, shared out in turns
+    block_sizes = [2, 2, 1]
+    assert [o["result"]["many_featurised"] for o in outcomes] == [
+        sum(b for j, b in enumerate(block_sizes) if j % size == r) for r in range(size)]
     for o in outcomes[1:]:
         np.testing.assert_array_equal(o["result"]["top_values"],
                                       outcomes[0]["result"]["top_values"])

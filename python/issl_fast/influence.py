@@ -431,16 +431,19 @@ class InfluenceSSL:
                 raise ValueError(f"exclude_rows must have one row per query: it has "
                                  f"{exclude.shape[0]}, the query store {queries.rows}")
             query_ids = queries.ids()
-            pieces: Iterable[tuple[torch.Tensor, torch.Tensor]] = (
-                (self.solver.precondition(rows).float(),
-                 torch.from_numpy(query_ids[first:first + rows.shape[0]]))
-                for rows, first in queries.iter_rows(QUERY_BLOCK, torch.float64))
+            blocks = _blocks_of(((self.solver.precondition(rows).float(),
+                                  torch.from_numpy(query_ids[first:first + rows.shape[0]]))
+                                 for rows, first in queries.iter_rows(QUERY_BLOCK,
+                                                                      torch.float64)),
+                                QUERY_BLOCK)
+        elif self.ranks[1] > 1:
+            blocks = self._shared_query_blocks(queries)  # the ranks featurise in turns
         else:
-            pieces = self._preconditioned_batches(queries)
+            blocks = _blocks_of(self._preconditioned_batches(queries), QUERY_BLOCK)
         store_ids = store.ids()
         parts: list[TopInfluence] = []
         done = 0
-        for q, q_ids in _blocks_of(pieces, QUERY_BLOCK):
+        for q, q_ids in blocks:
             ex = None
             if exclude is not None:
                 ex = exclude[done:done + q.shape[0]]
@@ -475,6 +478,50 @@ class InfluenceSSL:
         if diff:
             raise StoreError(f"query store at {queries.path} was built differently: "
                              + "; ".join(diff))
+
+    def _shared_query_blocks(self, data: Iterable[Any]
+                             ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Distributed: ``(F^-1 phi [<=QUERY_BLOCK, dim], ids)`` blocks of the queries of
+        ``data`` in stream order, on every rank; the ranks take turns featurising them (block j
+        is rank j % W's, :class:`.distributed.RankBatches`) and share each round's blocks."""
+        rank, size = self.ranks
+        with distributed.together("score: queries"):
+            batches = distributed.RankBatches(data, rank, size, QUERY_BLOCK)
+        distributed.same_on_all_ranks(batches.digest, "the queries' loader order")
+        mine = self._own_query_blocks(batches)
+        empty = (torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.int64))
+        while True:  # one round: every rank's next block (block round * W + rank)
+            with distributed.together("score: queries"):
+                q, ids = next(mine, empty)
+            counts = [int(c) for c in distributed.all_gather(torch.tensor([q.shape[0]]))]
+            if not any(counts):
+                break
+            width = max(counts)
+            q_all = distributed.all_gather(torch.cat([q, q.new_zeros(width - len(q), self.dim)]))
+            id_all = distributed.all_gather(torch.cat([ids, ids.new_zeros(width - len(ids))]))
+            for c, q_r, ids_r in zip(counts, q_all, id_all):
+                if c:
+                    yield q_r[:c], ids_r[:c]
+        # a plain iterable's content is known once read to the end
+        distributed.same_on_all_ranks(batches.digest, "the query stream")
+
+    def _own_query_blocks(self, batches: distributed.RankBatches
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This rank's blocks of ``batches``, preconditioned here (no collectives)."""
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        current = -1
+        for x, ids, position in batches:
+            if ids is None:
+                ids = torch.arange(position, position + x.shape[0])
+            block = position // batches.block
+            if pending and block != current:
+                yield torch.cat([q for q, _ in pending]), torch.cat([i for _, i in pending])
+                pending = []
+            current = block
+            q = self.solver.precondition(self.features(x, ids)).float().contiguous()
+            pending.append((q, ids.to(torch.int64)))
+        if pending:
+            yield torch.cat([q for q, _ in pending]), torch.cat([i for _, i in pending])
 
     def _preconditioned_batches(self, data: Iterable[Any]
                                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
