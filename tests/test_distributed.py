@@ -515,6 +515,8 @@ def test_rank_batches_loader_reads_only_its_examples() -> None:
     assert rb.block == 5  # 100 rows, 3 ranks: ~8 blocks each
     list(rb)
     assert sorted(read) == [i for i in range(100) if (i // 5) % 3 == 1]
+    # unbalanced (query blocks): blocks of shard_rows whatever the length
+    assert distributed.RankBatches(loader, 1, 3, shard_rows=64, balance=False).block == 64
 
 
 def test_rank_batches_refuse_a_distributed_sampler_and_keep_loader_subclasses() -> None:

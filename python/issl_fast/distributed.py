@@ -260,7 +260,8 @@ class RankBatches:
     check they all read the same one; for a plain iterable it is known once it has been read to
     the end (None before)."""
 
-    def __init__(self, data: Iterable[Any], rank: int, size: int, shard_rows: int) -> None:
+    def __init__(self, data: Iterable[Any], rank: int, size: int, shard_rows: int,
+                 balance: bool = True) -> None:
         self.data, self.rank, self.size = data, rank, size
         self._hash = hashlib.sha256()
         self._known = False  # whether the digest covers the whole stream
@@ -273,7 +274,10 @@ class RankBatches:
         for b in batches:
             self._hash.update(np.asarray(b, dtype=np.int64).tobytes() + b"|")
         self._known = True
-        self.block = block_rows(sum(len(b) for b in batches), size, shard_rows)
+        # (balance=False keeps blocks of shard_rows: query blocks, where fewer, larger blocks
+        # mean fewer passes over the store)
+        self.block = block_rows(sum(len(b) for b in batches) if balance else None, size,
+                                shard_rows)
         mine = [(b[a:e], pos + a) for b, pos in zip(batches, _positions(batches))
                 for a, e in self._pieces(pos, len(b))]
         self.rows = sum(len(b) for b, _ in mine)

@@ -486,7 +486,7 @@ class InfluenceSSL:
         is rank j % W's, :class:`.distributed.RankBatches`) and share each round's blocks."""
         rank, size = self.ranks
         with distributed.together("score: queries"):
-            batches = distributed.RankBatches(data, rank, size, QUERY_BLOCK)
+            batches = distributed.RankBatches(data, rank, size, QUERY_BLOCK, balance=False)
         distributed.same_on_all_ranks(batches.digest, "the queries' loader order")
         mine = self._own_query_blocks(batches)
         empty = (torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.int64))
