@@ -611,3 +611,9 @@ def test_rank_batches_remake_a_loader_with_workers() -> None:
         assert (pos // rb.block) % 2 == 1
         torch.testing.assert_close(xb, x[pos:pos + xb.shape[0]], rtol=0, atol=0)
     assert sum(xb.shape[0] for xb in got.values()) == rb.rows
+
+
+def test_rank_batches_refuse_ids_that_do_not_match_the_batch() -> None:
+    data = [{"x": images(3), "ids": torch.arange(5)}]
+    with pytest.raises(ValueError, match="a batch has 5 ids for 3 examples"):
+        list(distributed.RankBatches(data, 0, 2, SHARD))

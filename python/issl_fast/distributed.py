@@ -311,11 +311,15 @@ class RankBatches:
                         "indices (its collate_fn or dataset drops or adds rows), so the "
                         "examples' stream positions are unknown: pass it wrapped, e.g. "
                         "(batch for batch in loader), to have every rank read it whole")
+                if ids is not None and ids.shape[0] != n:
+                    raise ValueError(f"a batch has {ids.shape[0]} ids for {n} examples")
                 yield x, ids, pos
             return
         position = 0
         for x, ids in iterate_batches(self.data):
             B = x.shape[0]
+            if ids is not None and ids.shape[0] != B:
+                raise ValueError(f"a batch has {ids.shape[0]} ids for {B} examples")
             self._hash.update(f"{B}|".encode() + _sample_bytes(x))
             if ids is not None:
                 self._hash.update(ids.numpy().tobytes())

@@ -489,7 +489,7 @@ class InfluenceSSL:
             batches = distributed.RankBatches(data, rank, size, QUERY_BLOCK, balance=False)
         distributed.same_on_all_ranks(batches.digest, "the queries' loader order")
         mine = self._own_query_blocks(batches)
-        empty = (torch.zeros(0, self.dim), torch.zeros(0, dtype=torch.int64))
+        empty = (torch.zeros(0, self.dim, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
         while True:  # one round: every rank's next block (block round * W + rank)
             with distributed.together("score: queries"):
                 q, ids = next(mine, empty)
@@ -569,7 +569,7 @@ class InfluenceSSL:
         """Top-k of ``q @ phi_i`` over the store rows ``span``: (values, rows), on the CPU."""
         q = q.to(self.scan_device)
         m = q.shape[0]
-        values = torch.full((m, topk), -torch.inf)
+        values = torch.full((m, topk), -torch.inf, dtype=torch.float32)
         rows = torch.full((m, topk), -1, dtype=torch.int64)
         held = self._held_rows(store, span)
         shards = [(held, span[0])] if held is not None else store.shards(span)
