@@ -107,6 +107,9 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
         attr.features = features
     itself = attr.score(store, topk=2, exclude_rows=torch.arange(store.rows))
     sim, nb = attr.neighbours(3)
+    # and with transformed copies (each rank featurises its share of the shifted examples)
+    t_sim, t_nb = attr.neighbours(2, data=_data(data_kind),
+                                  transforms=issl.apps.translations(1)[:2])
     dups = attr.find_duplicates(threshold=-1.0, topk=2)
     return {
         "ids": ids,
@@ -120,6 +123,7 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
         "itself_values": itself.values.numpy(), "itself_ids": itself.ids.numpy(),
         "self_influence": attr.self_influence(),
         "neighbour_sim": sim, "neighbour_ids": np.where(nb >= 0, ids[nb], -1),
+        "t_neighbour_sim": t_sim, "t_neighbour_ids": np.where(t_nb >= 0, ids[t_nb], -1),
         "dup_ids": dups.ids, "dup_sim": dups.similarity,
         # labels in dataset order: row i must be example i, as in one process
         "groups": attr.group_influence(np.arange(N) % 3, n_boot=10).self_mean,
@@ -178,9 +182,10 @@ def _assert_same_attribution(got: dict, want: dict) -> None:
         np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
         np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=SCORE_RTOL)
     np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=SCORE_RTOL)
-    np.testing.assert_array_equal(got["neighbour_ids"], want["neighbour_ids"])
-    np.testing.assert_allclose(got["neighbour_sim"], want["neighbour_sim"], rtol=SCORE_RTOL,
-                               atol=SCORE_RTOL)
+    for key in ("neighbour", "t_neighbour"):
+        np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
+        np.testing.assert_allclose(got[f"{key}_sim"], want[f"{key}_sim"], rtol=SCORE_RTOL,
+                                   atol=SCORE_RTOL)
     np.testing.assert_array_equal(got["dup_ids"], want["dup_ids"])
     np.testing.assert_allclose(got["groups"], want["groups"], rtol=SCORE_RTOL)
 

@@ -691,10 +691,22 @@ class InfluenceSSL:
                     store, self.solver, self._transformed_queries(store, batches, t), topk,
                     self.num_threads, self_influence=s, device=self.scan_device)
             distributed.same_on_all_ranks(batches.digest, "the data stream")
-            sims = distributed.all_gather(torch.from_numpy(found[0]))
-            rows = distributed.all_gather(torch.from_numpy(found[1]))
-            result = apps.merge_neighbours(result, *((v.numpy(), i.numpy())
-                                                     for v, i in zip(sims, rows)))
+            # each rank found the rows of its examples: only those rows travel
+            mine = np.flatnonzero((found[1] >= 0).any(axis=1))
+            counts = [int(c) for c in distributed.all_gather(torch.tensor([len(mine)]))]
+            width = max(counts)
+            pad = width - len(mine)
+            sims = distributed.all_gather(torch.from_numpy(np.concatenate(
+                [found[0][mine], np.full((pad, found[0].shape[1]), -np.inf, np.float32)])))
+            nbrs = distributed.all_gather(torch.from_numpy(np.concatenate(
+                [found[1][mine], np.full((pad, found[1].shape[1]), -1, np.int64)])))
+            where = distributed.all_gather(torch.from_numpy(np.concatenate(
+                [mine.astype(np.int64), np.zeros(pad, np.int64)])))
+            result = (result[0].copy(), result[1].copy())
+            for c, v, i, r in zip(counts, sims, nbrs, where):
+                if c:
+                    apps.merge_rows(result[0], result[1], r.numpy()[:c], v.numpy()[:c],
+                                    i.numpy()[:c])
         return result
 
     def _transformed_queries(

@@ -4,6 +4,7 @@ from .duplicates import (
     DuplicatePairs,
     find_duplicates,
     merge_neighbours,
+    merge_rows,
     normalised_neighbours,
     transformed_neighbours,
 )
@@ -20,6 +21,7 @@ __all__ = [
     "find_outliers",
     "group_influence",
     "merge_neighbours",
+    "merge_rows",
     "neighbour_scores",
     "normalised_neighbours",
     "transformed_neighbours",

@@ -154,7 +154,7 @@ def transformed_neighbours(
         s = (pre * phi).sum(dim=1).clamp(min=_EPS)
         q = (pre / s.sqrt()[:, None]).float().contiguous()
         v, i = scan.topk(q, rows, topk)
-        _merge_rows(best_v, best_i, rows.numpy(), v.numpy(), i.numpy())
+        merge_rows(best_v, best_i, rows.numpy(), v.numpy(), i.numpy())
 
     queued = 0
     for phi, rows in queries:
@@ -176,8 +176,8 @@ def transformed_neighbours(
     return best_v, best_i
 
 
-def _merge_rows(best_v: np.ndarray, best_i: np.ndarray, rows: np.ndarray, v: np.ndarray,
-                i: np.ndarray) -> None:
+def merge_rows(best_v: np.ndarray, best_i: np.ndarray, rows: np.ndarray, v: np.ndarray,
+               i: np.ndarray) -> None:
     """Merges result p (v[p], i[p]) into row rows[p] of (best_v, best_i), in place; a row met
     more than once (in this call or an earlier one) keeps the best of all its results."""
     uniq, first = np.unique(rows, return_index=True)
