@@ -39,7 +39,7 @@ def _import_issl_fast(retries: int = 8, wait_s: float = 30.0):
     for attempt in range(retries):
         try:
             import issl_fast  # noqa: F401
-            from issl_fast import ops, reference  # noqa: F401
+            from issl_fast import benchmark, ops, reference  # noqa: F401
 
             return sys.modules["issl_fast"]
         except Exception as exc:  # ImportError, or OSError from a half-written .so
@@ -61,16 +61,7 @@ reference = issl_fast.reference
 # ---------------------------------------------------------------------------------------------
 # timing
 # ---------------------------------------------------------------------------------------------
-def median_time(fn: Callable[[], Any], rounds: int, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``rounds`` calls after ``warmup`` calls (seconds)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+median_time = issl_fast.benchmark.median_time  # (the package's `issl-fast bench` timer)
 
 
 # ISSL_BENCH_WAIT_QUIET=<s>: before each timed round, wait up to <s> seconds for other processes

@@ -49,11 +49,12 @@ class Case:
     max_rel_err: float
 
 
-def median_time(fn: Callable[[], Any], rounds: int) -> float:
-    """Median wall time of ``rounds`` (>= 1) calls after one warm-up call."""
+def median_time(fn: Callable[[], Any], rounds: int, warmup: int = 1) -> float:
+    """Median wall time (seconds) of ``rounds`` (>= 1) calls after ``warmup`` calls."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    fn()
+    for _ in range(warmup):
+        fn()
     times = []
     for _ in range(rounds):
         start = time.perf_counter()

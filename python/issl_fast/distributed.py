@@ -85,6 +85,15 @@ def all_gather(t: torch.Tensor) -> list[torch.Tensor]:
     return [o.to(t.device) for o in out]
 
 
+def all_gather_rows(t: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``t`` (any number of rows, the rest of the shape and the dtype the same on
+    every rank), in rank order, on ``t``'s device."""
+    counts = [int(c) for c in all_gather(torch.tensor([t.shape[0]]))]
+    # all_gather moves equal shapes: every block padded to the largest
+    padded = torch.cat([t, t.new_zeros(max(counts) - t.shape[0], *t.shape[1:])])
+    return [b[:c] for b, c in zip(all_gather(padded), counts)]
+
+
 def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     """The ``[n, ...]`` array whose rows :func:`row_range` split over the ranks, from each
     rank's ``local`` block, on every rank."""
@@ -93,12 +102,7 @@ def gather_rows(local: np.ndarray, n: int) -> np.ndarray:
     if local.shape[0] != stop - start:
         raise ValueError(f"rank {rank} holds rows [{start}, {stop}) of {n}, got "
                          f"{local.shape[0]} rows")
-    counts = [row_range(n, r, size)[1] - row_range(n, r, size)[0] for r in range(size)]
-    # all_gather moves equal shapes: every block padded to the largest share
-    padded = np.zeros((max(counts), *local.shape[1:]), dtype=local.dtype)
-    padded[: local.shape[0]] = local
-    blocks = all_gather(torch.from_numpy(padded))
-    return np.concatenate([b.numpy()[:c] for b, c in zip(blocks, counts)])
+    return np.concatenate([b.numpy() for b in all_gather_rows(torch.from_numpy(local))])
 
 
 # How long ranks wait for each other where one may legitimately be far behind (a resumed

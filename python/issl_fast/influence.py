@@ -39,7 +39,6 @@ from .store import (
     PART_PATTERN,
     GradientStore,
     StoreError,
-    fingerprint_diff,
     part_name,
 )
 
@@ -366,11 +365,15 @@ class InfluenceSSL:
         """``F^-1 phi_t`` for a batch of query inputs, float32 ``[m, dim]`` on the CPU
         (distributed: rank 0's, on every rank, so that all ranks score the same queries)."""
         if self.ranks[1] == 1:
-            return self.solver.precondition(self.features(queries, ids)).float().contiguous()
+            return self._precondition_here(queries, ids)
         with distributed.together("preconditioned"):
-            q = self.solver.precondition(self.features(queries, ids)).float().contiguous()
+            q = self._precondition_here(queries, ids)
         distributed.same_on_all_ranks(str(tuple(q.shape)), "the queries' shape")
         return distributed.broadcast(q)
+
+    def _precondition_here(self, x: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+        """``F^-1 phi`` of a batch, float32 on the CPU, by this process alone."""
+        return self.solver.precondition(self.features(x, ids)).float().contiguous()
 
     def score(
         self,
@@ -410,21 +413,7 @@ class InfluenceSSL:
         if ids is not None:
             raise ValueError("ids= is for a batch tensor: many queries carry their own ids (or "
                              "are numbered by their position)")
-        exclude = None
-        if exclude_rows is not None:
-            exclude = torch.as_tensor(exclude_rows)
-            if exclude.dtype.is_floating_point or exclude.dtype.is_complex or \
-                    exclude.dtype == torch.bool:
-                raise TypeError(f"exclude_rows must hold integer store rows, got {exclude.dtype}")
-            exclude = exclude.to(torch.int64)
-            if exclude.dim() == 1:
-                exclude = exclude[:, None]
-            if exclude.dim() != 2:
-                raise ValueError(f"exclude_rows must be [m] or [m, e], got shape "
-                                 f"{tuple(exclude.shape)}")
-            if exclude.numel() and (int(exclude.min()) < -1 or int(exclude.max()) >= store.rows):
-                raise ValueError(f"exclude_rows must be store rows in [0, {store.rows}) or -1, "
-                                 f"got values in [{int(exclude.min())}, {int(exclude.max())}]")
+        exclude = None if exclude_rows is None else _exclusions(exclude_rows, store.rows)
         if isinstance(queries, GradientStore):
             self._check_query_store(queries)
             if exclude is not None and exclude.shape[0] != queries.rows:
@@ -473,11 +462,7 @@ class InfluenceSSL:
         if not queries.complete:
             raise StoreError(f"query store at {queries.path} is incomplete ({queries.rows} rows "
                              "written): run featurize again to finish it")
-        diff = fingerprint_diff(json.loads(json.dumps(queries.fingerprint, default=str)),
-                                json.loads(json.dumps(self.fingerprint(), default=str)))
-        if diff:
-            raise StoreError(f"query store at {queries.path} was built differently: "
-                             + "; ".join(diff))
+        queries.check_fingerprint(self.fingerprint(), what="query store")
 
     def _shared_query_blocks(self, data: Iterable[Any]
                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -493,15 +478,12 @@ class InfluenceSSL:
         while True:  # one round: every rank's next block (block round * W + rank)
             with distributed.together("score: queries"):
                 q, ids = next(mine, empty)
-            counts = [int(c) for c in distributed.all_gather(torch.tensor([q.shape[0]]))]
-            if not any(counts):
+            q_all = distributed.all_gather_rows(q)
+            if not any(len(q_r) for q_r in q_all):
                 break
-            width = max(counts)
-            q_all = distributed.all_gather(torch.cat([q, q.new_zeros(width - len(q), self.dim)]))
-            id_all = distributed.all_gather(torch.cat([ids, ids.new_zeros(width - len(ids))]))
-            for c, q_r, ids_r in zip(counts, q_all, id_all):
-                if c:
-                    yield q_r[:c], ids_r[:c]
+            for q_r, ids_r in zip(q_all, distributed.all_gather_rows(ids)):
+                if len(q_r):
+                    yield q_r, ids_r
         # a plain iterable's content is known once read to the end
         distributed.same_on_all_ranks(batches.digest, "the query stream")
 
@@ -518,8 +500,7 @@ class InfluenceSSL:
                 yield torch.cat([q for q, _ in pending]), torch.cat([i for _, i in pending])
                 pending = []
             current = block
-            q = self.solver.precondition(self.features(x, ids)).float().contiguous()
-            pending.append((q, ids.to(torch.int64)))
+            pending.append((self._precondition_here(x, ids), ids.to(torch.int64)))
         if pending:
             yield torch.cat([q for q, _ in pending]), torch.cat([i for _, i in pending])
 
@@ -693,20 +674,13 @@ class InfluenceSSL:
             distributed.same_on_all_ranks(batches.digest, "the data stream")
             # each rank found the rows of its examples: only those rows travel
             mine = np.flatnonzero((found[1] >= 0).any(axis=1))
-            counts = [int(c) for c in distributed.all_gather(torch.tensor([len(mine)]))]
-            width = max(counts)
-            pad = width - len(mine)
-            sims = distributed.all_gather(torch.from_numpy(np.concatenate(
-                [found[0][mine], np.full((pad, found[0].shape[1]), -np.inf, np.float32)])))
-            nbrs = distributed.all_gather(torch.from_numpy(np.concatenate(
-                [found[1][mine], np.full((pad, found[1].shape[1]), -1, np.int64)])))
-            where = distributed.all_gather(torch.from_numpy(np.concatenate(
-                [mine.astype(np.int64), np.zeros(pad, np.int64)])))
+            sims = distributed.all_gather_rows(torch.from_numpy(found[0][mine]))
+            nbrs = distributed.all_gather_rows(torch.from_numpy(found[1][mine]))
+            where = distributed.all_gather_rows(torch.from_numpy(mine.astype(np.int64)))
             result = (result[0].copy(), result[1].copy())
-            for c, v, i, r in zip(counts, sims, nbrs, where):
-                if c:
-                    apps.merge_rows(result[0], result[1], r.numpy()[:c], v.numpy()[:c],
-                                    i.numpy()[:c])
+            for v, i, r in zip(sims, nbrs, where):
+                if len(r):
+                    apps.merge_rows(result[0], result[1], r.numpy(), v.numpy(), i.numpy())
         return result
 
     def _transformed_queries(
@@ -773,6 +747,23 @@ class InfluenceSSL:
         return apps.group_influence(store, self.self_influence(store), np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,
                                     n_boot=n_boot, seed=seed)
+
+
+def _exclusions(exclude_rows: Any, n: int) -> torch.Tensor:
+    """Many queries' ``exclude_rows`` as ``[m, e]`` int64, checked: integers, store rows in
+    [0, n) or -1 (their number is checked against the queries as the blocks go)."""
+    exclude = torch.as_tensor(exclude_rows)
+    if exclude.dtype.is_floating_point or exclude.dtype.is_complex or exclude.dtype == torch.bool:
+        raise TypeError(f"exclude_rows must hold integer store rows, got {exclude.dtype}")
+    exclude = exclude.to(torch.int64)
+    if exclude.dim() == 1:
+        exclude = exclude[:, None]
+    if exclude.dim() != 2:
+        raise ValueError(f"exclude_rows must be [m] or [m, e], got shape {tuple(exclude.shape)}")
+    if exclude.numel() and (int(exclude.min()) < -1 or int(exclude.max()) >= n):
+        raise ValueError(f"exclude_rows must be store rows in [0, {n}) or -1, got values in "
+                         f"[{int(exclude.min())}, {int(exclude.max())}]")
+    return exclude
 
 
 def _with_positions(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None,

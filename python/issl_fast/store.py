@@ -205,21 +205,25 @@ class GradientStore:
                 f"store at {path} was sketched with hash version "
                 f"{manifest.get('hash_version')}, this issl_fast uses {HASH_VERSION}"
             )
+        store = cls(path, manifest)
         if fingerprint is not None:
-            diff = fingerprint_diff(
-                manifest["fingerprint"], json.loads(json.dumps(fingerprint, default=str))
-            )
-            if diff:
-                raise StoreError(f"store at {path} was built differently: " + "; ".join(diff))
+            store.check_fingerprint(fingerprint)
         if require_complete and not manifest["complete"]:
             raise StoreError(
                 f"store at {path} is incomplete ({manifest['rows']} rows written): "
                 "run featurize again to resume it"
             )
-        store = cls(path, manifest)
         if verify:
             store.verify()
         return store
+
+    def check_fingerprint(self, fingerprint: dict, what: str = "store") -> None:
+        """Raises :class:`StoreError` naming every field in which the store was built
+        differently from ``fingerprint``."""
+        diff = fingerprint_diff(json.loads(json.dumps(self.fingerprint, default=str)),
+                                json.loads(json.dumps(fingerprint, default=str)))
+        if diff:
+            raise StoreError(f"{what} at {self.path} was built differently: " + "; ".join(diff))
 
     def check_layout(self, dim: int, dtype: str, shard_rows: int | None) -> None:
         """Raises unless the store has this dim and dtype and, while it is still being written,
