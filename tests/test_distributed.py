@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from engine_models import batches, cnn_attribution, images
-from issl_fast import distributed, influence
+from issl_fast import distributed, influence, loading
 from issl_fast.store import GradientStore, StoreError, part_name
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -315,12 +315,17 @@ def test_a_failing_rank_stops_every_rank_and_the_run_resumes(tmp_path: Path) -> 
         _assert_rows_close(o["phi"], want["phi"])
 
 
-def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, shuffled: bool = False
+def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, order: str = "stream"
                         ) -> str:
     attr = cnn_attribution(distributed=True)  # (seeds torch's RNG with the model's seed)
-    torch.manual_seed(rank)  # an unseeded shuffling loader draws another order on each rank
-    data = (DataLoader(TensorDataset(images(N)), batch_size=BATCH, shuffle=True) if shuffled
-            else batches(images(N), BATCH))
+    torch.manual_seed(rank)  # an unseeded random order differs on each rank
+    dataset = TensorDataset(images(N))
+    if order == "shuffle":  # read in index order whatever the ranks draw
+        data: Any = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    elif order == "permuted":  # a sampler of its own: read as it draws
+        data = DataLoader(dataset, batch_size=BATCH, sampler=torch.randperm(N).tolist())
+    else:
+        data = batches(images(N), BATCH)
     return str(attr.featurize(data, path, shard_rows=SHARD, progress=False))
 
 
@@ -340,11 +345,23 @@ def test_resuming_with_another_number_of_ranks_is_refused(tmp_path: Path) -> Non
         attr.featurize(batches(images(N), BATCH), path, progress=False)
 
 
-def test_an_unseeded_shuffling_loader_is_refused_on_every_rank(tmp_path: Path) -> None:
-    outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"), shuffled=True)
+def test_a_sampler_drawing_another_order_on_each_rank_is_refused(tmp_path: Path) -> None:
+    outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"),
+                         order="permuted")
     for o in outcomes:
         assert o["type"] == "ValueError"
-        assert "order of examples" in o["error"] and "do not shuffle" in o["error"]
+        assert "order of examples" in o["error"] and "same on every rank" in o["error"]
+
+
+def test_a_shuffling_loader_is_read_in_index_order_on_every_rank(tmp_path: Path) -> None:
+    """Unseeded shuffle=True draws another order on each rank; it is read in index order, so
+    the ranks agree and the store is the one-process store of the unshuffled data."""
+    path = tmp_path / "store"
+    run_ranks(tmp_path, 2, "featurize", path=str(path), order="shuffle")
+    store = GradientStore.open(path)
+    want = _single_process(tmp_path, "list", "ekfac")
+    np.testing.assert_array_equal(store.ids(), want["ids"])
+    _assert_rows_close(store.load().numpy(), want["phi"])
 
 
 def _scenario_other_data_on_a_rank(rank: int, size: int, tmp: Path) -> list[str]:
@@ -484,18 +501,20 @@ def test_merge_topk_equals_one_pass_over_all_rows() -> None:
 @pytest.mark.parametrize("size", [1, 2, 3, 5])
 @pytest.mark.parametrize(("kind", "shard_rows"), [("list", 3), ("list", 64), ("loader", 3),
                                                   ("loader", 64)])
-def test_rank_batches_cover_the_stream_once_in_blocks(size: int, kind: str,
+def test_rank_examples_cover_the_stream_once_in_blocks(size: int, kind: str,
                                                       shard_rows: int) -> None:
     x = images(N)
     got: dict[int, torch.Tensor] = {}
     for rank in range(size):
-        rb = distributed.RankBatches(_data(kind), rank, size, shard_rows)
+        rb = loading.Examples(_data(kind), rank, size, shard_rows)
         # a loader's length is known: blocks small enough for ~8 per rank; else shard_rows
         assert rb.block == (max(1, min(shard_rows, -(-N // (8 * size)))) if kind == "loader"
                             else shard_rows)
         mine = 0
         for xb, ids, position in rb:
-            assert ids is None and 0 < xb.shape[0] <= BATCH
+            # positions, or a loader's dataset indices (the same for a sequential loader)
+            assert ids.tolist() == list(range(position, position + xb.shape[0]))
+            assert 0 < xb.shape[0] <= BATCH
             for j in range(xb.shape[0]):
                 assert (position + j) // rb.block % size == rank  # only this rank's blocks
                 assert position + j not in got
@@ -507,7 +526,7 @@ def test_rank_batches_cover_the_stream_once_in_blocks(size: int, kind: str,
     torch.testing.assert_close(torch.stack([got[p] for p in range(N)]), x, rtol=0, atol=0)
 
 
-def test_rank_batches_loader_reads_only_its_examples() -> None:
+def test_rank_examples_loader_reads_only_its_examples() -> None:
     read: list[int] = []
 
     class Logged(TensorDataset):
@@ -516,20 +535,20 @@ def test_rank_batches_loader_reads_only_its_examples() -> None:
             return super().__getitem__(i)
 
     loader = DataLoader(Logged(images(100)), batch_size=BATCH, num_workers=0)
-    rb = distributed.RankBatches(loader, 1, 3, shard_rows=64)
+    rb = loading.Examples(loader, 1, 3, shard_rows=64)
     assert rb.block == 5  # 100 rows, 3 ranks: ~8 blocks each
     list(rb)
     assert sorted(read) == [i for i in range(100) if (i // 5) % 3 == 1]
     # unbalanced (query blocks): blocks of shard_rows whatever the length
-    assert distributed.RankBatches(loader, 1, 3, shard_rows=64, balance=False).block == 64
+    assert loading.Examples(loader, 1, 3, shard_rows=64, balance=False).block == 64
 
 
-def test_rank_batches_refuse_a_distributed_sampler_and_keep_loader_subclasses() -> None:
+def test_rank_examples_refuse_a_distributed_sampler_and_keep_loader_subclasses() -> None:
     from torch.utils.data import DistributedSampler
 
     ds = TensorDataset(images(N))
     with pytest.raises(ValueError, match="DistributedSampler"):
-        distributed.RankBatches(DataLoader(ds, batch_size=4, sampler=DistributedSampler(
+        loading.Examples(DataLoader(ds, batch_size=4, sampler=DistributedSampler(
             ds, num_replicas=2, rank=0)), 0, 2, SHARD)
 
     class Shifted(DataLoader):  # post-processes its batches: must be read as it is
@@ -537,7 +556,7 @@ def test_rank_batches_refuse_a_distributed_sampler_and_keep_loader_subclasses() 
             for (xb,) in super().__iter__():
                 yield {"x": xb - 0.5}
 
-    pieces = list(distributed.RankBatches(Shifted(ds, batch_size=4), 0, 2, SHARD))
+    pieces = list(loading.Examples(Shifted(ds, batch_size=4), 0, 2, SHARD))
     assert pieces[0][0].min() < 0  # the subclass's own batches
     torch.testing.assert_close(pieces[0][0], images(N)[:4] - 0.5)
 
@@ -546,7 +565,7 @@ def test_rank_batches_refuse_a_distributed_sampler_and_keep_loader_subclasses() 
             return (super().__getitem__(key[0])[0] * key[1],)
 
     keyed = DataLoader(Keyed(images(N)), batch_size=4, sampler=[(i, 2.0) for i in range(N)])
-    rb = distributed.RankBatches(keyed, 1, 2, SHARD)
+    rb = loading.Examples(keyed, 1, 2, SHARD)
     assert rb.rows is None  # not re-made: read whole, this rank's pieces kept
     got = torch.cat([xb for xb, _, _ in rb])
     x = images(N)
@@ -602,14 +621,14 @@ def test_store_row_ranges_read_only_that_range(tmp_path: Path) -> None:
         store.load_to("cpu", torch.float32, rows=(2, 11))
 
 
-def test_rank_batches_remake_a_loader_with_workers() -> None:
+def test_rank_examples_remake_a_loader_with_workers() -> None:
     """The re-made loader keeps the workers, prefetching and collate function."""
     loader = DataLoader(TensorDataset(images(N)), batch_size=BATCH, num_workers=2,
                         prefetch_factor=3, persistent_workers=True)
-    rb = distributed.RankBatches(loader, 1, 2, SHARD)
-    assert rb._loader is not None
-    assert (rb._loader.num_workers, rb._loader.prefetch_factor,
-            rb._loader.persistent_workers) == (2, 3, True)
+    rb = loading.Examples(loader, 1, 2, SHARD)
+    remade = loading.loader_over(loader, [[0, 1]])
+    assert (remade.num_workers, remade.prefetch_factor, remade.persistent_workers,
+            remade.collate_fn) == (2, 3, True, loader.collate_fn)
     got = {pos: xb for xb, _, pos in rb}
     x = images(N)
     for pos, xb in got.items():
@@ -618,7 +637,7 @@ def test_rank_batches_remake_a_loader_with_workers() -> None:
     assert sum(xb.shape[0] for xb in got.values()) == rb.rows
 
 
-def test_rank_batches_refuse_ids_that_do_not_match_the_batch() -> None:
+def test_rank_examples_refuse_ids_that_do_not_match_the_batch() -> None:
     data = [{"x": images(3), "ids": torch.arange(5)}]
     with pytest.raises(ValueError, match="a batch has 5 ids for 3 examples"):
-        list(distributed.RankBatches(data, 0, 2, SHARD))
+        list(loading.Examples(data, 0, 2, SHARD))

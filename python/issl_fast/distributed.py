@@ -4,7 +4,7 @@ With a process group of W > 1 ranks initialised, :class:`~issl_fast.InfluenceSSL
 (every rank runs the same script with the same encoder weights, data and queries):
 
 - ``featurize``: the stream of examples is cut into blocks and the ranks take turns (block j is
-  rank j % W's, :class:`RankBatches`); each writes its blocks as the shards of its own part
+  rank j % W's, :class:`.loading.Examples`); each writes its blocks as the shards of its own part
   store, ``<path>/part-<r>-of-<W>/`` (resumable on its own); rank 0 then writes the store's
   manifest listing the parts' shards in turn (:meth:`.GradientStore.from_parts`; nothing is
   copied), so the store holds the rows in stream order, as one process would, and opens like any
@@ -26,9 +26,8 @@ that failed: every rank raises. Each agreement names its step, so ranks that got
 from __future__ import annotations
 
 import atexit
-import hashlib
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -37,9 +36,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
-
-from .featurize import iterate_batches
 
 
 def world() -> tuple[int, int]:
@@ -233,148 +229,3 @@ def merge_topk(values: Sequence[torch.Tensor], rows: Sequence[torch.Tensor], top
     v, r = v.gather(1, by_row), r.gather(1, by_row)
     by_value = torch.sort(v, dim=1, descending=True, stable=True).indices[:, :topk]
     return v.gather(1, by_value), r.gather(1, by_value)
-
-
-# Each rank's share of a stream of unknown length: about this many blocks per rank, so that the
-# shares differ by at most ~1/8 (a block is one shard of the rank's part store).
-BLOCKS_PER_RANK = 8
-
-
-def block_rows(n: int | None, size: int, shard_rows: int) -> int:
-    """Rows of the blocks the ranks take turns on: ``shard_rows``, or smaller when the stream's
-    length ``n`` is known and short (about :data:`BLOCKS_PER_RANK` blocks per rank)."""
-    if n is None:
-        return shard_rows
-    return max(1, min(shard_rows, -(-n // (size * BLOCKS_PER_RANK))))
-
-
-class RankBatches:
-    """Rank ``rank``'s share of the examples of ``data``: the stream is cut into blocks of
-    :attr:`block` examples and the ranks take turns (block j is rank j % size's). Yields
-    ``(x, ids or None, position)`` pieces of batches (a batch is cut where a block ends), with
-    ``position`` the stream position of the piece's first example (positions are the default
-    ids of :func:`.featurize.iterate_batches`). A rank's blocks are exactly the shards of its
-    part store, so taking every rank's shards in turn gives the rows in stream order.
-
-    A ``DataLoader`` (not a subclass) over a map-style dataset is re-made over this rank's
-    examples only (same dataset, collate function, workers), so other ranks' examples are never
-    loaded; its sampler's order must be the same on every rank. Any other iterable is read whole
-    on every rank and this rank's pieces kept. :attr:`digest` identifies the stream (the
-    loader's indices; or every batch's size, ids and a sample of its values) so that ranks can
-    check they all read the same one; for a plain iterable it is known once it has been read to
-    the end (None before)."""
-
-    def __init__(self, data: Iterable[Any], rank: int, size: int, shard_rows: int,
-                 balance: bool = True) -> None:
-        self.data, self.rank, self.size = data, rank, size
-        self._hash = hashlib.sha256()
-        self._known = False  # whether the digest covers the whole stream
-        self._loader: DataLoader | None = None
-        batches = _sampler_batches(data)
-        if batches is None:
-            self.rows: int | None = None
-            self.block = block_rows(None, size, shard_rows)
-            return
-        for b in batches:
-            self._hash.update(np.asarray(b, dtype=np.int64).tobytes() + b"|")
-        self._known = True
-        # (balance=False keeps blocks of shard_rows: query blocks, where fewer, larger blocks
-        # mean fewer passes over the store)
-        self.block = block_rows(sum(len(b) for b in batches) if balance else None, size,
-                                shard_rows)
-        mine = [(b[a:e], pos + a) for b, pos in zip(batches, _positions(batches))
-                for a, e in self._pieces(pos, len(b))]
-        self.rows = sum(len(b) for b, _ in mine)
-        self._piece_positions = [pos for _, pos in mine]
-        self._piece_rows = [len(b) for b, _ in mine]
-        assert isinstance(data, DataLoader)
-        self._loader = _loader_over(data, [b for b, _ in mine])
-
-    @property
-    def digest(self) -> str | None:
-        """What every rank must agree on (None: not known yet)."""
-        return self._hash.hexdigest() if self._known else None
-
-    def _pieces(self, position: int, B: int) -> Iterator[tuple[int, int]]:
-        """``(start, stop)`` within a batch of ``B`` examples at ``position``: this rank's."""
-        a = 0
-        while a < B:
-            block = (position + a) // self.block
-            e = min(B, (block + 1) * self.block - position)
-            if block % self.size == self.rank:
-                yield a, e
-            a = e
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, int]]:
-        if self._loader is not None:
-            for (x, ids), pos, n in zip(iterate_batches(self._loader), self._piece_positions,
-                                        self._piece_rows):
-                if x.shape[0] != n:
-                    raise ValueError(
-                        f"the DataLoader gave a batch of {x.shape[0]} rows for {n} sampled "
-                        "indices (its collate_fn or dataset drops or adds rows), so the "
-                        "examples' stream positions are unknown: pass it wrapped, e.g. "
-                        "(batch for batch in loader), to have every rank read it whole")
-                if ids is not None and ids.shape[0] != n:
-                    raise ValueError(f"a batch has {ids.shape[0]} ids for {n} examples")
-                yield x, ids, pos
-            return
-        position = 0
-        for x, ids in iterate_batches(self.data):
-            B = x.shape[0]
-            if ids is not None and ids.shape[0] != B:
-                raise ValueError(f"a batch has {ids.shape[0]} ids for {B} examples")
-            self._hash.update(f"{B}|".encode() + _sample_bytes(x))
-            if ids is not None:
-                self._hash.update(ids.numpy().tobytes())
-            for a, e in self._pieces(position, B):
-                yield x[a:e], None if ids is None else ids[a:e], position + a
-            position += B
-        self._known = True
-
-
-def _positions(batches: list[list[int]]) -> list[int]:
-    return np.concatenate([[0], np.cumsum([len(b) for b in batches])]).astype(int).tolist()[:-1]
-
-
-def _sample_bytes(x: torch.Tensor, values: int = 64) -> bytes:
-    """A few of a batch's values, evenly spaced: tells different data apart at no cost."""
-    flat = x.detach().reshape(-1)
-    step = max(1, flat.numel() // values)
-    return flat[::step][:values].to("cpu", torch.float32).numpy().tobytes()
-
-
-def _sampler_batches(data: Iterable[Any]) -> list[list[int]] | None:
-    """The batches of dataset indices a plain ``DataLoader`` over a map-style dataset will
-    read (None for anything else: it is then read whole on every rank)."""
-    if (type(data) is not DataLoader or data.batch_sampler is None
-            or isinstance(data.dataset, IterableDataset)):
-        return None
-    if isinstance(data.sampler, DistributedSampler):
-        raise ValueError("do not give the DataLoader a DistributedSampler: InfluenceSSL splits "
-                         "the examples over the ranks itself (every rank passes the same "
-                         "loader; a DistributedSampler would also pad with repeated examples)")
-    batches = [list(b) for b in data.batch_sampler]
-    if not all(isinstance(i, (int, np.integer)) for b in batches for i in b):
-        return None  # a sampler of other keys: read whole, as any iterable
-    return [[int(i) for i in b] for b in batches]
-
-
-def _loader_over(loader: DataLoader, batches: list[list[int]]) -> DataLoader:
-    """``loader`` with its batch sampler replaced by the list ``batches``."""
-    kwargs: dict[str, Any] = {
-        "num_workers": loader.num_workers,
-        "collate_fn": loader.collate_fn,
-        "pin_memory": loader.pin_memory,
-        "timeout": loader.timeout,
-        "worker_init_fn": loader.worker_init_fn,
-        "multiprocessing_context": loader.multiprocessing_context,
-        "generator": loader.generator,
-    }
-    if loader.num_workers > 0:  # torch refuses these without workers
-        kwargs["prefetch_factor"] = loader.prefetch_factor
-        kwargs["persistent_workers"] = loader.persistent_workers
-    for name in ("pin_memory_device", "in_order"):  # (newer torch versions only)
-        if hasattr(loader, name):
-            kwargs[name] = getattr(loader, name)
-    return DataLoader(loader.dataset, batch_sampler=batches, **kwargs)

@@ -5,8 +5,7 @@ collect the layer factors, and the fused kernels turn them into ``phi [B, dim]``
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
-from typing import Any, cast
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -310,34 +309,3 @@ def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
     if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         t = t.float()
     return t.contiguous()
-
-
-def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """Normalise what a data loader yields to ``(x, ids or None)``.
-
-    Accepted items: a tensor ``x``; a tuple/list ``(x, ...)`` (labels ignored); a dict with
-    ``"x"``/``"image"``/``"input"`` and optionally ``"id"``/``"ids"`` (stable example ids).
-    Without ids, an example's id is its position in the stream.
-    """
-    for item in data:
-        ids = None
-        if isinstance(item, torch.Tensor):
-            x = item
-        elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
-            x = item[0]
-        elif isinstance(item, dict):
-            key = next((k for k in ("x", "image", "input") if k in item), None)
-            if key is None:
-                raise ValueError(
-                    f"a dict batch needs an 'x', 'image' or 'input' entry, got keys {sorted(item)}"
-                )
-            x = item[key]
-            raw = item.get("ids", item.get("id"))
-            ids = (None if raw is None
-                   else torch.as_tensor(raw, dtype=torch.int64).reshape(-1).cpu())
-        else:
-            raise TypeError(
-                f"cannot read a batch from {type(item).__name__}: yield tensors, "
-                "(x, ...) tuples or dicts with 'x'"
-            )
-        yield x, ids

@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import apps, distributed, ops, residency
+from . import apps, distributed, loading, ops, residency
 from ._backend import has_cuda
 from .capture import build_layout
-from .featurize import Featurizer, iterate_batches, model_device
+from .featurize import Featurizer, model_device
 from .loss import AugmentationStability
 from .projection import Projection
 from .reference import HASH_VERSION
@@ -66,7 +66,7 @@ class TopInfluence:
     rows: torch.Tensor
     ids: torch.Tensor
     n: int
-    # The queries' example ids (their ids, or positions in the query stream), one per row.
+    # The queries' example ids (their own, a DataLoader's dataset indices, or stream positions).
     query_ids: torch.Tensor | None = None
 
     def koh_liang(self) -> torch.Tensor:
@@ -206,7 +206,9 @@ class InfluenceSSL:
         progress: bool = True,
     ) -> GradientStore:
         """Features of every example of ``data`` into a store at ``path``; resumes a store left
-        incomplete by a crash (the data must come in the same order). Returns the store.
+        incomplete by a crash (the data must come in the same order: the ids of the rows it
+        holds are checked). Returns the store. Examples' ids and order: :mod:`.loading` (a
+        ``DataLoader`` is read by dataset index, a shuffling one in index order).
 
         Distributed (:attr:`ranks`): every rank passes the same data and path; each featurises
         its share of the batches into ``path/part-<rank>-of-<world>`` and rank 0 joins the
@@ -216,45 +218,34 @@ class InfluenceSSL:
         if size > 1:
             store = self._featurize_distributed(data, Path(path), shard_rows, progress)
         else:
+            examples = loading.Examples(data, unique=True)  # (refuses bad samplers first)
             store = GradientStore.create_or_resume(
                 path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
             )
             if not store.complete:
-                total = (len(data.dataset)
-                         if hasattr(data, "dataset") and hasattr(data.dataset, "__len__")
-                         else None)
-                positioned = _with_positions(data)
-                self._featurize_into(store, positioned, total, progress)
+                self._featurize_into(store, examples.after(store.rows, store.ids(), str(path)),
+                                     examples.total, progress)
         self.store = store
         self._featurized.add(str(store.path.resolve()))
         return store
 
-    def _featurize_into(self, store: GradientStore,
-                        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]],
+    def _featurize_into(self, store: GradientStore, pieces: Iterable[loading.Piece],
                         total: int | None, progress: bool, desc: str = "featurize",
                         check: Callable[[], None] | None = None,
                         finalize: bool = True) -> None:
-        """Appends the features of ``(x, ids or None, stream position)`` batches to ``store``
-        (skipping the rows it already holds) and completes it (``finalize``); ``check`` runs
-        before each batch (it raises to stop)."""
+        """Appends the features of ``(x, ids, stream position)`` pieces (those after the rows
+        the store holds, :meth:`.loading.Examples.after`) to ``store`` and completes it
+        (``finalize``); ``check`` runs before each piece (it raises to stop)."""
         from tqdm.auto import tqdm
 
-        done, seen = store.rows, 0
-        with tqdm(total=total, initial=done, unit="ex", desc=desc, disable=not progress) as bar:
-            for x, ids, position in batches:
+        with tqdm(total=total, initial=store.rows, unit="ex", desc=desc,
+                  disable=not progress) as bar:
+            for x, ids, _ in pieces:
                 if check is not None:
                     check()
-                B = x.shape[0]
-                if ids is None:
-                    ids = torch.arange(position, position + B)
-                if seen + B <= done:  # already durable in the store: skip without computing
-                    seen += B
-                    continue
                 phi, stats = self.featurizer(x, ids)
-                cut = max(0, done - seen)
-                store.append(phi[cut:], ids[cut:], {k: v[cut:] for k, v in stats.items()})
-                seen += B
-                bar.update(B - cut)
+                store.append(phi, ids, stats)
+                bar.update(x.shape[0])
         if finalize:
             store.finalize(meta={"rows": store.rows})
 
@@ -284,16 +275,17 @@ class InfluenceSSL:
         if done is not None:
             return done
         with distributed.together("featurize: parts"):
-            batches = distributed.RankBatches(data, rank, size, shard_rows)
+            batches = loading.Examples(data, rank, size, shard_rows, unique=True)
             path.mkdir(parents=True, exist_ok=True)
             part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
                                                   self.dim, self.store_dtype, batches.block)
-        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (do "
-                                      "not shuffle it)")
+        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (a "
+                                      "custom sampler must draw the same on every rank)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
-                    self._featurize_into(part, batches, batches.rows, progress and rank == 0,
+                    self._featurize_into(part, batches.after(part.rows, part.ids(), str(part.path)),
+                                         batches.rows, progress and rank == 0,
                                          desc=f"featurize (rank 0 of {size})",
                                          check=failures.check, finalize=False)
             except Exception as exc:
@@ -396,8 +388,8 @@ class InfluenceSSL:
         store's precision). Many queries are scored in blocks of :data:`QUERY_BLOCK`, one
         pass over the training store per block (not per batch). ``exclude_rows``: ``[m]`` or
         ``[m, e]`` store rows each query must not return (-1: none), e.g. its own row when the
-        queries are the training set. ``query_ids`` of the result: the queries' ids (or stream
-        positions)."""
+        queries are the training set. ``query_ids`` of the result: the queries' ids (see
+        :mod:`.loading`: their own, a ``DataLoader``'s dataset indices, or stream positions)."""
         if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
             raise ValueError(f"topk must be an int >= 1, got {topk!r}")
         topk = int(topk)
@@ -468,10 +460,10 @@ class InfluenceSSL:
                              ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Distributed: ``(F^-1 phi [<=QUERY_BLOCK, dim], ids)`` blocks of the queries of
         ``data`` in stream order, on every rank; the ranks take turns featurising them (block j
-        is rank j % W's, :class:`.distributed.RankBatches`) and share each round's blocks."""
+        is rank j % W's, :class:`.loading.Examples`) and share each round's blocks."""
         rank, size = self.ranks
         with distributed.together("score: queries"):
-            batches = distributed.RankBatches(data, rank, size, QUERY_BLOCK, balance=False)
+            batches = loading.Examples(data, rank, size, QUERY_BLOCK, balance=False)
         distributed.same_on_all_ranks(batches.digest, "the queries' loader order")
         mine = self._own_query_blocks(batches)
         empty = (torch.zeros(0, self.dim, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
@@ -487,14 +479,12 @@ class InfluenceSSL:
         # a plain iterable's content is known once read to the end
         distributed.same_on_all_ranks(batches.digest, "the query stream")
 
-    def _own_query_blocks(self, batches: distributed.RankBatches
+    def _own_query_blocks(self, batches: loading.Examples
                           ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This rank's blocks of ``batches``, preconditioned here (no collectives)."""
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         current = -1
         for x, ids, position in batches:
-            if ids is None:
-                ids = torch.arange(position, position + x.shape[0])
             block = position // batches.block
             if pending and block != current:
                 yield torch.cat([q for q, _ in pending]), torch.cat([i for _, i in pending])
@@ -507,9 +497,7 @@ class InfluenceSSL:
     def _preconditioned_batches(self, data: Iterable[Any]
                                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """``(F^-1 phi [B, dim] float32, ids [B])`` per batch of ``data``."""
-        for x, ids, position in _with_positions(data):
-            if ids is None:
-                ids = torch.arange(position, position + x.shape[0])
+        for x, ids, _ in loading.Examples(data):
             yield self.preconditioned(x, ids), ids
 
     def topk_from_preconditioned(
@@ -662,12 +650,12 @@ class InfluenceSSL:
             assert data is not None  # checked above
             if size == 1:
                 found = apps.transformed_neighbours(
-                    store, self.solver, self._transformed_queries(store, _with_positions(data), t),
+                    store, self.solver, self._transformed_queries(store, loading.Examples(data), t),
                     topk, self.num_threads, self_influence=s, device=self.scan_device)
                 result = apps.merge_neighbours(result, found)
                 continue
             with distributed.together("neighbours"):  # each rank featurises its share of data
-                batches = distributed.RankBatches(data, rank, size, store.shard_rows)
+                batches = loading.Examples(data, rank, size, store.shard_rows)
                 found = apps.transformed_neighbours(
                     store, self.solver, self._transformed_queries(store, batches, t), topk,
                     self.num_threads, self_influence=s, device=self.scan_device)
@@ -685,16 +673,14 @@ class InfluenceSSL:
 
     def _transformed_queries(
         self, store: GradientStore,
-        batches: Iterable[tuple[torch.Tensor, torch.Tensor | None, int]],
+        batches: Iterable[loading.Piece],
         transform: Callable[[torch.Tensor], torch.Tensor]
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """``(features of transform(x), store rows)`` per ``(x, ids, position)`` batch."""
+        """``(features of transform(x), store rows)`` per ``(x, ids, position)`` piece."""
         ids_all = store.ids()
         order = np.argsort(ids_all, kind="stable")
         sorted_ids = ids_all[order]
-        for x, ids, position in batches:
-            if ids is None:
-                ids = torch.arange(position, position + x.shape[0])
+        for x, ids, _ in batches:
             pos = np.minimum(np.searchsorted(sorted_ids, ids.numpy()), max(len(sorted_ids) - 1, 0))
             missing = ids.numpy()[sorted_ids[pos] != ids.numpy()] if len(sorted_ids) else ids
             if len(missing):
@@ -764,15 +750,6 @@ def _exclusions(exclude_rows: Any, n: int) -> torch.Tensor:
         raise ValueError(f"exclude_rows must be store rows in [0, {n}) or -1, got values in "
                          f"[{int(exclude.min())}, {int(exclude.max())}]")
     return exclude
-
-
-def _with_positions(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None,
-                                                        int]]:
-    """``(x, ids or None, stream position of the batch's first example)`` per batch."""
-    position = 0
-    for x, ids in iterate_batches(data):
-        yield x, ids, position
-        position += x.shape[0]
 
 
 def _check_part_directory(path: Path, size: int) -> None:

@@ -240,7 +240,7 @@ class GradientStore:
     def from_parts(cls, path: str | os.PathLike, parts: list[GradientStore]) -> GradientStore:
         """Make ``path`` one complete store of the rows of ``parts`` (complete stores in
         subdirectories of ``path``, one per rank) written by ranks that took turns on blocks of
-        ``shard_rows`` rows (:class:`.distributed.RankBatches`): the shards are listed in turn,
+        ``shard_rows`` rows (:class:`.loading.Examples`): the shards are listed in turn,
         part 0's first, part 1's first, ..., part 0's second, ..., which is the order of the
         stream. Only a manifest is written; no row is copied. The parts must agree on
         fingerprint, dim, dtype and shard size, every shard but the last in that order must be

@@ -1,0 +1,203 @@
+"""How data is read (issl_fast.loading): a DataLoader's examples are named by dataset index, a
+shuffling one is read in index order, and a resumed featurisation checks (and, for a re-made
+loader, skips without loading) the examples the store already holds."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import issl_fast as issl
+import numpy as np
+import pytest
+import torch
+from engine_models import batches, cnn_attribution, images
+from issl_fast import loading
+from issl_fast.store import GradientStore, StoreError
+from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset
+
+N, BATCH, SHARD = 23, 4, 8  # a last short batch; shards end inside batches
+
+
+class Counted(TensorDataset):
+    """Records the indices it loads; raises at ``fail_at`` (a crash mid-featurize)."""
+
+    def __init__(self, x: torch.Tensor, fail_at: int | None = None) -> None:
+        super().__init__(x)
+        self.read: list[int] = []
+        self.fail_at = fail_at
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+        if i == self.fail_at:
+            raise RuntimeError("disk on fire")
+        self.read.append(int(i))
+        return super().__getitem__(i)
+
+
+# Features of other batch compositions differ by float32 rounding, then by float16 rounding
+# in the store (2^-11 relative): compared per row, relative to the row's norm.
+ROW_RTOL = 1e-3
+
+
+def _assert_rows_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    err = (got - want).norm(dim=1) / want.norm(dim=1)
+    assert err.max() <= ROW_RTOL, f"row {int(err.argmax())}: relative error {err.max():.2e}"
+
+
+def _shards(path: Path) -> list[dict]:
+    return json.loads((path / "manifest.json").read_text())["shards"]
+
+
+def test_a_shuffling_loader_is_read_in_index_order_with_dataset_ids(tmp_path: Path) -> None:
+    attr = cnn_attribution()
+    plain = attr.featurize(DataLoader(TensorDataset(images(N)), batch_size=BATCH),
+                           tmp_path / "plain", shard_rows=SHARD, progress=False)
+    shuffled = attr.featurize(DataLoader(TensorDataset(images(N)), batch_size=BATCH,
+                                         shuffle=True, drop_last=True),
+                              tmp_path / "shuffled", shard_rows=SHARD, progress=False)
+    assert shuffled.ids().tolist() == list(range(N))  # every example, drop_last not applied
+    assert _shards(tmp_path / "shuffled") == _shards(tmp_path / "plain")  # same bytes
+    assert plain.rows == N
+
+
+def test_a_subset_random_sampler_gives_its_indices_in_order(tmp_path: Path) -> None:
+    subset = [17, 3, 9, 20, 0, 11, 5]
+    loader = DataLoader(TensorDataset(images(N)), batch_size=3,
+                        sampler=SubsetRandomSampler(subset))
+    store = cnn_attribution().featurize(loader, tmp_path / "s", progress=False)
+    assert store.ids().tolist() == sorted(subset)
+    want = cnn_attribution().features(images(N)[sorted(subset)], torch.tensor(sorted(subset)))
+    _assert_rows_close(store.load(), want)
+
+
+def test_a_sampler_of_its_own_keeps_its_order_and_names_examples_by_index(tmp_path: Path
+                                                                         ) -> None:
+    order = [5, 1, 22, 7, 0, 13]
+    loader = DataLoader(TensorDataset(images(N)), batch_size=4, sampler=order)
+    store = cnn_attribution().featurize(loader, tmp_path / "s", progress=False)
+    assert store.ids().tolist() == order
+    want = cnn_attribution().features(images(N)[order], torch.tensor(order))
+    _assert_rows_close(store.load(), want)
+
+
+def test_samplers_that_repeat_or_draw_random_subsets_are_refused(tmp_path: Path) -> None:
+    ds = TensorDataset(images(N))
+    attr = cnn_attribution()
+    cases = [
+        (DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, replacement=True)),
+         "draws with replacement"),
+        (DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, num_samples=10)),
+         "random 10 of the dataset's 23"),
+        (DataLoader(ds, batch_size=4, sampler=[1, 2, 3, 2]), r"indices \[2\] more than once"),
+    ]
+    for i, (loader, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            attr.featurize(loader, tmp_path / f"s{i}", progress=False)
+        assert not (tmp_path / f"s{i}").exists()  # refused before the store is made
+
+
+def test_a_collate_function_that_drops_rows_is_an_error_naming_it(tmp_path: Path) -> None:
+    def drop_first(items: list) -> torch.Tensor:
+        return torch.stack([x for (x,) in items[1:]])
+
+    loader = DataLoader(TensorDataset(images(N)), batch_size=4, collate_fn=drop_first)
+    with pytest.raises(ValueError, match="3 rows for 4 sampled dataset indices.*collate_fn"):
+        cnn_attribution().featurize(loader, tmp_path / "s", progress=False)
+    # wrapped, it is numbered by position instead
+    store = cnn_attribution().featurize((b for b in loader), tmp_path / "w", progress=False)
+    assert store.ids().tolist() == list(range(store.rows))
+
+
+def test_a_shuffling_loader_subclass_is_read_as_it_is_with_a_warning() -> None:
+    class Mine(DataLoader):
+        pass
+
+    loader = Mine(TensorDataset(images(N)), batch_size=4, shuffle=True)
+    with pytest.warns(UserWarning, match="shuffles, and is read as it is"):
+        examples = loading.Examples(loader)
+    assert examples.batches is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an unshuffled subclass: no warning
+        loading.Examples(Mine(TensorDataset(images(N)), batch_size=4))
+
+
+def test_resume_skips_the_stored_examples_without_loading_them(tmp_path: Path) -> None:
+    attr = cnn_attribution()
+    path = tmp_path / "s"
+    crashing = Counted(images(N), fail_at=19)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        attr.featurize(DataLoader(crashing, batch_size=BATCH, shuffle=True), path,
+                       shard_rows=SHARD, progress=False)
+    done = GradientStore.open(path, require_complete=False).rows
+    assert done == 16  # two shards durable; the batch of rows 16-19 failed
+    again = Counted(images(N))
+    store = attr.featurize(DataLoader(again, batch_size=BATCH, shuffle=True), path,
+                           shard_rows=SHARD, progress=False)
+    assert again.read == list(range(done, N))  # nothing stored was loaded again
+    clean = attr.featurize(DataLoader(TensorDataset(images(N)), batch_size=BATCH),
+                           tmp_path / "clean", shard_rows=SHARD, progress=False)
+    assert store.complete and _shards(path) == _shards(tmp_path / "clean")
+    assert clean.rows == N
+
+
+def test_resume_with_data_in_another_order_is_refused_and_keeps_the_store(tmp_path: Path
+                                                                         ) -> None:
+    attr = cnn_attribution()
+    path = tmp_path / "s"
+    x = images(N)
+    with pytest.raises(RuntimeError, match="disk on fire"):  # a crash after one shard
+        attr.featurize(DataLoader(Counted(x, fail_at=SHARD + 1), batch_size=BATCH), path,
+                       shard_rows=SHARD, progress=False)
+    before = _shards(path)
+    assert len(before) == 1
+    reversed_order = list(range(N))[::-1]
+    for data in (DataLoader(TensorDataset(x), batch_size=BATCH, sampler=reversed_order),
+                 [{"x": x[i:i + BATCH], "ids": torch.arange(i, min(N, i + BATCH)) + 100}
+                  for i in range(0, N, BATCH)]):
+        with pytest.raises(StoreError, match="row 0 holds example id 0, the data give id"):
+            attr.featurize(data, path, shard_rows=SHARD, progress=False)
+        assert _shards(path) == before  # nothing written, nothing lost
+    resumed = attr.featurize(DataLoader(TensorDataset(x), batch_size=BATCH), path,
+                             shard_rows=SHARD, progress=False)
+    clean = attr.featurize(batches(x, BATCH), tmp_path / "clean", shard_rows=SHARD,
+                           progress=False)
+    assert resumed.complete and _shards(path) == _shards(tmp_path / "clean")
+    assert clean.rows == N
+
+
+def test_after_cuts_inside_a_batch_and_checks_dict_ids() -> None:
+    x = images(N)
+    dict_data = [{"x": x[i:i + BATCH], "ids": torch.arange(i, min(N, i + BATCH)) * 3}
+                 for i in range(0, N, BATCH)]
+    for data, ids in ((DataLoader(TensorDataset(x), batch_size=BATCH), np.arange(N)),
+                      (batches(x, BATCH), np.arange(N)),
+                      (dict_data, np.arange(N) * 3)):
+        pieces = list(loading.Examples(data).after(7, ids, "here"))
+        assert pieces[0][2] == 7 and pieces[0][0].shape[0] == 1  # the rest of batch 4-7
+        got = torch.cat([p[0] for p in pieces])
+        torch.testing.assert_close(got, x[7:], rtol=0, atol=0)
+        assert torch.cat([p[1] for p in pieces]).tolist() == ids[7:].tolist()
+    with pytest.raises(StoreError, match="row 1 holds example id 1, the data give id 3"):
+        list(loading.Examples(dict_data).after(7, np.arange(N), "here"))
+
+
+def test_shuffled_queries_and_neighbour_data_are_read_by_dataset_index(tmp_path: Path) -> None:
+    attr = cnn_attribution()
+    x = images(N)
+    attr.featurize(DataLoader(TensorDataset(x), batch_size=BATCH, shuffle=True),
+                   tmp_path / "s", shard_rows=SHARD, progress=False)
+    attr.fit()
+    shifts = issl.apps.translations(1)
+    want = attr.neighbours(3, data=DataLoader(TensorDataset(x), batch_size=BATCH),
+                           transforms=shifts)
+    got = attr.neighbours(3, data=DataLoader(TensorDataset(x), batch_size=5, shuffle=True),
+                          transforms=shifts)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5, atol=1e-6)
+    test = images(9, seed=4)
+    top = attr.score(DataLoader(TensorDataset(test), batch_size=2, shuffle=True), topk=4)
+    assert top.query_ids is not None and top.query_ids.tolist() == list(range(9))
+    direct = attr.score(test, topk=4)
+    torch.testing.assert_close(top.ids, direct.ids, rtol=0, atol=0)
+    torch.testing.assert_close(top.values, direct.values, rtol=1e-3, atol=0)  # other batches
