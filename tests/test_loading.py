@@ -15,7 +15,14 @@ import torch
 from engine_models import batches, cnn_attribution, images
 from issl_fast import loading
 from issl_fast.store import GradientStore, StoreError
-from torch.utils.data import DataLoader, RandomSampler, SubsetRandomSampler, TensorDataset
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    RandomSampler,
+    SubsetRandomSampler,
+    TensorDataset,
+    WeightedRandomSampler,
+)
 
 N, BATCH, SHARD = 23, 4, 8  # a last short batch; shards end inside batches
 
@@ -88,7 +95,10 @@ def test_samplers_that_repeat_or_draw_random_subsets_are_refused(tmp_path: Path)
         (DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, replacement=True)),
          "draws with replacement"),
         (DataLoader(ds, batch_size=4, sampler=RandomSampler(ds, num_samples=10)),
-         "random 10 of the dataset's 23"),
+         "draws 10 of 23 examples"),
+        (DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler([1.0] * N, 5,
+                                                                    replacement=False)),
+         "WeightedRandomSampler draws another set"),
         (DataLoader(ds, batch_size=4, sampler=[1, 2, 3, 2]), r"indices \[2\] more than once"),
     ]
     for i, (loader, message) in enumerate(cases):
@@ -114,12 +124,13 @@ def test_a_shuffling_loader_subclass_is_read_as_it_is_with_a_warning() -> None:
         pass
 
     loader = Mine(TensorDataset(images(N)), batch_size=4, shuffle=True)
-    with pytest.warns(UserWarning, match="shuffles, and is read as it is"):
-        examples = loading.Examples(loader)
+    examples = loading.Examples(loader)
     assert examples.batches is None
+    with pytest.warns(UserWarning, match="shuffles and is read as it is"):
+        list(examples)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # an unshuffled subclass: no warning
-        loading.Examples(Mine(TensorDataset(images(N)), batch_size=4))
+        list(loading.Examples(Mine(TensorDataset(images(N)), batch_size=4)))
 
 
 def test_resume_skips_the_stored_examples_without_loading_them(tmp_path: Path) -> None:
@@ -201,3 +212,92 @@ def test_shuffled_queries_and_neighbour_data_are_read_by_dataset_index(tmp_path:
     direct = attr.score(test, topk=4)
     torch.testing.assert_close(top.ids, direct.ids, rtol=0, atol=0)
     torch.testing.assert_close(top.values, direct.values, rtol=1e-3, atol=0)  # other batches
+
+
+def test_batch_samplers_drop_last_and_complete_stores(tmp_path: Path) -> None:
+    ds = TensorDataset(images(N))
+    # a BatchSampler over a RandomSampler given as batch_sampler: index order too
+    shuffling = DataLoader(ds, batch_sampler=BatchSampler(RandomSampler(ds), 4, drop_last=True))
+    assert np.concatenate(loading.index_batches(shuffling)).tolist() == list(range(N))
+    # drop_last is not applied: every example of the set
+    plain = DataLoader(ds, batch_size=4, drop_last=True)
+    assert np.concatenate(loading.index_batches(plain)).tolist() == list(range(N))
+    # a finished store is returned without reading (or judging) the data
+    attr = cnn_attribution()
+    store = attr.featurize(plain, tmp_path / "s", progress=False)
+    again = attr.featurize(DataLoader(ds, sampler=RandomSampler(ds, replacement=True)),
+                           tmp_path / "s", progress=False)
+    assert again.rows == store.rows == N
+
+
+def test_queries_from_random_samplers_are_read_as_drawn(tmp_path: Path) -> None:
+    attr = cnn_attribution()
+    attr.featurize(DataLoader(TensorDataset(images(N)), batch_size=BATCH), tmp_path / "s",
+                   shard_rows=SHARD, progress=False)
+    attr.fit()
+    test = images(9, seed=4)
+    for sampler in (RandomSampler(range(9), num_samples=5),
+                    RandomSampler(range(9), replacement=True, num_samples=6)):
+        top = attr.score(DataLoader(TensorDataset(test), batch_size=2, sampler=sampler), topk=3)
+        assert top.query_ids is not None and len(top.query_ids) == sampler.num_samples
+        direct = attr.score(test[top.query_ids], topk=3, ids=top.query_ids)
+        torch.testing.assert_close(top.ids, direct.ids, rtol=0, atol=0)
+
+
+def test_a_collate_function_that_drops_rows_may_name_the_rows_it_keeps(tmp_path: Path
+                                                                       ) -> None:
+    bad = {2, 9}
+
+    class Indexed(TensorDataset):
+        def __getitem__(self, i: int) -> tuple:
+            return (*super().__getitem__(i), i)
+
+    def skip_bad(items: list) -> dict:
+        kept = [(x, i) for x, i in items if i not in bad]
+        return {"x": torch.stack([x for x, _ in kept]), "ids": [i for _, i in kept]}
+
+    loader = DataLoader(Indexed(images(N)), batch_size=4, collate_fn=skip_bad)
+    store = cnn_attribution().featurize(loader, tmp_path / "s", progress=False)
+    assert store.ids().tolist() == [i for i in range(N) if i not in bad]
+
+
+def test_batches_come_back_in_sampler_order_whatever_the_loader_says() -> None:
+    import time
+
+    class SlowFirst(TensorDataset):
+        def __getitem__(self, i: int) -> tuple:
+            if i < 4:
+                time.sleep(0.5)  # the first batch finishes last
+            return super().__getitem__(i)
+
+    x = images(16)
+    kwargs = {"in_order": False} if "in_order" in DataLoader.__init__.__code__.co_varnames \
+        else {}
+    loader = DataLoader(SlowFirst(x), batch_size=4, num_workers=2, **kwargs)
+    for xb, ids, _ in loading.Examples(loader):
+        torch.testing.assert_close(xb, x[ids], rtol=0, atol=0)
+
+
+def test_resume_with_too_few_examples_is_refused(tmp_path: Path) -> None:
+    attr = cnn_attribution()
+    path = tmp_path / "s"
+    x = images(N)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        attr.featurize(DataLoader(Counted(x, fail_at=19), batch_size=BATCH), path,
+                       shard_rows=SHARD, progress=False)
+    for short in (DataLoader(TensorDataset(x[:10]), batch_size=BATCH), [],
+                  batches(x[:12], BATCH)):
+        with pytest.raises(StoreError, match="data end after .* already holds 16"):
+            attr.featurize(short, path, shard_rows=SHARD, progress=False)
+        assert not GradientStore.open(path, require_complete=False).complete
+
+
+def test_a_loader_subclass_with_its_own_ids_does_not_warn() -> None:
+    class Mine(DataLoader):
+        pass
+
+    data = [{"x": xi, "id": 1000 + i} for i, xi in enumerate(images(8))]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = list(loading.Examples(Mine(data, batch_size=4, shuffle=True)))
+    assert sorted(torch.cat([ids for _, ids, _ in got]).tolist()) == list(range(1000, 1008))

@@ -218,11 +218,14 @@ class InfluenceSSL:
         if size > 1:
             store = self._featurize_distributed(data, Path(path), shard_rows, progress)
         else:
-            examples = loading.Examples(data, unique=True)  # (refuses bad samplers first)
+            # (a new store: refuse bad samplers before its directory is made)
+            examples = (None if (Path(path) / MANIFEST).exists()
+                        else loading.Examples(data, unique=True))
             store = GradientStore.create_or_resume(
                 path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
             )
             if not store.complete:
+                examples = examples or loading.Examples(data, unique=True)
                 self._featurize_into(store, examples.after(store.rows, store.ids(), str(path)),
                                      examples.total, progress)
         self.store = store
@@ -406,21 +409,11 @@ class InfluenceSSL:
             raise ValueError("ids= is for a batch tensor: many queries carry their own ids (or "
                              "are numbered by their position)")
         exclude = None if exclude_rows is None else _exclusions(exclude_rows, store.rows)
-        if isinstance(queries, GradientStore):
-            self._check_query_store(queries)
-            if exclude is not None and exclude.shape[0] != queries.rows:
-                raise ValueError(f"exclude_rows must have one row per query: it has "
-                                 f"{exclude.shape[0]}, the query store {queries.rows}")
-            query_ids = queries.ids()
-            blocks = _blocks_of(((self.solver.precondition(rows).float(),
-                                  torch.from_numpy(query_ids[first:first + rows.shape[0]]))
-                                 for rows, first in queries.iter_rows(QUERY_BLOCK,
-                                                                      torch.float64)),
-                                QUERY_BLOCK)
-        elif self.ranks[1] > 1:
-            blocks = self._shared_query_blocks(queries)  # the ranks featurise in turns
-        else:
-            blocks = _blocks_of(self._preconditioned_batches(queries), QUERY_BLOCK)
+        if (isinstance(queries, GradientStore) and exclude is not None
+                and exclude.shape[0] != queries.rows):
+            raise ValueError(f"exclude_rows must have one row per query: it has "
+                             f"{exclude.shape[0]}, the query store {queries.rows}")
+        blocks = self._query_blocks(queries)
         store_ids = store.ids()
         parts: list[TopInfluence] = []
         done = 0
@@ -449,6 +442,22 @@ class InfluenceSSL:
                             torch.cat([t.ids for t in parts]), store.rows,
                             torch.cat([t.query_ids for t in parts
                                        if t.query_ids is not None]))
+
+    def _query_blocks(self, queries: GradientStore | Iterable[Any]
+                      ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """``(F^-1 phi [<=QUERY_BLOCK, dim] float32, ids)`` blocks of many queries, in order: a
+        query store's rows, or the batches of an iterable featurised here (distributed: by the
+        ranks in turns, :meth:`_shared_query_blocks`)."""
+        if isinstance(queries, GradientStore):
+            self._check_query_store(queries)
+            query_ids = queries.ids()
+            return _blocks_of(((self.solver.precondition(rows).float(),
+                                torch.from_numpy(query_ids[first:first + rows.shape[0]]))
+                               for rows, first in queries.iter_rows(QUERY_BLOCK, torch.float64)),
+                              QUERY_BLOCK)
+        if self.ranks[1] > 1:
+            return self._shared_query_blocks(queries)
+        return _blocks_of(self._preconditioned_batches(queries), QUERY_BLOCK)
 
     def _check_query_store(self, queries: GradientStore) -> None:
         if not queries.complete:
@@ -722,15 +731,28 @@ class InfluenceSSL:
             raise ValueError(f"method must be one of {apps.outliers.METHODS}, got {method!r}")
         return apps.find_outliers(scores, store.ids(), normalisation=normalisation)
 
-    def group_influence(self, train_groups: np.ndarray, queries: torch.Tensor | None = None,
+    def group_influence(self, train_groups: np.ndarray,
+                        queries: torch.Tensor | GradientStore | Iterable[Any] | None = None,
                         test_groups: np.ndarray | None = None, *, ids: torch.Tensor | None = None,
                         n_boot: int = 1000, store: GradientStore | None = None,
                         seed: int = 0) -> apps.GroupInfluence:
         """Self-influence per training group and, with queries and their groups, the cross-group
-        influence matrix, with bootstrap confidence intervals (see apps.fairness)."""
+        influence matrix, with bootstrap confidence intervals (see apps.fairness).
+
+        ``train_groups [n]``: the group of each store row (a ``DataLoader``'s rows are in
+        dataset order, :mod:`.loading`). ``queries``: a batch ``[m, ...]`` (``ids``: their
+        example ids), or many, as :meth:`score` takes them (a test loader or a query store),
+        read in blocks; ``test_groups [m]``: the group of each query, in the order read."""
         store = self._store(store)
-        q = None if queries is None else self.preconditioned(queries, ids)
-        return apps.group_influence(store, self.self_influence(store), np.asarray(train_groups),
+        s = self.self_influence(store)
+        q: torch.Tensor | Iterator[torch.Tensor] | None = None
+        if isinstance(queries, torch.Tensor):
+            q = self.preconditioned(queries, ids)
+        elif queries is not None:
+            if ids is not None:
+                raise ValueError("ids= is for a batch tensor: many queries carry their own ids")
+            q = (block for block, _ in self._query_blocks(queries))
+        return apps.group_influence(store, s, np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,
                                     n_boot=n_boot, seed=seed)
 

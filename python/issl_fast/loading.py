@@ -11,9 +11,11 @@ depend on the order a loader happens to draw:
   (``shuffle=True``, ``SubsetRandomSampler``) draws another order on every pass, which would make
   a resumed store and ``neighbours(data=...)`` read other examples than the first pass: it is
   read in increasing index order instead, every example of its set once, in batches of the
-  loader's ``batch_size`` (``drop_last`` is for training batch shapes and is not applied).
-  The loader is re-made over the index batches (same dataset, collate function and workers), so
-  a resume skips the examples already stored without loading them;
+  loader's ``batch_size``. ``drop_last`` is for training batch shapes and is not applied.
+  Featurising refuses samplers that draw random sets or repeats (a store holds a fixed set of
+  examples once each); queries are read as such samplers draw them. The loader is re-made over
+  the index batches (same dataset, collate function and workers, batches in order), so a
+  resume skips the examples already stored without loading them;
 - anything else (an iterable of batches, a loader subclass, a sampler of other keys) is read as
   it is, and an example's id is its position in the stream.
 """
@@ -33,7 +35,9 @@ from torch.utils.data import (
     DistributedSampler,
     IterableDataset,
     RandomSampler,
+    SequentialSampler,
     SubsetRandomSampler,
+    WeightedRandomSampler,
 )
 
 from .store import StoreError
@@ -86,58 +90,81 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
         yield x, ids
 
 
-def index_batches(data: Iterable[Any], *, distributed: bool = False
-                  ) -> list[list[int]] | None:
-    """The batches of dataset indices a plain ``DataLoader`` over a map-style dataset is read in
-    (a shuffling sampler's set in increasing order, see the module docstring); None for anything
-    else, which is read as it is. ``distributed``: refuse a ``DistributedSampler`` (the ranks'
-    split is made here)."""
-    if not isinstance(data, DataLoader):
-        return None
-    sampler = data.sampler
-    shuffles = isinstance(sampler, (RandomSampler, SubsetRandomSampler))
+def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: bool = False
+                  ) -> list[np.ndarray] | None:
+    """The batches of dataset indices (int64 arrays) a plain ``DataLoader`` over a map-style
+    dataset is read in, None for anything else (read as it is).
+
+    With torch's ``BatchSampler`` (what ``batch_size=`` makes) every example its sampler gives
+    is read (``drop_last`` is for training batch shapes and is not applied), and a shuffling
+    sampler (``RandomSampler`` drawing each example once, ``SubsetRandomSampler``) gives its
+    set in increasing order. ``strict`` (featurising a store, which must hold a fixed set of
+    examples once each): samplers that draw random sets or repeats are refused; otherwise
+    (queries) they are read as drawn. ``distributed``: refuse a ``DistributedSampler`` (the
+    ranks' split is made here)."""
     if type(data) is not DataLoader or data.batch_sampler is None or isinstance(
             data.dataset, IterableDataset):
-        if shuffles:
-            warnings.warn(f"{type(data).__name__} shuffles, and is read as it is (a subclass, or "
-                          "no batch sampler): its examples are numbered by their position in "
-                          "this pass's random order. Pass a DataLoader with shuffle=False (or "
-                          "batches with 'ids') so that ids name the same examples on every pass",
-                          UserWarning, stacklevel=3)
         return None
     if distributed and isinstance(data.sampler, DistributedSampler):
         raise ValueError("do not give the DataLoader a DistributedSampler: InfluenceSSL splits "
                          "the examples over the ranks itself (every rank passes the same "
                          "loader; a DistributedSampler would also pad with repeated examples)")
-    if isinstance(sampler, (RandomSampler, SubsetRandomSampler)) and type(
-            data.batch_sampler) is BatchSampler:
-        order = _shuffled_set(sampler)
-        size = data.batch_sampler.batch_size
+    batch_sampler = data.batch_sampler
+    if type(batch_sampler) is BatchSampler:
+        order = _sampler_order(batch_sampler.sampler, strict)
+        if order is None:
+            return None
+        size = batch_sampler.batch_size
         return [order[a:a + size] for a in range(0, len(order), size)]
-    batches = [list(b) for b in data.batch_sampler]
+    batches = [list(b) for b in batch_sampler]  # a batch sampler of the user's own
     if not all(isinstance(i, (int, np.integer)) for b in batches for i in b):
         return None  # a sampler of other keys: read as any iterable
-    return [[int(i) for i in b] for b in batches]
+    return [np.asarray(b, dtype=np.int64) for b in batches]
 
 
-def _shuffled_set(sampler: RandomSampler | SubsetRandomSampler) -> list[int]:
-    """The dataset indices a shuffling sampler draws from, in increasing order."""
+def _sampler_order(sampler: Any, strict: bool) -> np.ndarray | None:
+    """The dataset indices ``sampler`` gives, in the order they are read (see
+    :func:`index_batches`); None when they are not integers."""
+    if isinstance(sampler, SequentialSampler):
+        return np.arange(len(sampler.data_source), dtype=np.int64)  # type: ignore[arg-type]
     if isinstance(sampler, SubsetRandomSampler):
-        return sorted(int(i) for i in sampler.indices)
-    n = len(sampler.data_source)  # type: ignore[arg-type]
-    if sampler.replacement:
-        raise ValueError("the DataLoader's RandomSampler draws with replacement (repeats and "
-                         "misses examples at random): featurise each example once, e.g. "
-                         "DataLoader(dataset, batch_size=..., shuffle=False)")
-    if sampler.num_samples != n:
-        raise ValueError(f"the DataLoader's RandomSampler draws a random {sampler.num_samples} "
-                         f"of the dataset's {n} examples, another set on every pass: pass a "
-                         "fixed set (torch.utils.data.Subset, or a SubsetRandomSampler)")
-    return list(range(n))
+        return np.sort(np.asarray(list(sampler.indices), dtype=np.int64))
+    if isinstance(sampler, RandomSampler):
+        n = len(sampler.data_source)  # type: ignore[arg-type]
+        if not sampler.replacement and sampler.num_samples == n:
+            return np.arange(n, dtype=np.int64)
+        if strict:
+            how = ("draws with replacement" if sampler.replacement
+                   else f"draws {sampler.num_samples} of {n} examples")
+            raise ValueError(f"the DataLoader's RandomSampler {how}: another set of examples on "
+                             "every pass, with repeats or misses. A store holds a fixed set "
+                             "once each: pass shuffle=False, or a fixed subset "
+                             "(torch.utils.data.Subset, SubsetRandomSampler)")
+    elif isinstance(sampler, WeightedRandomSampler) and strict:
+        raise ValueError("the DataLoader's WeightedRandomSampler draws another set of examples "
+                         "on every pass: a store holds a fixed set once each (pass "
+                         "shuffle=False, or a fixed subset: torch.utils.data.Subset)")
+    drawn = list(sampler)
+    if not all(isinstance(i, (int, np.integer)) for i in drawn):
+        return None
+    return np.asarray(drawn, dtype=np.int64)
 
 
-def loader_over(loader: DataLoader, batches: list[list[int]]) -> DataLoader:
-    """``loader`` with its batch sampler replaced by the list ``batches``."""
+class _IndexBatches:
+    """A batch sampler over fixed batches of indices, handed to the loader as Python ints."""
+
+    def __init__(self, batches: list[np.ndarray]) -> None:
+        self.batches = batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return (b.tolist() for b in self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def loader_over(loader: DataLoader, batches: list[np.ndarray]) -> DataLoader:
+    """``loader`` with its batch sampler replaced by ``batches``, delivered in that order."""
     kwargs: dict[str, Any] = {
         "num_workers": loader.num_workers,
         "collate_fn": loader.collate_fn,
@@ -150,10 +177,13 @@ def loader_over(loader: DataLoader, batches: list[list[int]]) -> DataLoader:
     if loader.num_workers > 0:  # torch refuses these without workers
         kwargs["prefetch_factor"] = loader.prefetch_factor
         kwargs["persistent_workers"] = loader.persistent_workers
-    for name in ("pin_memory_device", "in_order"):  # (newer torch versions only)
-        if hasattr(loader, name):
-            kwargs[name] = getattr(loader, name)
-    return DataLoader(loader.dataset, batch_sampler=batches, **kwargs)
+    if hasattr(loader, "pin_memory_device"):  # (newer torch versions only)
+        kwargs["pin_memory_device"] = loader.pin_memory_device
+    if hasattr(loader, "in_order"):
+        # Batches are named by their position in the sampler: they must arrive in that order
+        # (in_order=False hands back whichever a worker finished first).
+        kwargs["in_order"] = True
+    return DataLoader(loader.dataset, batch_sampler=_IndexBatches(batches), **kwargs)
 
 
 class Examples:
@@ -171,8 +201,9 @@ class Examples:
 
     :attr:`digest` identifies the stream (the loader's index batches; or every batch's size, ids
     and a sample of its values) so that ranks can check they all read the same one; for a plain
-    iterable it is known once it has been read to the end (None before). ``unique``: refuse a
-    loader whose sampler gives an index twice (featurising: a store holds each example once).
+    iterable it is known once it has been read to the end (None before). ``unique``
+    (featurising: a store holds a fixed set of examples, each once): refuse samplers that draw
+    random sets or give an index twice.
     """
 
     def __init__(self, data: Iterable[Any], rank: int = 0, size: int = 1,
@@ -180,8 +211,9 @@ class Examples:
         self.data, self.rank, self.size = data, rank, size
         self._hash = hashlib.sha256()
         self._known = False  # whether the digest covers the whole stream
-        self._pieces: list[tuple[list[int], int]] = []  # (dataset indices, position): a loader's
-        batches = index_batches(data, distributed=size > 1)
+        # a re-made loader's (dataset indices, stream position) pieces for this rank
+        self._pieces: list[tuple[np.ndarray, int]] = []
+        batches = index_batches(data, distributed=size > 1, strict=unique)
         self.batches = batches
         if batches is None:
             self.rows: int | None = None
@@ -190,7 +222,7 @@ class Examples:
         if unique:
             _refuse_repeats(batches)
         for b in batches:
-            self._hash.update(np.asarray(b, dtype=np.int64).tobytes() + b"|")
+            self._hash.update(b.tobytes() + b"|")
         self._known = True
         self.block = block_rows(sum(len(b) for b in batches) if balance else None, size,
                                 shard_rows)
@@ -235,40 +267,50 @@ class Examples:
             if ids is not None:
                 self._hash.update(ids.numpy().tobytes())
             else:
+                if position == 0 and _shuffles(self.data):
+                    warnings.warn(
+                        f"{type(self.data).__name__} shuffles and is read as it is (a "
+                        "DataLoader subclass, or one without a batch sampler), so its examples "
+                        "are numbered by their position in this pass's random order: pass a "
+                        "DataLoader with shuffle=False, or batches with 'ids', so that ids name "
+                        "the same examples on every pass", UserWarning, stacklevel=2)
                 ids = torch.arange(position, position + B)
             for a, e in self._cuts(position, B):
                 yield x[a:e], ids[a:e], position + a
             position += B
         self._known = True
 
-    def _load(self, pieces: list[tuple[list[int], int]]) -> Iterator[Piece]:
+    def _load(self, pieces: list[tuple[np.ndarray, int]]) -> Iterator[Piece]:
         """The examples of ``pieces`` (dataset indices, stream position) through the loader."""
         assert isinstance(self.data, DataLoader)
         loader = loader_over(self.data, [b for b, _ in pieces])
         for (x, ids), (indices, pos) in zip(iterate_batches(loader), pieces):
-            if x.shape[0] != len(indices):
+            if x.shape[0] != len(indices) and (ids is None or self.size > 1):
                 raise ValueError(
                     f"the DataLoader gave a batch of {x.shape[0]} rows for {len(indices)} "
                     "sampled dataset indices (its collate_fn or dataset drops or adds rows), "
-                    "so its examples' indices are unknown: give the batches ids (a dict with "
-                    "'ids'), or pass it wrapped, e.g. (batch for batch in loader), to number "
-                    "the examples by their position")
-            yield x, torch.tensor(indices, dtype=torch.int64) if ids is None else ids, pos
+                    "so its examples' indices are unknown"
+                    + (": give the batches ids (a dict with 'ids'), or pass it wrapped, e.g. "
+                       "(batch for batch in loader), to number the examples by their position"
+                       if self.size == 1 else
+                       ", and so are the ranks' shares: pass it wrapped, e.g. (batch for batch "
+                       "in loader), to have every rank read it whole"))
+            yield x, torch.from_numpy(indices.copy()) if ids is None else ids, pos
 
     def after(self, done: int, stored_ids: np.ndarray, where: str) -> Iterator[Piece]:
         """The pieces after the first ``done`` examples, which a store at ``where`` being
-        resumed holds with ids ``stored_ids[:done]``: they must be the same examples (else
-        :class:`.StoreError`). A re-made loader skips them without loading them when their
-        indices are the stored ids; otherwise they are read and their ids compared."""
+        resumed holds with ids ``stored_ids[:done]``: they must be the same examples, and the
+        data must have that many (else :class:`.StoreError`, before anything is written). A
+        re-made loader skips them without loading them when their indices are the stored ids;
+        otherwise they are read and their ids compared."""
         if done == 0:
             yield from self
             return
-        if self.batches is not None:
-            planned = [i for b, _ in self._pieces for i in b][:done]
+        if self._pieces:
+            planned = np.concatenate([b for b, _ in self._pieces])[:done]
             if len(planned) == done and np.array_equal(planned, stored_ids[:done]):
-                rest = _cut_front(self._pieces, done)
                 self._known = True
-                yield from self._load(rest)
+                yield from self._load(_cut_front(self._pieces, done))
                 return
         seen = 0
         for x, ids, pos in self:
@@ -277,25 +319,38 @@ class Examples:
                 yield x, ids, pos
                 continue
             cut = min(B, done - seen)
-            if not np.array_equal(ids[:cut].numpy(), stored_ids[seen:seen + cut]):
-                at = seen + int(np.flatnonzero(ids[:cut].numpy() != stored_ids[seen:seen + cut])[0])
+            differ = np.flatnonzero(ids[:cut].numpy() != stored_ids[seen:seen + cut])
+            if len(differ):
+                at = seen + int(differ[0])
                 raise StoreError(
                     f"the data do not come in the order of the incomplete store at {where}: its "
                     f"row {at} holds example id {int(stored_ids[at])}, the data give id "
                     f"{int(ids[at - seen])} there. Resume with the same data in the same order "
-                    "(a shuffling DataLoader is read in index order, so this is other data), "
-                    "or remove the store")
+                    "(a DataLoader with shuffle=True is read in index order; a sampler of your "
+                    "own must draw the same order again), or remove the store")
             if cut < B:
                 yield x[cut:], ids[cut:], pos + cut
             seen += B
+        if seen < done:
+            raise StoreError(f"the data end after {seen} examples, but the incomplete store at "
+                             f"{where} already holds {done}: resume with the same data, or "
+                             "remove the store")
 
 
-def _positions(batches: list[list[int]]) -> list[int]:
+def _shuffles(data: Any) -> bool:
+    """Whether ``data`` is a loader drawing a random order."""
+    random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
+    return isinstance(data, DataLoader) and (
+        isinstance(data.sampler, random)
+        or isinstance(getattr(data.batch_sampler, "sampler", None), random))
+
+
+def _positions(batches: list[np.ndarray]) -> list[int]:
     return np.concatenate([[0], np.cumsum([len(b) for b in batches])]).astype(int).tolist()[:-1]
 
 
-def _cut_front(pieces: list[tuple[list[int], int]], done: int
-               ) -> list[tuple[list[int], int]]:
+def _cut_front(pieces: list[tuple[np.ndarray, int]], done: int
+               ) -> list[tuple[np.ndarray, int]]:
     """``pieces`` without their first ``done`` examples (a piece may be cut)."""
     rest, seen = [], 0
     for b, pos in pieces:
@@ -306,9 +361,10 @@ def _cut_front(pieces: list[tuple[list[int], int]], done: int
     return rest
 
 
-def _refuse_repeats(batches: list[list[int]]) -> None:
-    flat = np.fromiter((i for b in batches for i in b), dtype=np.int64)
-    uniq, counts = np.unique(flat, return_counts=True)
+def _refuse_repeats(batches: list[np.ndarray]) -> None:
+    if not batches:
+        return
+    uniq, counts = np.unique(np.concatenate(batches), return_counts=True)
     if (counts > 1).any():
         raise ValueError(f"the DataLoader's sampler gives dataset indices "
                          f"{uniq[counts > 1][:5].tolist()} more than once: a store holds each "
