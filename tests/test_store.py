@@ -148,3 +148,18 @@ def test_content_key_and_load_to(tmp_path) -> None:
     c.append(phi + 1, torch.arange(10))
     c.finalize()
     assert c.content_key[0] == a.content_key[0] and c.content_key != a.content_key
+
+
+def test_iter_rows_fills_chunks_across_shards(tmp_path) -> None:
+    store = GradientStore.create_or_resume(tmp_path / "s", {"x": 1}, 2, "float16", shard_rows=5)
+    phi = torch.arange(46, dtype=torch.float32).reshape(23, 2)
+    store.append(phi, torch.arange(23))
+    store.finalize()
+    for chunk, span in ((7, None), (5, None), (3, (4, 21)), (100, (2, 9)), (1, (22, 23))):
+        got = list(store.iter_rows(chunk, torch.float32, rows=span))
+        a, e = span or (0, 23)
+        sizes = [t.shape[0] for t, _ in got]
+        tail = [(e - a) % chunk] if (e - a) % chunk else []
+        assert sizes == [chunk] * ((e - a) // chunk) + tail
+        assert [first for _, first in got] == list(range(a, e, chunk))
+        torch.testing.assert_close(torch.cat([t for t, _ in got]), phi[a:e], rtol=0, atol=0)

@@ -622,7 +622,8 @@ class InfluenceSSL:
     # -- applications -----------------------------------------------------------------------------
     def neighbours(self, topk: int = 5, store: GradientStore | None = None, *,
                    data: Iterable[Any] | None = None,
-                   transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()
+                   transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
+                   search: apps.ClusteredSearch | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Each training example's ``topk`` most similar others by normalised influence:
         ``(similarity [n, topk], rows [n, topk])``.
@@ -633,11 +634,20 @@ class InfluenceSSL:
         Needs ``data``, the examples as given to :meth:`featurize` (their ids locate the rows; a
         re-iterable such as a list or a DataLoader); costs one featurisation pass over ``data``
         and one top-k pass over the store per transform. ``data`` is unused without transforms.
+
+        ``search``: approximate, for large stores (``apps.ClusteredSearch(probes=...)``): each
+        example is compared with the examples of the few clusters nearest to it instead of all
+        of them (:mod:`.apps.clustered`; the similarities found are exact, a neighbour in a
+        cluster not probed is missed). The index is built once for all transforms.
         """
         store = self._store(store)
         self.release_device_memory()  # the scans hold their own (normalised) copy
         rank, size = self.ranks
-        s = self.self_influence(store) if size > 1 else None  # shared by every rank and pass
+        # shared by every rank and pass
+        s = self.self_influence(store) if size > 1 or search is not None else None
+        index = (None if search is None else
+                 apps.clustered_index(store, self.solver, search, self.num_threads,
+                                      self_influence=s, device=self.scan_device))
         if transforms:
             if data is None:
                 raise ValueError("transforms need data=: the training examples, as given to "
@@ -651,7 +661,7 @@ class InfluenceSSL:
         with distributed.together("neighbours") if size > 1 else nullcontext():
             result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
                                                 self_influence=s, device=self.scan_device,
-                                                rows=span)
+                                                rows=span, search=index)
         if size > 1:  # each rank found its range's neighbours
             result = (distributed.gather_rows(result[0][span[0]:span[1]], store.rows),
                       distributed.gather_rows(result[1][span[0]:span[1]], store.rows))
@@ -660,14 +670,15 @@ class InfluenceSSL:
             if size == 1:
                 found = apps.transformed_neighbours(
                     store, self.solver, self._transformed_queries(store, loading.Examples(data), t),
-                    topk, self.num_threads, self_influence=s, device=self.scan_device)
+                    topk, self.num_threads, self_influence=s, device=self.scan_device,
+                    search=index)
                 result = apps.merge_neighbours(result, found)
                 continue
             with distributed.together("neighbours"):  # each rank featurises its share of data
                 batches = loading.Examples(data, rank, size, store.shard_rows)
                 found = apps.transformed_neighbours(
                     store, self.solver, self._transformed_queries(store, batches, t), topk,
-                    self.num_threads, self_influence=s, device=self.scan_device)
+                    self.num_threads, self_influence=s, device=self.scan_device, search=index)
             distributed.same_on_all_ranks(batches.digest, "the data stream")
             # each rank found the rows of its examples: only those rows travel
             mine = np.flatnonzero((found[1] >= 0).any(axis=1))
@@ -700,32 +711,35 @@ class InfluenceSSL:
                         store: GradientStore | None = None, *,
                         neighbours: tuple[np.ndarray, np.ndarray] | None = None,
                         data: Iterable[Any] | None = None,
-                        transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = ()
+                        transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
+                        search: apps.ClusteredSearch | None = None
                         ) -> apps.DuplicatePairs:
         """Training pairs with normalised influence >= threshold (see apps.duplicates);
-        ``data``/``transforms`` as in :meth:`neighbours`."""
+        ``data``/``transforms``/``search`` as in :meth:`neighbours`."""
         store = self._store(store)
-        if neighbours is not None and transforms:
-            raise ValueError("pass either neighbours= (precomputed) or transforms=, not both")
-        if neighbours is None and (transforms or self.ranks[1] > 1):
-            neighbours = self.neighbours(topk, store, data=data, transforms=transforms)
+        if neighbours is not None and (transforms or search is not None):
+            raise ValueError("pass either neighbours= (precomputed) or transforms=/search=, "
+                             "not both")
         if neighbours is None:
-            self.release_device_memory()  # the scan holds its own (normalised) copy
+            neighbours = self.neighbours(topk, store, data=data, transforms=transforms,
+                                         search=search)
         return apps.find_duplicates(store, self.solver, threshold=threshold,
                                     topk=topk, num_threads=self.num_threads,
                                     neighbours=neighbours, device=self.scan_device)
 
     def find_outliers(self, method: str = "neighbours", *, k: int = 5,
                       normalisation: str | None = "robust", store: GradientStore | None = None,
-                      neighbours: tuple[np.ndarray, np.ndarray] | None = None
+                      neighbours: tuple[np.ndarray, np.ndarray] | None = None,
+                      search: apps.ClusteredSearch | None = None
                       ) -> apps.OutlierRanking:
         """Training examples ranked from most to least outlying, by ``"neighbours"`` (1 - the
-        normalised influence of the k-th most similar example) or ``"self_influence"``."""
+        normalised influence of the k-th most similar example; ``search`` as in
+        :meth:`neighbours`) or ``"self_influence"``."""
         store = self._store(store)
         if method == "self_influence":
             scores = self.self_influence(store)
         elif method == "neighbours":
-            sim, _ = neighbours or self.neighbours(k, store)
+            sim, _ = neighbours or self.neighbours(k, store, search=search)
             scores = apps.neighbour_scores(sim, k)
         else:
             raise ValueError(f"method must be one of {apps.outliers.METHODS}, got {method!r}")

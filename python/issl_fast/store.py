@@ -496,13 +496,26 @@ class GradientStore:
         self, chunk: int = 65536, dtype: torch.dtype = torch.float32,
         rows: tuple[int, int] | None = None,
     ) -> Iterator[tuple[torch.Tensor, int]]:
-        """``(rows [<=chunk, dim], first_row)`` in order, converted to ``dtype``: bounded memory.
-        ``rows=(start, stop)``: only that range."""
+        """``(rows [chunk, dim], first_row)`` in order (the last one may be shorter), converted
+        to ``dtype``, across shard boundaries: bounded memory. ``rows=(start, stop)``: only that
+        range."""
+        pending: list[torch.Tensor] = []
+        start = held = 0
         for arr, first in self.shards(rows):
-            for s in range(0, arr.shape[0], chunk):
-                part = arr[s : s + chunk]
+            s = 0
+            while s < arr.shape[0]:
+                if not pending:
+                    start = first + s
+                part = arr[s : s + chunk - held]
                 t = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
-                yield t.to(dtype), first + s
+                pending.append(t.to(dtype))
+                held += t.shape[0]
+                s += t.shape[0]
+                if held == chunk:
+                    yield (pending[0] if len(pending) == 1 else torch.cat(pending)), start
+                    pending, held = [], 0
+        if pending:
+            yield (pending[0] if len(pending) == 1 else torch.cat(pending)), start
 
     def stats(self) -> dict[str, torch.Tensor]:
         """Sum over shards of the stored statistics (float64)."""

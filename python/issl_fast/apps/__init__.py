@@ -1,7 +1,9 @@
 """Applications on a fitted store: duplicates, outliers, group (fairness) influence."""
 
+from .clustered import ClusteredIndex, ClusteredSearch
 from .duplicates import (
     DuplicatePairs,
+    clustered_index,
     find_duplicates,
     merge_neighbours,
     merge_rows,
@@ -13,10 +15,13 @@ from .outliers import OutlierRanking, find_outliers, neighbour_scores
 from .transforms import Translation, translations
 
 __all__ = [
+    "ClusteredIndex",
+    "ClusteredSearch",
     "DuplicatePairs",
     "GroupInfluence",
     "OutlierRanking",
     "Translation",
+    "clustered_index",
     "find_duplicates",
     "find_outliers",
     "group_influence",

@@ -25,6 +25,7 @@ import torch
 from .. import ops, residency
 from ..solver import Solver
 from ..store import GradientStore
+from .clustered import ClusteredIndex, ClusteredSearch
 
 # Training rows scored per pass over the store: bounds the preconditioned query block in memory.
 _QUERY_CHUNK = 4096
@@ -63,6 +64,7 @@ class _NormalisedStore:
     def __init__(self, store: GradientStore, inv: torch.Tensor,
                  device: torch.device | str | None, num_threads: int | None) -> None:
         self.store, self.inv, self.num_threads = store, inv, num_threads
+        self.query_chunk = _QUERY_CHUNK
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.resident: torch.Tensor | None = None
         if residency.fits(self.device, store.rows * store.dim * 4):
@@ -92,6 +94,34 @@ class _NormalisedStore:
         return values, idx
 
 
+# How neighbours are searched: None (exact, all pairs), the settings of the approximate
+# clustered search, or such an index already built (to search it again, e.g. per transform).
+Search = ClusteredSearch | ClusteredIndex | None
+
+
+def _scan(store: GradientStore, solver: Solver, inv: torch.Tensor,
+          device: torch.device | str | None, num_threads: int | None,
+          search: Search) -> _NormalisedStore | ClusteredIndex:
+    """The exact scan, or the approximate clustered index (built here from its settings)."""
+    if search is None:
+        return _NormalisedStore(store, inv, device, num_threads)
+    if isinstance(search, ClusteredIndex):
+        if search.store is not store or search.solver is not solver:
+            raise ValueError("a ClusteredIndex searches the store and solver it was built for")
+        return search
+    return ClusteredIndex(store, solver, inv, search, device, num_threads)
+
+
+def clustered_index(store: GradientStore, solver: Solver, search: ClusteredSearch,
+                    num_threads: int | None = None, self_influence: np.ndarray | None = None,
+                    device: torch.device | str | None = None) -> ClusteredIndex:
+    """The approximate search's index of ``store`` (:mod:`.clustered`), built once to be
+    searched several times (pass it as ``search=``); ``self_influence`` as in
+    :func:`normalised_neighbours`."""
+    inv = _inverse_sqrt_self_influence(store, solver, self_influence)
+    return ClusteredIndex(store, solver, inv, search, device, num_threads)
+
+
 def normalised_neighbours(
     store: GradientStore,
     solver: Solver,
@@ -100,19 +130,22 @@ def normalised_neighbours(
     self_influence: np.ndarray | None = None,
     device: torch.device | str | None = None,
     rows: tuple[int, int] | None = None,
+    search: Search = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """For every store row, its ``topk`` most similar other rows by normalised influence:
     ``(similarity [n, topk] float32, rows [n, topk] int64)``, best first (-inf / -1 padding).
     ``self_influence``: the store's ``s_i`` when already computed (else one pass computes it);
     ``rows=(start, stop)``: only those rows' neighbours (among all rows) are searched, the
-    others are left empty (one rank's share of a distributed search)."""
+    others are left empty (one rank's share of a distributed search); ``search``: approximate,
+    in the clusters each row probes (a :class:`.ClusteredSearch`, or an index built by
+    :func:`clustered_index`; None: exact, all pairs)."""
     _check_topk(topk)
     n = store.rows
     inv = _inverse_sqrt_self_influence(store, solver, self_influence)
-    scan = _NormalisedStore(store, inv, device, num_threads)
+    scan = _scan(store, solver, inv, device, num_threads, search)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
-    for q_rows, q0 in store.iter_rows(_QUERY_CHUNK, dtype=torch.float64, rows=rows):
+    for q_rows, q0 in store.iter_rows(scan.query_chunk, dtype=torch.float64, rows=rows):
         m = q_rows.shape[0]
         q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
         v, i = scan.topk(q, torch.arange(q0, q0 + m), topk)
@@ -128,6 +161,7 @@ def transformed_neighbours(
     num_threads: int | None = None,
     self_influence: np.ndarray | None = None,
     device: torch.device | str | None = None,
+    search: Search = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Neighbours of transformed copies of the store's own examples.
 
@@ -136,12 +170,12 @@ def transformed_neighbours(
     against the store, excluding its own row, with the normalised influence
     ``score(t x_i, x_j) / sqrt(s(t x_i) s_j)``. Returns ``[n, topk]`` like
     :func:`normalised_neighbours` for the rows the queries covered (-inf / -1 elsewhere).
-    ``self_influence`` as in :func:`normalised_neighbours`.
+    ``self_influence`` and ``search`` as in :func:`normalised_neighbours`.
     """
     _check_topk(topk)
     n = store.rows
     inv = _inverse_sqrt_self_influence(store, solver, self_influence)
-    scan = _NormalisedStore(store, inv, device, num_threads)
+    scan = _scan(store, solver, inv, device, num_threads, search)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -168,7 +202,7 @@ def transformed_neighbours(
                              f"[{int(rows.min())}, {int(rows.max())}]")
         pending.append((phi, rows))
         queued += rows.shape[0]
-        if queued >= _QUERY_CHUNK:
+        if queued >= scan.query_chunk:
             flush()
             queued = 0
     if pending:
@@ -233,18 +267,20 @@ def find_duplicates(
     num_threads: int | None = None,
     neighbours: tuple[np.ndarray, np.ndarray] | None = None,
     device: torch.device | str | None = None,
+    search: Search = None,
 ) -> DuplicatePairs:
     """Pairs of training examples whose normalised influence is at least ``threshold``.
 
     Each example keeps its ``topk`` most similar partners, so a cluster of more than ``topk + 1``
     copies reports only its strongest links. Exact duplicates come out at ~1.0 and rank first.
     ``neighbours``: a precomputed :func:`normalised_neighbours` result to reuse;
-    ``device``: where the scan runs when it is not given.
+    ``device``: where the scan runs when it is not given; ``search``: approximate
+    (:mod:`.clustered`).
     """
     if not -1.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
     best_v, best_i = neighbours or normalised_neighbours(store, solver, topk, num_threads,
-                                                         device=device)
+                                                         device=device, search=search)
     n, topk = best_v.shape
     a = np.repeat(np.arange(n), topk)
     b, sim = best_i.ravel(), best_v.ravel()
