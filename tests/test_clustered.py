@@ -147,6 +147,25 @@ def test_influence_ssl_builds_one_index_for_all_transforms(tmp_path: Path,
     np.testing.assert_array_equal(out.order, attr.find_outliers(k=3).order)
     with pytest.raises(ValueError, match="not both"):
         attr.find_duplicates(0.9, neighbours=want, search=every)
+    # one prebuilt index serves duplicates and outliers; bad input is refused before any work
+    built.clear()
+    index = apps.clustered_index(attr.store, attr.solver, every)
+    assert len(attr.find_duplicates(-1.0, topk=3, search=index)) == len(dups)
+    np.testing.assert_array_equal(attr.find_outliers(k=3, search=index).order, out.order)
+    with pytest.raises(ValueError, match="threshold must be in"):
+        attr.find_duplicates(2.0, search=every)
+    with pytest.raises(ValueError, match="transforms need data="):
+        attr.neighbours(3, transforms=shifts, search=every)
+    assert len(built) == 1  # only the prebuilt index
+
+
+def test_query_blocks_shrink_with_topk_and_dim(tmp_path: Path) -> None:
+    store, _ = _mixture(tmp_path, n=400)
+    index = apps.clustered_index(store, _solver("identity", store), apps.ClusteredSearch())
+    assert index.query_rows(10) == clustered.QUERY_CHUNK
+    per_row = 16 * DIM + 48 * 8 * 1000
+    assert index.query_rows(1000) == clustered.QUERY_BLOCK_BYTES // per_row
+    assert index.query_rows(10**6) == clustered.MIN_QUERY_CHUNK
 
 
 def test_ties_across_clusters_are_ordered_by_row(tmp_path: Path) -> None:

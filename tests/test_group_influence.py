@@ -11,6 +11,7 @@ import pytest
 import torch
 from engine_models import cnn_attribution, images
 from issl_fast.apps import fairness
+from issl_fast.store import GradientStore
 from torch.utils.data import DataLoader, TensorDataset
 
 # Replicates of the distribution test: its checks sit at 5 standard errors, so a correct
@@ -107,9 +108,26 @@ def test_resampled_means_too_large_are_refused_with_an_n_boot_that_fits(
     attr.fit(store)
     monkeypatch.setattr(fairness, "MAX_MEANS_BYTES", 3 * 101 * (store.dim + 1) * 8)
     groups = np.arange(12) % 3
-    with pytest.raises(ValueError, match="use n_boot <= 100"):
+    with pytest.raises(ValueError, match="training groups.*use n_boot <= 100"):
         attr.group_influence(groups, images(4, seed=2), np.zeros(4), n_boot=101)
     ok = attr.group_influence(groups, images(4, seed=2), np.zeros(4), n_boot=100)
     assert ok.cross is not None and ok.cross.shape == (1, 3)
+    # the cross-group matrix too (4 x 12 groups, twice), in a budget that fits the means
+    tiny = GradientStore.create_or_resume(tmp_path / "tiny", {"tiny": 1}, 2, "float32")
+    tiny.append(torch.randn(12, 2), torch.arange(12))
+    tiny.finalize()
+    monkeypatch.setattr(fairness, "MAX_MEANS_BYTES", 4 * 11 * 2 * 12 * 8 - 1)
+    with pytest.raises(ValueError, match=r"4 x 12 cross-group matrix.*use n_boot <= 9"):
+        fairness.group_influence(tiny, np.ones(12), np.arange(12), n_boot=10,
+                                 preconditioned_queries=torch.randn(4, 2),
+                                 test_groups=np.arange(4))
+    monkeypatch.setattr(fairness, "MAX_MEANS_BYTES", 3 * 101 * (store.dim + 1) * 8)
+    with pytest.raises(ValueError, match="train_groups contain NaN"):
+        attr.group_influence(np.where(groups == 1, np.nan, groups), n_boot=8)
+    # the self-influence intervals do not depend on whether queries are given
+    alone = attr.group_influence(groups, n_boot=50, seed=3)
+    with_queries = attr.group_influence(groups, images(4, seed=2), np.zeros(4), n_boot=50,
+                                        seed=3)
+    np.testing.assert_array_equal(alone.self_ci, with_queries.self_ci)
     with pytest.raises(ValueError, match="n_boot must be an int >= 1"):
         attr.group_influence(groups, n_boot=0)

@@ -349,3 +349,24 @@ def test_hypothesis_matches_reference(
                                accum=torch.float64)
     assert_topk_close(got, ref, Q, G, index_offset, f"hypothesis {kind} level={level}")
     assert_sorted_with_ties_by_lower_index(*got)
+
+
+@pytest.mark.parametrize("topk", [1, 7, 16, 17, 100])
+def test_rising_scores_make_every_row_a_candidate(simd: str, topk: int) -> None:
+    """Scores that rise with the row (each row beats every earlier one) put every row into a
+    query's candidate list, so it is cut back to the best topk many times; with plateaus of
+    exact ties the kept rows must still be the lowest of each tied value."""
+    n, k = 3001, 8
+    level = torch.arange(n, dtype=torch.float32) // 3  # plateaus of 3 equal scores
+    G = torch.zeros(n, k)
+    G[:, 0] = level
+    Q = torch.zeros(2, k)
+    Q[0, 0], Q[1, 0] = 1.0, -1.0  # rising, and falling (only the first rows are ever kept)
+    for threads in (1, 2):
+        v, i = ops.score_topk(Q, G, topk, num_threads=threads)
+        want = reference.score_topk(Q, G, topk, accum=torch.float64)
+        assert torch.equal(i, want[1]), f"threads={threads}: {i[:, :8].tolist()}"
+        assert torch.equal(v, want[0].float())
+        best = sorted(range(n), key=lambda r: (-float(level[r]), r))  # plateaus, lower row first
+        assert i[0].tolist() == best[:topk] and v[0, 0] == level[-1]
+        assert i[1].tolist() == list(range(topk))

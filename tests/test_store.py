@@ -156,10 +156,15 @@ def test_iter_rows_fills_chunks_across_shards(tmp_path) -> None:
     store.append(phi, torch.arange(23))
     store.finalize()
     for chunk, span in ((7, None), (5, None), (3, (4, 21)), (100, (2, 9)), (1, (22, 23))):
-        got = list(store.iter_rows(chunk, torch.float32, rows=span))
+        got = list(store.iter_rows(chunk, torch.float32, rows=span, fill=True))
         a, e = span or (0, 23)
         sizes = [t.shape[0] for t, _ in got]
         tail = [(e - a) % chunk] if (e - a) % chunk else []
         assert sizes == [chunk] * ((e - a) // chunk) + tail
         assert [first for _, first in got] == list(range(a, e, chunk))
         torch.testing.assert_close(torch.cat([t for t, _ in got]), phi[a:e], rtol=0, atol=0)
+    # without fill, chunks end where shards do (memory bounded by the shard)
+    firsts = [first for _, first in store.iter_rows(7, torch.float32)]
+    assert firsts == [0, 5, 10, 15, 20]
+    with pytest.raises(ValueError, match="chunk must be an int >= 1"):
+        next(store.iter_rows(0))

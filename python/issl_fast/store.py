@@ -494,11 +494,22 @@ class GradientStore:
 
     def iter_rows(
         self, chunk: int = 65536, dtype: torch.dtype = torch.float32,
-        rows: tuple[int, int] | None = None,
+        rows: tuple[int, int] | None = None, *, fill: bool = False,
     ) -> Iterator[tuple[torch.Tensor, int]]:
-        """``(rows [chunk, dim], first_row)`` in order (the last one may be shorter), converted
-        to ``dtype``, across shard boundaries: bounded memory. ``rows=(start, stop)``: only that
-        range."""
+        """``(rows [<=chunk, dim], first_row)`` in order, converted to ``dtype``: bounded memory.
+        ``rows=(start, stop)``: only that range. A chunk ends where a shard does, unless
+        ``fill``: then every chunk but the last has ``chunk`` rows, joined across shards (for
+        callers whose cost is per chunk)."""
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be an int >= 1, got {chunk!r}")
+        if not fill:
+            for arr, first in self.shards(rows):
+                for s in range(0, arr.shape[0], chunk):
+                    part = arr[s : s + chunk]
+                    t = (part if isinstance(part, torch.Tensor)
+                         else torch.from_numpy(np.array(part)))
+                    yield t.to(dtype), first + s
+            return
         pending: list[torch.Tensor] = []
         start = held = 0
         for arr, first in self.shards(rows):

@@ -38,8 +38,13 @@ from ..store import GradientStore
 # Store rows read (and normalised) per step while building the index.
 _BUILD_CHUNK = 16384
 # Queries searched per call: many, so that each cluster's kernel call gets many of them (one
-# call per probed cluster and block; at 4096 queries a small cluster's call is mostly overhead).
+# call per probed cluster and block; at 4096 queries a small cluster's call is mostly overhead),
+# within a memory budget: a query row costs its float64 features and their preconditioned copy,
+# and its [probes, topk] candidates while they are merged (values, rows, sort keys, gathers:
+# about 48 bytes each).
 QUERY_CHUNK = 32768
+MIN_QUERY_CHUNK = 256
+QUERY_BLOCK_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,6 @@ class ClusteredIndex:
                  num_threads: int | None = None) -> None:
         self.store, self.solver, self.inv = store, solver, inv
         self.search, self.num_threads = search, num_threads
-        self.query_chunk = QUERY_CHUNK
         self.device = torch.device("cpu") if device is None else torch.device(device)
         n = store.rows
         self.n_clusters = search.clusters_for(n) if n else 0
@@ -109,6 +113,11 @@ class ClusteredIndex:
         for rows, first in self._normalised():
             where = torch.from_numpy(self.position[first:first + rows.shape[0]])
             self.rows[where.to(self.device)] = rows.to(self.device)
+
+    def query_rows(self, topk: int) -> int:
+        """Queries per :meth:`topk` call (see :data:`QUERY_BLOCK_BYTES`)."""
+        per_row = 16 * self.store.dim + 48 * min(self.search.probes, max(self.n_clusters, 1)) * topk
+        return int(np.clip(QUERY_BLOCK_BYTES // per_row, MIN_QUERY_CHUNK, QUERY_CHUNK))
 
     def _normalised(self, chunk: int = _BUILD_CHUNK):
         """``(u rows float32 [<=chunk, dim], first row)`` over the store."""

@@ -64,7 +64,6 @@ class _NormalisedStore:
     def __init__(self, store: GradientStore, inv: torch.Tensor,
                  device: torch.device | str | None, num_threads: int | None) -> None:
         self.store, self.inv, self.num_threads = store, inv, num_threads
-        self.query_chunk = _QUERY_CHUNK
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.resident: torch.Tensor | None = None
         if residency.fits(self.device, store.rows * store.dim * 4):
@@ -75,6 +74,10 @@ class _NormalisedStore:
     def _chunks(self) -> Iterator[tuple[torch.Tensor, int]]:
         for rows, first in self.store.iter_rows(dtype=torch.float64):
             yield (rows * self.inv[first:first + rows.shape[0], None]).float().contiguous(), first
+
+    def query_rows(self, topk: int) -> int:
+        """Queries per :meth:`topk` call: each call is one pass over the store."""
+        return _QUERY_CHUNK
 
     def topk(self, q: torch.Tensor, self_rows: torch.Tensor, topk: int
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -145,7 +148,8 @@ def normalised_neighbours(
     scan = _scan(store, solver, inv, device, num_threads, search)
     best_v = np.full((n, topk), -np.inf, dtype=np.float32)
     best_i = np.full((n, topk), -1, dtype=np.int64)
-    for q_rows, q0 in store.iter_rows(scan.query_chunk, dtype=torch.float64, rows=rows):
+    for q_rows, q0 in store.iter_rows(scan.query_rows(topk), dtype=torch.float64, rows=rows,
+                                      fill=True):
         m = q_rows.shape[0]
         q = (solver.precondition(q_rows) * inv[q0:q0 + m, None]).float().contiguous()
         v, i = scan.topk(q, torch.arange(q0, q0 + m), topk)
@@ -202,7 +206,7 @@ def transformed_neighbours(
                              f"[{int(rows.min())}, {int(rows.max())}]")
         pending.append((phi, rows))
         queued += rows.shape[0]
-        if queued >= scan.query_chunk:
+        if queued >= scan.query_rows(topk):
             flush()
             queued = 0
     if pending:
@@ -253,6 +257,12 @@ def merge_neighbours(
     return v, i
 
 
+def check_threshold(threshold: float) -> None:
+    """A normalised influence (a cosine) threshold: in [-1, 1]."""
+    if not -1.0 <= threshold <= 1.0:
+        raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+
+
 def _check_topk(topk: int) -> None:
     if not isinstance(topk, int) or topk < 1:
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
@@ -277,8 +287,7 @@ def find_duplicates(
     ``device``: where the scan runs when it is not given; ``search``: approximate
     (:mod:`.clustered`).
     """
-    if not -1.0 <= threshold <= 1.0:
-        raise ValueError(f"threshold must be in [-1, 1], got {threshold}")
+    check_threshold(threshold)
     best_v, best_i = neighbours or normalised_neighbours(store, solver, topk, num_threads,
                                                          device=device, search=search)
     n, topk = best_v.shape

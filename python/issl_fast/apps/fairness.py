@@ -140,13 +140,26 @@ class _GroupMeans:
         self.rows += b
 
 
-def _check_size(n_groups: int, n_boot: int, dim: int, what: str) -> None:
-    need = n_groups * (n_boot + 1) * dim * 8
-    if need > MAX_MEANS_BYTES:
-        fits = max(0, MAX_MEANS_BYTES // (n_groups * dim * 8) - 1)
-        raise ValueError(f"{n_groups} {what} groups x (n_boot={n_boot} + 1) resampled means of "
-                         f"{dim} floats need {need / 2**30:.1f} GiB: use n_boot <= {fits} or "
-                         "fewer groups")
+def _check_size(what: str, count: int, n_boot: int, width: int) -> None:
+    """Refuses ``count x (n_boot + 1) x width`` float64 arrays (twice that for the cross-group
+    matrix, which the percentiles copy) above :data:`MAX_MEANS_BYTES`, naming an n_boot that
+    fits."""
+    need = count * (n_boot + 1) * width * 8
+    if need <= MAX_MEANS_BYTES:
+        return
+    fits = MAX_MEANS_BYTES // (count * width * 8) - 1
+    advice = (f"use n_boot <= {fits} or fewer groups" if fits >= 1
+              else "use fewer groups")
+    raise ValueError(f"{what} x (n_boot={n_boot} + 1) resampled values need "
+                     f"{need / 2**30:.1f} GiB: {advice}")
+
+
+def _groups_of(labels: np.ndarray, what: str) -> list:
+    """The distinct labels, sorted (as strings, so that mixed types sort); NaN is refused."""
+    values = labels.tolist()
+    if any(isinstance(v, float) and v != v for v in values):
+        raise ValueError(f"{what} contain NaN: give every example a group")
+    return sorted(set(values), key=str)
 
 
 def _group_index(labels: np.ndarray, groups: list) -> list[np.ndarray]:
@@ -178,9 +191,11 @@ def group_influence(
         )
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
         raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
-    groups = sorted(set(labels.tolist()), key=str)
+    groups = _groups_of(labels, "train_groups")
     idx = _group_index(labels, groups)
-    rng = np.random.default_rng(seed)
+    # the training and test resamples come from streams of their own: independent, and the
+    # self-influence intervals do not depend on whether queries are given
+    rng, test_rng = (np.random.default_rng([seed, stream]) for stream in (0, 1))
     self_median = np.array([np.median(s[i]) for i in idx])
     s_col = torch.from_numpy(s)[:, None]
     cross = cross_ci = tgroups = None
@@ -194,12 +209,16 @@ def group_influence(
         tl = np.asarray(test_groups)
         if tl.ndim != 1:
             raise ValueError(f"test_groups must be [m], got shape {tl.shape}")
-        tgroups = sorted(set(tl.tolist()), key=str)
-        _check_size(len(groups), n_boot, store.dim + 1, "training")
-        _check_size(len(tgroups), n_boot, store.dim, "test")
+        tgroups = _groups_of(tl, "test_groups")
+        _check_size(f"{len(groups)} training groups' means of {store.dim} floats", len(groups),
+                    n_boot, store.dim + 1)
+        _check_size(f"{len(tgroups)} test groups' means of {store.dim} floats", len(tgroups),
+                    n_boot, store.dim)
+        _check_size(f"the {len(tgroups)} x {len(groups)} cross-group matrix", len(tgroups),
+                    n_boot, 2 * len(groups))
         blocks = ([preconditioned_queries] if isinstance(preconditioned_queries, torch.Tensor)
                   else preconditioned_queries)
-        qbar = _GroupMeans(tl, tgroups, n_boot, store.dim, rng)
+        qbar = _GroupMeans(tl, tgroups, n_boot, store.dim, test_rng)
         for q in blocks:
             if q.dim() != 2 or q.shape[1] != store.dim:
                 raise ValueError(f"preconditioned queries must be [m, {store.dim}], got "
