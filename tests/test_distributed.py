@@ -111,6 +111,8 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
     t_sim, t_nb = attr.neighbours(2, data=_data(data_kind),
                                   transforms=issl.apps.translations(1)[:2])
     dups = attr.find_duplicates(threshold=-1.0, topk=2)
+    # the approximate search probing every cluster is the exact one (each rank builds the index)
+    c_sim, c_nb = attr.neighbours(3, search=issl.apps.ClusteredSearch(clusters=4, probes=4))
     return {
         "ids": ids,
         "phi": store.load(torch.float64).numpy(),
@@ -124,6 +126,7 @@ def _everything(attr: issl.InfluenceSSL, store_path: Path, data_kind: str) -> di
         "self_influence": attr.self_influence(),
         "neighbour_sim": sim, "neighbour_ids": np.where(nb >= 0, ids[nb], -1),
         "t_neighbour_sim": t_sim, "t_neighbour_ids": np.where(t_nb >= 0, ids[t_nb], -1),
+        "c_neighbour_sim": c_sim, "c_neighbour_ids": np.where(c_nb >= 0, ids[c_nb], -1),
         "dup_ids": dups.ids, "dup_sim": dups.similarity,
         # labels in dataset order: row i must be example i, as in one process
         "groups": attr.group_influence(np.arange(N) % 3, n_boot=10).self_mean,
@@ -167,6 +170,7 @@ def _assert_rows_close(got: np.ndarray, want: np.ndarray) -> None:
 
 
 def _assert_same_attribution(got: dict, want: dict) -> None:
+    np.testing.assert_array_equal(want["c_neighbour_ids"], want["neighbour_ids"])
     # The same rows in the same (stream) order; the ranks featurised them in other batches.
     np.testing.assert_array_equal(got["ids"], want["ids"])
     _assert_rows_close(got["phi"], want["phi"])
@@ -182,7 +186,7 @@ def _assert_same_attribution(got: dict, want: dict) -> None:
         np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
         np.testing.assert_allclose(got[f"{key}_values"], want[f"{key}_values"], rtol=SCORE_RTOL)
     np.testing.assert_allclose(got["self_influence"], want["self_influence"], rtol=SCORE_RTOL)
-    for key in ("neighbour", "t_neighbour"):
+    for key in ("neighbour", "t_neighbour", "c_neighbour"):
         np.testing.assert_array_equal(got[f"{key}_ids"], want[f"{key}_ids"])
         np.testing.assert_allclose(got[f"{key}_sim"], want[f"{key}_sim"], rtol=SCORE_RTOL,
                                    atol=SCORE_RTOL)

@@ -190,6 +190,22 @@ def test_duplicates_and_outliers_on_the_gpu_match_the_cpu(fitted, cuda_scans) ->
     np.testing.assert_allclose(o_gpu.scores, o_cpu.scores, rtol=0, atol=1e-5)
 
 
+def test_clustered_neighbours_on_the_gpu_match_the_cpu(fitted, cuda_scans) -> None:
+    # The index's rows live on the GPU and every cluster's scan runs there; probing every
+    # cluster, the search is the exact one on either device.
+    cpu, gpu, _ = fitted
+    every = apps.ClusteredSearch(clusters=6, probes=6)
+    sim_gpu, rows_gpu = gpu.neighbours(3, search=every)
+    assert cuda_scans, "the clustered search did not scan on the GPU"
+    sim_cpu, rows_cpu = cpu.neighbours(3, search=every)
+    exact_sim, exact_rows = cpu.neighbours(3)
+    np.testing.assert_array_equal(rows_cpu, exact_rows)
+    np.testing.assert_array_equal(rows_gpu, exact_rows)
+    np.testing.assert_allclose(sim_gpu, exact_sim, rtol=0, atol=1e-5)
+    default = gpu.find_duplicates(threshold=0.95, search=apps.ClusteredSearch())
+    assert default.rows[0].tolist() == [7, 41]
+
+
 def test_transformed_duplicates_on_the_gpu(fitted, cuda_scans) -> None:
     # Transformed copies are featurised on the GPU, preconditioned on the CPU, scanned on the GPU.
     cpu, gpu, _ = fitted

@@ -168,11 +168,12 @@ class ClusteredIndex:
         ``probes`` best clusters; ``(similarity, rows) [m, topk]`` on the CPU."""
         m = q.shape[0]
         probes = min(self.search.probes, self.n_clusters)
-        values = torch.full((m, max(probes, 1), topk), -torch.inf)
-        found = torch.full((m, max(probes, 1), topk), -1, dtype=torch.int64)
+        # (on the scan device: on a GPU the clusters' results stay there until the end)
+        values = torch.full((m, max(probes, 1), topk), -torch.inf, device=self.device)
+        found = torch.full((m, max(probes, 1), topk), -1, dtype=torch.int64, device=self.device)
         if m and self.store.rows:
             self._search(q.to(self.device), self_rows, topk, probes, values, found)
-        values, found = values.reshape(m, -1), found.reshape(m, -1)
+        values, found = values.reshape(m, -1).cpu(), found.reshape(m, -1).cpu()
         rows = torch.where(found >= 0, torch.from_numpy(self.order)[found.clamp(min=0)], -1)
         # (a row sits in one cluster, so no neighbour comes twice) best first, ties by row
         key = torch.where(rows >= 0, rows, torch.iinfo(torch.int64).max)
@@ -199,11 +200,12 @@ class ClusteredIndex:
             picks = by_cluster[starts[c]:starts[c + 1]]
             if len(picks) == 0 or lo == hi:
                 return
-            qi, slot = torch.from_numpy(picks // probes), torch.from_numpy(picks % probes)
+            qi = torch.from_numpy(picks // probes).to(self.device)
+            slot = torch.from_numpy(picks % probes).to(self.device)
             exclude = torch.from_numpy(own_pos[picks // probes])[:, None].to(self.device)
-            v, i = ops.score_topk(q[qi.to(self.device)], self.rows[lo:hi], topk,
-                                  exclude=exclude, index_offset=lo, num_threads=1)
-            values[qi, slot], found[qi, slot] = v.cpu(), i.cpu()
+            v, i = ops.score_topk(q[qi], self.rows[lo:hi], topk, exclude=exclude,
+                                  index_offset=lo, num_threads=1)
+            values[qi, slot], found[qi, slot] = v, i
 
         threads = 1 if self.device.type != "cpu" else (self.num_threads
                                                        or torch.get_num_threads())
