@@ -168,3 +168,54 @@ def test_iter_rows_fills_chunks_across_shards(tmp_path) -> None:
     assert firsts == [0, 5, 10, 15, 20]
     with pytest.raises(ValueError, match="chunk must be an int >= 1"):
         next(store.iter_rows(0))
+
+
+def test_a_second_writer_is_refused_until_the_first_lets_go(tmp_path) -> None:
+    import os
+
+    path = tmp_path / "s"
+    first = GradientStore.create_or_resume(path, {"x": 1}, 2, "float32", shard_rows=2)
+    first.append(torch.ones(3, 2), torch.arange(3))  # one durable shard, one row pending
+    with pytest.raises(StoreError, match=rf"being written by another writer \(process "
+                                         rf"{os.getpid()}\).*distributed=True"):
+        GradientStore.create_or_resume(path, {"x": 1}, 2, "float32", shard_rows=2)
+    assert GradientStore.open(path, require_complete=False).rows == 2  # readers are welcome
+    first.close()  # the pending row is dropped; the store stays resumable
+    second = GradientStore.create_or_resume(path, {"x": 1}, 2, "float32", shard_rows=2)
+    assert second.rows == 2
+    second.append(2 * torch.ones(2, 2), torch.arange(2, 4))
+    second.finalize()  # releases the lock: the complete store opens for anyone
+    done = GradientStore.create_or_resume(path, {"x": 1}, 2, "float32", shard_rows=2)
+    assert done.complete and done.ids().tolist() == [0, 1, 2, 3]
+
+
+def test_the_lock_of_a_killed_writer_is_gone(tmp_path) -> None:
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "s"
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, torch\n"
+        "from issl_fast.store import GradientStore\n"
+        f"s = GradientStore.create_or_resume({str(path)!r}, {{'x': 1}}, 2, 'float32')\n"
+        "print('locked', flush=True)\n"
+        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreError, match=rf"another writer \(process {child.pid}\)"):
+            GradientStore.create_or_resume(path, {"x": 1}, 2, "float32")
+    finally:
+        child.kill()
+        child.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while True:  # the OS drops a dead process's lock
+        try:
+            store = GradientStore.create_or_resume(path, {"x": 1}, 2, "float32")
+            break
+        except StoreError:
+            assert time.monotonic() < deadline, "the killed writer's lock was not released"
+            time.sleep(0.1)
+    store.append(torch.ones(1, 2), torch.arange(1))
+    store.finalize()
+    assert store.rows == 1

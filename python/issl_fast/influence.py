@@ -37,6 +37,7 @@ from .solver import Solver
 from .store import (
     MANIFEST,
     PART_PATTERN,
+    WRITER_LOCK,
     GradientStore,
     StoreError,
     part_name,
@@ -241,14 +242,18 @@ class InfluenceSSL:
         (``finalize``); ``check`` runs before each piece (it raises to stop)."""
         from tqdm.auto import tqdm
 
-        with tqdm(total=total, initial=store.rows, unit="ex", desc=desc,
-                  disable=not progress) as bar:
-            for x, ids, _ in pieces:
-                if check is not None:
-                    check()
-                phi, stats = self.featurizer(x, ids)
-                store.append(phi, ids, stats)
-                bar.update(x.shape[0])
+        try:
+            with tqdm(total=total, initial=store.rows, unit="ex", desc=desc,
+                      disable=not progress) as bar:
+                for x, ids, _ in pieces:
+                    if check is not None:
+                        check()
+                    phi, stats = self.featurizer(x, ids)
+                    store.append(phi, ids, stats)
+                    bar.update(x.shape[0])
+        except BaseException:
+            store.close()  # resumable: the durable shards stay, the writer's lock goes
+            raise
         if finalize:
             store.finalize(meta={"rows": store.rows})
 
@@ -282,13 +287,30 @@ class InfluenceSSL:
             path.mkdir(parents=True, exist_ok=True)
             part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
                                                   self.dim, self.store_dtype, batches.block)
+        try:
+            self._featurize_part(part, batches, failures, progress and rank == 0, size)
+        except BaseException:
+            part.close()  # resumable; its writer's lock goes (a rerun in this process takes it)
+            raise
+        with distributed.together("featurize: join the parts"):
+            if rank == 0:
+                parts = [GradientStore.open(path / part_name(r, size), verify=False)
+                         for r in range(size)]
+                GradientStore.from_parts(path, parts)
+        with distributed.together("featurize: open the store"):
+            store = GradientStore.open(path, fingerprint=fingerprint, verify=False)
+        return store
+
+    def _featurize_part(self, part: GradientStore, batches: loading.Examples,
+                        failures: distributed.PeerFailures, progress: bool, size: int) -> None:
+        """This rank's part: featurised, then (once every rank read the same stream) finished."""
         distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (a "
                                       "custom sampler must draw the same on every rank)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
-                    self._featurize_into(part, batches.after(part.rows, part.ids(), str(part.path)),
-                                         batches.rows, progress and rank == 0,
+                    pieces = batches.after(part.rows, part.ids(), str(part.path))
+                    self._featurize_into(part, pieces, batches.rows, progress,
                                          desc=f"featurize (rank 0 of {size})",
                                          check=failures.check, finalize=False)
             except Exception as exc:
@@ -301,14 +323,6 @@ class InfluenceSSL:
         with distributed.together("featurize: finish the parts"):
             if not part.complete:
                 part.finalize(meta={"rows": part.rows, "stream": digest})
-        with distributed.together("featurize: join the parts"):
-            if rank == 0:
-                parts = [GradientStore.open(path / part_name(r, size), verify=False)
-                         for r in range(size)]
-                GradientStore.from_parts(path, parts)
-        with distributed.together("featurize: open the store"):
-            store = GradientStore.open(path, fingerprint=fingerprint, verify=False)
-        return store
 
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
@@ -794,7 +808,8 @@ def _check_part_directory(path: Path, size: int) -> None:
     """``path`` may hold only parts of a distributed featurisation by ``size`` ranks."""
     if not path.exists():
         return
-    names = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")
+    names = [p.name for p in path.iterdir()
+             if not p.name.endswith(".tmp") and p.name != WRITER_LOCK
              and not p.name.startswith(distributed.PeerFailures.PREFIX)]
     other = [n for n in names if (m := PART_PATTERN.match(n)) and int(m.group(2)) != size]
     if other:

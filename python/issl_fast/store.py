@@ -14,6 +14,13 @@ fewer), whatever the batch size, so a resumed run writes the same shards as an u
 Each shard's SHA-256 is in the manifest and is checked on open. Scoring reads shards as memory
 maps: a store larger than RAM works.
 
+While a store is open for appending, its writer holds an exclusive advisory lock
+(``flock``) on ``.writer.lock`` in its directory: a second writer (another job on the same path,
+or every rank of a ``torchrun`` job featurising into one path without ``distributed=True``) is
+refused instead of interleaving shards with the first. The operating system drops the lock when
+the process ends, so a crash never leaves it held (on file systems without ``flock``, and on
+Windows, there is no lock).
+
 A store featurised by several ``torch.distributed`` ranks (:mod:`.distributed`) is one directory
 holding a store per rank, ``part-<rank>-of-<world>/``, plus a top-level manifest that lists their
 shards in rank order (:meth:`GradientStore.from_parts`): it opens and reads like any other.
@@ -35,8 +42,14 @@ import torch
 
 from .reference import HASH_VERSION
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory lock
+    fcntl = None  # type: ignore[assignment]
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+WRITER_LOCK = ".writer.lock"
 DTYPES = {
     "float16": np.float16,
     "bfloat16": np.uint16,
@@ -118,6 +131,37 @@ def _to_numpy(phi: torch.Tensor, dtype: str) -> np.ndarray:
     return phi.to(getattr(torch, dtype)).numpy()
 
 
+class _WriterLock:
+    """The exclusive lock of a store's writer (see the module docstring)."""
+
+    def __init__(self, path: Path) -> None:
+        self.fd: int | None = None
+        if fcntl is None:
+            return
+        lock = path / WRITER_LOCK
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise StoreError(
+                f"the store at {path} is being written by another writer (process {holder}): "
+                "wait for it to finish, or featurise into another path. Several torchrun ranks "
+                "featurising one store need InfluenceSSL(..., distributed=True)") from None
+        except OSError:  # a file system without flock: no lock
+            os.close(fd)
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            os.close(fd)  # (closing the descriptor drops the lock)
+
+
 def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor over a read-only memory map (torch warns that it is not writable; we
     never write through it)."""
@@ -136,6 +180,7 @@ class GradientStore:
         self._pending_ids: list[torch.Tensor] = []
         self._pending_stats: dict[str, torch.Tensor] = {}
         self._pending_rows = 0
+        self._lock: _WriterLock | None = None  # held while open for appending
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -156,9 +201,13 @@ class GradientStore:
         if (path / MANIFEST).exists():
             store = cls.open(path, fingerprint=fingerprint, require_complete=False)
             store.check_layout(dim, dtype, shard_rows)
+            if not store.complete:
+                store._lock = _WriterLock(path)
+                store._reload()  # what the last writer made durable before it let go
             return store
         path.mkdir(parents=True, exist_ok=True)
-        leftovers = [p.name for p in path.iterdir() if not p.name.endswith(".tmp")]
+        leftovers = [p.name for p in path.iterdir()
+                     if not p.name.endswith(".tmp") and p.name != WRITER_LOCK]
         if leftovers:
             raise StoreError(
                 f"{path} is not empty and has no {MANIFEST}: refusing to write a "
@@ -176,8 +225,25 @@ class GradientStore:
             "complete": False,
         }
         store = cls(path, manifest)
-        store._write_manifest()
+        store._lock = _WriterLock(path)
+        if (path / MANIFEST).exists():  # another writer made it in the meantime
+            store._reload()
+        else:
+            store._write_manifest()
         return store
+
+    def _reload(self) -> None:
+        """Re-reads the manifest (a writer that just took the lock continues from it)."""
+        self._m = json.loads((self.path / MANIFEST).read_text())
+
+    def close(self) -> None:
+        """Stops appending without completing the store: rows not yet in a shard are dropped
+        (a resumed run recomputes them) and the writer's lock is released."""
+        self._pending_phi, self._pending_ids, self._pending_stats = [], [], {}
+        self._pending_rows = 0
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     @classmethod
     def open(
@@ -408,6 +474,9 @@ class GradientStore:
             self._m["meta"] = meta
         self._m["complete"] = True
         self._write_manifest()
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _write_shard(self) -> None:
         idx = len(self._m["shards"])
