@@ -199,10 +199,12 @@ def test_the_lock_of_a_killed_writer_is_gone(tmp_path) -> None:
         "import sys, time, torch\n"
         "from issl_fast.store import GradientStore\n"
         f"s = GradientStore.create_or_resume({str(path)!r}, {{'x': 1}}, 2, 'float32')\n"
-        "print('locked', flush=True)\n"
-        "time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+        "time.sleep(60)\n")])
     try:
-        assert child.stdout is not None and child.stdout.readline().strip() == "locked"
+        deadline = time.monotonic() + 60
+        while not _holds_lock(path, child.pid):  # (no blocking read: a hung child fails)
+            assert child.poll() is None and time.monotonic() < deadline, "the child never locked"
+            time.sleep(0.05)
         with pytest.raises(StoreError, match=rf"another writer \(process {child.pid}\)"):
             GradientStore.create_or_resume(path, {"x": 1}, 2, "float32")
     finally:
@@ -219,3 +221,62 @@ def test_the_lock_of_a_killed_writer_is_gone(tmp_path) -> None:
     store.append(torch.ones(1, 2), torch.arange(1))
     store.finalize()
     assert store.rows == 1
+
+
+def _holds_lock(path, pid: int) -> bool:
+    from issl_fast.store import WRITER_LOCK
+
+    try:
+        return (path / WRITER_LOCK).read_text().strip() == str(pid)
+    except FileNotFoundError:
+        return False
+
+
+def test_dropped_and_closed_handles(tmp_path) -> None:
+    import gc
+
+    path = tmp_path / "s"
+    s = GradientStore.create_or_resume(path, {"x": 1}, 2, "float32", shard_rows=2)
+    s.append(torch.ones(2, 2), torch.arange(2))
+    del s
+    gc.collect()  # a dropped handle lets go of the lock
+    again = GradientStore.create_or_resume(path, {"x": 1}, 2, "float32", shard_rows=2)
+    again.close()
+    with pytest.raises(StoreError, match="was closed"):
+        again.append(torch.ones(1, 2), torch.arange(2, 3))
+    with pytest.raises(StoreError, match="was closed"):
+        again.finalize()
+    # joining parts into a directory a writer holds is refused too
+    holder = GradientStore.create_or_resume(tmp_path / "top", {"x": 1}, 2, "float32")
+    part = GradientStore.create_or_resume(tmp_path / "top" / "part-00000-of-00001", {"x": 1}, 2,
+                                          "float32", shard_rows=2)
+    part.append(torch.ones(1, 2), torch.arange(1))
+    part.finalize()
+    with pytest.raises(StoreError, match="being written"):
+        GradientStore.from_parts(tmp_path / "top", [part])
+    holder.close()
+
+
+def test_dataloader_workers_do_not_keep_the_lock(tmp_path) -> None:
+    """Forked workers inherit the lock's descriptor; they must not keep the lock alive after
+    the writer lets go (a retry in the same process, as in a notebook, must work)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Flaky(TensorDataset):
+        fail = True
+
+        def __getitem__(self, i: int):
+            if Flaky.fail and i == 9:
+                raise RuntimeError("bad image")
+            return super().__getitem__(i)
+
+    attr = cnn_attribution()
+    loader = DataLoader(Flaky(images(16)), batch_size=4, num_workers=2,
+                        persistent_workers=True)
+    with pytest.raises(RuntimeError, match="bad image"):
+        attr.featurize(loader, tmp_path / "s", shard_rows=4, progress=False)
+    Flaky.fail = False
+    store = attr.featurize(DataLoader(Flaky(images(16)), batch_size=4, num_workers=2),
+                           tmp_path / "s", shard_rows=4, progress=False)
+    assert store.complete and store.ids().tolist() == list(range(16))
+    del loader  # (its persistent workers held a copy of the descriptor all along)

@@ -226,9 +226,13 @@ class InfluenceSSL:
                 path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
             )
             if not store.complete:
-                examples = examples or loading.Examples(data, unique=True)
-                self._featurize_into(store, examples.after(store.rows, store.ids(), str(path)),
-                                     examples.total, progress)
+                try:
+                    examples = examples or loading.Examples(data, unique=True)
+                    pieces = examples.after(store.rows, store.ids(), str(path))
+                except BaseException:
+                    store.close()  # resumable: the writer's lock goes
+                    raise
+                self._featurize_into(store, pieces, examples.total, progress)
         self.store = store
         self._featurized.add(str(store.path.resolve()))
         return store
@@ -282,15 +286,17 @@ class InfluenceSSL:
                     failures.clear()
         if done is not None:
             return done
-        with distributed.together("featurize: parts"):
-            batches = loading.Examples(data, rank, size, shard_rows, unique=True)
-            path.mkdir(parents=True, exist_ok=True)
-            part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
-                                                  self.dim, self.store_dtype, batches.block)
+        part: GradientStore | None = None
         try:
+            with distributed.together("featurize: parts"):
+                batches = loading.Examples(data, rank, size, shard_rows, unique=True)
+                path.mkdir(parents=True, exist_ok=True)
+                part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
+                                                      self.dim, self.store_dtype, batches.block)
             self._featurize_part(part, batches, failures, progress and rank == 0, size)
         except BaseException:
-            part.close()  # resumable; its writer's lock goes (a rerun in this process takes it)
+            if part is not None:  # resumable; its writer's lock goes (a rerun here takes it)
+                part.close()
             raise
         with distributed.together("featurize: join the parts"):
             if rank == 0:

@@ -18,8 +18,9 @@ While a store is open for appending, its writer holds an exclusive advisory lock
 (``flock``) on ``.writer.lock`` in its directory: a second writer (another job on the same path,
 or every rank of a ``torchrun`` job featurising into one path without ``distributed=True``) is
 refused instead of interleaving shards with the first. The operating system drops the lock when
-the process ends, so a crash never leaves it held (on file systems without ``flock``, and on
-Windows, there is no lock).
+the process ends, so a crash never leaves it held; forked children (DataLoader workers) let go
+of their copy at once. On file systems without ``flock`` there is no lock (a RuntimeWarning
+says so), on Windows neither; on NFS, Linux may emulate it per node only.
 
 A store featurised by several ``torch.distributed`` ranks (:mod:`.distributed`) is one directory
 holding a store per rank, ``part-<rank>-of-<world>/``, plus a top-level manifest that lists their
@@ -33,6 +34,7 @@ import json
 import os
 import re
 import warnings
+import weakref
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -132,14 +134,24 @@ def _to_numpy(phi: torch.Tensor, dtype: str) -> np.ndarray:
 
 
 class _WriterLock:
-    """The exclusive lock of a store's writer (see the module docstring)."""
+    """The exclusive lock of a store's writer (see the module docstring).
+
+    Released by :meth:`release`, by garbage collection of the lock (a dropped store handle),
+    and in forked children at once (DataLoader workers inherit every descriptor; an ``flock``
+    lasts while any copy is open, so a worker would otherwise keep its parent's lock alive)."""
+
+    _held: weakref.WeakSet[_WriterLock] = weakref.WeakSet()
 
     def __init__(self, path: Path) -> None:
         self.fd: int | None = None
+        self._closer: weakref.finalize | None = None
         if fcntl is None:
             return
         lock = path / WRITER_LOCK
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except PermissionError:  # another user's lock file: flock works on a read-only one
+            fd = os.open(lock, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -149,17 +161,37 @@ class _WriterLock:
                 f"the store at {path} is being written by another writer (process {holder}): "
                 "wait for it to finish, or featurise into another path. Several torchrun ranks "
                 "featurising one store need InfluenceSSL(..., distributed=True)") from None
-        except OSError:  # a file system without flock: no lock
+        except OSError as exc:  # a file system without flock
             os.close(fd)
+            warnings.warn(f"no writer lock on {path} ({exc.strerror}): two jobs writing this "
+                          "store at once would not be stopped", RuntimeWarning, stacklevel=3)
             return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)  # named in the second writer's error
+        except OSError:
+            pass  # (a read-only lock file: the lock holds all the same)
         self.fd = fd
+        self._closer = weakref.finalize(self, os.close, fd)
+        _WriterLock._held.add(self)
 
     def release(self) -> None:
-        if self.fd is not None:
-            fd, self.fd = self.fd, None
-            os.close(fd)  # (closing the descriptor drops the lock)
+        if self._closer is not None:
+            self._closer()  # closes the descriptor (dropping the lock) once
+            self._closer = None
+        self.fd = None
+
+    @classmethod
+    def _drop_in_child(cls) -> None:
+        for lock in list(cls._held):
+            if lock._closer is not None:
+                lock._closer()
+                lock._closer = None
+                lock.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_WriterLock._drop_in_child)
 
 
 def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
@@ -181,6 +213,7 @@ class GradientStore:
         self._pending_stats: dict[str, torch.Tensor] = {}
         self._pending_rows = 0
         self._lock: _WriterLock | None = None  # held while open for appending
+        self._closed = False
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -198,52 +231,58 @@ class GradientStore:
         if not isinstance(shard_rows, int) or shard_rows < 1:
             raise ValueError(f"shard_rows must be an int >= 1, got {shard_rows!r}")
         path = Path(path)
-        if (path / MANIFEST).exists():
-            store = cls.open(path, fingerprint=fingerprint, require_complete=False)
-            store.check_layout(dim, dtype, shard_rows)
-            if not store.complete:
-                store._lock = _WriterLock(path)
-                store._reload()  # what the last writer made durable before it let go
-            return store
         path.mkdir(parents=True, exist_ok=True)
-        leftovers = [p.name for p in path.iterdir()
-                     if not p.name.endswith(".tmp") and p.name != WRITER_LOCK]
-        if leftovers:
-            raise StoreError(
-                f"{path} is not empty and has no {MANIFEST}: refusing to write a "
-                f"store over {leftovers[:5]}" + _unfinished_parts(path)
-            )
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            "hash_version": HASH_VERSION,
-            "fingerprint": fingerprint,
-            "dim": int(dim),
-            "dtype": dtype,
-            "shard_rows": shard_rows,
-            "shards": [],
-            "rows": 0,
-            "complete": False,
-        }
-        store = cls(path, manifest)
-        store._lock = _WriterLock(path)
-        if (path / MANIFEST).exists():  # another writer made it in the meantime
-            store._reload()
-        else:
+        lock = _WriterLock(path)  # first: a second writer is refused before any work
+        try:
+            if (path / MANIFEST).exists():
+                store = cls.open(path, fingerprint=fingerprint, require_complete=False)
+                store.check_layout(dim, dtype, shard_rows)
+                if store.complete:
+                    lock.release()
+                else:
+                    store._lock = lock
+                return store
+            leftovers = [p.name for p in path.iterdir()
+                         if not p.name.endswith(".tmp") and p.name != WRITER_LOCK]
+            if leftovers:
+                raise StoreError(
+                    f"{path} is not empty and has no {MANIFEST}: refusing to write a "
+                    f"store over {leftovers[:5]}" + _unfinished_parts(path)
+                )
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "hash_version": HASH_VERSION,
+                "fingerprint": fingerprint,
+                "dim": int(dim),
+                "dtype": dtype,
+                "shard_rows": shard_rows,
+                "shards": [],
+                "rows": 0,
+                "complete": False,
+            }
+            store = cls(path, manifest)
             store._write_manifest()
-        return store
-
-    def _reload(self) -> None:
-        """Re-reads the manifest (a writer that just took the lock continues from it)."""
-        self._m = json.loads((self.path / MANIFEST).read_text())
+            store._lock = lock
+            return store
+        except BaseException:
+            lock.release()
+            raise
 
     def close(self) -> None:
         """Stops appending without completing the store: rows not yet in a shard are dropped
-        (a resumed run recomputes them) and the writer's lock is released."""
+        (a resumed run recomputes them) and the writer's lock is released; the handle can no
+        longer write."""
         self._pending_phi, self._pending_ids, self._pending_stats = [], [], {}
         self._pending_rows = 0
+        self._closed = True
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _check_writable(self) -> None:
+        if self._closed:
+            raise StoreError(f"this handle of the store at {self.path} was closed: open it again "
+                             "with create_or_resume to append")
 
     @classmethod
     def open(
@@ -368,7 +407,11 @@ class GradientStore:
         manifest.update(shards=shards, rows=rows, complete=True,
                         parts=[part.path.name for part in parts], meta={"rows": rows})
         store = cls(path, manifest)
-        store._write_manifest()
+        lock = _WriterLock(path)  # (no writer of a single-process store on this path may run)
+        try:
+            store._write_manifest()
+        finally:
+            lock.release()
         return store
 
     def verify(self, shards: Iterable[int] | None = None) -> None:
@@ -442,6 +485,7 @@ class GradientStore:
     ) -> None:
         """Queue rows ``phi [b, dim]`` with example ids ``[b]`` and optional per-example
         statistics ``{name: [b, ...]}``; full shards are written as soon as they fill."""
+        self._check_writable()
         if self.complete:
             raise StoreError(f"store at {self.path} is complete: it takes no more rows")
         if phi.dim() != 2 or phi.shape[1] != self.dim:
@@ -467,13 +511,20 @@ class GradientStore:
                 self._write_shard()
 
     def finalize(self, meta: dict | None = None) -> None:
-        """Write the last partial shard and mark the store complete."""
-        if self._pending_rows:
-            self._write_shard()
-        if meta is not None:
-            self._m["meta"] = meta
-        self._m["complete"] = True
-        self._write_manifest()
+        """Write the last partial shard and mark the store complete (on success or failure, the
+        writer's lock is released: a failed finalize leaves the store resumable)."""
+        self._check_writable()
+        try:
+            if self._pending_rows:
+                self._write_shard()
+            if meta is not None:
+                self._m["meta"] = meta
+            self._m["complete"] = True
+            self._write_manifest()
+        except BaseException:
+            self._m["complete"] = False
+            self.close()
+            raise
         if self._lock is not None:
             self._lock.release()
             self._lock = None
