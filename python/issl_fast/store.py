@@ -140,8 +140,6 @@ class _WriterLock:
     and in forked children at once (DataLoader workers inherit every descriptor; an ``flock``
     lasts while any copy is open, so a worker would otherwise keep its parent's lock alive)."""
 
-    _held: weakref.WeakSet[_WriterLock] = weakref.WeakSet()
-
     def __init__(self, path: Path) -> None:
         self.fd: int | None = None
         self._closer: weakref.finalize | None = None
@@ -173,7 +171,7 @@ class _WriterLock:
             pass  # (a read-only lock file: the lock holds all the same)
         self.fd = fd
         self._closer = weakref.finalize(self, os.close, fd)
-        _WriterLock._held.add(self)
+        _HELD_LOCKS.add(self)
 
     def release(self) -> None:
         if self._closer is not None:
@@ -181,15 +179,17 @@ class _WriterLock:
             self._closer = None
         self.fd = None
 
-    @classmethod
-    def _drop_in_child(cls) -> None:
-        for lock in list(cls._held):
+    @staticmethod
+    def _drop_in_child() -> None:
+        for lock in list(_HELD_LOCKS):
             if lock._closer is not None:
                 lock._closer()
                 lock._closer = None
                 lock.fd = None
 
 
+# The locks this process holds (weakly: a dropped lock is released by its finalizer).
+_HELD_LOCKS: weakref.WeakSet[_WriterLock] = weakref.WeakSet()
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WriterLock._drop_in_child)
 
