@@ -186,3 +186,20 @@ def test_ties_across_clusters_are_ordered_by_row(tmp_path: Path) -> None:
                                       search=apps.ClusteredSearch(clusters=2, probes=2))
     assert i[10].tolist() == [2, 3] and v[10, 0] == v[10, 1]
     assert i[11].tolist() == [5, 6] and v[11, 0] == v[11, 1]
+
+
+def test_clusters_no_row_joined_are_dropped(tmp_path: Path) -> None:
+    """50 rows (10 exact copies of each of 5 vectors) and 20 clusters asked for: at most 5 hold
+    rows; with the empty ones dropped, 5 probes reach every row and the search is exact."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, DIM, generator=g).repeat(10, 1)  # exact copies share their cluster
+    store = GradientStore.create_or_resume(tmp_path / "d", {"d": 1}, DIM, "float32")
+    store.append(x, torch.arange(50))
+    store.finalize()
+    solver = _solver("identity", store)
+    index = apps.clustered_index(store, solver, apps.ClusteredSearch(clusters=20, probes=5))
+    assert index.n_clusters <= 5 and (np.diff(index.offsets) > 0).all()
+    assert index.centroids.shape[0] == index.n_clusters
+    exact = apps.normalised_neighbours(store, solver, 12)
+    got = apps.normalised_neighbours(store, solver, 12, search=index)
+    np.testing.assert_array_equal(got[1], exact[1])

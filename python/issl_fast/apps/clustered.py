@@ -104,6 +104,14 @@ class ClusteredIndex:
         assign = np.zeros(n, dtype=np.int64)
         for rows, first in self._normalised():
             assign[first:first + rows.shape[0]] = self._nearest(rows)
+        used = np.bincount(assign, minlength=self.n_clusters) > 0
+        if not used.all():  # clusters no row joined would waste probes: dropped
+            assign = (np.cumsum(used) - 1)[assign]
+            keep = torch.from_numpy(used)
+            self.centroids = self.centroids[keep]
+            self._probe_rows = self._probe_rows[keep.to(self.device)]
+            self._assign_rows = self._assign_rows[keep.to(self.device)]
+            self.n_clusters = int(used.sum())
         self.order = np.argsort(assign, kind="stable")  # sorted position -> store row
         self.position = np.empty(n, dtype=np.int64)  # store row -> sorted position
         self.position[self.order] = np.arange(n)
