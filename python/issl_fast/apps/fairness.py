@@ -7,7 +7,9 @@ factorises as ``(mean_t F^-1 phi_t) . (mean_i phi_i)``, so it needs only per-gro
 
 Memory does not grow with the data: the training store and the queries are read in blocks, and
 the bootstrap counts (:class:`BootstrapCounts`) are drawn :data:`BOOT_CHUNK` rows at a time, so
-the largest arrays are the per-group resampled means, ``groups x (n_boot + 1) x dim`` floats.
+the largest arrays are the per-group resampled means, ``groups x (n_boot + 1) x dim`` floats,
+and the resampled cross-group matrix, ``test groups x groups x (n_boot + 1)``; either is refused
+above :data:`MAX_MEANS_BYTES`.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _CI = (2.5, 97.5)
 # floats (32 MiB at n_boot = 1000) whatever the group sizes. Draws are made over these fixed
 # windows of rows, so the intervals do not depend on how the rows arrive (shards, batches).
 BOOT_CHUNK = 4096
-# The resampled group means above this size are refused with the n_boot that would fit.
+# Resampled means or cross-group matrices above this size are refused with an n_boot that fits.
 MAX_MEANS_BYTES = 4 << 30
 
 
