@@ -194,6 +194,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_WriterLock._drop_in_child)
 
 
+def _as_tensor(rows: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """Shard rows (a bfloat16 tensor view, or a numpy memory map) as a tensor in memory."""
+    return rows if isinstance(rows, torch.Tensor) else torch.from_numpy(np.array(rows))
+
+
 def _readonly_tensor(arr: np.ndarray) -> torch.Tensor:
     """Zero-copy tensor over a read-only memory map (torch warns that it is not writable; we
     never write through it)."""
@@ -272,12 +277,18 @@ class GradientStore:
         """Stops appending without completing the store: rows not yet in a shard are dropped
         (a resumed run recomputes them) and the writer's lock is released; the handle can no
         longer write."""
-        self._pending_phi, self._pending_ids, self._pending_stats = [], [], {}
-        self._pending_rows = 0
+        self._drop_pending()
         self._closed = True
+        self._release_lock()
+
+    def _release_lock(self) -> None:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+
+    def _drop_pending(self) -> None:
+        self._pending_phi, self._pending_ids, self._pending_stats = [], [], {}
+        self._pending_rows = 0
 
     def _check_writable(self) -> None:
         if self._closed:
@@ -525,9 +536,7 @@ class GradientStore:
             self._m["complete"] = False
             self.close()
             raise
-        if self._lock is not None:
-            self._lock.release()
-            self._lock = None
+        self._release_lock()
 
     def _write_shard(self) -> None:
         idx = len(self._m["shards"])
@@ -553,8 +562,7 @@ class GradientStore:
         self._m["shards"].append(entry)
         self._m["rows"] = self.rows + entry["rows"]
         self._write_manifest()
-        self._pending_phi, self._pending_ids, self._pending_stats = [], [], {}
-        self._pending_rows = 0
+        self._drop_pending()
 
     def _write_manifest(self) -> None:
         text = json.dumps(self._m, indent=1, sort_keys=True, default=str).encode()
@@ -597,7 +605,7 @@ class GradientStore:
         """All (or a slice of) rows as one in-memory tensor: for small stores and fitting."""
         chunks = []
         for arr, _ in self.shards():
-            t = arr if isinstance(arr, torch.Tensor) else torch.from_numpy(np.array(arr))
+            t = _as_tensor(arr)
             chunks.append(t.to(dtype))
         out = torch.cat(chunks) if chunks else torch.zeros(0, self.dim, dtype=dtype)
         return out if rows is None else out[rows]
@@ -626,8 +634,7 @@ class GradientStore:
             for arr, first in self.shards(rows):
                 for s in range(0, arr.shape[0], chunk):
                     part = arr[s : s + chunk]
-                    t = (part if isinstance(part, torch.Tensor)
-                         else torch.from_numpy(np.array(part)))
+                    t = _as_tensor(part)
                     yield t.to(dtype), first + s
             return
         pending: list[torch.Tensor] = []
@@ -638,7 +645,7 @@ class GradientStore:
                 if not pending:
                     start = first + s
                 part = arr[s : s + chunk - held]
-                t = part if isinstance(part, torch.Tensor) else torch.from_numpy(np.array(part))
+                t = _as_tensor(part)
                 pending.append(t.to(dtype))
                 held += t.shape[0]
                 s += t.shape[0]

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..distributed import merge_topk
 from ..solver import Solver
 from ..store import GradientStore
 
@@ -183,12 +184,9 @@ class ClusteredIndex:
             self._search(q.to(self.device), self_rows, topk, probes, values, found)
         values, found = values.reshape(m, -1).cpu(), found.reshape(m, -1).cpu()
         rows = torch.where(found >= 0, torch.from_numpy(self.order)[found.clamp(min=0)], -1)
-        # (a row sits in one cluster, so no neighbour comes twice) best first, ties by row
-        key = torch.where(rows >= 0, rows, torch.iinfo(torch.int64).max)
-        by_row = torch.argsort(key, dim=1, stable=True)
-        values, rows = values.gather(1, by_row), rows.gather(1, by_row)
-        by_value = torch.sort(values, dim=1, descending=True, stable=True).indices[:, :topk]
-        return values.gather(1, by_value), rows.gather(1, by_value)
+        # the probes' lists cover disjoint rows (a row sits in one cluster): merged as the
+        # ranks' lists are, best first, ties by row
+        return merge_topk([values], [rows], topk)
 
     def _search(self, q: torch.Tensor, self_rows: torch.Tensor, topk: int, probes: int,
                 values: torch.Tensor, found: torch.Tensor) -> None:
