@@ -12,6 +12,7 @@ import torch  # noqa: F401  (first: torch's libgomp must be the one our OpenMP c
 from . import ops, reference
 from ._backend import build_info, has_cuda
 from .augment import SSLAugment
+from .augment_signal import SignalAugment
 from .influence import InfluenceSSL, TopInfluence
 from .loss import AugmentationStability
 from .ops import score_topk, sketch_dense, sketch_kron, sketch_linear, sketch_sparse
@@ -27,6 +28,7 @@ __all__ = [
     "InfluenceSSL",
     "Projection",
     "SSLAugment",
+    "SignalAugment",
     "Solver",
     "StoreError",
     "TopInfluence",

@@ -130,7 +130,7 @@ class SSLAugment:
         out = self._colour(out, u) if x.shape[1] == 3 else self._intensity(out, u)
         out = self._blur(out, u)
         if self.noise_std > 0:
-            out = out + self.noise_std * self._noise(out, u)
+            out = out + self.noise_std * seeded_normal(out, u[:, _U_NOISE_SEED])
         return out
 
     # -- geometry -----------------------------------------------------------------------------
@@ -194,16 +194,18 @@ class SSLAugment:
         blur = (u[:, _U_BLUR_P] < self.blur_p)[:, None, None, None]
         return torch.where(blur, y, x)
 
-    @staticmethod
-    def _noise(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-        # A per-example generator seeded from the example's own uniforms keeps noise a pure
-        # function of (seed, id, view).
-        seeds = (u[:, _U_NOISE_SEED].double() * 2**53).long().tolist()
-        noise = torch.empty_like(x, device="cpu")
-        for b, s in enumerate(seeds):
-            gen = torch.Generator().manual_seed(s)
-            noise[b] = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
-        return noise.to(x.device)
+
+
+def seeded_normal(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Standard normal noise shaped like ``x [B, ...]``, example b's drawn by a generator seeded
+    from its uniform ``u[b]`` (so noise is a pure function of (seed, id, view) like every other
+    parameter; drawn on the CPU, where a seeded generator gives the same numbers everywhere)."""
+    seeds = (u.double() * 2**53).long().tolist()
+    noise = torch.empty_like(x, device="cpu")
+    for b, s in enumerate(seeds):
+        gen = torch.Generator().manual_seed(s)
+        noise[b] = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
+    return noise.to(x.device)
 
 
 def _blur_matrix(sigma: torch.Tensor, n: int, max_sigma: float) -> torch.Tensor:

@@ -1,14 +1,15 @@
 """Gradient capture: which parameters are tracked, and the per-example factors ``A`` (layer inputs)
 and ``D`` (gradients w.r.t. layer outputs) collected by hooks during one backward pass.
 
-A tracked ``nn.Linear`` / ``nn.Conv2d`` (groups = 1) contributes the weight gradient
-``G_b = sum_t D_b[t]^T A_b[t]``: Linear rows over every leading position, Conv2d through
-``unfold`` (T = output positions). The bias is an extra input column of ones, so the layer's flat
-gradient is ``[W | b]`` row-major: index ``o * (d_in + 1) + i`` (``d_in`` = the bias column).
-All inputs of an example (its clean anchor and views, and repeated calls of a shared module) are
-concatenated along T, so one fused sketch call yields the example's whole layer gradient.
+A tracked ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d`` (groups = 1) contributes
+the weight gradient ``G_b = sum_t D_b[t]^T A_b[t]``: Linear rows over every leading position,
+convolutions through their patches (T = output positions: samples, pixels or voxels). The bias
+is an extra input column of ones, so the layer's flat gradient is ``[W | b]`` row-major: index
+``o * (d_in + 1) + i`` (``d_in`` = the bias column). All inputs of an example (its clean anchor
+and views, and repeated calls of a shared module) are concatenated along T, so one fused sketch
+call yields the example's whole layer gradient.
 
-A grouped ``nn.Conv2d`` (depthwise included) has a block-diagonal weight gradient, not one
+A grouped convolution (depthwise included) has a block-diagonal weight gradient, not one
 ``D^T A``: its exact per-example gradient ``[B, d_out, d_in]`` is formed from the same hooks
 (:meth:`FactorCapture.grouped_grads`, one strided slice of the input per kernel tap, never an
 unfolded copy) and sketched from there; it is small (the layer's own parameter count).
@@ -24,10 +25,11 @@ fallback parameters in ``named_parameters`` order.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Union, cast
 
 import torch
 import torch.nn.functional as F
@@ -36,19 +38,32 @@ from torch.nn.utils import parametrize
 
 from . import attention
 
+# The convolutions fused like Linear layers, by their number of spatial dimensions; their kind
+# in a layout is "conv1d" / "conv2d" / "conv3d".
+Conv = Union[nn.Conv1d, nn.Conv2d, nn.Conv3d]
+_CONV_MODULES: dict[int, type[nn.Module]] = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+_FUSED_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FUNCTIONS: dict[int, Callable[..., torch.Tensor]] = {1: F.conv1d, 2: F.conv2d,
+                                                           3: F.conv3d}
+
+
+def conv_function(mod: Conv) -> Callable[..., torch.Tensor]:
+    """``F.conv1d`` / ``F.conv2d`` / ``F.conv3d``: the functional form of the module."""
+    return _CONV_FUNCTIONS[len(mod.kernel_size)]
+
 
 @dataclass
 class Layer:
-    """A tracked Linear / Conv2d and its place in the flat per-example gradient."""
+    """A tracked Linear / convolution and its place in the flat per-example gradient."""
 
     name: str
     module: nn.Module
-    kind: str  # "linear" | "conv2d"
+    kind: str  # "linear" | "conv1d" | "conv2d" | "conv3d"
     d_in: int  # input features (+1 for the bias column); a grouped conv: one group's
     d_out: int
     has_bias: bool
     offset: int = 0
-    groups: int = 1  # a grouped Conv2d's groups (its gradient: FactorCapture.grouped_grads)
+    groups: int = 1  # a grouped convolution's groups (its gradient: FactorCapture.grouped_grads)
     # An attention projection (see attention.py): the nn.MultiheadAttention whose F.linear calls
     # are recorded, and the attribute of `module` holding the weight.
     owner: nn.MultiheadAttention | None = None
@@ -139,22 +154,23 @@ def _fusable(module: nn.Module) -> str | None:
         return None
     if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
         return "linear"
-    if (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
-            and type(module)._conv_forward is nn.Conv2d._conv_forward):
-        return "conv2d"
+    for dims, cls in _CONV_MODULES.items():
+        if (isinstance(module, cls) and type(module).forward is cls.forward
+                and type(module)._conv_forward is cls._conv_forward):  # type: ignore[attr-defined]
+            return f"conv{dims}d"
     return None
 
 
 def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamLayout:
     """Tracked parameters of ``model``.
 
-    ``track=None``: every trainable Linear and Conv2d (weight and bias; fused, grouped
+    ``track=None``: every trainable Linear and Conv1d/2d/3d (weight and bias; fused, grouped
     convolutions included), and each ``nn.MultiheadAttention``'s projections: fused as two Linear
     layers (``<name>.in_proj``, the packed q/k/v projection, and ``<name>.out_proj``) recorded
     through ``F.linear`` (attention.py), or for the forms that does not cover, all its parameters
     through the torch.func fallback. Otherwise an iterable of module names (fused if
-    Linear/Conv2d/attention, else all their trainable parameters fall back to torch.func) and/or
-    parameter names (always fallback).
+    Linear/convolution/attention, else all their trainable parameters fall back to torch.func)
+    and/or parameter names (always fallback).
     """
     modules = dict(model.named_modules())
     params = dict(model.named_parameters())
@@ -223,7 +239,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
         for name, mod in model.named_modules():
             if isinstance(mod, nn.MultiheadAttention):
                 add_module(name, mod)  # its projections, out_proj included
-            elif (isinstance(mod, (nn.Linear, nn.Conv2d)) and id(mod) not in owner_of
+            elif (isinstance(mod, _FUSED_TYPES) and id(mod) not in owner_of
                   and mod.weight.requires_grad):
                 add_module(name, mod)  # fused
     else:
@@ -258,7 +274,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
     if not layers and not fallback:
         raise ValueError(
             "no trainable parameters are tracked (the model has no trainable "
-            "Linear/Conv2d and track= named none)"
+            "Linear/Conv1d/Conv2d/Conv3d and track= named none)"
         )
     return ParamLayout(layers, fallback)
 
@@ -331,9 +347,15 @@ class FactorCapture:
                 return
             if torch.is_grad_enabled() and output.requires_grad:
                 x = inputs[0].detach()
-                if layer.kind == "linear":  # (convolutions: [N, C, H, W] by definition)
+                if layer.kind == "linear":
                     axis = self._batch_axis(layer, x)
                     self._axes.setdefault(layer.name, []).append(axis)
+                elif x.dim() != len(cast(Conv, module).kernel_size) + 2:
+                    # (a batch is [N, C, *spatial] by definition; torch also takes one example)
+                    raise ValueError(
+                        f"layer {layer.name!r} got an input of shape {tuple(x.shape)} without a "
+                        f"batch dimension: a {type(module).__name__} input must be batched, "
+                        f"[N, C, *spatial]")
                 self._record(layer.name, x, output)
 
         return hook
@@ -409,29 +431,33 @@ class FactorCapture:
                 for x, g, a in zip(xs, gs, axes)]
 
     def grouped_grads(self, layer: Layer, groups: int) -> torch.Tensor:
-        """The exact per-example weight gradient ``[B, d_out, d_in]`` of a grouped Conv2d (bias
-        column last, as in the flat layout), summed over the example's ``groups`` inputs and
-        over calls; float32 (float64 for a float64 model).
+        """The exact per-example weight gradient ``[B, d_out, d_in]`` of a grouped convolution
+        (bias column last, as in the flat layout), summed over the example's ``groups`` inputs
+        and over calls; float32 (float64 for a float64 model).
 
-        Weight tap (i, j) of output o and input channel c of its group is
+        Weight tap ``j`` of output o and input channel c of its group is
         ``sum_l D[o, l] * x_pad[group(o) * cg + c, at l shifted by the tap]``: a correlation of
         the padded input with D, i.e. one grouped convolution with every (row, group) pair a
         group of its own, D as the filters, the layer's dilation as stride and its stride as
         dilation (no unfolded copy: a depthwise 7x7 layer would need 49 times its input)."""
-        mod = cast(nn.Conv2d, layer.module)
-        (kh, kw), G = mod.kernel_size, layer.groups
+        mod = cast(Conv, layer.module)
+        taps, G = tuple(mod.kernel_size), layer.groups
+        spatial = tuple(range(2, 2 + len(taps)))
         total: torch.Tensor | None = None
         for x, g in self.calls(layer):
             dtype = torch.promote_types(x.dtype, torch.float32)
             n, b = x.shape[0], x.shape[0] // groups
             cg, og = x.shape[1] // G, g.shape[1] // G
             xp = padded_input(mod, x.to(dtype))
-            inp = xp.reshape(n * G, cg, *xp.shape[2:]).transpose(0, 1)  # [cg, n*G, Hp, Wp]
-            filters = g.to(dtype).reshape(n * G * og, 1, *g.shape[2:])  # [n*G*og, 1, Ho, Wo]
-            w = F.conv2d(inp, filters, stride=mod.dilation, dilation=mod.stride, groups=n * G)
-            grad = w[..., :kh, :kw].transpose(0, 1).reshape(n, G * og, cg * kh * kw)
+            inp = xp.reshape(n * G, cg, *xp.shape[2:]).transpose(0, 1)  # [cg, n*G, *padded]
+            filters = g.to(dtype).reshape(n * G * og, 1, *g.shape[2:])  # [n*G*og, 1, *out]
+            w = conv_function(mod)(inp, filters, stride=mod.dilation, dilation=mod.stride,
+                                   groups=n * G)
+            for dim, k in enumerate(taps):  # -> [cg, n*G*og, *taps]
+                w = w.narrow(2 + dim, 0, k)
+            grad = w.transpose(0, 1).reshape(n, G * og, cg * math.prod(taps))
             if layer.has_bias:
-                grad = torch.cat([grad, g.to(dtype).sum((2, 3))[..., None]], dim=2)
+                grad = torch.cat([grad, g.to(dtype).sum(spatial)[..., None]], dim=2)
             grad = grad.reshape(groups, b, *grad.shape[1:]).sum(0)  # the example's inputs
             total = grad if total is None else total + grad
         assert total is not None  # calls() raises when the layer never ran
@@ -460,49 +486,58 @@ class FactorCapture:
         return A, D
 
 
-# nn.Conv2d's padding_mode -> F.pad's mode.
+# A convolution's padding_mode -> F.pad's mode.
 _PAD_MODES = {"zeros": "constant", "reflect": "reflect", "replicate": "replicate",
               "circular": "circular"}
 
 
-def padded_input(mod: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def padded_input(mod: Conv, x: torch.Tensor) -> torch.Tensor:
     """``x`` with the padding the convolution applies made explicit (its size and mode), so a
     convolution with padding 0 over it sees what the module sees."""
-    pads = _conv_pads(mod)
+    pads = [v for before, after in reversed(_conv_pads(mod)) for v in (before, after)]
     return F.pad(x, pads, mode=_PAD_MODES[mod.padding_mode]) if any(pads) else x
 
 
-def _conv_pads(mod: nn.Conv2d) -> tuple[int, int, int, int]:
-    """How many pixels a Conv2d pads on each side, as F.pad's (left, right, top, bottom) (the
-    values come from ``padding_mode``). padding="same" puts the odd pixel of an even total on the
-    right / bottom, as torch's convolution does."""
+def _conv_pads(mod: Conv) -> list[tuple[int, int]]:
+    """How many samples a convolution pads before and after, per spatial dimension (the values
+    come from ``padding_mode``). padding="same" puts the odd sample of an even total after, as
+    torch's convolution does."""
     if mod.padding == "valid":
-        return 0, 0, 0, 0
+        return [(0, 0)] * len(mod.kernel_size)
     if mod.padding == "same":
-        (kh, kw), (dh, dw) = mod.kernel_size, mod.dilation
-        th, tw = dh * (kh - 1), dw * (kw - 1)
-        return tw // 2, tw - tw // 2, th // 2, th - th // 2
-    ph, pw = cast(tuple[int, int], mod.padding)
-    return pw, pw, ph, ph
+        totals = [d * (k - 1) for k, d in zip(mod.kernel_size, mod.dilation)]
+        return [(t // 2, t - t // 2) for t in totals]
+    return [(p, p) for p in cast(tuple[int, ...], mod.padding)]
 
 
 def _positions(layer: Layer, x: torch.Tensor, rows: int) -> int:
     """Rows T one example contributes per call: Linear leading positions (an input of
-    ``rows * k`` leading rows, e.g. k windows per example, counts k times), Conv2d output
-    pixels."""
+    ``rows * k`` leading rows, e.g. k windows per example, counts k times), convolution output
+    positions."""
     if layer.kind == "linear":
         return x.numel() // (x.shape[-1] * rows)
-    mod = cast(nn.Conv2d, layer.module)
-    (kh, kw), (sh, sw), (dh, dw) = mod.kernel_size, mod.stride, mod.dilation
-    left, right, top, bottom = _conv_pads(mod)
-    ho = (x.shape[2] + top + bottom - dh * (kh - 1) - 1) // sh + 1
-    wo = (x.shape[3] + left + right - dw * (kw - 1) - 1) // sw + 1
-    return ho * wo
+    mod = cast(Conv, layer.module)
+    return math.prod((size + before + after - d * (k - 1) - 1) // s + 1
+                     for size, (before, after), k, s, d in zip(
+                         x.shape[2:], _conv_pads(mod), mod.kernel_size, mod.stride,
+                         mod.dilation))
+
+
+def _patches(mod: Conv, xp: torch.Tensor) -> torch.Tensor:
+    """The patches a convolution sees in its padded input ``xp [N, C, *padded]``, as a view
+    ``[N, C, *out, *taps]`` (no copy: each spatial dimension unfolded into windows of the
+    dilated kernel's span, then every ``dilation``-th sample of a window kept)."""
+    patches = xp
+    for dim, (k, s, d) in enumerate(zip(mod.kernel_size, mod.stride, mod.dilation)):
+        patches = patches.unfold(2 + dim, d * (k - 1) + 1, s)  # window appended last
+        if d > 1:
+            patches = patches[..., ::d]
+    return patches
 
 
 def _fill_inputs(layer: Layer, x: torch.Tensor, groups: int, a: torch.Tensor) -> None:
     """Writes layer inputs (group-major rows ``g * B + b``) into ``a [B, groups, T, d_in]``:
-    Conv2d patches in the weight's (C_in, kh, kw) order, then the bias column of ones."""
+    convolution patches in the weight's (C_in, *taps) order, then the bias column of ones."""
     b = a.shape[0]
     d = layer.d_in - (1 if layer.has_bias else 0)
     dst = a[..., :d]
@@ -510,18 +545,14 @@ def _fill_inputs(layer: Layer, x: torch.Tensor, groups: int, a: torch.Tensor) ->
         src = x.reshape(groups, b, -1, d).transpose(0, 1)
         dst.copy_(src)
     else:
-        mod = cast(nn.Conv2d, layer.module)
-        (kh, kw), (sh, sw) = mod.kernel_size, mod.stride
-        xp = padded_input(mod, x)
-        if mod.dilation != (1, 1):
-            cols = F.unfold(xp, mod.kernel_size, dilation=mod.dilation,
-                            stride=mod.stride).transpose(1, 2)  # [N, L, C*kh*kw]
-            dst.copy_(cols.reshape(groups, b, -1, d).transpose(0, 1))
-        else:
-            patches = xp.unfold(2, kh, sh).unfold(3, kw, sw)  # [N, C, Ho, Wo, kh, kw], a view
-            c, ho, wo = patches.shape[1:4]
-            src = patches.reshape(groups, b, c, ho, wo, kh, kw).permute(1, 0, 3, 4, 2, 5, 6)
-            dst.unflatten(2, (ho, wo)).unflatten(-1, (c, kh, kw)).copy_(src)
+        mod = cast(Conv, layer.module)
+        n = len(mod.kernel_size)
+        patches = _patches(mod, padded_input(mod, x))  # [N, C, *out, *taps], a view
+        c, out, taps = patches.shape[1], patches.shape[2:2 + n], patches.shape[2 + n:]
+        src = patches.reshape(groups, b, *patches.shape[1:])
+        # -> [B, groups, *out, C, *taps]
+        src = src.permute(1, 0, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
+        dst.unflatten(2, out).unflatten(-1, (c, *taps)).copy_(src)
     if layer.has_bias:
         a[..., d] = 1
 
@@ -532,9 +563,9 @@ def _fill_output_grads(layer: Layer, g: torch.Tensor, groups: int, d: torch.Tens
     if layer.kind == "linear":
         d.copy_(g.reshape(groups, b, -1, g.shape[-1]).transpose(0, 1))
     else:
-        ho, wo = g.shape[2:]
-        src = g.reshape(groups, b, g.shape[1], ho, wo).permute(1, 0, 3, 4, 2)
-        d.unflatten(2, (ho, wo)).copy_(src)
+        out = g.shape[2:]
+        src = g.reshape(groups, b, *g.shape[1:])  # -> [B, groups, *out, C_out]
+        d.unflatten(2, out).copy_(src.permute(1, 0, *range(3, 3 + len(out)), 2))
 
 
 def fallback_grads(

@@ -8,11 +8,18 @@ import threading
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops, reference
-from .capture import FactorCapture, Layer, ParamLayout, fallback_grads, padded_input
+from .capture import (
+    Conv,
+    FactorCapture,
+    Layer,
+    ParamLayout,
+    conv_function,
+    fallback_grads,
+    padded_input,
+)
 from .loss import AugmentationStability
 from .projection import Block, Projection, plan_blocks
 
@@ -109,7 +116,7 @@ class Featurizer:
             if layer.groups > 1:
                 self._grouped(cap, layer, i, phi, stats)
                 continue
-            if proj.kind == "kron" and layer.kind == "conv2d":
+            if proj.kind == "kron" and layer.kind != "linear":  # a convolution
                 self._kron_conv(cap, layer, self.blocks[i], phi, stats)
                 continue
             A, D = cap.factors(layer, groups)
@@ -152,7 +159,7 @@ class Featurizer:
 
     def _grouped(self, cap: FactorCapture, layer: Layer, index: int, phi: torch.Tensor,
                  stats: dict[str, torch.Tensor]) -> None:
-        """A grouped Conv2d from its exact per-example gradient G ``[B, d_out, d_in]``: copied
+        """A grouped convolution from its exact per-example gradient G ``[B, d_out, d_in]``: copied
         (identity), densely sketched with its column offset (dense), or ``vec(P_out G P_in^T)``
         (kron: the same projection as sketch_kron of a dense layer). Under EK-FAC its block is
         a Gauss-Newton one (its gradient is block-diagonal, not a Kronecker factor pair), so it
@@ -174,12 +181,13 @@ class Featurizer:
 
     def _kron_conv(self, cap: FactorCapture, layer: Layer, block: Block, phi: torch.Tensor,
                    stats: dict[str, torch.Tensor]) -> None:
-        """The kron sketch of a Conv2d without im2col: projecting every patch by P_in is a
-        convolution with P_in's rows as filters, so ``U = conv2d(x, P_in)`` and
+        """The kron sketch of a convolution without im2col: projecting every patch by P_in is a
+        convolution with P_in's rows as filters, so ``U = conv(x, P_in)`` and
         ``V = P_out g`` (channel mixing), then ``y_b = sum_t V_t (x) U_t``. Equal to
         ``sketch_kron`` of the im2col factors up to float rounding, at the cost of one conv with
         k_in output channels (LoGra's trick for conv layers)."""
-        mod, groups = cast(nn.Conv2d, layer.module), self.loss.groups
+        mod, groups = cast(Conv, layer.module), self.loss.groups
+        conv = conv_function(mod)
         p_in, p_out = self._projections(block, layer.d_in, layer.d_out, phi.device)
         d = layer.d_in - (1 if layer.has_bias else 0)
         w = p_in[:, :d].reshape(block.k_in, *mod.weight.shape[1:])
@@ -189,9 +197,9 @@ class Featurizer:
         for x, g in cap.calls(layer):
             b = x.shape[0] // groups
             if mod.padding_mode == "zeros":
-                U = F.conv2d(x.float(), w, bias, mod.stride, mod.padding, mod.dilation)
+                U = conv(x.float(), w, bias, mod.stride, mod.padding, mod.dilation)
             else:  # reflect / replicate / circular: pad as the module does, then no padding
-                U = F.conv2d(padded_input(mod, x.float()), w, bias, mod.stride, 0, mod.dilation)
+                U = conv(padded_input(mod, x.float()), w, bias, mod.stride, 0, mod.dilation)
             U = U.flatten(2).reshape(groups, b, block.k_in, -1)  # [groups, B, k_in, L]
             V = (p_out @ g.float().flatten(2)).reshape(groups, b, block.k_out, -1)
             y += torch.einsum("gbal,gbcl->bac", V, U)

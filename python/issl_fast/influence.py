@@ -83,7 +83,7 @@ class InfluenceSSL:
         loss: the per-example loss; default ``AugmentationStability(views=4, seed=0)``.
         projection: how gradients are sketched; default ``Projection("kron", k=256)``.
         solver: ``"identity" | "gauss_newton" | "block" | "ekfac"`` (default).
-        track: module / parameter names to track; default every Linear and Conv2d and the two
+        track: module / parameter names to track; default every Linear, Conv1d/2d/3d and the two
             projections of every ``nn.MultiheadAttention`` (see capture.build_layout).
         damping: relative damping (x mean eigenvalue); absolute_damping overrides it.
         store_dtype: ``"float16" | "bfloat16" | "float32" | "float64"`` for stored features.

@@ -2,7 +2,7 @@
 
 - ``dense``: exactly the JL sketch ``R g / sqrt(k)`` of the full concatenated per-example
   gradient (hash version 1 matrix, column = flat parameter index), summed over layers with their
-  column offsets: fused ``sketch_linear`` for Linear/Conv2d, ``sketch_dense`` for the rest.
+  column offsets: fused ``sketch_linear`` for Linear/convolutions, ``sketch_dense`` for the rest.
 - ``kron``: per layer the factored sketch ``vec(P_out G P_in^T)`` (``sketch_kron``) with
   ``k_in * k_out`` outputs, concatenated over layers; fallback parameters get a dense sketch of
   ``k_fallback`` outputs. Each layer has its own seed (derived from ``seed`` and its index).
