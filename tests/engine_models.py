@@ -62,6 +62,47 @@ def tiny_vit(seed: int = 0) -> nn.Module:
     return _TinyViT().eval()
 
 
+class Signal1d(nn.Module):
+    """An audio-style encoder: strided, dilated, grouped, depthwise and every padding mode of
+    Conv1d, a shared (twice-called) Conv1d, then a Linear head; [N, 3, 23] inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(3, 6, 5, stride=2, padding=2)
+        self.dw = nn.Conv1d(6, 6, 3, groups=6, dilation=2, padding=2,
+                                  padding_mode="reflect")
+        # (stride 2 leaves one padded sample unused: the exact gradient's correlation overhangs)
+        self.grouped = nn.Conv1d(6, 4, 3, groups=2, stride=2, padding=1,
+                                       padding_mode="circular", bias=False)
+        self.same = nn.Conv1d(4, 4, 4, padding="same", dilation=3, padding_mode="replicate")
+        self.shared = nn.Conv1d(4, 4, 1)
+        self.valid = nn.Conv1d(4, 5, 2, padding="valid", stride=3)
+        self.head = nn.Linear(5, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.dw(torch.tanh(self.stem(x))))
+        h = torch.tanh(self.same(torch.tanh(self.grouped(h))))
+        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
+        return self.head(torch.tanh(self.valid(h)).mean(2))
+
+
+class Video3d(nn.Module):
+    """A video-style encoder: Conv3d with anisotropic kernels, strides, dilation, reflect and
+    'same' padding, a depthwise Conv3d; [N, 2, 5, 7, 6] inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv3d(2, 4, (3, 3, 2), stride=(1, 2, 2), padding=(1, 1, 0))
+        self.dw = nn.Conv3d(4, 4, 3, groups=4, stride=(1, 2, 1), padding=1,
+                                  padding_mode="reflect")
+        self.dilated = nn.Conv3d(4, 3, (2, 3, 2), padding="same", dilation=(1, 2, 1))
+        self.head = nn.Linear(3, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.dw(torch.tanh(self.stem(x))))
+        return self.head(torch.tanh(self.dilated(h)).mean((2, 3, 4)))
+
+
 def images(n: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 12, 12, generator=gen)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import issl_fast as issl
 import pytest
 import torch
-from engine_models import batches
+from engine_models import Signal1d, Video3d, batches
 from issl_fast.augment import view_uniforms
 from issl_fast.capture import build_layout
 from issl_fast.featurize import Featurizer
@@ -31,50 +31,9 @@ class _Noise:
         return {"kind": "Noise", "scale": 0.5}
 
 
-class _Signal1d(torch.nn.Module):
-    """An audio-style encoder: strided, dilated, grouped, depthwise and every padding mode of
-    Conv1d, a shared (twice-called) Conv1d, then a Linear head; [N, 3, 23] inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv1d(3, 6, 5, stride=2, padding=2)
-        self.dw = torch.nn.Conv1d(6, 6, 3, groups=6, dilation=2, padding=2,
-                                  padding_mode="reflect")
-        # (stride 2 leaves one padded sample unused: the exact gradient's correlation overhangs)
-        self.grouped = torch.nn.Conv1d(6, 4, 3, groups=2, stride=2, padding=1,
-                                       padding_mode="circular", bias=False)
-        self.same = torch.nn.Conv1d(4, 4, 4, padding="same", dilation=3, padding_mode="replicate")
-        self.shared = torch.nn.Conv1d(4, 4, 1)
-        self.valid = torch.nn.Conv1d(4, 5, 2, padding="valid", stride=3)
-        self.head = torch.nn.Linear(5, 6)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.dw(torch.tanh(self.stem(x))))
-        h = torch.tanh(self.same(torch.tanh(self.grouped(h))))
-        h = torch.tanh(self.shared(torch.tanh(self.shared(h))))
-        return self.head(torch.tanh(self.valid(h)).mean(2))
-
-
-class _Video3d(torch.nn.Module):
-    """A video-style encoder: Conv3d with anisotropic kernels, strides, dilation, reflect and
-    'same' padding, a depthwise Conv3d; [N, 2, 5, 7, 6] inputs."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.stem = torch.nn.Conv3d(2, 4, (3, 3, 2), stride=(1, 2, 2), padding=(1, 1, 0))
-        self.dw = torch.nn.Conv3d(4, 4, 3, groups=4, stride=(1, 2, 1), padding=1,
-                                  padding_mode="reflect")
-        self.dilated = torch.nn.Conv3d(4, 3, (2, 3, 2), padding="same", dilation=(1, 2, 1))
-        self.head = torch.nn.Linear(3, 5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.dw(torch.tanh(self.stem(x))))
-        return self.head(torch.tanh(self.dilated(h)).mean((2, 3, 4)))
-
-
 CASES = {
-    "conv1d": (_Signal1d, (3, 23), ["conv1d"] * 6 + ["linear"], [1, 6, 2, 1, 1, 1, 1]),
-    "conv3d": (_Video3d, (2, 5, 7, 6), ["conv3d"] * 3 + ["linear"], [1, 4, 1, 1]),
+    "conv1d": (Signal1d, (3, 23), ["conv1d"] * 6 + ["linear"], [1, 6, 2, 1, 1, 1, 1]),
+    "conv3d": (Video3d, (2, 5, 7, 6), ["conv3d"] * 3 + ["linear"], [1, 4, 1, 1]),
 }
 
 
@@ -104,7 +63,7 @@ def test_nd_convolutions_fit_ekfac_and_score(tmp_path) -> None:
     # ones Gauss-Newton blocks; an example's score against its own row is its self-influence.
     torch.manual_seed(2)
     loss = issl.AugmentationStability(views=2, augment=issl.SignalAugment(seed=3))
-    attr = issl.InfluenceSSL(_Signal1d(), loss, issl.Projection("kron", k=9, seed=2), "ekfac",
+    attr = issl.InfluenceSSL(Signal1d(), loss, issl.Projection("kron", k=9, seed=2), "ekfac",
                              store_dtype="float32")  # (scores of fresh features vs stored)
     kinds = {b.name: b.kind for b in attr.featurizer.blocks}
     assert kinds["stem"] == kinds["shared"] == "kron" and kinds["dw"] == "kron_grouped"

@@ -22,8 +22,9 @@ import issl_fast as issl
 import numpy as np
 import pytest
 import torch
-from engine_models import batches, cnn_attribution, images, tiny_vit
+from engine_models import Signal1d, Video3d, batches, cnn_attribution, images, tiny_vit
 from issl_fast import apps, ops, residency
+from issl_fast.augment import view_uniforms
 from issl_fast.store import GradientStore
 
 pytestmark = pytest.mark.cuda
@@ -206,6 +207,24 @@ def test_clustered_neighbours_on_the_gpu_match_the_cpu(fitted, cuda_scans) -> No
     assert default.rows[0].tolist() == [7, 41]
 
 
+def test_a_clustered_index_too_large_for_the_gpu_streams_from_host_memory(
+        fitted, cuda_scans, monkeypatch) -> None:
+    # An index over the GPU's budget keeps its rows in host memory; the queries stay on the GPU
+    # and the top-k kernel streams each probed cluster through it: the same answer.
+    cpu, gpu, _ = fitted
+    every = apps.ClusteredSearch(clusters=6, probes=6)
+    index = apps.clustered_index(gpu.store, gpu.solver, every, device=gpu.device)
+    assert index.rows.device.type == "cuda"
+    monkeypatch.setattr(residency, "fits", lambda device, nbytes: False)
+    streamed = apps.clustered_index(gpu.store, gpu.solver, every, device=gpu.device)
+    assert streamed.rows.device.type == "cpu"
+    sim, rows = gpu.neighbours(3, search=streamed)
+    assert cuda_scans, "the streamed clustered search did not scan on the GPU"
+    exact_sim, exact_rows = cpu.neighbours(3)
+    np.testing.assert_array_equal(rows, exact_rows)
+    np.testing.assert_allclose(sim, exact_sim, rtol=0, atol=1e-5)
+
+
 def test_transformed_duplicates_on_the_gpu(fitted, cuda_scans) -> None:
     # Transformed copies are featurised on the GPU, preconditioned on the CPU, scanned on the GPU.
     cpu, gpu, _ = fitted
@@ -230,6 +249,34 @@ def test_an_attention_model_on_the_gpu_matches_the_cpu(kind) -> None:
         "enc.self_attn.in_proj", "enc.self_attn.out_proj"]
     x, ids = images(6, seed=3), torch.arange(6)
     _assert_rows_close(gpu.features(x, ids), cpu.features(x, ids))
+
+
+class _Noise:
+    """Seeded views ``x + 0.3 (u - 1/2)`` of any shape (a video's), made on x's device."""
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor:
+        u = torch.from_numpy(view_uniforms(1, ids, view, x[0].numel())).reshape(x.shape)
+        return x + 0.3 * (u.to(x) - 0.5)
+
+    def config(self) -> dict:
+        return {"kind": "Noise", "scale": 0.3}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same'")
+@pytest.mark.parametrize("kind", ["kron", "dense"])
+def test_1d_and_3d_convolutions_on_the_gpu_match_the_cpu(kind) -> None:
+    # Conv1d / Conv3d (grouped, dilated, every padding mode) through cuDNN's 1-D and 3-D
+    # convolutions (kron: the conv by P_in; grouped: the exact gradient) and the CUDA sketches;
+    # SignalAugment's views made on the GPU equal the CPU's.
+    for model, x, augment in (
+            (Signal1d(), torch.rand(7, 3, 23), issl.SignalAugment(seed=2, reverse_p=0.5)),
+            (Video3d(), torch.rand(5, 2, 5, 7, 6), _Noise())):
+        loss = issl.AugmentationStability(views=2, augment=augment)
+        cpu = issl.InfluenceSSL(model, loss, issl.Projection(kind, k=64, seed=1), "block")
+        gpu = copy.deepcopy(cpu)
+        gpu.encoder.cuda()
+        ids = torch.arange(10, 10 + x.shape[0])
+        _assert_rows_close(gpu.features(x, ids), cpu.features(x, ids))
 
 
 def test_the_engine_follows_its_encoder_to_the_gpu() -> None:

@@ -12,7 +12,7 @@ import torch
 from engine_models import cnn_attribution, images
 from issl_fast.apps import fairness
 from issl_fast.store import GradientStore
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
 
 # Replicates of the distribution test: its checks sit at 5 standard errors, so a correct
 # sampler fails one of the 4 checks with probability ~2e-6 (and the seed is fixed).
@@ -98,6 +98,11 @@ def test_query_blocks_give_the_answer_of_one_tensor(tmp_path: Path) -> None:
         attr.group_influence(train_groups, loader, tl[:-1], n_boot=8)
     with pytest.raises(ValueError, match="ids= is for a batch tensor"):
         attr.group_influence(train_groups, loader, tl, ids=torch.arange(13), n_boot=8)
+    # a sampler that draws a random set: the order test_groups must follow is unknowable
+    drawn = DataLoader(TensorDataset(test), batch_size=4,
+                       sampler=RandomSampler(TensorDataset(test), replacement=True))
+    with pytest.raises(ValueError, match="draws with replacement, so test_groups cannot"):
+        attr.group_influence(train_groups, drawn, tl, n_boot=8)
 
 
 def test_resampled_means_too_large_are_refused_with_an_n_boot_that_fits(

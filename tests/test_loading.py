@@ -98,7 +98,7 @@ def test_samplers_that_repeat_or_draw_random_subsets_are_refused(tmp_path: Path)
          "draws 10 of 23 examples"),
         (DataLoader(ds, batch_size=4, sampler=WeightedRandomSampler([1.0] * N, 5,
                                                                     replacement=False)),
-         "WeightedRandomSampler draws another set"),
+         "WeightedRandomSampler draws by weight: another set"),
         (DataLoader(ds, batch_size=4, sampler=[1, 2, 3, 2]), r"indices \[2\] more than once"),
     ]
     for i, (loader, message) in enumerate(cases):

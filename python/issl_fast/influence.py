@@ -787,6 +787,11 @@ class InfluenceSSL:
         elif queries is not None:
             if ids is not None:
                 raise ValueError("ids= is for a batch tensor: many queries carry their own ids")
+            how = loading.random_set(queries)
+            if how is not None:  # test_groups could not follow an order drawn here
+                raise ValueError(f"group_influence: the test DataLoader's {how}, so test_groups "
+                                 "cannot follow the order its queries are read in: pass "
+                                 "shuffle=False or a fixed subset (torch.utils.data.Subset)")
             q = (block for block, _ in self._query_blocks(queries))
         return apps.group_influence(store, s, np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,

@@ -111,7 +111,7 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
                          "loader; a DistributedSampler would also pad with repeated examples)")
     batch_sampler = data.batch_sampler
     if type(batch_sampler) is BatchSampler:
-        order = _sampler_order(batch_sampler.sampler, strict)
+        order = _sampler_order(batch_sampler.sampler, strict, random_set(data))
         if order is None:
             return None
         size = batch_sampler.batch_size
@@ -122,28 +122,38 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
     return [np.asarray(b, dtype=np.int64) for b in batches]
 
 
-def _sampler_order(sampler: Any, strict: bool) -> np.ndarray | None:
+def random_set(data: Any) -> str | None:
+    """How a plain ``DataLoader``'s sampler draws another set of examples on every pass (with
+    replacement, a random number of them, by weight), None when it reads a fixed set."""
+    if type(data) is not DataLoader or type(data.batch_sampler) is not BatchSampler:
+        return None
+    sampler = data.batch_sampler.sampler
+    if isinstance(sampler, RandomSampler):
+        n = len(sampler.data_source)  # type: ignore[arg-type]
+        if sampler.replacement:
+            return "RandomSampler draws with replacement"
+        if sampler.num_samples != n:
+            return f"RandomSampler draws {sampler.num_samples} of {n} examples"
+    if isinstance(sampler, WeightedRandomSampler):
+        return "WeightedRandomSampler draws by weight"
+    return None
+
+
+def _sampler_order(sampler: Any, strict: bool, how: str | None) -> np.ndarray | None:
     """The dataset indices ``sampler`` gives, in the order they are read (see
-    :func:`index_batches`); None when they are not integers."""
+    :func:`index_batches`; ``how``: :func:`random_set`'s answer); None when they are not
+    integers."""
     if isinstance(sampler, SequentialSampler):
         return np.arange(len(sampler.data_source), dtype=np.int64)  # type: ignore[arg-type]
     if isinstance(sampler, SubsetRandomSampler):
         return np.sort(np.asarray(list(sampler.indices), dtype=np.int64))
-    if isinstance(sampler, RandomSampler):
-        n = len(sampler.data_source)  # type: ignore[arg-type]
-        if not sampler.replacement and sampler.num_samples == n:
-            return np.arange(n, dtype=np.int64)
-        if strict:
-            how = ("draws with replacement" if sampler.replacement
-                   else f"draws {sampler.num_samples} of {n} examples")
-            raise ValueError(f"the DataLoader's RandomSampler {how}: another set of examples on "
-                             "every pass, with repeats or misses. A store holds a fixed set "
-                             "once each: pass shuffle=False, or a fixed subset "
-                             "(torch.utils.data.Subset, SubsetRandomSampler)")
-    elif isinstance(sampler, WeightedRandomSampler) and strict:
-        raise ValueError("the DataLoader's WeightedRandomSampler draws another set of examples "
-                         "on every pass: a store holds a fixed set once each (pass "
-                         "shuffle=False, or a fixed subset: torch.utils.data.Subset)")
+    if how is None and isinstance(sampler, RandomSampler):  # each example once
+        return np.arange(len(sampler.data_source), dtype=np.int64)  # type: ignore[arg-type]
+    if how is not None and strict:
+        raise ValueError(f"the DataLoader's {how}: another set of examples on every pass, "
+                         "with repeats or misses. A store holds a fixed set once each: pass "
+                         "shuffle=False, or a fixed subset (torch.utils.data.Subset, "
+                         "SubsetRandomSampler)")
     drawn = list(sampler)
     if not all(isinstance(i, (int, np.integer)) for i in drawn):
         return None

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .. import ops
+from .. import ops, residency
 from ..distributed import merge_topk
 from ..solver import Solver
 from ..store import GradientStore
@@ -118,10 +118,16 @@ class ClusteredIndex:
         self.position[self.order] = np.arange(n)
         counts = np.bincount(assign, minlength=self.n_clusters)
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self.rows = torch.empty(n, store.dim, device=self.device)
+        # The rows live on the scan device when they fit its budget (:mod:`..residency`); a
+        # GPU index too large for it keeps them in host memory and the top-k kernel streams
+        # each probed cluster through the GPU (slower, bounded by PCIe, but it runs).
+        fits = self.device.type == "cpu" or residency.fits(self.device, n * store.dim * 4)
+        self.rows_device = self.device if fits else torch.device("cpu")
+        self.rows = (torch.empty(n, store.dim, device=self.rows_device) if fits
+                     else _host_rows(n, store.dim))
         for rows, first in self._normalised():
             where = torch.from_numpy(self.position[first:first + rows.shape[0]])
-            self.rows[where.to(self.device)] = rows.to(self.device)
+            self.rows[where.to(self.rows_device)] = rows.to(self.rows_device)
 
     def query_rows(self, topk: int) -> int:
         """Queries per :meth:`topk` call (see :data:`QUERY_BLOCK_BYTES`)."""
@@ -221,6 +227,15 @@ class ClusteredIndex:
             return
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(self.n_clusters)))
+
+
+def _host_rows(n: int, dim: int) -> torch.Tensor:
+    """``[n, dim]`` float32 in host memory for a GPU index, page-locked when the system allows
+    (the kernel then copies clusters straight from it instead of through a staging buffer)."""
+    try:
+        return torch.empty(n, dim, pin_memory=True)
+    except RuntimeError:  # page-locked memory is limited (ulimit -l, containers)
+        return torch.empty(n, dim)
 
 
 def _best_centroids(u: torch.Tensor, centroids: torch.Tensor, k: int,
