@@ -25,6 +25,10 @@ CASES = [
     (67, 3, 7, 7, 63, 2**62),
     (0, 3, 7, 5, 5, 0),  # empty batch
     (3, 0, 7, 5, 5, 0),  # T = 0: G = 0, the sketch is exactly zero
+    # T >= 4: G formed in slabs of rows by GEMM over t (sketch_linear.cpp, LinearGradSlabs)
+    (2, 4, 9, 5, 33, 0),  # the smallest T of the route; one slab
+    (3, 300, 1031, 70, 65, 7),  # T > KC: several GEMM steps; slabs of 63 rows, then 7
+    (5, 19, 70000, 2, 17, 0),  # d_in above a slab: one row of G per slab
 ]
 
 
@@ -129,12 +133,13 @@ def test_empty_shapes(simd: str, dist: str) -> None:
 @pytest.mark.parametrize("dist", DISTS)
 def test_batch_split_is_bit_identical(simd: str, dist: str, dtype: str) -> None:
     dt = DTYPES[dtype]
-    A, D = dyadic((13, 3, 30), seed=11, dtype=dt), dyadic((13, 3, 9), seed=12, dtype=dt)
-    whole = ops.sketch_linear(A, D, 65, seed=1, dist=dist)
-    for r0, r1 in [(0, 1), (1, 8), (8, 13)]:
-        part = ops.sketch_linear(A[r0:r1].contiguous(), D[r0:r1].contiguous(), 65, seed=1,
-                                 dist=dist)
-        assert torch.equal(part, whole[r0:r1]), (r0, r1)
+    for T in (3, 20):  # per-row and slab routes of the CPU kernel
+        A, D = dyadic((13, T, 30), seed=11, dtype=dt), dyadic((13, T, 9), seed=12, dtype=dt)
+        whole = ops.sketch_linear(A, D, 65, seed=1, dist=dist)
+        for r0, r1 in [(0, 1), (1, 8), (8, 13)]:
+            part = ops.sketch_linear(A[r0:r1].contiguous(), D[r0:r1].contiguous(), 65, seed=1,
+                                     dist=dist)
+            assert torch.equal(part, whole[r0:r1]), (T, r0, r1)
 
 
 @pytest.mark.parametrize("dist", DISTS)

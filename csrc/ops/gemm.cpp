@@ -73,6 +73,10 @@ void sketch_gemm(const RowSource& src, int64_t B, int64_t P, int64_t k, uint64_t
     for (int64_t p0 = 0, it = 0; p0 < P; p0 += kc, ++it) {
       const int64_t pc = std::min(kc, P - p0);
       float* ap = apack[it & 1].data();
+      if (src.prepares()) {
+#pragma omp for schedule(static, 1)
+        for (int64_t b = 0; b < B; ++b) src.prepare(b, p0, pc);
+      }  // implicit barrier: every row is prepared
 #pragma omp for schedule(static)
       for (int64_t s = 0; s < n_slivers; ++s) {
         float* d = ap + s * mr * kc;

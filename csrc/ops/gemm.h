@@ -69,6 +69,11 @@ class RowSource {
  public:
   virtual ~RowSource() = default;
   virtual void fill(int64_t b, int64_t p0, int64_t pc, float* dst) const = 0;
+  // Sources with costly per-example work (forming a slab of G) do it here: sketch_gemm calls
+  // prepare(b, p0, pc) for every row b, spread over all threads, before the fills of that
+  // panel (which go by MR-row slivers: a batch of one sliver would use one thread).
+  virtual bool prepares() const { return false; }
+  virtual void prepare(int64_t /*b*/, int64_t /*p0*/, int64_t /*pc*/) const {}
 };
 
 // Y[B, k] (+)= X[B, P] * (scale * R[:, col_offset:col_offset+P])^T with R generated on the fly
