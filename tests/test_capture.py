@@ -673,3 +673,29 @@ def test_batch_dimensions_are_per_call_and_checked_on_later_batches() -> None:
     with pytest.raises(ValueError, match="learned table"):
         Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(
             torch.rand(3, 24), torch.arange(3))
+
+
+@pytest.mark.parametrize("kind", ["identity", "dense", "kron"])
+def test_factors_formed_an_example_at_a_time_give_the_batch_features(kind, monkeypatch) -> None:
+    # Layers whose factors exceed featurize.FACTOR_CHUNK_BYTES are formed a chunk of examples
+    # at a time (here one: a budget of 1 byte): the same features and kron statistics.
+    from issl_fast import featurize
+
+    torch.manual_seed(0)
+    for model, x in ((small_cnn(), images(5)), (tiny_vit(), images(4, seed=2))):
+        loss = issl.AugmentationStability(views=2, seed=1, augment=issl.SSLAugment.light(seed=1))
+        layout = build_layout(model)
+        proj = issl.Projection(kind, k=64, seed=3)
+        feat = Featurizer(model, layout, loss, proj, collect_stats=True)
+        ids = torch.arange(x.shape[0])
+        whole, stats = feat(x, ids)
+        monkeypatch.setattr(featurize, "FACTOR_CHUNK_BYTES", 1)
+        chunked, chunked_stats = feat(x, ids)
+        monkeypatch.undo()
+        if kind == "identity":  # (einsum over a smaller batch may round differently)
+            torch.testing.assert_close(chunked, whole, rtol=1e-5, atol=1e-7)
+        else:  # the kernels' rows do not depend on the batch
+            assert torch.equal(chunked, whole)
+        assert stats.keys() == chunked_stats.keys() and (kind != "kron" or stats)
+        for key in stats:  # (float32 projections of other batch sizes: rounding)
+            torch.testing.assert_close(chunked_stats[key], stats[key], rtol=2e-5, atol=1e-9)

@@ -463,8 +463,17 @@ class FactorCapture:
         assert total is not None  # calls() raises when the layer never ran
         return total
 
-    def factors(self, layer: Layer, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-example ``(A, D)`` of a layer: ``[B, groups*T, d_in]``, ``[B, groups*T, d_out]``.
+    def factor_bytes(self, layer: Layer, groups: int) -> int:
+        """Bytes of one example's ``(A, D)`` (:meth:`factors`)."""
+        calls = self.calls(layer)
+        rows = self.rows if self.rows is not None else calls[0][0].shape[0]
+        t = groups * sum(_positions(layer, x, rows) for x, _ in calls)
+        return t * (layer.d_in + layer.d_out) * calls[0][0].element_size()
+
+    def factors(self, layer: Layer, groups: int, first: int = 0, count: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-example ``(A, D)`` of a layer: ``[B, groups*T, d_in]``, ``[B, groups*T, d_out]``,
+        for examples ``[first, first + count)`` (default: all B).
 
         Each call's rows are written straight into the per-example layout (one strided copy per
         factor: no im2col buffer, bias concatenation or transposed copy in between)."""
@@ -473,9 +482,13 @@ class FactorCapture:
         rows = self.rows if self.rows is not None else xs[0].shape[0]
         b = rows // groups
         positions = [_positions(layer, x, rows) for x in xs]
+        count = b - first if count is None else count
+        if (first, count) != (0, b):  # the calls' rows of these examples, in every group
+            xs = [_examples(x, groups, b, first, count) for x in xs]
+            gs = [_examples(g, groups, b, first, count) for g in gs]
         total = groups * sum(positions)
-        A = xs[0].new_empty(b, total, layer.d_in)
-        D = gs[0].new_empty(b, total, layer.d_out)
+        A = xs[0].new_empty(count, total, layer.d_in)
+        D = gs[0].new_empty(count, total, layer.d_out)
         off = 0
         for x, g, t in zip(xs, gs, positions):
             a = A[:, off:off + groups * t].unflatten(1, (groups, t))  # [B, groups, T, d_in]
@@ -484,6 +497,12 @@ class FactorCapture:
             _fill_output_grads(layer, g, groups, d)
             off += groups * t
         return A, D
+
+
+def _examples(t: torch.Tensor, groups: int, b: int, first: int, count: int) -> torch.Tensor:
+    """The rows of examples ``[first, first + count)`` of a call's input or output gradient
+    (leading rows group-major, ``g * B + b``, an example's own rows together), in that layout."""
+    return t.reshape(groups, b, -1)[:, first:first + count].reshape(-1, *t.shape[1:])
 
 
 # A convolution's padding_mode -> F.pad's mode.

@@ -25,6 +25,15 @@ from .projection import Block, Projection, plan_blocks
 
 # Covariance statistics are accumulated in float64: they sum over every row of the data set.
 _STATS_DTYPE = torch.float64
+# A layer's factors A, D are formed for this many bytes' worth of examples at a time: a
+# convolution's patches are its input times the kernel size (a 3x3 layer of ResNet-50 over
+# 56 x 56 pixels, B = 64 with two views: 1.4 GB in one piece).
+FACTOR_CHUNK_BYTES = 256 << 20
+
+
+def _examples_per_chunk(bytes_per_example: int, batch: int) -> int:
+    """Examples whose factors fit :data:`FACTOR_CHUNK_BYTES` (at least one)."""
+    return max(1, min(batch, FACTOR_CHUNK_BYTES // max(bytes_per_example, 1)))
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -119,43 +128,58 @@ class Featurizer:
             if proj.kind == "kron" and layer.kind != "linear":  # a convolution
                 self._kron_conv(cap, layer, self.blocks[i], phi, stats)
                 continue
-            A, D = cap.factors(layer, groups)
-            if proj.kind == "identity":
-                block = self.blocks[i]
-                G = torch.einsum("bto,bti->boi", D, A).reshape(A.shape[0], -1)
-                phi[:, block.start : block.stop] = G.to(phi.dtype)
-                continue
-            A, D = _kernel_dtype(A), _kernel_dtype(D)
-            if proj.kind == "dense":
-                ops.sketch_linear(
-                    A,
-                    D,
-                    proj.k,
-                    seed=proj.seed,
-                    dist=proj.dist,
-                    col_offset=layer.offset,
-                    out=phi,
-                    accumulate=i > 0,
-                    num_threads=self.num_threads,
-                )
-                continue
-            block = self.blocks[i]
-            phi[:, block.start : block.stop] = ops.sketch_kron(
+            B = phi.shape[0]
+            step = _examples_per_chunk(cap.factor_bytes(layer, groups), B)
+            for first in range(0, B, step):
+                self._linear_factors(cap, layer, i, first, min(step, B - first), phi, stats)
+
+    def _linear_factors(self, cap: FactorCapture, layer: Layer, index: int, first: int,
+                        count: int, phi: torch.Tensor, stats: dict[str, torch.Tensor]) -> None:
+        """The features (and kron statistics) of layer ``index`` for examples ``[first, first +
+        count)`` from their factors ``A, D`` (patches of a convolution: T x 9 the input of a
+        3x3 one, hence the chunks)."""
+        proj, groups = self.projection, self.loss.groups
+        rows = slice(first, first + count)
+        A, D = cap.factors(layer, groups, first, count)
+        if proj.kind == "identity":
+            block = self.blocks[index]
+            G = torch.einsum("bto,bti->boi", D, A).reshape(count, -1)
+            phi[rows, block.start : block.stop] = G.to(phi.dtype)
+            return
+        A, D = _kernel_dtype(A), _kernel_dtype(D)
+        if proj.kind == "dense":
+            ops.sketch_linear(
                 A,
                 D,
-                block.k_in,
-                block.k_out,
-                seed=block.seed,
+                proj.k,
+                seed=proj.seed,
                 dist=proj.dist,
+                col_offset=layer.offset,
+                out=phi[rows],  # (whole rows of phi: a contiguous view)
+                accumulate=index > 0,
                 num_threads=self.num_threads,
             )
-            if self.collect_stats:
-                p_in, p_out = self._projections(block, layer.d_in, layer.d_out, A.device)
-                # Per-example sums over t, so the store can split a batch at a shard boundary.
-                U = (A.float() @ p_in.T).to(_STATS_DTYPE)  # [B, T, k_in]
-                V = (D.float() @ p_out.T).to(_STATS_DTYPE)  # [B, T, k_out]
-                stats[f"{block.name}/A"] = torch.einsum("bti,btj->bij", U, U)
-                stats[f"{block.name}/D"] = torch.einsum("bti,btj->bij", V, V)
+            return
+        block = self.blocks[index]
+        phi[rows, block.start : block.stop] = ops.sketch_kron(
+            A,
+            D,
+            block.k_in,
+            block.k_out,
+            seed=block.seed,
+            dist=proj.dist,
+            num_threads=self.num_threads,
+        )
+        if self.collect_stats:
+            p_in, p_out = self._projections(block, layer.d_in, layer.d_out, A.device)
+            # Per-example sums over t, so the store can split a batch at a shard boundary.
+            U = (A.float() @ p_in.T).to(_STATS_DTYPE)  # [count, T, k_in]
+            V = (D.float() @ p_out.T).to(_STATS_DTYPE)  # [count, T, k_out]
+            B = phi.shape[0]
+            for key, X in ((f"{block.name}/A", U), (f"{block.name}/D", V)):
+                if key not in stats:
+                    stats[key] = X.new_empty(B, X.shape[2], X.shape[2])
+                stats[key][rows] = torch.einsum("bti,btj->bij", X, X)
 
     def _grouped(self, cap: FactorCapture, layer: Layer, index: int, phi: torch.Tensor,
                  stats: dict[str, torch.Tensor]) -> None:
