@@ -44,6 +44,19 @@ def test_translation_errors_and_the_standard_sets() -> None:
     assert "dy=+1" in one[0].name
 
 
+def test_signal_shifts_move_samples_fill_or_wrap() -> None:
+    x = torch.arange(1.0, 6.0).expand(2, 1, 5)  # [B, C, L]
+    assert apps.Shift(2)(x)[0, 0].tolist() == [0, 0, 1, 2, 3]
+    assert apps.Shift(-1, fill=-1.0)(x)[1, 0].tolist() == [2, 3, 4, 5, -1]
+    assert torch.equal(apps.Shift(-2, circular=True)(x), torch.roll(x, -2, dims=-1))
+    with pytest.raises(ValueError, match="does not fit signals of length 5"):
+        apps.Shift(5)(x)
+    with pytest.raises(ValueError, match="samples must be an int >= 1"):
+        apps.shifts(0)
+    assert [t.samples for t in apps.shifts(2)] == [1, -1, 2, -2]
+    assert apps.shifts(1, circular=True)[1].name == "shift(-1, circular)"
+
+
 def test_merge_neighbours_keeps_each_row_once_at_its_best() -> None:
     a = (np.array([[0.9, 0.5, 0.1], [0.7, -np.inf, -np.inf]], dtype=np.float32),
          np.array([[3, 4, 5], [2, -1, -1]]))

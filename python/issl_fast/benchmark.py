@@ -1,6 +1,7 @@
 """``issl-fast bench``: a quick check of this build's CPU kernels on this machine.
 
-Times three kernels against the pure-PyTorch code a user would write instead
+Times three kernels (sketch_linear in two shapes: one position per example, and many, as
+in a convolution) against the pure-PyTorch code a user would write instead
 (:mod:`.baselines`), after checking the kernels' results (against the reference, and for whole
 sketches against another kernel or the baseline), and reports each as a
 speed-up over its baseline and as a fraction of this machine's limits, measured in the same
@@ -84,24 +85,35 @@ def _leading_cols(y: torch.Tensor, k: int) -> torch.Tensor:
     return y[:, :CHECK_COLS].double() * math.sqrt(k / CHECK_COLS)
 
 
-def bench_linear(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
-    B, d, k = (8, 128, 1024) if quick else (32, 256, 2048)
+def _linear_case(B: int, T: int, d_in: int, d_out: int, k: int, shape: str, rounds: int,
+                 threads: int, limits: dict) -> Case:
     gen = torch.Generator().manual_seed(0)
-    A, D = torch.randn(B, 1, d, generator=gen), torch.randn(B, 1, d, generator=gen)
+    A, D = torch.randn(B, T, d_in, generator=gen), torch.randn(B, T, d_out, generator=gen)
     ours = ops.sketch_linear(A, D, k, seed=0, backend="cpu", num_threads=threads)
     ref = reference.sketch_linear(A.double(), D.double(), CHECK_COLS, seed=0,
                                   accum=torch.float64)
     G = torch.einsum("bto,bti->boi", D, A).reshape(B, -1)
     dense = ops.sketch_dense(G, k, seed=0, backend="cpu", num_threads=threads)
     err = max(_row_rel_err(_leading_cols(ours, k), ref), _row_rel_err(ours, dense))
-    blocks = baselines.TorchRademacherBlocks(d * d, baselines.DENSE_BLOCK)
+    blocks = baselines.TorchRademacherBlocks(d_in * d_out, baselines.DENSE_BLOCK)
     t_ours = median_time(lambda: ops.sketch_linear(A, D, k, seed=0, backend="cpu",
                                                    num_threads=threads), rounds)
     t_base = median_time(lambda: baselines.linear_baseline(A, D, k, blocks), rounds)
-    flops = 2 * B * d * d * k
-    return Case("sketch_linear", f"B={B} {d}x{d} k={k} fp32", t_ours,
-                "einsum G + torch RNG blocks", t_base, t_base / t_ours, "gemm",
-                flops / t_ours / limits["gemm_flops"], err)
+    flops = 2 * B * d_in * d_out * (k + T)  # (+ forming G: 2 B T d_in d_out)
+    return Case("sketch_linear", shape, t_ours, "einsum G + torch RNG blocks", t_base,
+                t_base / t_ours, "gemm", flops / t_ours / limits["gemm_flops"], err)
+
+
+def bench_linear(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
+    B, d, k = (8, 128, 1024) if quick else (32, 256, 2048)
+    return _linear_case(B, 1, d, d, k, f"B={B} {d}x{d} k={k} fp32", rounds, threads, limits)
+
+
+def bench_linear_positions(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
+    """Many positions per example (a convolution's output pixels): forming G dominates."""
+    B, T, d_in, d_out, k = (4, 256, 256, 64, 512) if quick else (8, 2048, 512, 128, 1024)
+    return _linear_case(B, T, d_in, d_out, k, f"B={B} T={T} {d_out}x{d_in} k={k} fp32",
+                        rounds, threads, limits)
 
 
 def bench_kron(rounds: int, quick: bool, threads: int, limits: dict) -> Case:
@@ -153,7 +165,8 @@ def run(rounds: int = 5, quick: bool = False, threads: int | None = None) -> dic
     try:
         limits = machine_limits(rounds, quick)
         cases = [bench(rounds, quick, threads, limits)
-                 for bench in (bench_linear, bench_kron, bench_score_topk)]
+                 for bench in (bench_linear, bench_linear_positions, bench_kron,
+                               bench_score_topk)]
     finally:
         torch.set_num_threads(previous)
     wrong = [c for c in cases if not c.max_rel_err <= CHECK_RTOL]

@@ -12,7 +12,7 @@ from .duplicates import (
 )
 from .fairness import GroupInfluence, group_influence
 from .outliers import OutlierRanking, find_outliers, neighbour_scores
-from .transforms import Translation, translations
+from .transforms import Shift, Translation, shifts, translations
 
 __all__ = [
     "ClusteredIndex",
@@ -20,6 +20,7 @@ __all__ = [
     "DuplicatePairs",
     "GroupInfluence",
     "OutlierRanking",
+    "Shift",
     "Translation",
     "clustered_index",
     "find_duplicates",
@@ -30,5 +31,6 @@ __all__ = [
     "neighbour_scores",
     "normalised_neighbours",
     "transformed_neighbours",
+    "shifts",
     "translations",
 ]

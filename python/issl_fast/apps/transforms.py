@@ -1,10 +1,11 @@
-"""Deterministic image transforms for transform-tolerant duplicate search.
+"""Deterministic image and signal transforms for transform-tolerant duplicate search.
 
 A near-duplicate is often the same picture moved by a pixel or two (a re-crop, a re-encode with a
 different border). Gradient features, like most representations of a conv net with strided
 layers, are not shift-invariant, so such a copy can look less similar than two different images.
 Comparing every example's transformed copies t(x_i) against the store as well, and keeping the
 best similarity per pair, finds those copies (see ``InfluenceSSL.neighbours(transforms=...)``).
+For signals ``[..., L]`` the same holds for a recording cut a few samples later: :func:`shifts`.
 """
 
 from __future__ import annotations
@@ -59,3 +60,38 @@ def translations(pixels: int = 1, diagonal: bool = False, fill: float = 0.0) -> 
         if diagonal:
             out += [Translation(dy, dx, fill) for dy in (d, -d) for dx in (d, -d)]
     return out
+
+
+@dataclass(frozen=True)
+class Shift:
+    """Moves signals ``[..., L]`` by ``samples`` along their last axis (positive: later); the
+    uncovered end is filled with ``fill``, or with ``circular`` what leaves wraps around."""
+
+    samples: int
+    fill: float = 0.0
+    circular: bool = False
+
+    @property
+    def name(self) -> str:
+        return f"shift({self.samples:+d}{', circular' if self.circular else ''})"
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim < 1:
+            raise ValueError(f"signals must be [..., L], got shape {tuple(x.shape)}")
+        L = x.shape[-1]
+        if abs(self.samples) >= L:
+            raise ValueError(f"shift {self.samples} does not fit signals of length {L}")
+        if self.circular:
+            return torch.roll(x, self.samples, dims=-1)
+        out = torch.full_like(x, self.fill)
+        src, dst = _span(self.samples, L)
+        out[..., dst] = x[..., src]
+        return out
+
+
+def shifts(samples: int = 1, circular: bool = False, fill: float = 0.0) -> list[Shift]:
+    """The shifts of signals by 1 .. ``samples`` samples either way (2 per distance); the
+    identity is not included (the plain search covers it)."""
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    return [Shift(s, fill, circular) for d in range(1, samples + 1) for s in (d, -d)]
