@@ -699,3 +699,30 @@ def test_factors_formed_an_example_at_a_time_give_the_batch_features(kind, monke
         assert stats.keys() == chunked_stats.keys() and (kind != "kron" or stats)
         for key in stats:  # (float32 projections of other batch sizes: rounding)
             torch.testing.assert_close(chunked_stats[key], stats[key], rtol=2e-5, atol=1e-9)
+
+
+def test_compiled_and_data_parallel_encoders_are_attributed_through_their_module(
+        tmp_path) -> None:
+    # A wrapper's layers carry a prefix (_orig_mod., module.): unwrapped, the attribution is
+    # the plain module's, same layers, fingerprint (a store opens with either) and features.
+    import torch.distributed as dist
+
+    model = small_cnn()
+    plain = issl.InfluenceSSL(model, projection=issl.Projection("kron", k=16), solver="block")
+    x, ids = images(3), torch.arange(3)
+    want = plain.features(x, ids)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    try:
+        wrappers = [torch.compile(model), torch.nn.DataParallel(model),
+                    torch.nn.parallel.DistributedDataParallel(model),
+                    torch.nn.DataParallel(torch.compile(model))]
+        for wrapped in wrappers:
+            attr = issl.InfluenceSSL(wrapped, projection=issl.Projection("kron", k=16),
+                                     solver="block")
+            assert attr.encoder is model
+            assert [layer.name for layer in attr.layout.layers] == ["0", "2", "5", "8"]
+            assert attr.fingerprint() == plain.fingerprint()
+            assert torch.equal(attr.features(x, ids), want)
+    finally:
+        dist.destroy_process_group()

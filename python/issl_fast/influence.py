@@ -125,6 +125,7 @@ class InfluenceSSL:
                              "first (e.g. under torchrun)")
         if not isinstance(encoder, nn.Module):
             raise TypeError(f"encoder must be an nn.Module, got {type(encoder).__name__}")
+        encoder = unwrap_encoder(encoder)
         self.encoder = encoder
         self.loss = loss if loss is not None else AugmentationStability(views=4, seed=0)
         self.projection = projection if projection is not None else Projection("kron", k=256)
@@ -796,6 +797,22 @@ class InfluenceSSL:
         return apps.group_influence(store, s, np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,
                                     n_boot=n_boot, seed=seed)
+
+
+def unwrap_encoder(encoder: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` / ``DistributedDataParallel`` / ``DataParallel`` wrapper
+    runs (the same parameters): attribution hooks every layer and runs eagerly anyway (a
+    compiled graph would break at each hook, and DDP would all-reduce gradients nobody asked
+    for), and its layer names then carry no wrapper prefix (``_orig_mod.``, ``module.``), so a
+    store opens with the plain module too."""
+    while True:
+        inner = encoder._modules.get("_orig_mod")  # (no import of torch._dynamo for the check)
+        if type(encoder).__name__ == "OptimizedModule" and isinstance(inner, nn.Module):
+            encoder = inner
+        elif isinstance(encoder, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            encoder = encoder.module
+        else:
+            return encoder
 
 
 def _exclusions(exclude_rows: Any, n: int) -> torch.Tensor:
