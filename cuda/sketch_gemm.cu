@@ -690,6 +690,70 @@ __global__ void form_grad_kernel(const InT* __restrict__ A, const InT* __restric
   }
 }
 
+// Many positions per example (a convolution's pixels): G_b's columns window [p0, p0 + pc) as
+// 64 x 64 (o, i) tiles of rows o_lo.. of G_b, 4 x 4 per thread, T in chunks of 16 through shared
+// memory (kron_outer_kernel's scheme), so A_b and D_b come from shared memory instead of once per
+// element of G from L2. Each element is still fmaf(D, A, acc) over t in increasing order from
+// 0: the same value as form_grad_kernel's.
+constexpr int kFormTile = 64;
+constexpr int kFormTK = 16;
+// From this many positions per example on, the tiled kernel forms G (identical results).
+constexpr int64_t kFormTiledMinT = 8;
+
+template <class InT>
+__global__ void __launch_bounds__(256) form_grad_tiled_kernel(
+    const InT* __restrict__ A, const InT* __restrict__ D, int64_t T, int64_t d_in, int64_t d_out,
+    int64_t p0, int64_t pc, int64_t o_lo, int64_t tiles_i, int64_t tiles_o,
+    float* __restrict__ W, int64_t ldw) {
+  __shared__ __align__(16) float sd[kFormTK][kFormTile + 4];
+  __shared__ __align__(16) float sa[kFormTK][kFormTile + 4];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t bid = blockIdx.x;
+  const int64_t ti = bid % tiles_i;
+  const int64_t to = (bid / tiles_i) % tiles_o;
+  const int64_t b = bid / (tiles_i * tiles_o);
+  const int64_t o0 = o_lo + to * kFormTile, i0 = ti * kFormTile;
+  float acc[4][4];
+#pragma unroll
+  for (int r = 0; r < 4; ++r)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[r][c] = 0.0f;
+  for (int64_t t0 = 0; t0 < T; t0 += kFormTK) {
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < (kFormTile * kFormTK) / 256; ++u) {
+      const int idx = tid + u * 256;
+      const int tt = idx / kFormTile, xx = idx % kFormTile;
+      const int64_t t = t0 + tt;
+      sd[tt][xx] = (t < T && o0 + xx < d_out) ? to_f32(D[(b * T + t) * d_out + o0 + xx]) : 0.0f;
+      sa[tt][xx] = (t < T && i0 + xx < d_in) ? to_f32(A[(b * T + t) * d_in + i0 + xx]) : 0.0f;
+    }
+    __syncthreads();
+    const int64_t steps = T - t0 < kFormTK ? T - t0 : kFormTK;  // (no padded terms: same sums)
+    for (int tt = 0; tt < steps; ++tt) {
+      const float4 dv = *reinterpret_cast<const float4*>(&sd[tt][ty * 4]);
+      const float4 av = *reinterpret_cast<const float4*>(&sa[tt][tx * 4]);
+      const float dr[4] = {dv.x, dv.y, dv.z, dv.w};
+      const float ac[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+      for (int r = 0; r < 4; ++r)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[r][c] = fmaf(dr[r], ac[c], acc[r][c]);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; ++r) {
+    const int64_t o = o0 + ty * 4 + r;
+    if (o >= d_out) continue;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t i = i0 + tx * 4 + c;
+      const int64_t p = o * d_in + i - p0;  // column of the window
+      if (i < d_in && p >= 0 && p < pc) W[b * ldw + p] = acc[r][c];
+    }
+  }
+}
+
 // ---- sketch_kron's outer product ------------------------------------------------------------------
 // 64 x 64 (a, c) tile per block, 4 x 4 per thread, T in chunks of 16 through shared memory.
 constexpr int kKronTile = 64;
@@ -979,6 +1043,17 @@ void form_linear_grad(const void* A, const void* D, DType dtype, int64_t B, int6
   cudaStream_t st = as_stream(stream);
   dispatch_dtype(dtype, [&](auto tag) {
     using T_ = typename decltype(tag)::type;
+    if (T >= kFormTiledMinT) {
+      const int64_t o_lo = p0 / d_in, o_hi = (p0 + pc - 1) / d_in;
+      const int64_t tiles_o = ceil_div(o_hi - o_lo + 1, kFormTile);
+      const int64_t tiles_i = ceil_div(d_in, kFormTile);
+      form_grad_tiled_kernel<T_><<<grid_1d(B * tiles_o * tiles_i, "form_grad_tiled_kernel"), 256,
+                                   0, st>>>(static_cast<const T_*>(A), static_cast<const T_*>(D),
+                                            T, d_in, d_out, p0, pc, o_lo, tiles_i, tiles_o, W,
+                                            ldw);
+      check_launch("form_grad_tiled_kernel launch");
+      return;
+    }
     form_grad_kernel<T_><<<grid_stride_blocks(B * pc, kElemThreads), kElemThreads, 0, st>>>(
         static_cast<const T_*>(A), static_cast<const T_*>(D), B, T, d_in, d_out, p0, pc, W, ldw);
     check_launch("form_grad_kernel launch");

@@ -228,6 +228,7 @@ LINEAR_CASES = [
     (20, 1, 64, 33, 200, 0),  # direct route: T = 1, aligned d_in
     (20, 3, 37, 5, 129, 2**32 + 5),  # direct route: T = 3, unaligned d_in, columns past 2^32
     (20, 4, 40, 5, 64, 0),  # T = 4: forms G
+    (5, 40, 130, 70, 96, 3),  # T >= 8: G by the tiled kernel (3 x 2 tiles, T not a multiple of 16)
     (130, 2, 100, 3, 300, 0),  # two row tiles
     (67, 1, 1031, 1, 1000, 0),
     (0, 3, 7, 5, 5, 0),

@@ -238,6 +238,49 @@ def bench_linear(mm_rate: float, rounds: int) -> None:
     free()
 
 
+def bench_linear_positions(mm_rate: float, rounds: int) -> None:
+    """Many positions per example (a 1-D conv layer over one second of 16 kHz audio, bf16): the
+    chunked route, G formed by the tiled kernel (T >= 8), then the dense sketch. No target:
+    reported against the pure-PyTorch pipeline and as a fraction of the bf16 mm rate."""
+    B, T, d_in, d_out, k = 8, 4797, 768, 256, 1024
+    P = d_in * d_out
+    flops = 2 * B * T * P + 2 * B * P * k
+    A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
+    D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
+    y = ops.sketch_linear(A, D, k, seed=1)
+    G = torch.einsum("bto,bti->boi", D.float(), A.float()).reshape(B, P)
+    R64 = torch.from_numpy(reference.random_matrix(1, 64, 0, P)).to(DEV, torch.float32)
+    err = rel_err(y[:, :64], (G @ R64.T) / math.sqrt(k))
+    log(f"sketch_linear (T={T}) check: max row rel err {err:.2e} (first 64 sketch rows)")
+    assert err < 1e-4, f"sketch_linear (T={T}) disagrees with the explicit matrix: {err}"
+    del G, R64
+    free()
+    t_ours = cuda_times(lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
+    kernel_breakdown("sketch_linear T4797", lambda: ops.sketch_linear(A, D, k, seed=1, out=y), 1)
+
+    def baseline() -> torch.Tensor:
+        g = torch.einsum("bto,bti->boi", D, A).reshape(B, P)
+        acc = torch.zeros(B, k, device=DEV)
+        cb = 1 << 16
+        for c0 in range(0, P, cb):
+            r = torch.empty(k, min(cb, P - c0), device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
+            r.mul_(2).sub_(1)
+            acc += (g[:, c0 : c0 + cb] @ r.T).float()
+        return acc / math.sqrt(k)
+
+    t_base = cuda_times(baseline, max(2, rounds - 1))
+    to, tb = med(t_ours), med(t_base)
+    RESULTS["cases"]["sketch_linear_positions"] = {
+        "shape": dict(B=B, T=T, d_in=d_in, d_out=d_out, k=k, dtype="bfloat16"),
+        "flops": flops, "ours_s": t_ours, "baseline_s": t_base, "check_rel_err": err,
+        "fraction_of_mm_rate": flops / to / mm_rate}
+    log(f"sketch_linear T={T}: ours {to:.4f} s ({flops / to / mm_rate:.1%} of mm), "
+        f"pure-PyTorch {tb:.4f} s")
+    row(f"sketch_linear B{B} T{T} {d_out}x{d_in} k{k}", to, tb, "einsum+RNG blocks",
+        f"{flops / to / 1e12:.1f} TF/s = {flops / to / mm_rate:.0%} mm", "-", None)
+    free()
+
+
 # ---------------------------------------------------------------------------------------------
 # sketch_kron
 # ---------------------------------------------------------------------------------------------
@@ -786,6 +829,7 @@ def main() -> int:
         ("sparse", lambda: bench_sparse(copy_bw, args.rounds)),
         ("score", lambda: bench_score(copy_bw, mm_rate, args.rounds)),
         ("linear", lambda: bench_linear(mm_rate, args.rounds)),
+        ("linear", lambda: bench_linear_positions(mm_rate, args.rounds)),
         ("dense", lambda: bench_dense(mm_rate, args.rounds)),
         ("featurize", lambda: bench_featurize(args.rounds)),
         # Last: each kernel variant against the kernel it replaces, so a faulting experimental
