@@ -74,3 +74,12 @@ def test_bad_inputs() -> None:
         aug(torch.rand(3, 3, 8, 8), torch.arange(2), 1)
     with pytest.raises(ValueError, match="ids must be >= 0"):
         view_uniforms(0, [-1], 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_images_on_the_cpu_are_augmented_in_float32(dtype: torch.dtype) -> None:
+    # (torch has no half grid_sample on the CPU: a crash before)
+    aug, x, ids = issl.SSLAugment(seed=2, noise_std=0.05), _imgs(3).to(dtype), torch.arange(3)
+    out = aug(x, ids, 1)
+    assert out.dtype == dtype and out.shape == x.shape
+    torch.testing.assert_close(out, aug(x.float(), ids, 1).to(dtype), rtol=0, atol=0)

@@ -31,6 +31,16 @@ def test_views_depend_only_on_seed_id_and_view() -> None:
     torch.testing.assert_close(views[1:], views[:1].expand(2, -1, -1), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_signals_are_transformed_in_float32(dtype: torch.dtype) -> None:
+    aug = issl.SignalAugment(seed=1, mask_p=1.0, reverse_p=0.5, polarity_p=0.5)
+    x, ids = _signals(n=1000), torch.arange(6)
+    half = aug(x.to(dtype), ids, 2)
+    assert half.dtype == dtype and half.shape == x.shape
+    # the float32 view of the rounded signal, rounded: resampled at the same positions
+    torch.testing.assert_close(half, aug(x.to(dtype).float(), ids, 2).to(dtype), rtol=0, atol=0)
+
+
 def test_all_transforms_off_is_the_identity_and_float64_works() -> None:
     x = _signals().double()
     out = issl.SignalAugment(**OFF)(x, torch.arange(6), 1)

@@ -726,3 +726,31 @@ def test_compiled_and_data_parallel_encoders_are_attributed_through_their_module
             assert torch.equal(attr.features(x, ids), want)
     finally:
         dist.destroy_process_group()
+
+
+def test_a_linear_on_rows_not_grouped_by_example_is_an_error() -> None:
+    # torch.cat of two calls' rows along the batch: [a_0 .. a_B-1, b_0 .. b_B-1] has two rows
+    # per example, but not together; the factors would mix examples (silently wrong before).
+    class Concat(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+            self.shared = torch.nn.Linear(3, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.shared(torch.cat([torch.tanh(self.a(x)), torch.tanh(self.b(x))]))
+            return h[: x.shape[0]] + h[x.shape[0]:]
+
+    class Together(Concat):  # the same rows, each example's two together: fine
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            pair = torch.stack([torch.tanh(self.a(x)), torch.tanh(self.b(x))], dim=1)
+            return self.shared(pair.flatten(0, 1)).unflatten(0, (x.shape[0], 2)).sum(1)
+
+    loss = issl.AugmentationStability(views=1, augment=UniformNoise())
+    x, ids = torch.rand(5, 4, dtype=torch.float64), torch.arange(5)
+    model = Concat().double()
+    with pytest.raises(ValueError, match="'shared': the rows of its input \\(20, 3\\) are not "
+                                         "grouped by example"):
+        Featurizer(model, build_layout(model), loss, issl.Projection("identity"))(x, ids)
+    model = Together().double()
+    _assert_identity_exact(model, build_layout(model), loss, x, ids)

@@ -28,7 +28,9 @@ CASES = [
     # T >= 4: G formed in slabs of rows by GEMM over t (sketch_linear.cpp, LinearGradSlabs)
     (2, 4, 9, 5, 33, 0),  # the smallest T of the route; one slab
     (3, 300, 1031, 70, 65, 7),  # T > KC: several GEMM steps; slabs of 63 rows, then 7
-    (5, 19, 70000, 2, 17, 0),  # d_in above a slab: one row of G per slab
+    (5, 19, 70000, 2, 17, 0),  # d_in above a slab: one row of G per slab, column blocks
+    (3, 9, 3, 600, 40, 0),  # a slab taller than a row block (256)
+    (300, 4, 600, 200, 17, 0),  # B > 256: slabs thinned to the batch's budget
 ]
 
 

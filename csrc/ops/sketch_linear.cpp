@@ -67,17 +67,27 @@ class LinearGradSlabs final : public cpu::RowSource {
   LinearGradSlabs(const void* A, const void* D, DType dt, int64_t B, int64_t T, int64_t d_in,
                   int64_t d_out)
       : A_(A), D_(D), dt_(dt), T_(T), din_(d_in), dout_(d_out), K_(cpu::isa()),
-        slab_rows_(slab_rows(K_, d_in, d_out)), slabs_(B) {}
+        slab_rows_(slab_rows(K_, B, d_in, d_out)), slabs_(B) {}
 
-  // Floats of G held per example: 256 KiB (B = 64 holds 16 MiB), a few slabs per layer.
+  // Floats of G held per example: 256 KiB (a few slabs per layer), and at most kSlabBudget
+  // floats (64 MiB) for the whole batch: a large B gets thinner slabs, never less than the
+  // piece the sketch asks for (KC floats: what its own panels already hold per example).
   static constexpr int64_t kSlabFloats = int64_t{1} << 16;
+  static constexpr int64_t kSlabBudget = int64_t{1} << 24;
 
-  // Rows of G per slab: kSlabFloats of them, in whole MR-row micro-tiles where possible.
-  static int64_t slab_rows(const cpu::IsaKernels& K, int64_t d_in, int64_t d_out) {
-    int64_t rows = std::max<int64_t>(1, kSlabFloats / d_in);
+  // Rows of G per slab, in whole MR-row micro-tiles where possible.
+  static int64_t slab_rows(const cpu::IsaKernels& K, int64_t B, int64_t d_in, int64_t d_out) {
+    const int64_t floats = std::min(kSlabFloats, kSlabBudget / std::max<int64_t>(B, 1));
+    int64_t rows = std::max<int64_t>(1, floats / d_in);
     if (rows > K.mr) rows -= rows % K.mr;
     return std::min(rows, d_out);
   }
+
+  // A slab's GEMM goes in blocks of rows and columns, so that its per-thread scratch stays
+  // under ~8 MiB whatever d_in and the slab's height (packing whole rows of a 200k-input layer
+  // would take 200 MB per thread, kept by the thread_local buffers).
+  static constexpr int64_t kRowBlock = 256;
+  static constexpr int64_t kColBlock = 4096;
 
   // The sketch asks for each example's pieces in increasing p0 (one thread per example at a
   // time), so each slab is formed once (bar the row a piece straddles, formed twice).
@@ -102,7 +112,7 @@ class LinearGradSlabs final : public cpu::RowSource {
 
   // s = G_b[o0 : o0 + rows, :] = sum_t D_b[t, o0 : o0 + rows]^T A_b[t, :] with rows >= need
   // (the piece asked for), by KC-deep GEMM steps over t (D's columns read in place as the A
-  // operand, A_b's rows packed as B).
+  // operand, A_b's rows packed as B), in kRowBlock x kColBlock blocks of the slab.
   void form(int64_t b, int64_t o0, int64_t need, Slab& s) const {
     const int64_t rows = std::min(std::max(slab_rows_, need), dout_ - o0), kc = K_.kc;
     s.o0 = o0;
@@ -111,36 +121,50 @@ class LinearGradSlabs final : public cpu::RowSource {
     float* C = s.data.data();
     std::fill(C, C + rows * din_, 0.0f);
     const bool half = dt_ != DType::kFloat32;
+    const int64_t cols_max = std::min(din_, kColBlock);
     thread_local cpu::Scratch dbuf, abuf, bpack;
-    bpack.resize(kc * cpu::ceil_div(din_, K_.nr) * K_.nr);
+    bpack.resize(kc * cpu::ceil_div(cols_max, K_.nr) * K_.nr);
     if (half) {
-      dbuf.resize(kc * rows);
-      abuf.resize(kc * din_);
+      dbuf.resize(kc * std::min(rows, kRowBlock));
+      abuf.resize(kc * cols_max);
     }
-    for (int64_t t0 = 0; t0 < T_; t0 += kc) {
-      const int64_t tc = std::min(kc, T_ - t0), row0 = b * T_ + t0;
-      const float* d = nullptr;  // element (o, t) at d[o + t * d_cs]
-      int64_t d_cs = dout_;
-      const float* a = nullptr;  // rows t0 .. t0 + tc of A_b, float32, row-major
-      if (half) {
-        for (int64_t t = 0; t < tc; ++t)
-          K_.to_f32(cpu::offset_ptr(D_, dt_, (row0 + t) * dout_ + o0), dt_, rows,
-                    dbuf.data() + t * rows);
-        d = dbuf.data();
-        d_cs = rows;
-        K_.to_f32(cpu::offset_ptr(A_, dt_, row0 * din_), dt_, tc * din_, abuf.data());
-        a = abuf.data();
-      } else {
-        d = static_cast<const float*>(D_) + row0 * dout_ + o0;
-        a = static_cast<const float*>(A_) + row0 * din_;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+      const int64_t rb = std::min(kRowBlock, rows - r0);
+      for (int64_t t0 = 0; t0 < T_; t0 += kc) {
+        const int64_t tc = std::min(kc, T_ - t0), row0 = b * T_ + t0;
+        const float* d = nullptr;  // element (o, t) at d[o + t * d_cs], o < rb
+        int64_t d_cs = dout_;
+        if (half) {
+          for (int64_t t = 0; t < tc; ++t)
+            K_.to_f32(cpu::offset_ptr(D_, dt_, (row0 + t) * dout_ + o0 + r0), dt_, rb,
+                      dbuf.data() + t * rb);
+          d = dbuf.data();
+          d_cs = rb;
+        } else {
+          d = static_cast<const float*>(D_) + row0 * dout_ + o0 + r0;
+        }
+        for (int64_t i0 = 0; i0 < din_; i0 += kColBlock) {
+          const int64_t nb = std::min(kColBlock, din_ - i0);
+          const float* a = nullptr;  // rows t0 .. t0 + tc, columns i0 .. i0 + nb of A_b
+          int64_t lda = din_;
+          if (half) {
+            for (int64_t t = 0; t < tc; ++t)
+              K_.to_f32(cpu::offset_ptr(A_, dt_, (row0 + t) * din_ + i0), dt_, nb,
+                        abuf.data() + t * nb);
+            a = abuf.data();
+            lda = nb;
+          } else {
+            a = static_cast<const float*>(A_) + row0 * din_ + i0;
+          }
+          cpu::gemm_a_inplace(
+              K_, rb, nb, tc, d, 1, d_cs,
+              [&](int64_t p0, int64_t pc) -> const float* {
+                cpu::pack_b_rowmajor(K_, a, lda, nb, p0, pc, bpack.data());
+                return bpack.data();
+              },
+              C + r0 * din_ + i0, din_);
+        }
       }
-      cpu::gemm_a_inplace(
-          K_, rows, din_, tc, d, 1, d_cs,
-          [&](int64_t p0, int64_t pc) -> const float* {
-            cpu::pack_b_rowmajor(K_, a, din_, din_, p0, pc, bpack.data());
-            return bpack.data();
-          },
-          C, din_);
     }
   }
 

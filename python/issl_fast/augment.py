@@ -124,6 +124,10 @@ class SSLAugment:
             raise ValueError(f"x must be an image batch [B, C, H, W], got {shape}")
         if len(ids) != x.shape[0]:
             raise ValueError(f"ids has {len(ids)} entries but x has batch size {x.shape[0]}")
+        if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
+            # (the CPU has no half grid_sample; on a GPU half images keep their own path, so
+            # stores made there stay reproducible)
+            return self(x.float(), ids, view).to(x.dtype)
         draw_ids = torch.zeros(len(ids), dtype=torch.int64) if self.shared else ids
         u = torch.from_numpy(view_uniforms(self.seed, draw_ids, view)).to(x.device, torch.float32)
         out = self._crop_flip(x, u)

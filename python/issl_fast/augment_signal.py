@@ -6,7 +6,8 @@ transforms (TS-TCC, TS2Vec, wav2vec-style): a random window resized back to the 
 and Gaussian noise. Every random parameter is a pure function of ``(seed, example id, view)``
 (:func:`~issl_fast.augment.view_uniforms`), so stored features are reproducible and resumable.
 
-Signals are float tensors ``[B, C, L]`` (C channels of L samples); views keep the shape.
+Signals are float tensors ``[B, C, L]`` (C channels of L samples); views keep the shape and
+dtype (half-precision signals are transformed in float32).
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ class SignalAugment:
             raise ValueError(f"x must be a float signal batch [B, C, L], got {what}")
         if len(ids) != x.shape[0]:
             raise ValueError(f"ids has {len(ids)} entries but x has batch size {x.shape[0]}")
+        if x.dtype in (torch.float16, torch.bfloat16):
+            # Resampling positions in half precision would be off by several samples at audio
+            # lengths (and the CPU has no half grid_sample): views are made in float32.
+            return self(x.float(), ids, view).to(x.dtype)
         draw_ids = torch.zeros(len(ids), dtype=torch.int64) if self.shared else ids
         # (kept on the CPU in float64: the per-example parameters are derived there, moved once)
         u = torch.from_numpy(view_uniforms(self.seed, draw_ids, view))

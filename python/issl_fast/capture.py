@@ -388,9 +388,9 @@ class FactorCapture:
         (:func:`~issl_fast.featurize.probe_batch_axes`, then :meth:`resolve`)."""
         return any(None in axes for axes in self._axes.values())
 
-    def input_shapes(self) -> dict[str, list[tuple[int, ...]]]:
-        """The input shape of every recorded call of every hooked Linear."""
-        return {name: [tuple(x.shape) for x in self._inputs[name]] for name in self._axes}
+    def linear_inputs(self) -> dict[str, list[torch.Tensor]]:
+        """The input of every recorded call of every hooked Linear (detached)."""
+        return {name: list(self._inputs[name]) for name in self._axes}
 
     def resolve(self, axes: dict[str, list[int]]) -> None:
         """Sets every hooked Linear call's batch dimension from a probe (per layer, per call)

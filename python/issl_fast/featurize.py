@@ -103,7 +103,7 @@ class Featurizer:
                 cap.backward(losses.sum())
                 if cap.unsettled():  # first batch, or shapes the kept answers do not fit
                     cap.resolve(probe_batch_axes(self.model, self.layout, inputs,
-                                                 cap.input_shapes()))
+                                                 cap.linear_inputs()))
                 phi = torch.empty(B, self.dim, dtype=self.feature_dtype, device=device)
                 stats: dict[str, torch.Tensor] = {}
                 self._layers(cap, phi, stats)
@@ -286,20 +286,21 @@ class Featurizer:
 
 
 def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor,
-                     full: dict[str, list[tuple[int, ...]]]) -> dict[str, list[int]]:
+                     full: dict[str, list[torch.Tensor]]) -> dict[str, list[int]]:
     """Which dimension of each hooked Linear call's input is the batch (0, or 1 for
     sequence-first): the same forward on one row fewer, and of the first two dimensions the one
-    whose size changed. ``full``: the calls' input shapes on all rows
-    (:meth:`FactorCapture.input_shapes`). Calls are matched in order; only those that take part
+    whose size changed. ``full``: the calls' inputs on all rows
+    (:meth:`FactorCapture.linear_inputs`). Calls are matched in order; only those that take part
     in the gradient count, as in the capture. An input that does not change with the batch (a
-    learned table fed to the layer) is an error: hooks cannot split its gradient by example."""
+    learned table fed to the layer) is an error: hooks cannot split its gradient by example; so
+    is a first dimension whose rows are not grouped by example (:func:`_check_rows_grouped`)."""
     thread = threading.get_ident()
-    shapes: dict[str, list[tuple[int, ...]]] = {}
+    probed: dict[str, list[torch.Tensor]] = {}
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if threading.get_ident() == thread and torch.is_grad_enabled() and out.requires_grad:
-                shapes.setdefault(name, []).append(tuple(args[0].shape))
+                probed.setdefault(name, []).append(args[0].detach())
         return record
 
     handles = [layer.module.register_forward_hook(hook(layer.name))
@@ -312,15 +313,16 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
             h.remove()
     rows = inputs.shape[0]
     axes: dict[str, list[int]] = {}
-    for name, sizes in full.items():
-        small = shapes.get(name, [])
-        if len(small) != len(sizes):
+    for name, xs in full.items():
+        small = probed.get(name, [])
+        if len(small) != len(xs):
             raise ValueError(
-                f"layer {name!r} ran {len(sizes)} times on the batch but {len(small)} times on "
+                f"layer {name!r} ran {len(xs)} times on the batch but {len(small)} times on "
                 "one row fewer: its calls cannot be matched to find its batch dimension"
             )
         found = []
-        for f, s in zip(sizes, small):
+        for x, x_small in zip(xs, small):
+            f, s = tuple(x.shape), tuple(x_small.shape)
             changed = [d for d in range(min(2, len(f))) if f[d] != s[d]]
             fits = len(changed) == 1 and (f[0] % rows == 0 if changed[0] == 0
                                           else f[1] == rows)
@@ -331,9 +333,33 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
                     "(e.g. a learned table fed to it), so hooks cannot split its gradient by "
                     "example: track its parameters by name (track=[...], the torch.func path)"
                 )
+            if changed[0] == 0:
+                _check_rows_grouped(name, x, x_small)
             found.append(changed[0])
         axes[name] = found
     return axes
+
+
+def _check_rows_grouped(name: str, x: torch.Tensor, x_small: torch.Tensor) -> None:
+    """A Linear input with k rows per example must hold each example's rows together (the
+    factors take rows ``b * k .. b * k + k - 1`` as example b's). Then the probe's input, on one
+    example fewer (the last), is the first rows of the full one; rows grouped otherwise (e.g.
+    ``torch.cat`` of two calls' rows along the batch: all of the first call's, then all of the
+    second's) put other examples' rows there."""
+    n = x_small.shape[0]
+    if n == 0 or x.shape[0] == n + 1:  # (one row per example: nothing to mix up)
+        return
+    head = x[:n].float()
+    scale = float(head.abs().max())
+    # different batch sizes may take other kernels: rounding, not other examples' values
+    tol = (3e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3) * scale
+    if float((head - x_small.float()).abs().max()) > tol:
+        raise ValueError(
+            f"layer {name!r}: the rows of its input {tuple(x.shape)} are not grouped by example "
+            "(on one example fewer its first rows change, e.g. torch.cat of several calls' rows "
+            "along the batch), so hooks cannot split its gradient by example: call the layer "
+            "on each part, keep each example's rows together, or track its parameters by name "
+            "(track=[...], the torch.func path)")
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:

@@ -120,11 +120,12 @@ class ClusteredIndex:
         self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         # The rows live on the scan device when they fit its budget (:mod:`..residency`); a
         # GPU index too large for it keeps them in host memory and the top-k kernel streams
-        # each probed cluster through the GPU (slower, bounded by PCIe, but it runs).
+        # each probed cluster through the GPU (slower, bounded by PCIe, but it runs). Pageable
+        # memory: torch's page-locked allocator would round the request up to a power of two
+        # and keep it cached; the kernel copies each cluster through its own pinned buffers.
         fits = self.device.type == "cpu" or residency.fits(self.device, n * store.dim * 4)
         self.rows_device = self.device if fits else torch.device("cpu")
-        self.rows = (torch.empty(n, store.dim, device=self.rows_device) if fits
-                     else _host_rows(n, store.dim))
+        self.rows = torch.empty(n, store.dim, device=self.rows_device)
         for rows, first in self._normalised():
             where = torch.from_numpy(self.position[first:first + rows.shape[0]])
             self.rows[where.to(self.rows_device)] = rows.to(self.rows_device)
@@ -227,15 +228,6 @@ class ClusteredIndex:
             return
         with ThreadPoolExecutor(threads) as pool:
             list(pool.map(one, range(self.n_clusters)))
-
-
-def _host_rows(n: int, dim: int) -> torch.Tensor:
-    """``[n, dim]`` float32 in host memory for a GPU index, page-locked when the system allows
-    (the kernel then copies clusters straight from it instead of through a staging buffer)."""
-    try:
-        return torch.empty(n, dim, pin_memory=True)
-    except RuntimeError:  # page-locked memory is limited (ulimit -l, containers)
-        return torch.empty(n, dim)
 
 
 def _best_centroids(u: torch.Tensor, centroids: torch.Tensor, k: int,
