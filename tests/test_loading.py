@@ -222,7 +222,8 @@ def test_batch_samplers_drop_last_and_complete_stores(tmp_path: Path) -> None:
     # drop_last is not applied: every example of the set
     plain = DataLoader(ds, batch_size=4, drop_last=True)
     assert np.concatenate(loading.index_batches(plain)).tolist() == list(range(N))
-    # a finished store is returned without reading (or judging) the data
+    # a finished store is returned without reading (or judging the sampler of) the data: only
+    # a DataLoader's length is compared with it (tests/test_append.py)
     attr = cnn_attribution()
     store = attr.featurize(plain, tmp_path / "s", progress=False)
     again = attr.featurize(DataLoader(ds, sampler=RandomSampler(ds, replacement=True)),

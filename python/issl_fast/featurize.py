@@ -359,7 +359,9 @@ def _check_rows_grouped(name: str, x: torch.Tensor, x_small: torch.Tensor) -> No
             "(on one example fewer its first rows change, e.g. torch.cat of several calls' rows "
             "along the batch), so hooks cannot split its gradient by example: call the layer "
             "on each part, keep each example's rows together, or track its parameters by name "
-            "(track=[...], the torch.func path)")
+            "(track=[...], the torch.func path). (A forward that is random in eval mode, e.g. "
+            "noise or dropout that ignores model.eval(), changes them too: attribution needs "
+            "it deterministic.)")
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:

@@ -206,30 +206,50 @@ class InfluenceSSL:
         *,
         shard_rows: int = 4096,
         progress: bool = True,
+        append: bool = False,
     ) -> GradientStore:
         """Features of every example of ``data`` into a store at ``path``; resumes a store left
         incomplete by a crash (the data must come in the same order: the ids of the rows it
         holds are checked). Returns the store. Examples' ids and order: :mod:`.loading` (a
         ``DataLoader`` is read by dataset index, a shuffling one in index order).
 
+        A complete store at ``path`` is returned as it is when the data have as many examples
+        (known for a ``DataLoader``; other iterables are not read again); more or fewer is a
+        :class:`StoreError`. ``append=True`` adds the examples after the stored ones (the data
+        set grew): the stored ones must come first, in the same order (checked as on a resume,
+        without loading them where the loader's indices show it); the store is marked
+        incomplete only once they are checked, and a crash while appending resumes. Call
+        :meth:`fit` again afterwards.
+
         Distributed (:attr:`ranks`): every rank passes the same data and path; each featurises
         its share of the batches into ``path/part-<rank>-of-<world>`` and rank 0 joins the
         parts into one store (:mod:`.distributed`); a crash resumes with the same world size."""
         self.release_device_memory()  # the GPU memory goes to the model while it featurises
+        if not isinstance(append, bool):
+            raise TypeError(f"append must be True or False, got {append!r}")
         rank, size = self.ranks
         if size > 1:
+            if append:
+                raise ValueError("append=True is for one process: featurize the new examples "
+                                 "into a store of their own, or append without distributed")
             store = self._featurize_distributed(data, Path(path), shard_rows, progress)
         else:
             # (a new store: refuse bad samplers before its directory is made)
             examples = (None if (Path(path) / MANIFEST).exists()
                         else loading.Examples(data, unique=True))
             store = GradientStore.create_or_resume(
-                path, self.fingerprint(), self.dim, self.store_dtype, shard_rows
+                path, self.fingerprint(), self.dim, self.store_dtype, shard_rows, reopen=append
             )
-            if not store.complete:
+            if store.complete and not append:  # (its samplers are not judged again)
+                _check_complete_store(store, loading.Examples(data))
+            else:
                 try:
                     examples = examples or loading.Examples(data, unique=True)
-                    pieces = examples.after(store.rows, store.ids(), str(path))
+                    if store.complete:  # append: reopened once the stored examples check out
+                        pieces = _reopening(store, examples.after(
+                            store.rows, store.ids(), str(path), what="store"))
+                    else:
+                        pieces = examples.after(store.rows, store.ids(), str(path))
                 except BaseException:
                     store.close()  # resumable: the writer's lock goes
                     raise
@@ -797,6 +817,32 @@ class InfluenceSSL:
         return apps.group_influence(store, s, np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,
                                     n_boot=n_boot, seed=seed)
+
+
+def _check_complete_store(store: GradientStore, examples: loading.Examples) -> None:
+    """A complete store met again by featurize holds as many examples as the data (when the
+    data's length is known before reading: a re-made DataLoader); else :class:`StoreError`."""
+    n = examples.planned
+    if n is None or n == store.rows:
+        return
+    hint = ("pass append=True to add the examples after its own" if n > store.rows
+            else "featurize these data into another path")
+    raise StoreError(f"the store at {store.path} is complete with {store.rows} examples, but "
+                     f"the data have {n}: {hint}, or remove the store")
+
+
+def _reopening(store: GradientStore, pieces: Iterator[loading.Piece]
+               ) -> Iterator[loading.Piece]:
+    """``pieces`` of the examples after a complete store's own, reopening the store (marking it
+    incomplete) only when the first new one arrives: by then the stored examples have been
+    checked against the data (:meth:`.loading.Examples.after`), so a mismatch leaves the store
+    complete and as it was."""
+    first = next(pieces, None)
+    if first is None:
+        return  # nothing new: finalize rewrites it complete
+    store.reopen()
+    yield first
+    yield from pieces
 
 
 def unwrap_encoder(encoder: nn.Module) -> nn.Module:

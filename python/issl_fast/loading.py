@@ -249,6 +249,11 @@ class Examples:
         return len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
 
     @property
+    def planned(self) -> int | None:
+        """Examples a re-made loader will read (known before reading; None otherwise)."""
+        return None if self.batches is None else sum(len(b) for b in self.batches)
+
+    @property
     def digest(self) -> str | None:
         """What every rank must agree on (None: not known yet)."""
         return self._hash.hexdigest() if self._known else None
@@ -307,12 +312,13 @@ class Examples:
                        "in loader), to have every rank read it whole"))
             yield x, torch.from_numpy(indices.copy()) if ids is None else ids, pos
 
-    def after(self, done: int, stored_ids: np.ndarray, where: str) -> Iterator[Piece]:
+    def after(self, done: int, stored_ids: np.ndarray, where: str,
+              what: str = "incomplete store") -> Iterator[Piece]:
         """The pieces after the first ``done`` examples, which a store at ``where`` being
-        resumed holds with ids ``stored_ids[:done]``: they must be the same examples, and the
-        data must have that many (else :class:`.StoreError`, before anything is written). A
-        re-made loader skips them without loading them when their indices are the stored ids;
-        otherwise they are read and their ids compared."""
+        resumed (or appended to: ``what``) holds with ids ``stored_ids[:done]``: they must be
+        the same examples, and the data must have that many (else :class:`.StoreError`, before
+        anything is written). A re-made loader skips them without loading them when their
+        indices are the stored ids; otherwise they are read and their ids compared."""
         if done == 0:
             yield from self
             return
@@ -333,7 +339,7 @@ class Examples:
             if len(differ):
                 at = seen + int(differ[0])
                 raise StoreError(
-                    f"the data do not come in the order of the incomplete store at {where}: its "
+                    f"the data do not come in the order of the {what} at {where}: its "
                     f"row {at} holds example id {int(stored_ids[at])}, the data give id "
                     f"{int(ids[at - seen])} there. Resume with the same data in the same order "
                     "(a DataLoader with shuffle=True is read in index order; a sampler of your "
@@ -342,7 +348,7 @@ class Examples:
                 yield x[cut:], ids[cut:], pos + cut
             seen += B
         if seen < done:
-            raise StoreError(f"the data end after {seen} examples, but the incomplete store at "
+            raise StoreError(f"the data end after {seen} examples, but the {what} at "
                              f"{where} already holds {done}: resume with the same data, or "
                              "remove the store")
 

@@ -229,8 +229,12 @@ class GradientStore:
         dim: int,
         dtype: str = "float16",
         shard_rows: int = 4096,
+        *,
+        reopen: bool = False,
     ) -> GradientStore:
-        """Open ``path`` for appending: new if absent, resumed if it holds the same fingerprint."""
+        """Open ``path`` for appending: new if absent, resumed if it holds the same fingerprint.
+        A complete store is returned as it is, or with ``reopen`` with its writer's lock held,
+        ready for :meth:`reopen` (more rows after its own)."""
         if dtype not in DTYPES:
             raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
         if not isinstance(shard_rows, int) or shard_rows < 1:
@@ -241,8 +245,8 @@ class GradientStore:
         try:
             if (path / MANIFEST).exists():
                 store = cls.open(path, fingerprint=fingerprint, require_complete=False)
-                store.check_layout(dim, dtype, shard_rows)
-                if store.complete:
+                store.check_layout(dim, dtype, None if store.complete else shard_rows)
+                if store.complete and not reopen:
                     lock.release()
                 else:
                     store._lock = lock
@@ -272,6 +276,18 @@ class GradientStore:
         except BaseException:
             lock.release()
             raise
+
+    def reopen(self) -> None:
+        """Marks a complete store incomplete, to append rows after its own (the handle must hold
+        the writer's lock: ``create_or_resume(..., reopen=True)``). Until it is finalized again,
+        it opens as an incomplete store, which featurize resumes."""
+        self._check_writable()
+        if self._lock is None:
+            raise StoreError(f"the store at {self.path} is not open for writing: open it with "
+                             "create_or_resume(..., reopen=True)")
+        if self.complete:
+            self._m["complete"] = False
+            self._write_manifest()
 
     def close(self) -> None:
         """Stops appending without completing the store: rows not yet in a shard are dropped
