@@ -126,3 +126,73 @@ def test_append_must_be_a_bool_and_is_for_one_process(monkeypatch, tmp_path: Pat
     with pytest.raises(ValueError, match="append=True is for one process"):
         cnn_attribution().featurize(_loader(3), tmp_path / "x", append=True)
     assert not (tmp_path / "x").exists()
+
+
+def test_a_store_whose_ids_are_not_the_loaders_indices_is_not_judged(tmp_path: Path) -> None:
+    # A collate function that drops a row (and names the kept ones): the store holds fewer
+    # rows than the loader's indices, and a rerun of the same call returns it (review finding:
+    # refused as "the data have 12" at first).
+    x = images(12)
+
+    class Indexed(Dataset):
+        def __len__(self) -> int:
+            return 12
+
+        def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+            return i, x[i]
+
+    def drop_3(items: list) -> dict:
+        kept = [(i, t) for i, t in items if i != 3]
+        return {"x": torch.stack([t for _, t in kept]), "ids": torch.tensor([i for i, _ in kept])}
+
+    loader = DataLoader(Indexed(), batch_size=5, collate_fn=drop_3)
+    attr = cnn_attribution()
+    assert attr.featurize(loader, tmp_path / "s", shard_rows=SHARD, progress=False).rows == 11
+    assert attr.featurize(loader, tmp_path / "s", shard_rows=SHARD, progress=False).rows == 11
+
+
+def test_an_append_that_fails_before_a_new_shard_leaves_the_store_complete(
+        tmp_path: Path, monkeypatch) -> None:
+    from issl_fast.featurize import Featurizer
+
+    attr = cnn_attribution()
+    attr.featurize(_loader(N_OLD), tmp_path / "s", shard_rows=SHARD, progress=False)
+    before = (tmp_path / "s" / "manifest.json").read_text()
+    real = Featurizer.__call__
+    calls = []
+
+    def failing(self, x, ids):  # the model fails on the second new batch (no shard written)
+        calls.append(1)
+        if len(calls) == 2:
+            raise MemoryError("out of memory")
+        return real(self, x, ids)
+
+    monkeypatch.setattr(Featurizer, "__call__", failing)
+    with pytest.raises(MemoryError):
+        attr.featurize(_loader(N_OLD + 2 * BATCH), tmp_path / "s", shard_rows=2 * BATCH,
+                       progress=False, append=True)
+    assert (tmp_path / "s" / "manifest.json").read_text() == before
+    assert GradientStore.open(tmp_path / "s").rows == N_OLD  # complete, usable as it was
+
+
+def test_appended_shards_take_the_new_shard_size_and_resume_with_the_same_call(
+        tmp_path: Path) -> None:
+    # (review finding: a crashed append with the default shard_rows could not be resumed by the
+    # call that started it, the store keeping the size it was made with)
+    attr = cnn_attribution()
+    attr.featurize(_loader(N_OLD), tmp_path / "s", shard_rows=3, progress=False)
+
+    def crashing():
+        for i, batch in enumerate(_loader(N_NEW)):
+            if i == 3:
+                raise RuntimeError("killed")
+            yield batch
+
+    with pytest.raises(RuntimeError, match="killed"):
+        attr.featurize(crashing(), tmp_path / "s", shard_rows=SHARD, progress=False,
+                       append=True)
+    store = attr.featurize(list(_loader(N_NEW)), tmp_path / "s", shard_rows=SHARD,
+                           progress=False, append=True)
+    assert store.rows == N_NEW and store.shard_rows == SHARD
+    sizes = [sh["rows"] for sh in store._m["shards"]]
+    assert sizes[:4] == [3, 3, 3, 1] and all(s <= SHARD for s in sizes[4:])

@@ -360,8 +360,9 @@ def _check_rows_grouped(name: str, x: torch.Tensor, x_small: torch.Tensor) -> No
             "along the batch), so hooks cannot split its gradient by example: call the layer "
             "on each part, keep each example's rows together, or track its parameters by name "
             "(track=[...], the torch.func path). (A forward that is random in eval mode, e.g. "
-            "noise or dropout that ignores model.eval(), changes them too: attribution needs "
-            "it deterministic.)")
+            "noise or dropout that ignores model.eval(), or that mixes examples, e.g. batch "
+            "statistics in eval mode, changes them too: attribution needs each example's "
+            "output to be a deterministic function of that example alone.)")
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:

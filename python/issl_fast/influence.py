@@ -216,10 +216,13 @@ class InfluenceSSL:
         A complete store at ``path`` is returned as it is when the data have as many examples
         (known for a ``DataLoader``; other iterables are not read again); more or fewer is a
         :class:`StoreError`. ``append=True`` adds the examples after the stored ones (the data
-        set grew): the stored ones must come first, in the same order (checked as on a resume,
-        without loading them where the loader's indices show it); the store is marked
-        incomplete only once they are checked, and a crash while appending resumes. Call
-        :meth:`fit` again afterwards.
+        set grew): the stored ones must come first, in the same order (their ids are checked as
+        on a resume, without loading them where the loader's indices show it: a data set whose
+        new examples are sorted in among the old ones, e.g. a grown ImageFolder, renumbers them
+        and needs a new store). The store is marked incomplete only when the first new rows
+        arrive and marked complete again if the run fails before a new shard is written; a
+        crash after that resumes (run the same call again). New shards have ``shard_rows``
+        rows. Call :meth:`fit` again afterwards.
 
         Distributed (:attr:`ranks`): every rank passes the same data and path; each featurises
         its share of the batches into ``path/part-<rank>-of-<world>`` and rank 0 joins the
@@ -245,11 +248,10 @@ class InfluenceSSL:
             else:
                 try:
                     examples = examples or loading.Examples(data, unique=True)
-                    if store.complete:  # append: reopened once the stored examples check out
-                        pieces = _reopening(store, examples.after(
-                            store.rows, store.ids(), str(path), what="store"))
-                    else:
-                        pieces = examples.after(store.rows, store.ids(), str(path))
+                    # (appending: the store is reopened by the first new rows, once the stored
+                    # examples have been checked against the data)
+                    pieces = examples.after(store.rows, store.ids(), str(path),
+                                            what="store" if store.complete else "incomplete store")
                 except BaseException:
                     store.close()  # resumable: the writer's lock goes
                     raise
@@ -274,13 +276,15 @@ class InfluenceSSL:
                     if check is not None:
                         check()
                     phi, stats = self.featurizer(x, ids)
+                    if store.complete:  # append=True: the first new rows (GradientStore.reopen)
+                        store.reopen()
                     store.append(phi, ids, stats)
                     bar.update(x.shape[0])
         except BaseException:
             store.close()  # resumable: the durable shards stay, the writer's lock goes
             raise
         if finalize:
-            store.finalize(meta={"rows": store.rows})
+            store.finalize()
 
     def _featurize_distributed(self, data: Iterable[Any], path: Path, shard_rows: int,
                                progress: bool) -> GradientStore:
@@ -349,7 +353,7 @@ class InfluenceSSL:
         distributed.same_on_all_ranks(digest, "the data stream (batch sizes, ids, values)")
         with distributed.together("featurize: finish the parts"):
             if not part.complete:
-                part.finalize(meta={"rows": part.rows, "stream": digest})
+                part.finalize(meta={"stream": digest})
 
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
@@ -820,29 +824,21 @@ class InfluenceSSL:
 
 
 def _check_complete_store(store: GradientStore, examples: loading.Examples) -> None:
-    """A complete store met again by featurize holds as many examples as the data (when the
-    data's length is known before reading: a re-made DataLoader); else :class:`StoreError`."""
-    n = examples.planned
-    if n is None or n == store.rows:
+    """A complete store met again by featurize holds as many examples as the data, when that
+    can be told without reading them: a re-made DataLoader whose dataset indices the store's
+    ids are (a collate function that drops rows, or batches with ids of their own, leave it
+    unjudged); else :class:`StoreError`."""
+    planned = examples.planned_indices()
+    if planned is None or len(planned) == store.rows:
         return
-    hint = ("pass append=True to add the examples after its own" if n > store.rows
+    stored = store.ids()
+    common = min(len(planned), len(stored))
+    if not np.array_equal(planned[:common], stored[:common]):
+        return  # not the store of these indices: nothing to tell without reading the data
+    hint = ("pass append=True to add the examples after its own" if len(planned) > store.rows
             else "featurize these data into another path")
     raise StoreError(f"the store at {store.path} is complete with {store.rows} examples, but "
-                     f"the data have {n}: {hint}, or remove the store")
-
-
-def _reopening(store: GradientStore, pieces: Iterator[loading.Piece]
-               ) -> Iterator[loading.Piece]:
-    """``pieces`` of the examples after a complete store's own, reopening the store (marking it
-    incomplete) only when the first new one arrives: by then the stored examples have been
-    checked against the data (:meth:`.loading.Examples.after`), so a mismatch leaves the store
-    complete and as it was."""
-    first = next(pieces, None)
-    if first is None:
-        return  # nothing new: finalize rewrites it complete
-    store.reopen()
-    yield first
-    yield from pieces
+                     f"the data have {len(planned)}: {hint}, or remove the store")
 
 
 def unwrap_encoder(encoder: nn.Module) -> nn.Module:

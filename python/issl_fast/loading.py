@@ -248,10 +248,11 @@ class Examples:
         dataset = getattr(self.data, "dataset", None)
         return len(dataset) if hasattr(dataset, "__len__") else None  # type: ignore[arg-type]
 
-    @property
-    def planned(self) -> int | None:
-        """Examples a re-made loader will read (known before reading; None otherwise)."""
-        return None if self.batches is None else sum(len(b) for b in self.batches)
+    def planned_indices(self) -> np.ndarray | None:
+        """The dataset indices a re-made loader will read, in order (None for other data)."""
+        if self.batches is None:
+            return None
+        return np.concatenate(self.batches) if self.batches else np.zeros(0, dtype=np.int64)
 
     @property
     def digest(self) -> str | None:

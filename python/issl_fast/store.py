@@ -219,6 +219,9 @@ class GradientStore:
         self._pending_rows = 0
         self._lock: _WriterLock | None = None  # held while open for appending
         self._closed = False
+        # (rows, shard_rows) when reopen() marked it incomplete; the shard size asked for then
+        self._reopened: tuple[int, int] | None = None
+        self._reopen_shard_rows: int | None = None
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -250,6 +253,7 @@ class GradientStore:
                     lock.release()
                 else:
                     store._lock = lock
+                    store._reopen_shard_rows = shard_rows  # (appended rows: shards of this size)
                 return store
             leftovers = [p.name for p in path.iterdir()
                          if not p.name.endswith(".tmp") and p.name != WRITER_LOCK]
@@ -286,16 +290,26 @@ class GradientStore:
             raise StoreError(f"the store at {self.path} is not open for writing: open it with "
                              "create_or_resume(..., reopen=True)")
         if self.complete:
+            self._reopened = (self.rows, self._m["shard_rows"])
             self._m["complete"] = False
+            self._m["shard_rows"] = self._reopen_shard_rows or self._m["shard_rows"]
             self._write_manifest()
 
     def close(self) -> None:
         """Stops appending without completing the store: rows not yet in a shard are dropped
         (a resumed run recomputes them) and the writer's lock is released; the handle can no
-        longer write."""
+        longer write. A store reopened (:meth:`reopen`) that got no new shard is marked complete
+        again: it is exactly the store it was."""
         self._drop_pending()
-        self._closed = True
-        self._release_lock()
+        try:
+            if (self._reopened is not None and self.rows == self._reopened[0]
+                    and not self._closed and self._lock is not None):
+                self._m["complete"], self._m["shard_rows"] = True, self._reopened[1]
+                self._write_manifest()
+        finally:
+            self._reopened = None
+            self._closed = True
+            self._release_lock()
 
     def _release_lock(self) -> None:
         if self._lock is not None:
