@@ -293,14 +293,20 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
     (:meth:`FactorCapture.linear_inputs`). Calls are matched in order; only those that take part
     in the gradient count, as in the capture. An input that does not change with the batch (a
     learned table fed to the layer) is an error: hooks cannot split its gradient by example; so
-    is a first dimension whose rows are not grouped by example (:func:`_check_rows_grouped`)."""
+    is a first dimension whose rows are not grouped by example (:func:`_rows_grouped`)."""
     thread = threading.get_ident()
-    probed: dict[str, list[torch.Tensor]] = {}
+    # per call: the probe input's shape, and whether its rows are the full input's first ones
+    # (compared here, so that the probe keeps no second copy of every Linear input)
+    probed: dict[str, list[tuple[tuple[int, ...], bool]]] = {}
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if threading.get_ident() == thread and torch.is_grad_enabled() and out.requires_grad:
-                probed.setdefault(name, []).append(args[0].detach())
+                calls = probed.setdefault(name, [])
+                x_small = args[0].detach()
+                x = full[name][len(calls)] if len(calls) < len(full[name]) else None
+                grouped = x is None or x.dim() != x_small.dim() or _rows_grouped(x, x_small)
+                calls.append((tuple(x_small.shape), grouped))
         return record
 
     handles = [layer.module.register_forward_hook(hook(layer.name))
@@ -321,8 +327,8 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
                 "one row fewer: its calls cannot be matched to find its batch dimension"
             )
         found = []
-        for x, x_small in zip(xs, small):
-            f, s = tuple(x.shape), tuple(x_small.shape)
+        for x, (s, grouped) in zip(xs, small):
+            f = tuple(x.shape)
             changed = [d for d in range(min(2, len(f))) if f[d] != s[d]]
             fits = len(changed) == 1 and (f[0] % rows == 0 if changed[0] == 0
                                           else f[1] == rows)
@@ -333,36 +339,37 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
                     "(e.g. a learned table fed to it), so hooks cannot split its gradient by "
                     "example: track its parameters by name (track=[...], the torch.func path)"
                 )
-            if changed[0] == 0:
-                _check_rows_grouped(name, x, x_small)
+            if changed[0] == 0 and not grouped:
+                raise ValueError(
+                    f"layer {name!r}: the rows of its input {f} are not grouped by example (on "
+                    "one example fewer its first rows change, e.g. torch.cat of several calls' "
+                    "rows along the batch), so hooks cannot split its gradient by example: call "
+                    "the layer on each part, keep each example's rows together, or track its "
+                    "parameters by name (track=[...], the torch.func path). (A forward that is "
+                    "random in eval mode, e.g. noise or dropout that ignores model.eval(), or "
+                    "that mixes examples, e.g. batch statistics in eval mode, changes them too: "
+                    "attribution needs each example's output to be a deterministic function of "
+                    "that example alone.)")
             found.append(changed[0])
         axes[name] = found
     return axes
 
 
-def _check_rows_grouped(name: str, x: torch.Tensor, x_small: torch.Tensor) -> None:
-    """A Linear input with k rows per example must hold each example's rows together (the
-    factors take rows ``b * k .. b * k + k - 1`` as example b's). Then the probe's input, on one
-    example fewer (the last), is the first rows of the full one; rows grouped otherwise (e.g.
-    ``torch.cat`` of two calls' rows along the batch: all of the first call's, then all of the
-    second's) put other examples' rows there."""
+def _rows_grouped(x: torch.Tensor, x_small: torch.Tensor) -> bool:
+    """Whether a Linear input with k rows per example holds each example's rows together (the
+    factors take rows ``b * k .. b * k + k - 1`` as example b's), as far as the probe tells:
+    its input on one example fewer (the last) is then the first rows of the full one; rows
+    grouped otherwise (``torch.cat`` of two calls' rows along the batch: all of the first
+    call's, then all of the second's) put other examples' rows there. True when the first
+    dimension is not the one that changed, or holds one row per example."""
     n = x_small.shape[0]
-    if n == 0 or x.shape[0] == n + 1:  # (one row per example: nothing to mix up)
-        return
+    if n == 0 or x.shape[0] <= n + 1 or x.shape[1:] != x_small.shape[1:]:
+        return True
     head = x[:n].float()
     scale = float(head.abs().max())
     # different batch sizes may take other kernels: rounding, not other examples' values
     tol = (3e-2 if x.dtype in (torch.float16, torch.bfloat16) else 1e-3) * scale
-    if float((head - x_small.float()).abs().max()) > tol:
-        raise ValueError(
-            f"layer {name!r}: the rows of its input {tuple(x.shape)} are not grouped by example "
-            "(on one example fewer its first rows change, e.g. torch.cat of several calls' rows "
-            "along the batch), so hooks cannot split its gradient by example: call the layer "
-            "on each part, keep each example's rows together, or track its parameters by name "
-            "(track=[...], the torch.func path). (A forward that is random in eval mode, e.g. "
-            "noise or dropout that ignores model.eval(), or that mixes examples, e.g. batch "
-            "statistics in eval mode, changes them too: attribution needs each example's "
-            "output to be a deterministic function of that example alone.)")
+    return float((head - x_small.float()).abs().max()) <= tol
 
 
 def _kernel_dtype(t: torch.Tensor) -> torch.Tensor:
