@@ -168,6 +168,33 @@ def limits(rounds: int) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # sketch_linear
 # ---------------------------------------------------------------------------------------------
+def check_linear(A: torch.Tensor, D: torch.Tensor, y: torch.Tensor, k: int, what: str
+                 ) -> tuple[float, torch.Tensor]:
+    """Rows j < 64 of the sketch ``y`` against an explicit 64-row matrix (they come from hash
+    word 0 alone, so it pins them); returns the error and the float32 G ``[B, P]``."""
+    B, P = A.shape[0], A.shape[2] * D.shape[2]
+    G = torch.einsum("bto,bti->boi", D.float(), A.float()).reshape(B, P)
+    R64 = torch.from_numpy(reference.random_matrix(1, 64, 0, P)).to(DEV, torch.float32)
+    err = rel_err(y[:, :64], (G @ R64.T) / math.sqrt(k))
+    log(f"{what} check: max row rel err {err:.2e} (first 64 sketch rows)")
+    assert err < 1e-4, f"{what} disagrees with the explicit matrix: {err}"
+    return err, G
+
+
+def torch_linear(A: torch.Tensor, D: torch.Tensor, k: int) -> torch.Tensor:
+    """The pure-PyTorch baseline: materialise G, regenerate R per call in column blocks of
+    65536 (TRAK-style)."""
+    B, P = A.shape[0], A.shape[2] * D.shape[2]
+    g = torch.einsum("bto,bti->boi", D, A).reshape(B, P)
+    acc = torch.zeros(B, k, device=DEV)
+    cb = 1 << 16
+    for c0 in range(0, P, cb):
+        r = torch.empty(k, min(cb, P - c0), device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
+        r.mul_(2).sub_(1)
+        acc += (g[:, c0 : c0 + cb] @ r.T).float()
+    return acc / math.sqrt(k)
+
+
 def bench_linear(mm_rate: float, rounds: int) -> None:
     B, T, d, k = 256, 1, 1024, 4096
     P = d * d
@@ -175,14 +202,7 @@ def bench_linear(mm_rate: float, rounds: int) -> None:
     A = torch.randn(B, T, d, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, T, d, device=DEV, dtype=torch.bfloat16)
     y = ops.sketch_linear(A, D, k, seed=1)
-    # Check: rows j < 64 come from hash word 0 alone, so an explicit 64-row matrix pins them.
-    G = torch.einsum("bto,bti->boi", D.float(), A.float()).reshape(B, P)
-    R64 = torch.from_numpy(reference.random_matrix(1, 64, 0, P)).to(DEV, torch.float32)
-    ref = (G @ R64.T) / math.sqrt(k)
-    err = rel_err(y[:, :64], ref)
-    log(f"sketch_linear check: max row rel err {err:.2e} (first 64 sketch rows)")
-    assert err < 1e-4, f"sketch_linear disagrees with the explicit matrix: {err}"
-    del R64, ref
+    err, G = check_linear(A, D, y, k, "sketch_linear")
     free()
     t_ours = cuda_times(lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
     kernel_breakdown("sketch_linear", lambda: ops.sketch_linear(A, D, k, seed=1, out=y), 1)
@@ -196,18 +216,7 @@ def bench_linear(mm_rate: float, rounds: int) -> None:
     Rt = out = None  # noqa: F841 (8 GiB back before the baseline)
     free()
 
-    # Pure-PyTorch baseline: materialise G, regenerate R per call in column blocks (TRAK-style).
-    def baseline() -> torch.Tensor:
-        g = torch.einsum("bto,bti->boi", D, A).reshape(B, P)
-        acc = torch.zeros(B, k, device=DEV)
-        cb = 1 << 16
-        for c0 in range(0, P, cb):
-            r = torch.empty(k, cb, device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
-            r.mul_(2).sub_(1)
-            acc += (g[:, c0 : c0 + cb] @ r.T).float()
-        return acc / math.sqrt(k)
-
-    t_base = cuda_times(baseline, max(2, rounds - 1))
+    t_base = cuda_times(lambda: torch_linear(A, D, k), max(2, rounds - 1))
     to, tm, tb = med(t_ours), med(t_mm), med(t_base)
     frac = flops / to / mm_rate
     RESULTS["cases"]["sketch_linear"] = {
@@ -248,27 +257,12 @@ def bench_linear_positions(mm_rate: float, rounds: int) -> None:
     A = torch.randn(B, T, d_in, device=DEV, dtype=torch.bfloat16)
     D = torch.randn(B, T, d_out, device=DEV, dtype=torch.bfloat16)
     y = ops.sketch_linear(A, D, k, seed=1)
-    G = torch.einsum("bto,bti->boi", D.float(), A.float()).reshape(B, P)
-    R64 = torch.from_numpy(reference.random_matrix(1, 64, 0, P)).to(DEV, torch.float32)
-    err = rel_err(y[:, :64], (G @ R64.T) / math.sqrt(k))
-    log(f"sketch_linear (T={T}) check: max row rel err {err:.2e} (first 64 sketch rows)")
-    assert err < 1e-4, f"sketch_linear (T={T}) disagrees with the explicit matrix: {err}"
-    del G, R64
+    err, _ = check_linear(A, D, y, k, f"sketch_linear (T={T})")
     free()
     t_ours = cuda_times(lambda: ops.sketch_linear(A, D, k, seed=1, out=y), rounds)
     kernel_breakdown("sketch_linear T4797", lambda: ops.sketch_linear(A, D, k, seed=1, out=y), 1)
 
-    def baseline() -> torch.Tensor:
-        g = torch.einsum("bto,bti->boi", D, A).reshape(B, P)
-        acc = torch.zeros(B, k, device=DEV)
-        cb = 1 << 16
-        for c0 in range(0, P, cb):
-            r = torch.empty(k, min(cb, P - c0), device=DEV, dtype=torch.bfloat16).bernoulli_(0.5)
-            r.mul_(2).sub_(1)
-            acc += (g[:, c0 : c0 + cb] @ r.T).float()
-        return acc / math.sqrt(k)
-
-    t_base = cuda_times(baseline, max(2, rounds - 1))
+    t_base = cuda_times(lambda: torch_linear(A, D, k), max(2, rounds - 1))
     to, tb = med(t_ours), med(t_base)
     RESULTS["cases"]["sketch_linear_positions"] = {
         "shape": dict(B=B, T=T, d_in=d_in, d_out=d_out, k=k, dtype="bfloat16"),

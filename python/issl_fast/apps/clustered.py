@@ -124,11 +124,11 @@ class ClusteredIndex:
         # memory: torch's page-locked allocator would round the request up to a power of two
         # and keep it cached; the kernel copies each cluster through its own pinned buffers.
         fits = self.device.type == "cpu" or residency.fits(self.device, n * store.dim * 4)
-        self.rows_device = self.device if fits else torch.device("cpu")
-        self.rows = torch.empty(n, store.dim, device=self.rows_device)
+        held = self.device if fits else torch.device("cpu")
+        self.rows = torch.empty(n, store.dim, device=held)
         for rows, first in self._normalised():
             where = torch.from_numpy(self.position[first:first + rows.shape[0]])
-            self.rows[where.to(self.rows_device)] = rows.to(self.rows_device)
+            self.rows[where.to(held)] = rows.to(held)
 
     def query_rows(self, topk: int) -> int:
         """Queries per :meth:`topk` call (see :data:`QUERY_BLOCK_BYTES`)."""
