@@ -32,6 +32,7 @@ from .capture import build_layout
 from .featurize import Featurizer, model_device
 from .loss import AugmentationStability
 from .projection import Projection
+from .recheck import RECHECK_ROWS, Recheck, store_recheck
 from .reference import HASH_VERSION
 from .solver import Solver
 from .store import (
@@ -207,6 +208,7 @@ class InfluenceSSL:
         shard_rows: int = 4096,
         progress: bool = True,
         append: bool = False,
+        recheck: int = RECHECK_ROWS,
     ) -> GradientStore:
         """Features of every example of ``data`` into a store at ``path``; resumes a store left
         incomplete by a crash (the data must come in the same order: the ids of the rows it
@@ -224,6 +226,13 @@ class InfluenceSSL:
         crash after that resumes (run the same call again). New shards have ``shard_rows``
         rows. Call :meth:`fit` again afterwards.
 
+        A store met again (resumed, appended to, or complete) is checked against the data by
+        featurising ``recheck`` of its examples again (evenly spread, the last one always among
+        them; 0: none): an example that no longer matches its stored row (data renumbered or
+        replaced, or a dataset with random transforms) is a :class:`StoreError`
+        (:mod:`.recheck`). A complete store is checked when the data are a ``DataLoader`` read
+        by dataset index (other iterables are not read again).
+
         Distributed (:attr:`ranks`): every rank passes the same data and path; each featurises
         its share of the batches into ``path/part-<rank>-of-<world>`` and rank 0 joins the
         parts into one store (:mod:`.distributed`); a crash resumes with the same world size."""
@@ -235,7 +244,8 @@ class InfluenceSSL:
             if append:
                 raise ValueError("append=True is for one process: featurize the new examples "
                                  "into a store of their own, or append without distributed")
-            store = self._featurize_distributed(data, Path(path), shard_rows, progress)
+            store = self._featurize_distributed(data, Path(path), shard_rows, progress,
+                                                recheck)
         else:
             # (a new store: refuse bad samplers before its directory is made)
             examples = (None if (Path(path) / MANIFEST).exists()
@@ -243,15 +253,17 @@ class InfluenceSSL:
             store = GradientStore.create_or_resume(
                 path, self.fingerprint(), self.dim, self.store_dtype, shard_rows, reopen=append
             )
+            check = self._recheck(store, recheck)
             if store.complete and not append:  # (its samplers are not judged again)
-                _check_complete_store(store, loading.Examples(data))
+                _check_complete_store(store, loading.Examples(data), check)
             else:
                 try:
                     examples = examples or loading.Examples(data, unique=True)
                     # (appending: the store is reopened by the first new rows, once the stored
                     # examples have been checked against the data)
                     pieces = examples.after(store.rows, store.ids(), str(path),
-                                            what="store" if store.complete else "incomplete store")
+                                            what="store" if store.complete else "incomplete store",
+                                            recheck=check)
                 except BaseException:
                     store.close()  # resumable: the writer's lock goes
                     raise
@@ -259,6 +271,10 @@ class InfluenceSSL:
         self.store = store
         self._featurized.add(str(store.path.resolve()))
         return store
+
+    def _recheck(self, store: GradientStore, rows: int) -> Recheck | None:
+        """The check of ``rows`` of ``store``'s examples against the data (:mod:`.recheck`)."""
+        return store_recheck(store, lambda x, ids: self.featurizer(x, ids)[0], rows)
 
     def _featurize_into(self, store: GradientStore, pieces: Iterable[loading.Piece],
                         total: int | None, progress: bool, desc: str = "featurize",
@@ -287,7 +303,7 @@ class InfluenceSSL:
             store.finalize()
 
     def _featurize_distributed(self, data: Iterable[Any], path: Path, shard_rows: int,
-                               progress: bool) -> GradientStore:
+                               progress: bool, recheck: int) -> GradientStore:
         """Every rank featurises its blocks of the stream into its part store; rank 0 then
         lists every part's shards, in turn, in the store's manifest (stream order)."""
         rank, size = self.ranks
@@ -318,7 +334,8 @@ class InfluenceSSL:
                 path.mkdir(parents=True, exist_ok=True)
                 part = GradientStore.create_or_resume(path / part_name(rank, size), fingerprint,
                                                       self.dim, self.store_dtype, batches.block)
-            self._featurize_part(part, batches, failures, progress and rank == 0, size)
+            self._featurize_part(part, batches, failures, progress and rank == 0, size,
+                                 self._recheck(part, recheck))
         except BaseException:
             if part is not None:  # resumable; its writer's lock goes (a rerun here takes it)
                 part.close()
@@ -333,14 +350,16 @@ class InfluenceSSL:
         return store
 
     def _featurize_part(self, part: GradientStore, batches: loading.Examples,
-                        failures: distributed.PeerFailures, progress: bool, size: int) -> None:
+                        failures: distributed.PeerFailures, progress: bool, size: int,
+                        recheck: Recheck | None) -> None:
         """This rank's part: featurised, then (once every rank read the same stream) finished."""
         distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (a "
                                       "custom sampler must draw the same on every rank)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
-                    pieces = batches.after(part.rows, part.ids(), str(part.path))
+                    pieces = batches.after(part.rows, part.ids(), str(part.path),
+                                           recheck=recheck)
                     self._featurize_into(part, pieces, batches.rows, progress,
                                          desc=f"featurize (rank 0 of {size})",
                                          check=failures.check, finalize=False)
@@ -823,15 +842,20 @@ class InfluenceSSL:
                                     n_boot=n_boot, seed=seed)
 
 
-def _check_complete_store(store: GradientStore, examples: loading.Examples) -> None:
-    """A complete store met again by featurize holds as many examples as the data, when that
-    can be told without reading them: a re-made DataLoader whose dataset indices the store's
-    ids are (a collate function that drops rows, or batches with ids of their own, leave it
-    unjudged); else :class:`StoreError`."""
+def _check_complete_store(store: GradientStore, examples: loading.Examples,
+                          recheck: Recheck | None) -> None:
+    """A complete store met again by featurize holds the data's examples, when that can be
+    told without reading them all: a re-made DataLoader whose dataset indices the store's ids
+    are (a collate function that drops rows, or batches with ids of their own, leave it
+    unjudged) has as many, and ``recheck``'s sample of them matches; else :class:`StoreError`."""
     planned = examples.planned_indices()
-    if planned is None or len(planned) == store.rows:
+    if planned is None:
         return
     stored = store.ids()
+    if len(planned) == store.rows:
+        if np.array_equal(planned, stored):
+            examples.recheck_stored(stored, recheck, str(store.path), "store")
+        return
     common = min(len(planned), len(stored))
     if not np.array_equal(planned[:common], stored[:common]):
         return  # not the store of these indices: nothing to tell without reading the data

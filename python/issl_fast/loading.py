@@ -40,6 +40,7 @@ from torch.utils.data import (
     WeightedRandomSampler,
 )
 
+from .recheck import Recheck
 from .store import StoreError
 
 # (x [B, ...], ids [B] int64 on the CPU, stream position of the first example)
@@ -314,12 +315,14 @@ class Examples:
             yield x, torch.from_numpy(indices.copy()) if ids is None else ids, pos
 
     def after(self, done: int, stored_ids: np.ndarray, where: str,
-              what: str = "incomplete store") -> Iterator[Piece]:
+              what: str = "incomplete store", recheck: Recheck | None = None
+              ) -> Iterator[Piece]:
         """The pieces after the first ``done`` examples, which a store at ``where`` being
         resumed (or appended to: ``what``) holds with ids ``stored_ids[:done]``: they must be
         the same examples, and the data must have that many (else :class:`.StoreError`, before
         anything is written). A re-made loader skips them without loading them when their
-        indices are the stored ids; otherwise they are read and their ids compared."""
+        indices are the stored ids (``recheck`` then loads its sample of them only); otherwise
+        they are read and their ids compared (and ``recheck``'s sample kept for it)."""
         if done == 0:
             yield from self
             return
@@ -327,8 +330,11 @@ class Examples:
             planned = np.concatenate([b for b, _ in self._pieces])[:done]
             if len(planned) == done and np.array_equal(planned, stored_ids[:done]):
                 self._known = True
+                self.recheck_stored(stored_ids[:done], recheck, where, what)
                 yield from self._load(_cut_front(self._pieces, done))
                 return
+        rows = recheck.sample(done) if recheck is not None else np.zeros(0, dtype=np.int64)
+        kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # the sampled examples, as read
         seen = 0
         for x, ids, pos in self:
             B = x.shape[0]
@@ -345,6 +351,12 @@ class Examples:
                     f"{int(ids[at - seen])} there. Resume with the same data in the same order "
                     "(a DataLoader with shuffle=True is read in index order; a sampler of your "
                     "own must draw the same order again), or remove the store")
+            here = torch.from_numpy(rows[(rows >= seen) & (rows < seen + cut)] - seen)
+            if len(here):
+                kept.append((x[here.to(x.device)], ids[here]))
+            if seen + cut == done and recheck is not None and kept:
+                recheck.compare(torch.cat([k[0] for k in kept]), torch.cat([k[1] for k in kept]),
+                                rows)
             if cut < B:
                 yield x[cut:], ids[cut:], pos + cut
             seen += B
@@ -352,6 +364,26 @@ class Examples:
             raise StoreError(f"the data end after {seen} examples, but the {what} at "
                              f"{where} already holds {done}: resume with the same data, or "
                              "remove the store")
+
+
+    def recheck_stored(self, stored_ids: np.ndarray, recheck: Recheck | None, where: str,
+                       what: str) -> None:
+        """``recheck``'s sample of the examples a store at ``where`` holds with ``stored_ids``
+        (the first ids of this re-made loader's stream), loaded through the loader alone."""
+        if recheck is None:
+            return
+        rows = recheck.sample(len(stored_ids))
+        if not len(rows):
+            return
+        planned = np.concatenate([b for b, _ in self._pieces])
+        x, ids, _ = next(self._load([(planned[rows], 0)]))
+        differ = np.flatnonzero(ids.numpy() != stored_ids[rows])
+        if len(differ):  # (a loader whose batches carry ids of their own)
+            at = int(rows[differ[0]])
+            raise StoreError(f"the data do not hold the examples of the {what} at {where}: its "
+                             f"row {at} holds example id {int(stored_ids[at])}, the data give "
+                             f"id {int(ids[differ[0]])} there")
+        recheck.compare(x, ids, rows)
 
 
 def _shuffles(data: Any) -> bool:
