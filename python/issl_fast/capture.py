@@ -234,6 +234,11 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
                 if p.requires_grad:
                     full = f"{name}.{pname}" if name else pname
                     fallback.append(FallbackParam(full, p))
+            # A block or container named in track=: its submodules as the default takes them
+            # (Linear/convolution/attention fused, the rest through torch.func).
+            if not isinstance(mod, nn.MultiheadAttention) and not parametrize.is_parametrized(mod):
+                for child, sub in mod.named_children():
+                    add_module(_join(name, child), sub)
 
     if track is None:
         for name, mod in model.named_modules():
@@ -260,7 +265,7 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
     firsts: dict[tuple[int, str], Layer] = {}
     for layer in layers:
         firsts.setdefault((id(layer.module), layer.weight_attr), layer)
-    layers = list(firsts.values())
+    layers = _untie(model, list(firsts.values()), fallback)
     names = [layer.name for layer in layers]
     if len(set(names)) != len(names):  # e.g. an attention subclass with a child named in_proj
         clash = sorted({n for n in names if names.count(n) > 1})
@@ -277,6 +282,27 @@ def build_layout(model: nn.Module, track: Iterable[str] | None = None) -> ParamL
             "Linear/Conv1d/Conv2d/Conv3d and track= named none)"
         )
     return ParamLayout(layers, fallback)
+
+
+def _untie(model: nn.Module, layers: list[Layer], fallback: list[FallbackParam]) -> list[Layer]:
+    """``layers`` without those holding a parameter that another module uses too (tied
+    weights: an encoder/decoder pair, an embedding tied to an output Linear): a layer's hooks
+    see its own use only, and the parameter's gradient is the sum over every use. Their
+    parameters join ``fallback`` instead (torch.func, on the tied model: exact)."""
+    users: dict[int, set[int]] = {}
+    for mod in model.modules():
+        for p in mod.parameters(recurse=False):
+            users.setdefault(id(p), set()).add(id(mod))
+    kept = []
+    for layer in layers:
+        params = [p for p in (getattr(layer.module, layer.weight_attr),
+                              getattr(layer.module, "in_proj_bias" if layer.weight_attr
+                                      == "in_proj_weight" else "bias", None)) if p is not None]
+        if any(len(users.get(id(p), ())) > 1 for p in params):
+            fallback.extend(FallbackParam(n, p) for n, p in zip(layer.params, params))
+        else:
+            kept.append(layer)
+    return kept
 
 
 # Maps a recorded output's gradient to the layer's D (attention projections: batch-first rows,
@@ -356,6 +382,16 @@ class FactorCapture:
                         f"layer {layer.name!r} got an input of shape {tuple(x.shape)} without a "
                         f"batch dimension: a {type(module).__name__} input must be batched, "
                         f"[N, C, *spatial]")
+                elif self.rows is not None and x.shape[0] != self.rows:
+                    # (frames of a clip folded into the batch: which rows are whose example is
+                    # not known to the hooks, and the per-example factors assume one row each)
+                    raise ValueError(
+                        f"layer {layer.name!r} ran on {x.shape[0]} rows for a batch of "
+                        f"{self.rows} (views x examples): a convolution's input must have one "
+                        "row per view of an example, not several (e.g. a clip's frames folded "
+                        "into the batch). Fold them into a dimension of their own (a Conv3d "
+                        "over time, or channels), or track the layer by its parameters' names "
+                        "(track=['<layer>.weight', '<layer>.bias']: the torch.func path)")
                 self._record(layer.name, x, output)
 
         return hook
@@ -588,12 +624,16 @@ def _fill_output_grads(layer: Layer, g: torch.Tensor, groups: int, d: torch.Tens
 
 
 def fallback_grads(
-    model: nn.Module, layout: ParamLayout, per_example_loss, inputs: torch.Tensor, groups: int
+    model: nn.Module, layout: ParamLayout, per_example_loss, inputs: torch.Tensor, groups: int,
+    loop: bool = False,
 ) -> torch.Tensor:
     """Per-example gradients ``[B, fallback_numel]`` of the fallback parameters, by torch.func.
 
     ``inputs`` are the encoder inputs (group-major ``[groups*B, ...]``); ``per_example_loss(out,
-    batch)`` maps the encoder output to per-example losses.
+    batch)`` maps the encoder output to per-example losses. Examples are batched by
+    ``torch.func.vmap``, or taken one at a time (``loop``: for modules vmap has no batching rule
+    for, e.g. a GRU, or a transformer's nested-tensor path); a vmap failure is a
+    :class:`VmapUnsupported` holding the error.
     """
     from torch.func import functional_call, grad, vmap
 
@@ -605,5 +645,20 @@ def fallback_grads(
         out = functional_call(model, p, (x,))
         return per_example_loss(out, 1).sum()
 
-    grads = vmap(grad(loss_one), in_dims=(None, 0))(params, per_ex)
+    if loop:
+        each = [grad(loss_one)(params, per_ex[i]) for i in range(b)]
+        grads = {name: torch.stack([g[name] for g in each]) for name in params}
+    else:
+        try:
+            grads = vmap(grad(loss_one), in_dims=(None, 0))(params, per_ex)
+        except Exception as exc:  # (vmap's errors have no type of their own)
+            raise VmapUnsupported(exc) from exc
     return torch.cat([grads[fb.name].reshape(b, -1) for fb in layout.fallback], dim=1)
+
+
+class VmapUnsupported(RuntimeError):
+    """``torch.func.vmap`` failed on the encoder (``error``): take the examples one at a time."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.error = error

@@ -5,6 +5,7 @@ collect the layer factors, and the fused kernels turn them into ``phi [B, dim]``
 from __future__ import annotations
 
 import threading
+import warnings
 from typing import cast
 
 import torch
@@ -16,6 +17,7 @@ from .capture import (
     FactorCapture,
     Layer,
     ParamLayout,
+    VmapUnsupported,
     conv_function,
     fallback_grads,
     padded_input,
@@ -76,19 +78,44 @@ class Featurizer:
         self._kron_mats: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         # batch dimension of each hooked Linear call's input, as probed (FactorCapture.resolve)
         self._batch_axes: dict[str, list[int]] = {}
+        # torch.func.vmap failed on this encoder: fallback gradients one example at a time
+        self._loop_fallback = False
 
     @property
     def feature_dtype(self) -> torch.dtype:
-        """float32 for sketches; the model's dtype for identity (keeps float64 exact)."""
-        if self.projection.kind == "identity":
-            return next(iter(self.model.parameters())).dtype
+        """float32, or float64 for the identity projection of a float64 model (kept exact;
+        a half-precision model's gradients are widened like the sketches)."""
+        if (self.projection.kind == "identity"
+                and next(iter(self.model.parameters())).dtype == torch.float64):
+            return torch.float64
         return torch.float32
+
+    def _fallback_grads(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The fallback parameters' per-example gradients: batched by vmap, or one example at a
+        time once vmap has failed on this encoder (said once, with vmap's error)."""
+        args = (self.model, self.layout, self.loss.from_outputs, inputs, self.loss.groups)
+        if not self._loop_fallback:
+            try:
+                return fallback_grads(*args)
+            except VmapUnsupported as exc:
+                names = ", ".join(fb.name for fb in self.layout.fallback[:4])
+                more = len(self.layout.fallback) - 4
+                warnings.warn(
+                    f"torch.func.vmap cannot batch this encoder over examples ({exc}); the "
+                    f"per-example gradients of the parameters on the torch.func path ({names}"
+                    f"{f' and {more} more' if more > 0 else ''}) are taken one example at a "
+                    "time instead: exact, but a backward pass per example", RuntimeWarning,
+                    stacklevel=3)
+                self._loop_fallback = True
+        return fallback_grads(*args, loop=True)
 
     def __call__(
         self, x: torch.Tensor, ids: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         B = x.shape[0]
         device = model_device(self.model)
+        if B == 0:  # (a collate that filters may leave a batch empty: nothing to run)
+            return torch.empty(0, self.dim, dtype=self.feature_dtype, device=device), {}
         if x.device != device:
             x = x.to(device, non_blocking=x.is_pinned())
         was_training = self.model.training
@@ -108,10 +135,7 @@ class Featurizer:
                 stats: dict[str, torch.Tensor] = {}
                 self._layers(cap, phi, stats)
             if self.layout.fallback:
-                g = fallback_grads(
-                    self.model, self.layout, self.loss.from_outputs, inputs, self.loss.groups
-                )
-                self._fallback(g.detach(), phi)
+                self._fallback(self._fallback_grads(inputs).detach(), phi)
         finally:
             self.model.train(was_training)
         return phi, stats
@@ -288,53 +312,64 @@ class Featurizer:
 def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor,
                      full: dict[str, list[torch.Tensor]]) -> dict[str, list[int]]:
     """Which dimension of each hooked Linear call's input is the batch (0, or 1 for
-    sequence-first): the same forward on one row fewer, and of the first two dimensions the one
-    whose size changed. ``full``: the calls' inputs on all rows
+    sequence-first): the same forward on one row fewer (on two rows: one more), and of the first
+    two dimensions the one whose size changed. ``full``: the calls' inputs on all rows
     (:meth:`FactorCapture.linear_inputs`). Calls are matched in order; only those that take part
     in the gradient count, as in the capture. An input that does not change with the batch (a
     learned table fed to the layer) is an error: hooks cannot split its gradient by example; so
     is a first dimension whose rows are not grouped by example (:func:`_rows_grouped`)."""
     thread = threading.get_ident()
-    # per call: the probe input's shape, and whether its rows are the full input's first ones
-    # (compared here, so that the probe keeps no second copy of every Linear input)
+    rows = inputs.shape[0]
+    # One row fewer; or, from two rows, one more: a forward on one row would let a squeeze()
+    # in the encoder drop the batch dimension.
+    fewer = rows > 2
+    other = "one row fewer" if fewer else "one row more"
+    # per call: the probe input's shape, and whether the rows of the smaller of the two inputs
+    # are the other's first ones (compared here, so that the probe keeps no second copy of every
+    # Linear input)
     probed: dict[str, list[tuple[tuple[int, ...], bool]]] = {}
 
     def hook(name: str):
         def record(module: nn.Module, args: tuple, out: torch.Tensor) -> None:
             if threading.get_ident() == thread and torch.is_grad_enabled() and out.requires_grad:
                 calls = probed.setdefault(name, [])
-                x_small = args[0].detach()
+                x_probe = args[0].detach()
                 x = full[name][len(calls)] if len(calls) < len(full[name]) else None
-                grouped = x is None or x.dim() != x_small.dim() or _rows_grouped(x, x_small)
-                calls.append((tuple(x_small.shape), grouped))
+                grouped = (x is None or x.dim() != x_probe.dim()
+                           or (_rows_grouped(x, x_probe) if fewer else _rows_grouped(x_probe, x)))
+                calls.append((tuple(x_probe.shape), grouped))
         return record
 
     handles = [layer.module.register_forward_hook(hook(layer.name))
                for layer in layout.layers if layer.name in full]
     try:
         with torch.enable_grad():  # the capture's code paths (no-grad fast paths differ)
-            model(inputs[:-1])
+            model(inputs[:-1] if fewer else torch.cat([inputs, inputs[-1:]]))
     finally:
         for h in handles:
             h.remove()
-    rows = inputs.shape[0]
     axes: dict[str, list[int]] = {}
     for name, xs in full.items():
         small = probed.get(name, [])
         if len(small) != len(xs):
             raise ValueError(
                 f"layer {name!r} ran {len(xs)} times on the batch but {len(small)} times on "
-                "one row fewer: its calls cannot be matched to find its batch dimension"
+                f"{other}: its calls cannot be matched to find its batch dimension"
             )
         found = []
         for x, (s, grouped) in zip(xs, small):
             f = tuple(x.shape)
+            if len(s) != len(f):
+                raise ValueError(
+                    f"layer {name!r}: its input {f} has another number of dimensions on {other} "
+                    f"({s}), so its batch dimension cannot be told (a squeeze() or view that "
+                    "depends on the batch size?): keep the batch dimension whatever its size")
             changed = [d for d in range(min(2, len(f))) if f[d] != s[d]]
             fits = len(changed) == 1 and (f[0] % rows == 0 if changed[0] == 0
                                           else f[1] == rows)
             if not fits:
                 raise ValueError(
-                    f"layer {name!r}: its input {f} (on one row fewer: {s}) does not have the "
+                    f"layer {name!r}: its input {f} (on {other}: {s}) does not have the "
                     f"batch ({rows} rows = views x examples) as its first or second dimension "
                     "(e.g. a learned table fed to it), so hooks cannot split its gradient by "
                     "example: track its parameters by name (track=[...], the torch.func path)"
@@ -342,7 +377,7 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
             if changed[0] == 0 and not grouped:
                 raise ValueError(
                     f"layer {name!r}: the rows of its input {f} are not grouped by example (on "
-                    "one example fewer its first rows change, e.g. torch.cat of several calls' "
+                    f"{other} its first rows change, e.g. torch.cat of several calls' "
                     "rows along the batch), so hooks cannot split its gradient by example: call "
                     "the layer on each part, keep each example's rows together, or track its "
                     "parameters by name (track=[...], the torch.func path). (A forward that is "

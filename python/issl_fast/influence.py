@@ -55,7 +55,9 @@ def model_fingerprint(model: nn.Module) -> str:
     for name, t in model.state_dict().items():
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        # (flattened first: a 0-dim tensor, e.g. BatchNorm's num_batches_tracked or a learned
+        # temperature, has no last dimension to view as bytes; the bytes are the same)
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -158,6 +160,8 @@ class InfluenceSSL:
         # (store content, device, its rows there): repeated scores read them on the GPU instead
         # of streaming the store over PCIe every time.
         self._held: tuple[tuple, torch.Tensor] | None = None
+        # (what the weights were when hashed, their hash): see _weights_hash
+        self._hashed: tuple[tuple, str] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -184,13 +188,23 @@ class InfluenceSSL:
     def fingerprint(self) -> dict[str, Any]:
         """Everything that determines the stored features."""
         return {
-            "model": model_fingerprint(self.encoder),
+            "model": self._weights_hash(),
             "layout": self.layout.describe(),
             "loss": self.loss.config(),
             "projection": self.projection.config(),
             "hash_version": HASH_VERSION,
             "kfac_stats": self.featurizer.collect_stats,
         }
+
+    def _weights_hash(self) -> str:
+        """:func:`model_fingerprint` of the encoder, hashed again only when a parameter or
+        buffer changed since the last call (its storage, or its in-place version counter, which
+        optimiser steps and ``load_state_dict`` bump): every scan checks its store with it."""
+        key = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device)
+                    for name, t in self.encoder.state_dict(keep_vars=True).items())
+        if self._hashed is None or self._hashed[0] != key:
+            self._hashed = (key, model_fingerprint(self.encoder))
+        return self._hashed[1]
 
     # -- features ---------------------------------------------------------------------------------
     def features(self, x: torch.Tensor, ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -291,6 +305,8 @@ class InfluenceSSL:
                 for x, ids, _ in pieces:
                     if check is not None:
                         check()
+                    if x.shape[0] == 0:  # (a collate that filters may leave a batch empty)
+                        continue
                     phi, stats = self.featurizer(x, ids)
                     if store.complete:  # append=True: the first new rows (GradientStore.reopen)
                         store.reopen()
@@ -376,12 +392,15 @@ class InfluenceSSL:
 
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
+        """The training store a scan or fit reads (default: the one fit used, else the last
+        one featurised), checked against the encoder as it is now: features of other weights
+        (trained further, or another checkpoint loaded) do not mix with new queries'."""
         if store is None:
-            default = self._fitted_store if self._fitted_store is not None else self.store
-            if default is None:
+            store = self._fitted_store if self._fitted_store is not None else self.store
+            if store is None:
                 raise ValueError("no store: call featurize(...) first or pass store=")
-            return default
         if isinstance(store, GradientStore):
+            store.check_fingerprint(self.fingerprint())
             return store
         rank, size = self.ranks
         if size == 1:
@@ -590,6 +609,11 @@ class InfluenceSSL:
         range of rows, and the ranks' top-k lists are merged (every rank gets the result).
         ``store_ids``: ``store.ids()`` when the caller has them already."""
         store = self._store(store)
+        if exclude_rows is not None:  # (checked as for many queries: out of range is an error)
+            exclude_rows = _exclusions(exclude_rows, store.rows)
+            if exclude_rows.shape[0] != q.shape[0]:
+                raise ValueError(f"exclude_rows must have a row per query ({q.shape[0]}), got "
+                                 f"shape {tuple(exclude_rows.shape)}")
         rank, size = self.ranks
         if size > 1:  # (different shapes would meet in the gathers below and abort the ranks)
             distributed.same_on_all_ranks(str((tuple(q.shape), topk, negate)),
@@ -805,6 +829,11 @@ class InfluenceSSL:
         if method == "self_influence":
             scores = self.self_influence(store)
         elif method == "neighbours":
+            if (not isinstance(k, numbers.Integral) or isinstance(k, bool)
+                    or not 1 <= k < max(store.rows, 2)):
+                raise ValueError(f"k must be an int in [1, {max(store.rows - 1, 1)}] (the k-th "
+                                 f"nearest other example of the store's {store.rows}), got {k!r}")
+            k = int(k)
             sim, _ = neighbours or self.neighbours(k, store, search=search)
             scores = apps.neighbour_scores(sim, k)
         else:
@@ -859,6 +888,11 @@ def _check_complete_store(store: GradientStore, examples: loading.Examples,
     common = min(len(planned), len(stored))
     if not np.array_equal(planned[:common], stored[:common]):
         return  # not the store of these indices: nothing to tell without reading the data
+    if len(planned) > store.rows:  # grown, or batches with ids of their own that drop rows
+        last, batches = examples.last_batch(), examples.batches or []
+        if (last is not None and batches and last[0].shape[0] != len(batches[-1])
+                and np.isin(last[1].numpy(), stored).all()):
+            return  # its collate dropped rows (where added examples would be), all stored
     hint = ("pass append=True to add the examples after its own" if len(planned) > store.rows
             else "featurize these data into another path")
     raise StoreError(f"the store at {store.path} is complete with {store.rows} examples, but "

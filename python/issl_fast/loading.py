@@ -366,6 +366,12 @@ class Examples:
                              "remove the store")
 
 
+    def last_batch(self) -> Piece | None:
+        """The last batch a re-made loader reads (None for other data, or none)."""
+        if not self._pieces:
+            return None
+        return next(self._load(self._pieces[-1:]))
+
     def recheck_stored(self, stored_ids: np.ndarray, recheck: Recheck | None, where: str,
                        what: str) -> None:
         """``recheck``'s sample of the examples a store at ``where`` holds with ``stored_ids``
@@ -377,6 +383,11 @@ class Examples:
             return
         planned = np.concatenate([b for b, _ in self._pieces])
         x, ids, _ = next(self._load([(planned[rows], 0)]))
+        if len(ids) != len(rows):  # batches with ids of their own, whose collate drops rows
+            keep = np.isin(stored_ids[rows], ids.numpy())
+            rows = rows[keep]
+            if len(rows) != len(ids):
+                return  # (unjudged: which loaded example is which is not known)
         differ = np.flatnonzero(ids.numpy() != stored_ids[rows])
         if len(differ):  # (a loader whose batches carry ids of their own)
             at = int(rows[differ[0]])

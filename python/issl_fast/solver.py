@@ -202,6 +202,9 @@ class Solver:
             return self._bases[1]
         stats = store.stats()
         missing = [b.name for b in ek if f"{b.name}/A" not in stats]
+        if missing and store.rows == 0:
+            raise ValueError(f"the store at {store.path} has no rows: featurize examples into "
+                             "it before fit (EK-FAC needs their K-FAC statistics)")
         if missing:
             raise ValueError(
                 f"the store has no K-FAC statistics for {missing[:3]}: featurize with "

@@ -16,6 +16,7 @@ preconditioning stays on the CPU in float64.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -264,7 +265,7 @@ def check_threshold(threshold: float) -> None:
 
 
 def _check_topk(topk: int) -> None:
-    if not isinstance(topk, int) or topk < 1:
+    if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
         raise ValueError(f"topk must be an int >= 1, got {topk!r}")
 
 

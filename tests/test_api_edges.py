@@ -1,0 +1,105 @@
+"""Edges of the user API: batches a filtering collate left empty or short, checks that hold for
+a batch of queries as for many, numpy integers as counts, and the messages for the degenerate
+cases (an empty EK-FAC store, k as large as the store)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import issl_fast as issl
+import numpy as np
+import pytest
+import torch
+from engine_models import cnn_attribution, images
+from issl_fast.store import StoreError
+from torch.utils.data import DataLoader, Dataset
+
+N = 10
+
+
+class _Tagged(Dataset):
+    """Examples carrying their own ids; ``bad`` ones are dropped by :func:`_drop_bad`."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        self.x, self.bad = images(n), bad
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"x": self.x[i], "ids": i, "bad": i in self.bad}
+
+
+def _drop_bad(items: list[dict]) -> dict:
+    kept = [it for it in items if not it["bad"]]
+    return {"x": torch.stack([it["x"] for it in kept]) if kept else torch.zeros(0, 3, 16, 16),
+            "ids": torch.tensor([it["ids"] for it in kept], dtype=torch.int64)}
+
+
+def test_a_collate_that_drops_rows_at_the_end_gives_the_same_store_again(tmp_path: Path) -> None:
+    attr = cnn_attribution()
+    loader = DataLoader(_Tagged(N, {N - 1}), batch_size=4, collate_fn=_drop_bad)
+    store = attr.featurize(loader, tmp_path / "s", progress=False)
+    assert store.rows == N - 1
+    again = attr.featurize(loader, tmp_path / "s", progress=False)
+    assert again.rows == N - 1 and torch.equal(again.load(), store.load())
+    # the data grew by examples it keeps: refused, as without ids
+    grown = DataLoader(_Tagged(N + 3, {N - 1}), batch_size=4, collate_fn=_drop_bad)
+    with pytest.raises(StoreError, match="pass append=True"):
+        attr.featurize(grown, tmp_path / "s", progress=False)
+
+
+def test_a_batch_left_empty_is_skipped_and_empty_queries_give_empty_results(
+        tmp_path: Path) -> None:
+    attr = cnn_attribution("block")
+    whole = attr.featurize(DataLoader(_Tagged(N, set()), batch_size=4, collate_fn=_drop_bad),
+                           tmp_path / "whole", progress=False)
+    # examples 4..7 (a whole batch) dropped
+    loader = DataLoader(_Tagged(N, {4, 5, 6, 7}), batch_size=4, collate_fn=_drop_bad)
+    store = attr.featurize(loader, tmp_path / "s", progress=False)
+    assert store.ids().tolist() == [0, 1, 2, 3, 8, 9]
+    torch.testing.assert_close(store.load(), whole.load()[[0, 1, 2, 3, 8, 9]], rtol=2e-3,
+                               atol=1e-6)
+    attr.fit(store)
+    top = attr.score(images(1)[:0], topk=3)
+    assert top.values.shape == (0, 3) and top.ids.shape == (0, 3)
+
+
+def test_exclude_rows_of_a_query_batch_are_checked_like_many_queries(tmp_path: Path) -> None:
+    attr = cnn_attribution("block")
+    x = images(6)
+    attr.fit(attr.featurize([(x,)], tmp_path / "s", progress=False))
+    with pytest.raises(ValueError, match=r"store rows in \[0, 6\) or -1, got values in \[-5, 100"):
+        attr.score(x[:2], topk=3, exclude_rows=torch.tensor([100, -5]))
+    with pytest.raises(ValueError, match=r"a row per query \(2\), got shape \(3, 1\)"):
+        attr.score(x[:2], topk=3, exclude_rows=torch.tensor([0, 1, 2]))
+    top = attr.score(x[:2], ids=torch.arange(2), topk=3, exclude_rows=torch.tensor([0, 1]))
+    assert 0 not in top.rows[0].tolist() and 1 not in top.rows[1].tolist()
+
+
+def test_counts_may_be_numpy_integers_and_k_must_leave_a_neighbour(tmp_path: Path) -> None:
+    attr = cnn_attribution("block")
+    attr.fit(attr.featurize([(images(6),)], tmp_path / "s", progress=False))
+    k = np.int64(3)
+    assert attr.neighbours(k)[0].shape == (6, 3)
+    assert attr.find_outliers("neighbours", k=k).order.shape == (6,)
+    attr.find_duplicates(0.99, topk=k)
+    for bad in (6, 0, 2.0, True):
+        with pytest.raises(ValueError, match=r"k must be an int in \[1, 5\]"):
+            attr.find_outliers("neighbours", k=bad)
+
+
+def test_fitting_an_empty_ekfac_store_says_it_is_empty(tmp_path: Path) -> None:
+    attr = cnn_attribution("ekfac")
+    store = attr.featurize([], tmp_path / "s", progress=False)
+    assert store.rows == 0
+    with pytest.raises(ValueError, match="has no rows: featurize examples into it before fit"):
+        attr.fit(store)
+
+
+def test_a_query_batch_of_one_view_and_one_example(tmp_path: Path) -> None:
+    # (the batch probe's forward on one row fewer would be on one row: it takes one more)
+    loss = issl.AugmentationStability(views=1, seed=0, augment=issl.SSLAugment.light(seed=0))
+    attr = issl.InfluenceSSL(cnn_attribution().encoder, loss, issl.Projection("kron", k=16),
+                             "block")
+    assert attr.features(images(1)).shape == (1, attr.dim)
