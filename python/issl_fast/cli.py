@@ -28,6 +28,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    """A torch device this machine has (checked before minutes of work, not during them)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch has no CUDA device "
+                                         "(torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None \
+            and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the demo runs on cpu or cuda")
+    return text
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import format_table, run
 
@@ -39,12 +59,14 @@ def _bench(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoConfig, run_demo
 
-    cfg = DemoConfig(out=args.out, ssl=args.ssl, epochs=args.epochs, seed=args.seed,
+    cfg = DemoConfig(out=args.out, ssl=args.ssl, seed=args.seed,
                      views=args.views, solver=args.solver, progress=not args.no_progress,
                      device=args.device)
     if args.quick:
         cfg.epochs, cfg.n_train, cfg.n_exact, cfg.n_near, cfg.n_outliers = 8, 400, 10, 10, 12
         cfg.n_boot = 100
+    if args.epochs is not None:  # (an explicit --epochs wins over --quick's)
+        cfg.epochs = args.epochs
     summary = run_demo(cfg)
     q = summary["quality"]
     di, db = q["duplicates_influence"], q["duplicates_baseline"]
@@ -93,14 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--out", default="issl_demo", help="report directory (default issl_demo)")
     p_demo.add_argument("--ssl", default="simclr", choices=["simclr", "byol", "barlow"],
                         help="SSL method used to train the encoder")
-    p_demo.add_argument("--epochs", type=int, default=40)
-    p_demo.add_argument("--views", type=int, default=8, help="augmented views per example")
+    p_demo.add_argument("--epochs", type=_positive_int, default=None,
+                        help="SSL training epochs (default 40; 8 with --quick)")
+    p_demo.add_argument("--views", type=_positive_int, default=8,
+                        help="augmented views per example")
     p_demo.add_argument("--solver", default="ekfac",
                         choices=["ekfac", "block", "gauss_newton", "identity"])
     p_demo.add_argument("--seed", type=int, default=0)
     p_demo.add_argument("--quick", action="store_true", help="reduced setting (seconds)")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p_demo.add_argument("--device", default="cpu",
+    p_demo.add_argument("--device", default="cpu", type=_device,
                         help="where to train and run the engine: cpu (default), cuda, cuda:1...")
     p_demo.set_defaults(func=_demo)
     args = parser.parse_args(argv)
