@@ -103,3 +103,58 @@ def test_a_query_batch_of_one_view_and_one_example(tmp_path: Path) -> None:
     attr = issl.InfluenceSSL(cnn_attribution().encoder, loss, issl.Projection("kron", k=16),
                              "block")
     assert attr.features(images(1)).shape == (1, attr.dim)
+
+
+def _dense_store(tmp_path: Path, x: torch.Tensor):
+    from issl_fast.store import GradientStore
+
+    store = GradientStore.create_or_resume(tmp_path / "dense", {"test": 1}, x.shape[1], "float32",
+                                           shard_rows=64)
+    store.append(x, torch.arange(x.shape[0]))
+    store.finalize()
+    return store
+
+
+def test_threshold_one_keeps_exact_duplicates_despite_float32_rounding(tmp_path: Path) -> None:
+    from issl_fast.apps import find_duplicates
+    from issl_fast.projection import Block
+    from issl_fast.solver import Solver
+
+    store = _dense_store(tmp_path, torch.randn(4, 8))
+    solver = Solver("identity", [Block("all", 0, 8, "dense")]).fit(store)
+    # rows 0-1 at one float32 unit below 1 (how an exact copy can come out), rows 2-3 at 0.9999
+    sim = np.array([[0.99999994], [0.99999994], [0.9999], [0.9999]], dtype=np.float32)
+    rows = np.array([[1], [0], [3], [2]])
+    pairs = find_duplicates(store, solver, threshold=1.0, topk=1, neighbours=(sim, rows))
+    assert pairs.rows.tolist() == [[0, 1]]
+
+
+def test_damping_must_be_positive_and_a_singular_curvature_is_named(tmp_path: Path) -> None:
+    from issl_fast.projection import Block
+    from issl_fast.solver import Solver
+
+    blocks = [Block("all", 0, 8, "dense")]
+    for kwargs in ({"damping": 0.0}, {"absolute_damping": 0.0}, {"absolute_damping": -1.0}):
+        with pytest.raises(ValueError, match="damping must be > 0"):
+            Solver("gauss_newton", blocks, **kwargs)
+    x = torch.randn(5, 8)
+    x[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="not positive definite.*NaN/Inf"):
+        Solver("gauss_newton", blocks).fit(_dense_store(tmp_path, x))
+
+
+def test_counts_from_numpy_are_ints_everywhere(tmp_path: Path) -> None:
+    import json
+
+    from issl_fast.apps import ClusteredSearch, shifts, translations
+
+    proj = issl.Projection("kron", k=np.int64(16), k_in=np.int32(4))
+    assert type(proj.k) is int and type(proj.k_in) is int
+    json.dumps(proj.config())  # (stores keep it as JSON)
+    assert ClusteredSearch(probes=np.int64(4)).probes == 4
+    assert len(translations(np.int64(1))) == 4 and len(shifts(np.int16(2))) == 4
+    attr = cnn_attribution("block")
+    attr.fit(attr.featurize([(images(6),)], tmp_path / "s", progress=False))
+    groups = np.array([0, 1, 0, 1, 0, 1])
+    result = attr.group_influence(groups, n_boot=np.int64(20))
+    assert result.counts.tolist() == [3, 3]

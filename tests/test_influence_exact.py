@@ -75,7 +75,9 @@ def test_identity_gauss_newton_matches_explicit(tmp_path, damping_kw) -> None:
     want = torch.sort(exact, dim=1, descending=True, stable=True)
     assert torch.equal(top.ids, want.indices[:, :4])
     torch.testing.assert_close(top.values.double(), want.values[:, :4], rtol=1e-5, atol=1e-9)
-    torch.testing.assert_close(top.koh_liang(), -top.values / N_TRAIN)
+    # F is the mean loss's curvature: I_up,loss = -score, leaving out = score / n
+    torch.testing.assert_close(top.koh_liang(), -top.values)
+    torch.testing.assert_close(top.removal_effect(), top.values / N_TRAIN)
 
 
 def _spearman(a: np.ndarray, b: np.ndarray) -> float:

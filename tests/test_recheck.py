@@ -60,7 +60,7 @@ def test_sample_spreads_over_the_stored_rows_and_holds_the_last() -> None:
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "4"])
 def test_recheck_must_be_a_count(tmp_path: Path, bad: object) -> None:
     attr = cnn_attribution()
-    with pytest.raises(ValueError, match="recheck must be an int >= 0"):
+    with pytest.raises(ValueError, match=r"recheck \(stored examples .*\) must be an int >= 0"):
         attr.featurize(DataLoader(TensorDataset(images(N)), batch_size=BATCH), tmp_path / "s",
                        progress=False, recheck=bad)  # type: ignore[arg-type]
 

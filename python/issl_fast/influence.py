@@ -4,10 +4,12 @@ Score convention (used everywhere a score is returned)::
 
     score(train i -> test t) = phi_t^T F^-1 phi_i
 
-Positive: training example i *supports* test example t (upweighting i lowers t's loss). Koh &
-Liang's ``I_up,loss(z_i, z_t)`` is ``-score / n``. Self-influence ``s_i = phi_i^T F^-1 phi_i >= 0``
-(high = atypical / memorised / outlier); the normalised (cosine) influence is
-``score / sqrt(s_i s_t)``.
+Positive: training example i *supports* test example t (upweighting i lowers t's loss). F is
+the curvature of the *mean* training loss (``(1/n) sum_i phi_i phi_i^T + lambda I``), so Koh &
+Liang's ``I_up,loss(z_i, z_t) = -g_t^T H^-1 g_i`` (their H is the mean loss's Hessian too) is
+``-score``, and removing i changes t's loss by about ``-I_up,loss / n = score / n``.
+Self-influence ``s_i = phi_i^T F^-1 phi_i >= 0`` (high = atypical / memorised / outlier); the
+normalised (cosine) influence is ``score / sqrt(s_i s_t)``.
 """
 
 from __future__ import annotations
@@ -64,7 +66,9 @@ def model_fingerprint(model: nn.Module) -> str:
 @dataclass
 class TopInfluence:
     """Top-k influence per query. ``values[q, j]`` = score of store row ``rows[q, j]`` (example
-    id ``ids[q, j]``) for query q; -1 marks empty slots. Koh-Liang: ``-values / n``."""
+    id ``ids[q, j]``) for query q; -1 marks empty slots. Koh & Liang's ``I_up,loss`` is
+    ``-values`` (:meth:`koh_liang`); the first-order effect of removing the example is
+    ``values / n`` (:meth:`removal_effect`)."""
 
     values: torch.Tensor
     rows: torch.Tensor
@@ -74,8 +78,15 @@ class TopInfluence:
     query_ids: torch.Tensor | None = None
 
     def koh_liang(self) -> torch.Tensor:
-        """``I_up,loss = -score / n`` (change of the query's loss per unit upweighting)."""
-        return -self.values / self.n
+        """Koh & Liang's ``I_up,loss = -score``: the derivative of the query's loss with respect
+        to the weight ``eps`` of the example added to the mean training loss
+        (``(1/n) sum_j l_j + eps l_i``; F is that mean loss's curvature)."""
+        return -self.values
+
+    def removal_effect(self) -> torch.Tensor:
+        """The first-order change of the query's loss when the example is left out (``eps =
+        -1/n``): ``score / n``; positive (a proponent removed) raises it."""
+        return self.values / self.n
 
 
 class InfluenceSSL:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from typing import Literal
 
 from . import reference
+from ._checks import count
 from .capture import ParamLayout
 
 KINDS = ("dense", "kron", "identity")
@@ -40,14 +41,11 @@ class Projection:
             raise ValueError(f"projection kind must be one of {KINDS}, got {self.kind!r}")
         if self.dist not in ("rademacher", "gaussian"):
             raise ValueError(f"dist must be 'rademacher' or 'gaussian', got {self.dist!r}")
-        for name in ("k", "k_fallback"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        for name in ("k", "k_fallback"):  # (as ints: the config is JSON in every store)
+            object.__setattr__(self, name, count(getattr(self, name), name))
         for name in ("k_in", "k_out"):
-            v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"{name} must be None or an int >= 1, got {v!r}")
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, count(getattr(self, name), f"{name} (or None)"))
 
     def config(self) -> dict:
         return asdict(self)

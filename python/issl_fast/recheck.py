@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._checks import count
 from .store import GradientStore, StoreError
 
 # Stored examples featurised again by default (a few: one more small batch per featurize call).
@@ -49,9 +50,7 @@ def store_recheck(store: GradientStore, featurize: Callable[[torch.Tensor, torch
                   rows: int) -> Recheck | None:
     """A :class:`Recheck` of ``rows`` examples of ``store`` (None for 0) that compares their
     rows with ``featurize(x, ids)`` (features ``[B, dim]``)."""
-    if not isinstance(rows, int) or isinstance(rows, bool) or rows < 0:
-        raise ValueError(f"recheck must be an int >= 0 (stored examples featurised again), "
-                         f"got {rows!r}")
+    rows = count(rows, "recheck (stored examples featurised again)", minimum=0)
     if rows == 0:
         return None
 

@@ -60,7 +60,12 @@ class _CholeskyBlock:
             float(torch.diagonal(F).mean()) if F.numel() else 0.0, relative, absolute
         )
         F = F + self.lam * torch.eye(F.shape[0], dtype=F.dtype)
-        self.L = torch.linalg.cholesky(F)
+        self.L, info = torch.linalg.cholesky_ex(F)
+        if int(info):
+            raise ValueError(
+                f"the curvature (+ lambda = {self.lam:.3g}) is not positive definite (Cholesky "
+                f"fails at column {int(info)} of {F.shape[0]}): the features hold NaN/Inf, or "
+                "lambda is too small for their scale: raise damping / absolute_damping")
 
     def solve(self, x: torch.Tensor) -> torch.Tensor:  # x [m, d] float64
         return torch.cholesky_solve(x.T, self.L).T
@@ -111,10 +116,12 @@ class Solver:
     ) -> None:
         if kind not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {kind!r}")
-        if not damping >= 0:
-            raise ValueError(f"damping must be >= 0, got {damping!r}")
-        if absolute_damping is not None and not absolute_damping >= 0:
-            raise ValueError(f"absolute_damping must be >= 0, got {absolute_damping!r}")
+        # (> 0: with fewer examples than feature dimensions the curvature is singular, and an
+        # undamped solve returns noise, or fails in the Cholesky factorisation)
+        if not damping > 0:
+            raise ValueError(f"damping must be > 0, got {damping!r}")
+        if absolute_damping is not None and not absolute_damping > 0:
+            raise ValueError(f"absolute_damping must be > 0, got {absolute_damping!r}")
         self.kind = kind
         self.blocks = blocks
         self.damping = damping

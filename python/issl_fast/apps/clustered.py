@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .. import ops, residency
+from .._checks import count
 from ..distributed import merge_topk
 from ..solver import Solver
 from ..store import GradientStore
@@ -67,14 +68,10 @@ class ClusteredSearch:
 
     def __post_init__(self) -> None:
         for name in ("probes", "sample", "iterations"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"ClusteredSearch.{name} must be an int >= 1, got {value!r}")
-        if self.clusters is not None and (not isinstance(self.clusters, int)
-                                          or isinstance(self.clusters, bool)
-                                          or self.clusters < 1):
-            raise ValueError(f"ClusteredSearch.clusters must be None or an int >= 1, got "
-                             f"{self.clusters!r}")
+            object.__setattr__(self, name, count(getattr(self, name), f"ClusteredSearch.{name}"))
+        if self.clusters is not None:
+            object.__setattr__(self, "clusters",
+                               count(self.clusters, "ClusteredSearch.clusters (or None)"))
 
     def clusters_for(self, n: int) -> int:
         """The number of clusters used for ``n`` rows."""

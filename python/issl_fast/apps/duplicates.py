@@ -16,7 +16,6 @@ preconditioning stays on the CPU in float64.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from .. import ops, residency
+from .._checks import count
 from ..solver import Solver
 from ..store import GradientStore
 from .clustered import ClusteredIndex, ClusteredSearch
@@ -258,6 +258,11 @@ def merge_neighbours(
     return v, i
 
 
+# Normalised influences are computed in float32 (the scan's precision): a threshold is met
+# within this much, a few units of float32 rounding at 1.
+SIMILARITY_SLACK = 4 * float(np.finfo(np.float32).eps)
+
+
 def check_threshold(threshold: float) -> None:
     """A normalised influence (a cosine) threshold: in [-1, 1]."""
     if not -1.0 <= threshold <= 1.0:
@@ -265,8 +270,7 @@ def check_threshold(threshold: float) -> None:
 
 
 def _check_topk(topk: int) -> None:
-    if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
-        raise ValueError(f"topk must be an int >= 1, got {topk!r}")
+    count(topk, "topk")
 
 
 def find_duplicates(
@@ -294,7 +298,8 @@ def find_duplicates(
     n, topk = best_v.shape
     a = np.repeat(np.arange(n), topk)
     b, sim = best_i.ravel(), best_v.ravel()
-    keep = (b >= 0) & (sim >= threshold)
+    # (an exact duplicate's similarity is 1 to float32 rounding: 0.99999994 meets threshold=1)
+    keep = (b >= 0) & (sim >= threshold - SIMILARITY_SLACK)
     a, b, sim = a[keep], b[keep], sim[keep]
     lo, hi = np.minimum(a, b), np.maximum(a, b)
     # Each pair is found from both ends: keep one, with the higher of its two similarities.

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .._checks import count
 from ..store import GradientStore
 
 # Percentile interval of the bootstrap (95%).
@@ -191,8 +192,7 @@ def group_influence(
             f"train_groups and self_influence must be [{store.rows}], got "
             f"{labels.shape} and {s.shape}"
         )
-    if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
-        raise ValueError(f"n_boot must be an int >= 1, got {n_boot!r}")
+    n_boot = count(n_boot, "n_boot")
     groups = _groups_of(labels, "train_groups")
     idx = _group_index(labels, groups)
     # the training and test resamples come from streams of their own: independent, and the

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .._checks import count
+
 
 @dataclass(frozen=True)
 class Translation:
@@ -51,8 +53,7 @@ def _span(shift: int, size: int) -> tuple[slice, slice]:
 def translations(pixels: int = 1, diagonal: bool = False, fill: float = 0.0) -> list[Translation]:
     """The shifts by up to ``pixels`` along each axis (4 per distance), plus the diagonal ones
     when ``diagonal``; the identity is not included (the plain search covers it)."""
-    if not isinstance(pixels, int) or pixels < 1:
-        raise ValueError(f"pixels must be an int >= 1, got {pixels!r}")
+    pixels = count(pixels, "pixels")
     out = []
     for d in range(1, pixels + 1):
         out += [Translation(d, 0, fill), Translation(-d, 0, fill), Translation(0, d, fill),
@@ -92,6 +93,5 @@ class Shift:
 def shifts(samples: int = 1, circular: bool = False, fill: float = 0.0) -> list[Shift]:
     """The shifts of signals by 1 .. ``samples`` samples either way (2 per distance); the
     identity is not included (the plain search covers it)."""
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+    samples = count(samples, "samples")
     return [Shift(s, fill, circular) for d in range(1, samples + 1) for s in (d, -d)]

@@ -242,5 +242,6 @@ def write_markdown(out: Path, summary: dict[str, Any]) -> None:
                               g["self_influence_ci"]):
         lines.append(f"| {name} | {n} | {m:.4g} | [{ci[0]:.4g}, {ci[1]:.4g}] |")
     lines += ["", "Scores: `score(train i -> test t) = phi_t^T F^-1 phi_i`, positive = i supports "
-              "t; Koh & Liang's I_up,loss = -score / n.", ""]
+              "t; Koh & Liang's I_up,loss = -score (F is the mean loss's curvature), and leaving i "
+              "out changes t's loss by about score / n.", ""]
     (out / "report.md").write_text("\n".join(lines))
