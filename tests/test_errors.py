@@ -130,7 +130,7 @@ def test_out_and_accumulate(op: str) -> None:
 
 
 def test_num_threads() -> None:
-    with pytest.raises(ValueError, match="num_threads must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="num_threads must be >= 1 and <= 4096, got 0"):
         ops.sketch_dense(g, 5, num_threads=0)
 
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "first_error.h"
 #include "gemm.h"
 #include "validate.h"
 
@@ -132,6 +133,9 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
   const int threads = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(cpu::clamp_threads(num_threads), n_tiles)));
   std::vector<std::vector<TopK>> heaps(threads, std::vector<TopK>(m));
+  // A query has at most n candidates: heaps hold no more (a topk far above n reserves nothing).
+  const int64_t cap = std::min(topk, std::max<int64_t>(n, 1));
+  cpu::FirstError error;  // (topk sizes the heaps: a failed allocation is raised, see the header)
   // Offers scores[i * rows + j] (query q0 + i, store row r0 + j) to the thread's heaps.
   auto scan = [&](std::vector<TopK>& mine, const float* scores, int64_t rows, int64_t q0,
                   int64_t mq, int64_t r0) {
@@ -159,10 +163,10 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
   auto stored = [&](int64_t row) { return cpu::offset_ptr(G, dtype, row * k); };
 
 #pragma omp parallel num_threads(threads)
-  {
+  error.capture([&] {
     const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
     std::vector<TopK>& mine = heaps[tid];
-    for (TopK& h : mine) h.reset(topk);
+    for (TopK& h : mine) h.reset(cap);
     cpu::Scratch buf(stage ? tile * k : 1);
     cpu::Scratch rowbuf[2] = {cpu::Scratch(micro ? kStageRows * k : 1),
                               cpu::Scratch(micro ? kStageRows * k : 1)};
@@ -201,15 +205,16 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
         scan(mine, scores.data(), rows, q0, mq, r0);
       }
     }
-  }
+  });
+  error.rethrow();
 
   // Merge the per-thread heaps (and an earlier result when accumulating) by (value desc, index
   // asc): the outcome does not depend on how rows were split among threads.
   const float neg_inf = -std::numeric_limits<float>::infinity();
 #pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < m; ++i) {
+  for (int64_t i = 0; i < m; ++i) error.capture([&] {
     std::vector<Entry> all;
-    all.reserve(static_cast<size_t>(topk) * (threads + 1));
+    all.reserve(static_cast<size_t>(cap) * threads + static_cast<size_t>(accumulate ? topk : 0));
     for (int t = 0; t < threads; ++t) {
       const auto& ent = heaps[t][i].entries();  // (query i: merged by this thread alone)
       all.insert(all.end(), ent.begin(), ent.end());
@@ -226,7 +231,8 @@ void score_topk_cpu(const float* Q, int64_t m, const void* G, DType dtype, int64
       values[i * topk + x] = x < keep ? all[x].v : neg_inf;
       indices[i * topk + x] = x < keep ? all[x].i : -1;
     }
-  }
+  });
+  error.rethrow();
 }
 
 }  // namespace issl_fast

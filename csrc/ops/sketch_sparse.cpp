@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "convert.h"
+#include "first_error.h"
 #include "gemm.h"
 #include "issl_fast/hash.h"
 #include "kernel_templates.h"
@@ -45,8 +46,9 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
   const int threads = static_cast<int>(std::min<int64_t>(cpu::clamp_threads(num_threads), B));
   const int64_t block = std::clamp<int64_t>(kTableEntries / s, cpu::kLaneGroup, kBlock);
 
+  cpu::FirstError error;  // (k sizes each thread's scratch: a failed allocation is raised)
 #pragma omp parallel num_threads(threads)
-  {
+  error.capture([&] {
     // Each thread owns rows [b0, b1), handled in lane groups of kLaneGroup rows kept transposed
     // (kernel_templates.h), so one bucket update is one vector add over a group's rows. Every
     // thread builds each block's bucket table itself (vectorised hashing costs less than a
@@ -94,7 +96,8 @@ void sketch_sparse_cpu(const void* g, DType dtype, int64_t B, int64_t P, int64_t
         for (int64_t j = 0; j < k; ++j) y[j] = src[j * cpu::kLaneGroup];
       }
     }
-  }
+  });
+  error.rethrow();
 }
 
 }  // namespace issl_fast

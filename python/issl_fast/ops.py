@@ -51,6 +51,9 @@ def _check_tensor(x: object, name: str, ndim: int, shape_doc: str) -> torch.Tens
         raise TypeError(
             f"{name} must be float32, float16 or bfloat16, got {x.dtype} (shape {tuple(x.shape)})"
         )
+    if x.layout != torch.strided:  # (sparse / mkldnn tensors have no row-major data to read)
+        raise ValueError(f"{name} must be a dense (strided) tensor {shape_doc}, got layout "
+                         f"{x.layout}")
     if x.dim() != ndim:
         raise ValueError(f"{name} must be {ndim}-D {shape_doc}, got shape {tuple(x.shape)}")
     if not x.is_contiguous():
@@ -92,10 +95,31 @@ def _check_dist(dist: object) -> int:
     return _DISTS[dist]
 
 
+# More OpenMP threads than any machine has (the bindings take a C int; OpenMP would try to start
+# them all).
+MAX_THREADS = 4096
+
+
 def _threads(num_threads: int | None) -> int:
     if num_threads is None:
         return torch.get_num_threads()
-    return _check_int(num_threads, "num_threads", 1)
+    return _check_int(num_threads, "num_threads", 1, MAX_THREADS)
+
+
+def _check_bool(v: object, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise TypeError(f"{name} must be True or False, got {v!r}")
+    return v
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two dense tensors share bytes (the kernels write ``out`` while they read)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()
 
 
 def _resolve_backend(backend: str, device: torch.device, op: str) -> str:
@@ -127,8 +151,12 @@ def _same_device(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> 
 
 
 def _prepare_out(
-    out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, accumulate: bool
+    out: torch.Tensor | None, shape: tuple[int, ...], device: torch.device, accumulate: bool,
+    inputs: tuple[torch.Tensor, ...] = (),
 ) -> torch.Tensor:
+    """``out`` checked (or a new tensor): float32, ``shape``, contiguous, on ``device``, and
+    sharing no memory with ``inputs``."""
+    _check_bool(accumulate, "accumulate")
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an out= tensor to add into")
@@ -143,7 +171,14 @@ def _prepare_out(
         raise ValueError(f"out must be contiguous, got strides {out.stride()}")
     if out.device != device:
         raise ValueError(f"out is on {out.device} but the inputs are on {device}")
+    _check_disjoint("out", out, inputs)
     return out
+
+
+def _check_disjoint(name: str, out: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> None:
+    if any(_overlap(out, x) for x in inputs):
+        raise ValueError(f"{name} shares memory with an input: the kernels write it while they "
+                         "read the input; pass a separate tensor")
 
 
 def _finish_reference(y: torch.Tensor, out: torch.Tensor | None, accumulate: bool) -> torch.Tensor:
@@ -186,10 +221,11 @@ def sketch_dense(
     be = _resolve_backend(backend, g.device, "sketch_dense")
     B, P = g.shape
     _check_columns(col_offset, P)
+    given = out is not None
+    out = _prepare_out(out, (B, k), g.device, accumulate, (g,))
     if be == "reference":
         y = reference.sketch_dense(g, k, seed=seed, dist=dist, col_offset=col_offset)
-        return _finish_reference(y, out, accumulate)
-    out = _prepare_out(out, (B, k), g.device, accumulate)
+        return _finish_reference(y, out if given else None, accumulate)
     if be == "cuda":
         return _sketch_dense_cuda(g, k, seed, dist_code, col_offset, out, accumulate)
     _C.sketch_dense(
@@ -252,10 +288,11 @@ def sketch_linear(
     B, T, d_in = A.shape
     d_out = D.shape[2]
     _check_columns(col_offset, d_in * d_out)
+    given = out is not None
+    out = _prepare_out(out, (B, k), A.device, accumulate, (A, D))
     if be == "reference":
         y = reference.sketch_linear(A, D, k, seed=seed, dist=dist, col_offset=col_offset)
-        return _finish_reference(y, out, accumulate)
-    out = _prepare_out(out, (B, k), A.device, accumulate)
+        return _finish_reference(y, out if given else None, accumulate)
     if be == "cuda":
         return _sketch_linear_cuda(A, D, k, seed, dist_code, col_offset, out, accumulate)
     _C.sketch_linear(
@@ -303,10 +340,11 @@ def sketch_sparse(
     be = _resolve_backend(backend, g.device, "sketch_sparse")
     B, P = g.shape
     _check_columns(col_offset, P)
+    given = out is not None
+    out = _prepare_out(out, (B, k), g.device, accumulate, (g,))
     if be == "reference":
         y = reference.sketch_sparse(g, k, s=s, seed=seed, col_offset=col_offset)
-        return _finish_reference(y, out, accumulate)
-    out = _prepare_out(out, (B, k), g.device, accumulate)
+        return _finish_reference(y, out if given else None, accumulate)
     if be == "cuda":
         return _sketch_sparse_cuda(g, k, s, seed, col_offset, out, accumulate)
     _C.sketch_sparse(
@@ -352,10 +390,11 @@ def sketch_kron(
     be = _resolve_backend(backend, A.device, "sketch_kron")
     B, T, d_in = A.shape
     d_out = D.shape[2]
+    given = out is not None
+    out = _prepare_out(out, (B, k_out * k_in), A.device, accumulate, (A, D))
     if be == "reference":
         y = reference.sketch_kron(A, D, k_in, k_out, seed=seed, dist=dist)
-        return _finish_reference(y, out, accumulate)
-    out = _prepare_out(out, (B, k_out * k_in), A.device, accumulate)
+        return _finish_reference(y, out if given else None, accumulate)
     if be == "cuda":
         return _sketch_kron_cuda(A, D, k_in, k_out, seed, dist_code, out, accumulate)
     _C.sketch_kron(
@@ -459,6 +498,12 @@ def score_topk(
     if not (Q.device.type == "cuda" and gdev.type == "cpu"):  # CUDA streams a CPU store
         _same_device("Q", Q, "G", torch.empty(0, device=gdev))
     ex = _check_exclude(exclude, m)
+    _check_bool(accumulate, "accumulate")
+    if out is not None and isinstance(out, tuple) and len(out) == 2:
+        stores = (G,) if isinstance(G, torch.Tensor) else ()
+        for name, t in zip(("values", "indices"), out):
+            if isinstance(t, torch.Tensor):
+                _check_disjoint(f"out {name}", t, (Q, *stores))
     be = _resolve_backend(backend, Q.device, "score_topk")
     if be == "cuda":
         return _score_topk_cuda(
