@@ -11,8 +11,11 @@ Every file is written to a temporary name, fsynced and renamed, and the manifest
 same way after each shard, so a crash never leaves a half-written store: at worst the rows after
 the last complete shard are recomputed. Shards hold exactly ``shard_rows`` rows (the last one
 fewer), whatever the batch size, so a resumed run writes the same shards as an uninterrupted one.
-Each shard's SHA-256 is in the manifest and is checked on open. Scoring reads shards as memory
-maps: a store larger than RAM works.
+Each shard's SHA-256 is in the manifest and is checked on open; a manifest that cannot be parsed
+or lacks a field is a :class:`StoreError` naming what is wrong. A store holds each example id
+once: a batch that repeats one is refused by ``append``, and ids repeated across batches by
+``finalize`` (the store stays incomplete). Scoring reads shards as memory maps: a store larger
+than RAM works.
 
 While a store is open for appending, its writer holds an exclusive advisory lock
 (``flock``) on ``.writer.lock`` in its directory: a second writer (another job on the same path,
@@ -42,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ._checks import count
 from .reference import HASH_VERSION
 
 try:
@@ -125,6 +129,101 @@ def fingerprint_diff(stored: dict, current: dict, prefix: str = "") -> list[str]
 def _short(v: Any, limit: int = 120) -> str:
     s = json.dumps(v, sort_keys=True, default=str)
     return s if len(s) <= limit else s[: limit - 3] + "..."
+
+
+# The manifest's required fields and their JSON types (a store's reader indexes them unchecked,
+# so a damaged manifest is refused on open, naming what is wrong, not met later as a KeyError).
+_MANIFEST_FIELDS: dict[str, type] = {
+    "fingerprint": dict, "dim": int, "dtype": str, "shard_rows": int, "shards": list,
+    "rows": int, "complete": bool,
+}
+_OPTIONAL_FIELDS: dict[str, type] = {"meta": dict, "parts": list}
+_SHARD_FIELDS: dict[str, type] = {
+    "rows": int, "first_row": int, "phi": str, "phi_sha256": str, "ids": str, "ids_sha256": str,
+}
+_JSON_NAMES = {dict: "object", list: "array", str: "string", int: "integer", bool: "boolean"}
+
+
+def _wrong_field(entry: dict, fields: dict[str, type], optional: bool = False) -> str | None:
+    """What is wrong with ``entry``'s ``fields`` (missing, or not of their type), None if
+    nothing. A JSON true is not an int here: it would pass for a row count of 1."""
+    for key, kind in fields.items():
+        if key not in entry:
+            if optional:
+                continue
+            return f"it has no {key!r}"
+        value = entry[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            return f"its {key!r} is {_short(value, 40)}, not a JSON {_JSON_NAMES[kind]}"
+    return None
+
+
+def _manifest_problem(m: dict) -> str | None:
+    """What makes a manifest (a JSON object of the right versions) unusable, None if nothing:
+    required fields missing or wrongly typed, impossible values, or shard entries that do not
+    tile the rows (readers find a row's shard by ``first_row``)."""
+    wrong = _wrong_field(m, _MANIFEST_FIELDS) or _wrong_field(m, _OPTIONAL_FIELDS, True)
+    if wrong:
+        return wrong
+    if m["dtype"] not in DTYPES:
+        return f"its dtype {_short(m['dtype'], 40)} is not one of {sorted(DTYPES)}"
+    for key in ("dim", "shard_rows"):
+        if m[key] < 1:
+            return f"its {key!r} is {m[key]}, not >= 1"
+    rows = 0
+    for i, sh in enumerate(m["shards"]):
+        if not isinstance(sh, dict):
+            return f"shard entry {i} is {_short(sh, 40)}, not a JSON object"
+        wrong = _wrong_field(sh, _SHARD_FIELDS)
+        if wrong is None and "stats" in sh:
+            wrong = _wrong_field(sh, {"stats": str, "stats_sha256": str})
+        if wrong:
+            return f"shard entry {i}: {wrong}"
+        if sh["rows"] < 1:
+            return f"shard entry {i} holds {sh['rows']} rows, not >= 1"
+        if sh["first_row"] != rows:
+            return (f"shard entry {i} starts at row {sh['first_row']}, not at {rows} where the "
+                    "shards before it end")
+        rows += sh["rows"]
+    if m["rows"] != rows:
+        return f"its 'rows' is {m['rows']}, but its shards hold {rows}"
+    return None
+
+
+def _read_manifest(path: Path) -> dict:
+    """The manifest of the store at ``path``, refused as a :class:`StoreError` naming the store
+    and what is wrong when it cannot be read or parsed, or is not a JSON object of a format and
+    hash version this issl_fast reads with every field a store needs."""
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise StoreError(f"no gradient store at {path} ({MANIFEST} missing)"
+                         + _unfinished_parts(path))
+    fix = f": the store cannot be read (remove {path} and featurize again)"
+    try:
+        manifest = json.loads(mpath.read_bytes())
+    except OSError as exc:
+        raise StoreError(f"store at {path}: cannot read {MANIFEST} "
+                         f"({exc.strerror or exc})") from exc
+    except ValueError as exc:  # (JSONDecodeError, UnicodeDecodeError: truncated or garbled)
+        raise StoreError(f"store at {path}: {MANIFEST} is not valid JSON ({exc})" + fix
+                         ) from None
+    if not isinstance(manifest, dict):
+        raise StoreError(f"store at {path}: {MANIFEST} holds {_short(manifest, 40)}, not a "
+                         "JSON object" + fix)
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise StoreError(
+            f"store at {path} has format version {manifest.get('format_version')}, "
+            f"this issl_fast reads {FORMAT_VERSION}"
+        )
+    if manifest.get("hash_version") != HASH_VERSION:
+        raise StoreError(
+            f"store at {path} was sketched with hash version "
+            f"{manifest.get('hash_version')}, this issl_fast uses {HASH_VERSION}"
+        )
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise StoreError(f"store at {path}: {MANIFEST} is damaged ({problem})" + fix)
+    return manifest
 
 
 def _to_numpy(phi: torch.Tensor, dtype: str) -> np.ndarray:
@@ -240,8 +339,7 @@ class GradientStore:
         ready for :meth:`reopen` (more rows after its own)."""
         if dtype not in DTYPES:
             raise ValueError(f"store dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        if not isinstance(shard_rows, int) or shard_rows < 1:
-            raise ValueError(f"shard_rows must be an int >= 1, got {shard_rows!r}")
+        shard_rows = count(shard_rows, "shard_rows")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         lock = _WriterLock(path)  # first: a second writer is refused before any work
@@ -336,21 +434,7 @@ class GradientStore:
     ) -> GradientStore:
         """Open an existing store; refuse a different fingerprint or a corrupted shard."""
         path = Path(path)
-        mpath = path / MANIFEST
-        if not mpath.exists():
-            raise StoreError(f"no gradient store at {path} ({MANIFEST} missing)"
-                             + _unfinished_parts(path))
-        manifest = json.loads(mpath.read_text())
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"store at {path} has format version {manifest.get('format_version')}, "
-                f"this issl_fast reads {FORMAT_VERSION}"
-            )
-        if manifest.get("hash_version") != HASH_VERSION:
-            raise StoreError(
-                f"store at {path} was sketched with hash version "
-                f"{manifest.get('hash_version')}, this issl_fast uses {HASH_VERSION}"
-            )
+        manifest = _read_manifest(path)
         store = cls(path, manifest)
         if fingerprint is not None:
             store.check_fingerprint(fingerprint)
@@ -533,6 +617,15 @@ class GradientStore:
             raise ValueError(f"phi must be [b, {self.dim}], got {tuple(phi.shape)}")
         if ids.shape != (phi.shape[0],):
             raise ValueError(f"ids must be [{phi.shape[0]}], got {tuple(ids.shape)}")
+        ids = ids.detach().to(device="cpu", dtype=torch.int64)
+        # Scores and transformed copies find an example's row by its id: refused before any of
+        # the batch is queued (repeats across batches: finalize).
+        uniq, counts = np.unique(ids.numpy(), return_counts=True)
+        if (counts > 1).any():
+            raise StoreError(
+                f"example ids {uniq[counts > 1][:5].tolist()} occur more than once in a batch "
+                f"appended to the store at {self.path}: ids must name each example once (none "
+                "of this batch was stored)")
         stats = stats or {}
         rows_left = phi.shape[0]
         start = 0
@@ -540,7 +633,7 @@ class GradientStore:
             take = min(rows_left, self._m["shard_rows"] - self._pending_rows)
             sl = slice(start, start + take)
             self._pending_phi.append(phi[sl].detach().cpu())
-            self._pending_ids.append(ids[sl].to(torch.int64).cpu())
+            self._pending_ids.append(ids[sl])
             for name, s in stats.items():
                 # Summed where it was computed (a GPU's batch stays there), kept on the CPU.
                 part = s[sl].sum(dim=0).to(device="cpu", dtype=torch.float64)
@@ -553,11 +646,14 @@ class GradientStore:
 
     def finalize(self, meta: dict | None = None) -> None:
         """Write the last partial shard and mark the store complete (on success or failure, the
-        writer's lock is released: a failed finalize leaves the store resumable)."""
+        writer's lock is released: a failed finalize leaves the store resumable). A store whose
+        rows repeat an example id is refused and stays incomplete."""
         self._check_writable()
         try:
             if self._pending_rows:
-                self._write_shard()
+                self._write_shard()  # (durable first: a refusal below loses no row)
+            if not self.complete:  # (a complete store took no row since it was checked)
+                self._refuse_repeated_ids()
             if meta is not None:
                 self._m["meta"] = meta
             self._m["complete"] = True
@@ -567,6 +663,24 @@ class GradientStore:
             self.close()
             raise
         self._release_lock()
+
+    def _refuse_repeated_ids(self) -> None:
+        """Raises :class:`StoreError` naming the ids that more than one row holds, and those
+        rows. One sort of all ids (no set of them: a store may hold tens of millions of rows);
+        each batch was checked on its own by :meth:`append`, this finds repeats across them
+        (and across the rows of a store appended to)."""
+        ids = self.ids()
+        uniq, counts = np.unique(ids, return_counts=True)
+        repeated = uniq[counts > 1]
+        if not repeated.size:
+            return
+        where = "; ".join(f"id {i} in rows {np.flatnonzero(ids == i)[:5].tolist()}"
+                          for i in repeated[:5].tolist())
+        more = f"; and {repeated.size - 5} more ids" if repeated.size > 5 else ""
+        raise StoreError(
+            f"example ids occur in more than one row of the store at {self.path} ({where}{more}): "
+            "ids must name each example once. The store is left incomplete: remove it and "
+            "featurize again with ids that name each example once")
 
     def _write_shard(self) -> None:
         idx = len(self._m["shards"])
