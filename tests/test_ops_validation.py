@@ -110,3 +110,19 @@ def test_numpy_store_out_checks_are_unchanged() -> None:
     G = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
     values, indices = issl.score_topk(torch.randn(2, 4), G, 3)
     assert values.shape == (2, 3) and indices.shape == (2, 3)
+
+
+def test_accumulating_into_a_non_canonical_result_agrees_across_backends() -> None:
+    # an earlier result holding a NaN, and finite values at index -1 (empty slots): neither is a
+    # candidate on any backend ("NaN is never selected")
+    torch.manual_seed(0)
+    Q, G = torch.randn(1, 8), torch.randn(50, 8)
+    results = {}
+    for backend in ("cpu", "reference"):
+        values = torch.tensor([[float("nan"), 50.0, 0.0]])
+        indices = torch.tensor([[1000, -1, -1]])
+        issl.score_topk(Q, G, 3, out=(values, indices), accumulate=True, backend=backend)
+        results[backend] = (values, indices)
+    assert torch.equal(results["cpu"][1], results["reference"][1])
+    torch.testing.assert_close(results["cpu"][0], results["reference"][0])
+    assert torch.isfinite(results["cpu"][0]).all() and (results["cpu"][1] >= 0).all()

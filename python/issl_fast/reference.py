@@ -265,8 +265,11 @@ def score_topk(
     n = G.shape[0]
     best_v = torch.full((m, 0), -math.inf, dtype=accum)
     best_i = torch.full((m, 0), -1, dtype=torch.int64)
-    if init is not None:
+    if init is not None:  # (its empty slots, and any NaN or index -1 in it, are no candidates)
         best_v, best_i = init[0].to(accum), init[1].to(torch.int64)
+        kept = (best_i >= 0) & (best_v > -math.inf)  # (NaN fails the comparison)
+        best_v = torch.where(kept, best_v, torch.full_like(best_v, -math.inf))
+        best_i = torch.where(kept, best_i, torch.full_like(best_i, -1))
     for r0 in range(0, n, _ROW_CHUNK):
         r1 = min(n, r0 + _ROW_CHUNK)
         chunk = G[r0:r1]
