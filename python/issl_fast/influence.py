@@ -66,7 +66,8 @@ def model_fingerprint(model: nn.Module) -> str:
 @dataclass
 class TopInfluence:
     """Top-k influence per query. ``values[q, j]`` = score of store row ``rows[q, j]`` (example
-    id ``ids[q, j]``) for query q; -1 marks empty slots. Koh & Liang's ``I_up,loss`` is
+    id ``ids[q, j]``) for query q; empty slots (fewer candidates than topk) have row and id -1
+    and value -inf (+inf with ``opponents=True``). Koh & Liang's ``I_up,loss`` is
     ``-values`` (:meth:`koh_liang`); the first-order effect of removing the example is
     ``values / n`` (:meth:`removal_effect`)."""
 
@@ -422,8 +423,8 @@ class InfluenceSSL:
         return opened
 
     def fit(self, store: GradientStore | str | os.PathLike | None = None) -> InfluenceSSL:
-        """Fit the curvature (and damping) on a store's features (default: the last store
-        featurised); scans then default to that store."""
+        """Fit the curvature (and damping) on a store's features (default: the store this
+        object featurised; with several, pass the training store); scans then default to it."""
         if store is None:
             known = set(self._featurized)
             if self._fitted_store is not None:
