@@ -126,3 +126,20 @@ def test_accumulating_into_a_non_canonical_result_agrees_across_backends() -> No
     assert torch.equal(results["cpu"][1], results["reference"][1])
     torch.testing.assert_close(results["cpu"][0], results["reference"][0])
     assert torch.isfinite(results["cpu"][0]).all() and (results["cpu"][1] >= 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_score_topk_over_parts_equals_one_call_over_the_joined_rows(dtype) -> None:
+    torch.manual_seed(1)
+    Q, G = torch.randn(3, 16), torch.randn(101, 16).to(dtype)
+    exclude = torch.tensor([[5, -1], [99, 17], [-1, -1]])
+    want = issl.score_topk(Q, G, 7, exclude=exclude)
+    cuts = [0, 1, 40, 40, 77, 101]  # (an empty part too)
+    parts = [(G[a:b] if i % 2 or dtype == torch.bfloat16 else G[a:b].numpy(), a)
+             for i, (a, b) in enumerate(zip(cuts, cuts[1:]))]
+    got = issl.ops.score_topk_parts(Q, parts, 7, exclude=exclude)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+    empty = issl.ops.score_topk_parts(Q, [], 2)
+    assert (empty[1] == -1).all() and torch.isneginf(empty[0]).all()
+    with pytest.raises(ValueError, match="a part of the store is"):
+        issl.ops.score_topk_parts(Q, [(G[:5], 0), (G[:5, :8].contiguous(), 5)], 2)

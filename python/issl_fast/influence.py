@@ -174,6 +174,8 @@ class InfluenceSSL:
         self._held: tuple[tuple, torch.Tensor] | None = None
         # (what the weights were when hashed, their hash): see _weights_hash
         self._hashed: tuple[tuple, str] | None = None
+        # resolved store path -> (its manifest's inode, mtime and size when opened, the store)
+        self._opened: dict[str, tuple[tuple[int, ...], GradientStore]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -416,7 +418,22 @@ class InfluenceSSL:
             return store
         rank, size = self.ranks
         if size == 1:
-            return GradientStore.open(store, fingerprint=self.fingerprint())
+            # A path met again, its manifest unchanged: the store opened then (its shards were
+            # checksummed then; a path per call would hash the whole store every scan).
+            key = str(Path(store).resolve())
+            try:
+                stat = (Path(key) / MANIFEST).stat()
+                seen: tuple[int, ...] | None = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                seen = None
+            cached = self._opened.get(key)
+            if seen is not None and cached is not None and cached[0] == seen:
+                cached[1].check_fingerprint(self.fingerprint())
+                return cached[1]
+            opened = GradientStore.open(store, fingerprint=self.fingerprint())
+            if seen is not None:
+                self._opened[key] = (seen, opened)
+            return opened
         with distributed.together("opening the store"):  # each rank checksums its share
             opened = GradientStore.open(store, fingerprint=self.fingerprint(), verify=False)
             opened.verify(shards=range(rank, opened.num_shards, size))
@@ -646,25 +663,12 @@ class InfluenceSSL:
               exclude_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of ``q @ phi_i`` over the store rows ``span``: (values, rows), on the CPU."""
         q = q.to(self.scan_device)
-        m = q.shape[0]
-        values = torch.full((m, topk), -torch.inf, dtype=torch.float32)
-        rows = torch.full((m, topk), -1, dtype=torch.int64)
         held = self._held_rows(store, span)
         shards = [(held, span[0])] if held is not None else store.shards(span)
-        for i, (arr, first) in enumerate(shards):
-            if held is None and store.dtype == "float64":  # exactness tests: scored in float32
-                arr = np.asarray(arr, dtype=np.float32)
-            ops.score_topk(
-                q,
-                arr,
-                topk,
-                index_offset=first,
-                exclude=exclude_rows,
-                out=(values, rows),
-                accumulate=i > 0,
-                num_threads=self.num_threads,
-            )
-        return values, rows
+        if held is None and store.dtype == "float64":  # exactness tests: scored in float32
+            shards = ((np.asarray(arr, dtype=np.float32), first) for arr, first in shards)
+        return ops.score_topk_parts(q, shards, topk, exclude=exclude_rows,
+                                    num_threads=self.num_threads)
 
     def _held_rows(self, store: GradientStore, span: tuple[int, int]) -> torch.Tensor | None:
         """The store's rows ``span`` on the scan GPU, copied there on first use and kept while

@@ -11,6 +11,7 @@ fallback: asking for a backend this build lacks raises :class:`BackendUnavailabl
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal, Union
 
 import numpy as np
@@ -543,4 +544,45 @@ def score_topk(
         accumulate,
         _threads(num_threads),
     )
+    return values, indices
+
+
+def score_topk_parts(
+    Q: torch.Tensor,
+    parts: Iterable[tuple[Store, int]],
+    topk: int,
+    *,
+    exclude: torch.Tensor | np.ndarray | None = None,
+    num_threads: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`score_topk` over a store in parts ``(G_part, index_offset)`` (e.g. its shards),
+    merged into CPU ``(values, indices)``: the same result as one call over the rows joined. On
+    the CPU the queries, ``exclude`` and the result are checked by the first part's call only,
+    not per part (a store of many small shards spent more time in the per-call checks than in
+    the kernel); on a GPU every part goes through :func:`score_topk`.
+    """
+    topk = _check_int(topk, "topk", 1)
+    m = Q.shape[0] if isinstance(Q, torch.Tensor) and Q.dim() == 2 else 0
+    values = torch.full((m, topk), -torch.inf)
+    indices = torch.full((m, topk), -1, dtype=torch.int64)
+    checked: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
+    for i, (G, offset) in enumerate(parts):
+        if checked is None or not isinstance(G, (np.ndarray, torch.Tensor)):
+            score_topk(Q, G, topk, exclude=exclude, index_offset=offset, out=(values, indices),
+                       accumulate=i > 0, num_threads=num_threads)
+            if Q.device.type == "cpu":  # (valid: that call checked them)
+                q = Q.float() if Q.dtype == torch.bfloat16 else Q
+                checked = (q.contiguous(), _check_exclude(exclude, m), _threads(num_threads))
+            continue
+        q, ex, threads = checked
+        gptr, gcode, gshape, gdev = _store_pointer(G)
+        if gshape[1] != q.shape[1] or gdev.type != "cpu":
+            raise ValueError(f"a part of the store is {gshape} on {gdev}, the queries "
+                             f"{tuple(q.shape)} on the CPU")
+        offset = _check_int(offset, "index_offset", 0)
+        if offset + gshape[0] > _INT64_MAX:
+            raise ValueError(f"index_offset + n must be <= 2**63 - 1, got {offset}, {gshape[0]}")
+        _C.score_topk(q.data_ptr(), m, gptr, gcode, gshape[0], q.shape[1], topk,
+                      ex.data_ptr() if ex is not None else 0, ex.shape[1] if ex is not None else 0,
+                      offset, values.data_ptr(), indices.data_ptr(), True, threads)
     return values, indices
