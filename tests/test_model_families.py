@@ -272,3 +272,21 @@ def test_identity_features_of_a_half_precision_encoder_are_float32(dtype) -> Non
     attr = issl.InfluenceSSL(model, _loss(), issl.Projection("identity"), "identity")
     phi = attr.features(torch.rand(2, 3, 2, 2).to(dtype))
     assert phi.dtype == torch.float32 and np.isfinite(phi.numpy()).all()
+
+
+def test_the_weights_hash_sees_updates_that_keep_the_version_counter(tmp_path) -> None:
+    # momentum (EMA) encoders are updated through p.data, which leaves p._version as it was
+    torch.manual_seed(0)
+    model = _trained_bn(_ResNet())
+    attr = issl.InfluenceSSL(model, _loss(), issl.Projection("kron", k=16), "block")
+    store = attr.featurize(DataLoader(TensorDataset(torch.rand(6, 3, 8, 8)), batch_size=3),
+                           tmp_path / "s", progress=False)
+    attr.fit(store)
+    versions = [p._version for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data.mul_(0.99).add_(0.01 * torch.randn_like(p))
+    assert [p._version for p in model.parameters()] == versions
+    with pytest.raises(StoreError, match="built differently: model"):
+        attr.score(torch.rand(2, 3, 8, 8), topk=2)
+    assert attr.fingerprint()["model"] == model_fingerprint(model)

@@ -143,3 +143,11 @@ def test_score_topk_over_parts_equals_one_call_over_the_joined_rows(dtype) -> No
     assert (empty[1] == -1).all() and torch.isneginf(empty[0]).all()
     with pytest.raises(ValueError, match="a part of the store is"):
         issl.ops.score_topk_parts(Q, [(G[:5], 0), (G[:5, :8].contiguous(), 5)], 2)
+
+
+def test_out_sharing_memory_through_another_storage_is_refused() -> None:
+    buffer = np.random.default_rng(0).standard_normal((B, P)).astype(np.float32)
+    g = torch.from_numpy(buffer)
+    out = torch.from_numpy(buffer.reshape(-1)[:B * K].reshape(B, K))  # (its own storage)
+    with pytest.raises(ValueError, match="out shares memory with an input"):
+        issl.sketch_dense(g, K, out=out)

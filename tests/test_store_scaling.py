@@ -133,3 +133,25 @@ def test_self_influence_over_many_chunks_fills_every_row(tmp_path: Path, monkeyp
     phi = store.load(torch.float64)
     want = np.array([float(attr.solver.quad(phi[i:i + 1])[0]) for i in range(9)])
     np.testing.assert_allclose(whole, want, rtol=1e-10)
+
+
+def test_a_relative_store_path_names_the_store_it_named_when_opened(tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    attr = cnn_attribution("block")
+    for name, n in (("a", 8), ("b", 5)):
+        (tmp_path / name).mkdir()
+        attr.featurize([(images(n),)], tmp_path / name / "s", progress=False)
+    monkeypatch.chdir(tmp_path / "a")
+    attr.fit("s")
+    assert attr.score(images(2), topk=2, store="s").n == 8
+    monkeypatch.chdir(tmp_path / "b")
+    assert attr.score(images(2), topk=2, store=tmp_path / "a" / "s").n == 8
+    assert attr.score(images(2), topk=2, store="s").n == 5
+
+
+def test_a_bad_recheck_is_refused_before_a_store_is_made(tmp_path: Path) -> None:
+    attr = cnn_attribution("block")
+    with pytest.raises(ValueError, match="recheck"):
+        attr.featurize([(images(4),)], tmp_path / "s", progress=False, recheck=-1)
+    assert not (tmp_path / "s").exists()
+    assert attr.featurize([(images(4),)], tmp_path / "s", progress=False).rows == 4

@@ -651,6 +651,8 @@ def fallback_grads(
     else:
         try:
             grads = vmap(grad(loss_one), in_dims=(None, 0))(params, per_ex)
+        except (MemoryError, torch.cuda.OutOfMemoryError):
+            raise  # (not vmap's doing: one example at a time would not be the cure)
         except Exception as exc:  # (vmap's errors have no type of their own)
             raise VmapUnsupported(exc) from exc
     return torch.cat([grads[fb.name].reshape(b, -1) for fb in layout.fallback], dim=1)

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import apps, distributed, loading, ops, residency
 from ._backend import has_cuda
+from ._checks import count
 from .capture import build_layout
 from .featurize import Featurizer, model_device
 from .loss import AugmentationStability
@@ -174,8 +175,8 @@ class InfluenceSSL:
         self._held: tuple[tuple, torch.Tensor] | None = None
         # (what the weights were when hashed, their hash): see _weights_hash
         self._hashed: tuple[tuple, str] | None = None
-        # resolved store path -> (its manifest's inode, mtime and size when opened, the store)
-        self._opened: dict[str, tuple[tuple[int, ...], GradientStore]] = {}
+        # resolved store path -> (its manifest's SHA-256 when opened, the store): see _store
+        self._opened: dict[str, tuple[str, GradientStore]] = {}
 
     @property
     def device(self) -> torch.device:
@@ -210,13 +211,18 @@ class InfluenceSSL:
             "kfac_stats": self.featurizer.collect_stats,
         }
 
-    def _weights_hash(self) -> str:
-        """:func:`model_fingerprint` of the encoder, hashed again only when a parameter or
-        buffer changed since the last call (its storage, or its in-place version counter, which
-        optimiser steps and ``load_state_dict`` bump): every scan checks its store with it."""
-        key = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device)
-                    for name, t in self.encoder.state_dict(keep_vars=True).items())
-        if self._hashed is None or self._hashed[0] != key:
+    def _weights_hash(self, refresh: bool = False) -> str:
+        """:func:`model_fingerprint` of the encoder, hashed again only when the weights changed
+        since the last call, as far as a cheap key tells: every parameter's and buffer's storage,
+        in-place version counter, and a sample of its values (updates through ``p.data``, as
+        momentum encoders are written, or a fused optimiser, leave the version counter as it
+        was). Every scan checks its store with it; ``refresh`` (featurize, which stamps stores
+        with it): hash all the bytes whatever the key says."""
+        tensors = list(self.encoder.state_dict(keep_vars=True).items())
+        meta = tuple((name, t.data_ptr(), t._version, t.dtype, tuple(t.shape), t.device)
+                     for name, t in tensors)
+        key = (meta, _value_sample(t for _, t in tensors))
+        if refresh or self._hashed is None or self._hashed[0] != key:
             self._hashed = (key, model_fingerprint(self.encoder))
         return self._hashed[1]
 
@@ -267,6 +273,7 @@ class InfluenceSSL:
         self.release_device_memory()  # the GPU memory goes to the model while it featurises
         if not isinstance(append, bool):
             raise TypeError(f"append must be True or False, got {append!r}")
+        recheck = count(recheck, "recheck (stored examples featurised again)", minimum=0)
         rank, size = self.ranks
         if size > 1:
             if append:
@@ -278,6 +285,7 @@ class InfluenceSSL:
             # (a new store: refuse bad samplers before its directory is made)
             examples = (None if (Path(path) / MANIFEST).exists()
                         else loading.Examples(data, unique=True))
+            self._weights_hash(refresh=True)  # (stores are stamped with it: all bytes hashed)
             store = GradientStore.create_or_resume(
                 path, self.fingerprint(), self.dim, self.store_dtype, shard_rows, reopen=append
             )
@@ -422,15 +430,14 @@ class InfluenceSSL:
             # checksummed then; a path per call would hash the whole store every scan).
             key = str(Path(store).resolve())
             try:
-                stat = (Path(key) / MANIFEST).stat()
-                seen: tuple[int, ...] | None = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+                seen: str | None = hashlib.sha256((Path(key) / MANIFEST).read_bytes()).hexdigest()
             except OSError:
                 seen = None
             cached = self._opened.get(key)
             if seen is not None and cached is not None and cached[0] == seen:
                 cached[1].check_fingerprint(self.fingerprint())
                 return cached[1]
-            opened = GradientStore.open(store, fingerprint=self.fingerprint())
+            opened = GradientStore.open(key, fingerprint=self.fingerprint())
             if seen is not None:
                 self._opened[key] = (seen, opened)
             return opened
@@ -913,6 +920,25 @@ def _check_complete_store(store: GradientStore, examples: loading.Examples,
             else "featurize these data into another path")
     raise StoreError(f"the store at {store.path} is complete with {store.rows} examples, but "
                      f"the data have {len(planned)}: {hint}, or remove the store")
+
+
+# Values of each weight tensor in the weights hash's cache key (evenly strided): an update that
+# moves every value (an optimiser or momentum step) shows in them.
+SAMPLED_VALUES = 64
+
+
+def _value_sample(tensors: Iterable[torch.Tensor]) -> bytes:
+    """The bytes of :data:`SAMPLED_VALUES` evenly strided values of each tensor, gathered per
+    device and copied to the host once (not a copy of the weights)."""
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for t in tensors:
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            step = max(1, flat.numel() // SAMPLED_VALUES)
+            by_device.setdefault(t.device, []).append(
+                flat[::step][:SAMPLED_VALUES].to(torch.float64))
+    return b"".join(torch.cat(parts).cpu().numpy().tobytes()
+                    for _, parts in sorted(by_device.items(), key=lambda kv: str(kv[0])))
 
 
 def unwrap_encoder(encoder: nn.Module) -> nn.Module:

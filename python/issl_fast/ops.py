@@ -114,10 +114,9 @@ def _check_bool(v: object, name: str) -> bool:
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two dense tensors share bytes (the kernels write ``out`` while they read)."""
+    """Whether two contiguous tensors share bytes (the kernels write ``out`` while they read),
+    by address range: two storages may hold the same memory (tensors from one numpy buffer)."""
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     return a0 < b0 + b.numel() * b.element_size() and b0 < a0 + a.numel() * a.element_size()

@@ -8,9 +8,11 @@ Layout::
     stats_000000.npz ...   optional per-shard sums of curvature statistics (EK-FAC covariances)
 
 Every file is written to a temporary name, fsynced and renamed, and the manifest is rewritten the
-same way after each shard, so a crash never leaves a half-written store: at worst the rows after
-the last complete shard are recomputed. Shards hold exactly ``shard_rows`` rows (the last one
-fewer), whatever the batch size, so a resumed run writes the same shards as an uninterrupted one.
+same way after each shard (with many shards, after each 1/64 of them: :func:`manifest_due`), so a
+crash never leaves a half-written store: at worst the rows after the last shard the manifest
+lists are recomputed (under 1/64 of the rows; ``close()`` lists every durable shard). Shards
+hold exactly ``shard_rows`` rows (the last one fewer), whatever the batch size, so a resumed run
+writes the same shards as an uninterrupted one.
 Each shard's SHA-256 is in the manifest and is checked on open; a manifest that cannot be parsed
 or lacks a field is a :class:`StoreError` naming what is wrong. A store holds each example id
 once: a batch that repeats one is refused by ``append``, and ids repeated across batches by
