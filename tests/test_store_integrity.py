@@ -232,11 +232,20 @@ def test_append_to_a_store_refuses_an_id_it_holds(tmp_path: Path) -> None:
     x = images(8)
     attr.featurize(_dict_batches(x[:4], [0, 1, 2, 3], 2), tmp_path / "s", shard_rows=2,
                    progress=False)
-    with pytest.raises(StoreError, match=re.escape("id 2 in rows [2, 6]")):
+    before = GradientStore.open(tmp_path / "s")
+    rows, ids, files = before.load(), before.ids(), sorted(p.name for p in tmp_path.glob("s/*"))
+    with pytest.raises(StoreError, match=re.escape("id 2 in rows [2, 6]") + ".*dropped: the "
+                       "store is as it was before"):
         attr.featurize(_dict_batches(x, [0, 1, 2, 3, 4, 5, 2, 6], 2), tmp_path / "s",
                        shard_rows=2, progress=False, append=True)
-    left = GradientStore.open(tmp_path / "s", require_complete=False)
-    assert not left.complete and left.rows == 8
+    # an append is refused whole: the complete store it grew from, file for file
+    left = GradientStore.open(tmp_path / "s")
+    assert left.complete and left.rows == 4
+    assert torch.equal(left.load(), rows) and np.array_equal(left.ids(), ids)
+    assert sorted(p.name for p in tmp_path.glob("s/*")) == files
+    grown = attr.featurize(_dict_batches(x, [0, 1, 2, 3, 4, 5, 7, 6], 2), tmp_path / "s",
+                           shard_rows=2, progress=False, append=True)
+    assert grown.complete and grown.ids().tolist() == [0, 1, 2, 3, 4, 5, 7, 6]
 
 
 def test_featurize_resume_and_append_with_own_ids_are_unaffected(tmp_path: Path) -> None:

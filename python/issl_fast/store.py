@@ -672,13 +672,19 @@ class GradientStore:
     def finalize(self, meta: dict | None = None) -> None:
         """Write the last partial shard and mark the store complete (on success or failure, the
         writer's lock is released: a failed finalize leaves the store resumable). A store whose
-        rows repeat an example id is refused and stays incomplete."""
+        rows repeat an example id is refused and stays incomplete (one appended to after
+        :meth:`reopen` goes back to the complete store it was)."""
         self._check_writable()
         try:
             if self._pending_rows:
                 self._write_shard()  # (durable first: a refusal below loses no row)
             if not self.complete:  # (a complete store took no row since it was checked)
-                self._refuse_repeated_ids()
+                try:
+                    self._refuse_repeated_ids()
+                except StoreError:
+                    if self._reopened is not None:  # appended to: back to the store it was
+                        self._roll_back_to_reopened()
+                    raise
             if meta is not None:
                 self._m["meta"] = meta
             self._m["complete"] = True
@@ -688,6 +694,21 @@ class GradientStore:
             self.close()
             raise
         self._release_lock()
+
+    def _roll_back_to_reopened(self) -> None:
+        """The complete store :meth:`reopen` found, again: the shards added since are dropped
+        (their files removed) and the manifest lists the old ones as complete."""
+        assert self._reopened is not None
+        rows, shard_rows = self._reopened
+        dropped = [sh for sh in self._m["shards"] if sh["first_row"] >= rows]
+        self._m["shards"] = [sh for sh in self._m["shards"] if sh["first_row"] < rows]
+        self._m["rows"], self._m["shard_rows"], self._m["complete"] = rows, shard_rows, True
+        self._write_manifest()
+        for sh in dropped:
+            for key in ("phi", "ids", "stats"):
+                if key in sh:
+                    (self.path / sh[key]).unlink(missing_ok=True)
+        self._reopened = None
 
     def _refuse_repeated_ids(self) -> None:
         """Raises :class:`StoreError` naming the ids that more than one row holds, and those
@@ -702,10 +723,12 @@ class GradientStore:
         where = "; ".join(f"id {i} in rows {np.flatnonzero(ids == i)[:5].tolist()}"
                           for i in repeated[:5].tolist())
         more = f"; and {repeated.size - 5} more ids" if repeated.size > 5 else ""
+        after = ("The rows appended are dropped: the store is as it was before" if
+                 self._reopened is not None else "The store is left incomplete: remove it and "
+                 "featurize again")
         raise StoreError(
             f"example ids occur in more than one row of the store at {self.path} ({where}{more}): "
-            "ids must name each example once. The store is left incomplete: remove it and "
-            "featurize again with ids that name each example once")
+            f"ids must name each example once. {after}")
 
     def _write_shard(self) -> None:
         idx = len(self._m["shards"])
