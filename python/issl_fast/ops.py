@@ -7,6 +7,10 @@ the thread count beyond float rounding (Rademacher entries are bit-identical eve
 
 ``backend="auto"`` picks ``cuda`` for CUDA tensors and ``cpu`` otherwise. There is no silent
 fallback: asking for a backend this build lacks raises :class:`BackendUnavailableError`.
+
+Bad arguments are refused before anything is written. An op that fails while it runs (a
+``MemoryError`` for its scratch buffers) may leave ``out`` partly written: with
+``accumulate=True``, recompute it rather than retry into it.
 """
 
 from __future__ import annotations
