@@ -151,3 +151,10 @@ def test_out_sharing_memory_through_another_storage_is_refused() -> None:
     out = torch.from_numpy(buffer.reshape(-1)[:B * K].reshape(B, K))  # (its own storage)
     with pytest.raises(ValueError, match="out shares memory with an input"):
         issl.sketch_dense(g, K, out=out)
+
+
+def test_accumulate_may_be_a_numpy_bool() -> None:
+    g = torch.randn(B, P)
+    out = torch.ones(B, K)
+    issl.sketch_dense(g, K, out=out, accumulate=np.int64(3) > 0)  # (np.bool_)
+    torch.testing.assert_close(out, 1 + issl.sketch_dense(g, K))

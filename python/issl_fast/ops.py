@@ -112,9 +112,9 @@ def _threads(num_threads: int | None) -> int:
 
 
 def _check_bool(v: object, name: str) -> bool:
-    if not isinstance(v, bool):
+    if not isinstance(v, (bool, np.bool_)):  # (a comparison of numpy ints gives np.bool_)
         raise TypeError(f"{name} must be True or False, got {v!r}")
-    return v
+    return bool(v)
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -160,7 +160,7 @@ def _prepare_out(
 ) -> torch.Tensor:
     """``out`` checked (or a new tensor): float32, ``shape``, contiguous, on ``device``, and
     sharing no memory with ``inputs``."""
-    _check_bool(accumulate, "accumulate")
+    accumulate = _check_bool(accumulate, "accumulate")
     if out is None:
         if accumulate:
             raise ValueError("accumulate=True needs an out= tensor to add into")
@@ -502,7 +502,7 @@ def score_topk(
     if not (Q.device.type == "cuda" and gdev.type == "cpu"):  # CUDA streams a CPU store
         _same_device("Q", Q, "G", torch.empty(0, device=gdev))
     ex = _check_exclude(exclude, m)
-    _check_bool(accumulate, "accumulate")
+    accumulate = _check_bool(accumulate, "accumulate")
     if out is not None and isinstance(out, tuple) and len(out) == 2:
         stores = (G,) if isinstance(G, torch.Tensor) else ()
         for name, t in zip(("values", "indices"), out):
