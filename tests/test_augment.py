@@ -83,3 +83,51 @@ def test_half_images_on_the_cpu_are_augmented_in_float32(dtype: torch.dtype) -> 
     out = aug(x, ids, 1)
     assert out.dtype == dtype and out.shape == x.shape
     torch.testing.assert_close(out, aug(x.float(), ids, 1).to(dtype), rtol=0, atol=0)
+
+
+def test_noise_is_the_same_draw_in_every_dtype() -> None:
+    # (torch's float64 normal stream is another sequence than float32's: drawn in float32)
+    aug = issl.SSLAugment(seed=2, noise_std=0.05)
+    x = torch.rand(3, 3, 12, 12)
+    ids = torch.tensor([4, 9, 1])
+    torch.testing.assert_close(aug(x.double(), ids, 1).float(), aug(x, ids, 1), rtol=0,
+                               atol=1e-5)
+
+
+def test_ids_and_views_beyond_the_counter_are_refused() -> None:
+    aug = issl.SSLAugment(seed=0)
+    x = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"ids must be < 2\*\*48"):
+        aug(x, torch.tensor([3, 2**48 + 3]), 0)
+    with pytest.raises(ValueError, match=r"view must be in \[0, 2\*\*16\)"):
+        aug(x, torch.tensor([0, 1]), 2**16)
+    assert aug(x, torch.tensor([0, 2**48 - 1]), 2**16 - 1).shape == x.shape
+
+
+def test_integer_images_and_impossible_settings_are_named() -> None:
+    with pytest.raises(TypeError, match=r"float image batch, got torch.uint8.*x.float\(\) / 255"):
+        issl.SSLAugment()(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.arange(2), 0)
+    for bad, field in (({"blur_sigma": (0.0, 0.0)}, "blur_sigma"),
+                       ({"crop_scale": (0.9, 0.5)}, "crop_scale"),
+                       ({"crop_ratio": (0.0, 1.0)}, "crop_ratio"),
+                       ({"brightness": 1.5}, "brightness"), ({"flip_p": 2.0}, "flip_p"),
+                       ({"hue": 0.7}, "hue"), ({"noise_std": -1.0}, "noise_std")):
+        with pytest.raises(ValueError, match=f"SSLAugment.{field} must be"):
+            issl.SSLAugment(**bad)
+    issl.SSLAugment.light()  # the presets are valid
+
+
+def test_a_sequence_first_representation_is_an_error_not_mixed_examples() -> None:
+    loss = issl.AugmentationStability(views=2, augment=issl.SSLAugment.light(seed=0))
+
+    class SeqFirst(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, N, d]
+            return x.flatten(2).transpose(0, 1)[:, :, :4].contiguous()
+
+    x = torch.rand(4, 5, 8, 8)  # (5 "tokens" as channels)
+    with pytest.raises(ValueError, match=r"batch first, 12 rows \(3 views x 4 examples\), got "
+                                         r"shape \(5, 12, 4\)"):
+        loss(SeqFirst(), x, torch.arange(4))
+    fixed = issl.AugmentationStability(views=2, augment=issl.SSLAugment.light(seed=0),
+                                       representation=lambda out: out.transpose(0, 1))
+    assert fixed(SeqFirst(), x, torch.arange(4)).shape == (4,)

@@ -14,6 +14,11 @@ from torch.func import functional_call, grad, vmap
 
 # Sketch sums over ~4k gradient entries in float32 on both sides.
 SKETCH_RTOL = 2e-4
+# The kron path sums float32 per-row factor products whose terms largely cancel in G (an
+# example's anchor and views pull opposite ways): relative to G's largest entry its float32
+# error reaches ~3e-4 on small layers (measured against float64: 2.8e-4 on the output Linear of
+# the grouped/padded model; the float32 reference from the exact G is within 1e-7).
+KRON_RTOL = 5e-4
 
 
 def _brute_force_flat_grads(model, layout, loss, x, ids) -> torch.Tensor:
@@ -55,7 +60,7 @@ def _assert_kron_blocks_match(model, layout, loss, x, ids, brute: torch.Tensor) 
         p_in, p_out = feat._projections(block, layer.d_in, layer.d_out)
         want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
         err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
-        assert err.item() < SKETCH_RTOL, layer.name
+        assert err.item() < KRON_RTOL, layer.name
 
 
 @pytest.fixture()
@@ -108,7 +113,7 @@ def test_kron_blocks_equal_kron_of_brute_force(setup) -> None:
         p_out = torch.from_numpy(p_out).float() / block.k_out**0.5
         want = (p_out @ G @ p_in.T).reshape(x.shape[0], -1)
         err = (phi[:, block.start : block.stop] - want).abs().max() / want.abs().max()
-        assert err.item() < SKETCH_RTOL, layer.name
+        assert err.item() < KRON_RTOL, layer.name
     fb = feat.blocks[-1]
     fb_grad = brute[:, layout.fallback[0].offset :].contiguous()
     want = issl.sketch_dense(fb_grad, fb.dim, seed=fb.seed)

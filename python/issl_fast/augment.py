@@ -6,8 +6,11 @@ same example gets the same views in any batch, order or process — which is wha
 gradient features reproducible and resumable.
 
 Images are float tensors ``[B, C, H, W]`` (any C; saturation, hue and grayscale need C = 3,
-other channel counts get brightness/contrast jitter only), values nominally in [0, 1]. Views keep
-the input size.
+other channel counts get brightness/contrast jitter only), values nominally in [0, 1]; integer
+images are refused (scale them first). Views keep the input size and are not clamped: jitter,
+blur of the border and noise may take values outside [0, 1] (normalised inputs, with negative
+values, work as they are). Example ids must be < 2**48 and view numbers < 2**16 (they share one
+64-bit counter).
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ class AugmentFn(Protocol):
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor: ...
 
 
+# Views are drawn from one 64-bit counter ``id * 2**16 + view``.
+MAX_VIEW = 1 << 16
+MAX_ID = 1 << 48
+
+
 def view_uniforms(
     seed: int, ids: torch.Tensor | np.ndarray, view: int, n: int = _N_PARAMS
 ) -> np.ndarray:
@@ -63,8 +71,12 @@ def view_uniforms(
         raise ValueError(f"ids must be 1-D [B], got shape {ids.shape}")
     if (ids < 0).any():
         raise ValueError("example ids must be >= 0")
-    if view < 0:
-        raise ValueError(f"view must be >= 0, got {view}")
+    if len(ids) and int(ids.max()) >= MAX_ID:
+        # (id and view share one 64-bit counter: larger ids would repeat smaller ones' views)
+        raise ValueError(f"example ids must be < 2**48 for seeded views, got {int(ids.max())}: "
+                         "number examples (e.g. by dataset index) instead of hashing them")
+    if not 0 <= view < MAX_VIEW:
+        raise ValueError(f"view must be in [0, 2**16), got {view}")
     # Column = (id, view) folded into one 64-bit counter; word = parameter slot.
     cols = ids.astype(np.uint64) * np.uint64(1 << 16) + np.uint64(view)
     ck = reference.column_keys(key, cols)
@@ -118,10 +130,30 @@ class SSLAugment:
         """Everything that determines the views (part of a store's fingerprint)."""
         return {"kind": "SSLAugment", **asdict(self)}
 
+    def __post_init__(self) -> None:
+        def check(ok: bool, field: str, what: str) -> None:
+            if not ok:
+                raise ValueError(f"SSLAugment.{field} must be {what}, got {getattr(self, field)!r}")
+
+        lo, hi = self.crop_scale
+        check(0 < lo <= hi <= 1, "crop_scale", "(lo, hi) with 0 < lo <= hi <= 1")
+        lo, hi = self.crop_ratio
+        check(0 < lo <= hi, "crop_ratio", "(lo, hi) with 0 < lo <= hi")
+        lo, hi = self.blur_sigma
+        check(0 < lo <= hi, "blur_sigma", "(lo, hi) with 0 < lo <= hi")
+        for field in ("flip_p", "jitter_p", "gray_p", "blur_p", "brightness", "contrast",
+                      "saturation"):
+            check(0 <= getattr(self, field) <= 1, field, "in [0, 1]")
+        check(0 <= self.hue <= 0.5, "hue", "in [0, 0.5]")
+        check(self.noise_std >= 0, "noise_std", ">= 0")
+
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, view: int) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x must be an image batch [B, C, H, W], got {shape}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a float image batch, got {x.dtype}: scale integer "
+                            "images to floats first, e.g. x.float() / 255")
         if len(ids) != x.shape[0]:
             raise ValueError(f"ids has {len(ids)} entries but x has batch size {x.shape[0]}")
         if x.device.type == "cpu" and x.dtype in (torch.float16, torch.bfloat16):
@@ -205,11 +237,12 @@ def seeded_normal(x: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     from its uniform ``u[b]`` (so noise is a pure function of (seed, id, view) like every other
     parameter; drawn on the CPU, where a seeded generator gives the same numbers everywhere)."""
     seeds = (u.double() * 2**53).long().tolist()
-    noise = torch.empty_like(x, device="cpu")
+    noise = torch.empty(x.shape, dtype=torch.float32)
     for b, s in enumerate(seeds):
         gen = torch.Generator().manual_seed(s)
-        noise[b] = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype)
-    return noise.to(x.device)
+        # (drawn in float32 whatever x's dtype: torch's float64 stream is another sequence)
+        noise[b] = torch.randn(x.shape[1:], generator=gen, dtype=torch.float32)
+    return noise.to(x.device, x.dtype)
 
 
 def _blur_matrix(sigma: torch.Tensor, n: int, max_sigma: float) -> torch.Tensor:

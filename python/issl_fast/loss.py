@@ -106,6 +106,12 @@ class AugmentationStability:
                 f"the representation must be a tensor, got {type(z).__name__}; pass "
                 "representation=... to pick it from the encoder's output"
             )
+        if z.dim() == 0 or z.shape[0] != self.groups * batch:
+            raise ValueError(
+                f"the representation must have the batch first, {self.groups * batch} rows "
+                f"({self.groups} views x {batch} examples), got shape {tuple(z.shape)}: a "
+                "sequence-first output [T, N, d] needs representation=lambda out: "
+                "out.transpose(0, 1) (or a pooled token)")
         z = z.reshape(self.groups, batch, -1)
         if z.dtype in (torch.float16, torch.bfloat16):
             # 1 - cos of nearby views cancels most of its digits: in half precision the loss and
