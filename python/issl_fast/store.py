@@ -675,6 +675,7 @@ class GradientStore:
         rows repeat an example id is refused and stays incomplete (one appended to after
         :meth:`reopen` goes back to the complete store it was)."""
         self._check_writable()
+        rolled_back = False
         try:
             if self._pending_rows:
                 self._write_shard()  # (durable first: a refusal below loses no row)
@@ -684,13 +685,15 @@ class GradientStore:
                 except StoreError:
                     if self._reopened is not None:  # appended to: back to the store it was
                         self._roll_back_to_reopened()
+                        rolled_back = True
                     raise
             if meta is not None:
                 self._m["meta"] = meta
             self._m["complete"] = True
             self._write_manifest()
         except BaseException:
-            self._m["complete"] = False
+            if not rolled_back:
+                self._m["complete"] = False
             self.close()
             raise
         self._release_lock()
@@ -740,6 +743,7 @@ class GradientStore:
             "ids": (f"ids_{idx:06d}.npy", ids),
         }
         for key, (name, arr) in files.items():
+            self._headers.pop(name, None)  # (a file of that name dropped before: parse anew)
             _atomic_write(self.path / name, lambda f, a=arr: np.save(f, a, allow_pickle=False))
             entry[key] = name
             entry[f"{key}_sha256"] = _sha256(self.path / name)
