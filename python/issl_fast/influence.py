@@ -512,9 +512,7 @@ class InfluenceSSL:
         ``[m, e]`` store rows each query must not return (-1: none), e.g. its own row when the
         queries are the training set. ``query_ids`` of the result: the queries' ids (see
         :mod:`.loading`: their own, a ``DataLoader``'s dataset indices, or stream positions)."""
-        if not isinstance(topk, numbers.Integral) or isinstance(topk, bool) or topk < 1:
-            raise ValueError(f"topk must be an int >= 1, got {topk!r}")
-        topk = int(topk)
+        topk = count(topk, "topk")
         store = self._store(store)
         if isinstance(queries, torch.Tensor):
             q = self.preconditioned(queries, ids)

@@ -381,8 +381,8 @@ class Examples:
         rows = recheck.sample(len(stored_ids))
         if not len(rows):
             return
-        planned = np.concatenate([b for b, _ in self._pieces])
-        x, ids, _ = next(self._load([(planned[rows], 0)]))
+        # (the caller found the loader's first indices to be the stored ids: load those)
+        x, ids, _ = next(self._load([(stored_ids[rows], 0)]))
         if len(ids) != len(rows):  # batches with ids of their own, whose collate drops rows
             keep = np.isin(stored_ids[rows], ids.numpy())
             rows = rows[keep]

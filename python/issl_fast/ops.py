@@ -90,6 +90,15 @@ def _check_columns(col_offset: int, P: int) -> None:
         raise ValueError(f"col_offset + P must be <= 2**63 - 1, got col_offset={col_offset}, P={P}")
 
 
+def _check_index_offset(index_offset: object, n: int) -> int:
+    """A store part's first row id: the last one (``+ n - 1``) must fit int64."""
+    offset = _check_int(index_offset, "index_offset", 0)
+    if offset + n > _INT64_MAX:
+        raise ValueError(
+            f"index_offset + n must be <= 2**63 - 1, got index_offset={offset}, n={n}")
+    return offset
+
+
 def _check_seed(seed: object) -> int:
     return _check_int(seed, "seed", 0, 2**64 - 1)
 
@@ -494,11 +503,7 @@ def score_topk(
     if k < 1:
         raise ValueError(f"k must be >= 1, got Q shape {tuple(Q.shape)}")
     topk = _check_int(topk, "topk", 1)
-    index_offset = _check_int(index_offset, "index_offset", 0)
-    if index_offset + n > _INT64_MAX:
-        raise ValueError(
-            f"index_offset + n must be <= 2**63 - 1, got index_offset={index_offset}, n={n}"
-        )
+    index_offset = _check_index_offset(index_offset, n)
     if not (Q.device.type == "cuda" and gdev.type == "cpu"):  # CUDA streams a CPU store
         _same_device("Q", Q, "G", torch.empty(0, device=gdev))
     ex = _check_exclude(exclude, m)
@@ -582,9 +587,7 @@ def score_topk_parts(
         if gshape[1] != q.shape[1] or gdev.type != "cpu":
             raise ValueError(f"a part of the store is {gshape} on {gdev}, the queries "
                              f"{tuple(q.shape)} on the CPU")
-        offset = _check_int(offset, "index_offset", 0)
-        if offset + gshape[0] > _INT64_MAX:
-            raise ValueError(f"index_offset + n must be <= 2**63 - 1, got {offset}, {gshape[0]}")
+        offset = _check_index_offset(offset, gshape[0])
         _C.score_topk(q.data_ptr(), m, gptr, gcode, gshape[0], q.shape[1], topk,
                       ex.data_ptr() if ex is not None else 0, ex.shape[1] if ex is not None else 0,
                       offset, values.data_ptr(), indices.data_ptr(), True, threads)

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ._checks import count
 from .store import GradientStore, StoreError
 
 # Stored examples featurised again by default (a few: one more small batch per featurize call).
@@ -49,8 +48,8 @@ def store_recheck(store: GradientStore, featurize: Callable[[torch.Tensor, torch
                                                              torch.Tensor],
                   rows: int) -> Recheck | None:
     """A :class:`Recheck` of ``rows`` examples of ``store`` (None for 0) that compares their
-    rows with ``featurize(x, ids)`` (features ``[B, dim]``)."""
-    rows = count(rows, "recheck (stored examples featurised again)", minimum=0)
+    rows with ``featurize(x, ids)`` (features ``[B, dim]``). ``rows``: checked by the caller
+    (featurize, before it makes a store)."""
     if rows == 0:
         return None
 
