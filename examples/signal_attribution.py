@@ -74,7 +74,8 @@ def train(encoder: nn.Module, x: torch.Tensor, epochs: int, seed: int = 0) -> No
     gen = torch.Generator().manual_seed(seed)
     encoder.train()
     for epoch in range(epochs):
-        augment = issl.SignalAugment(seed=seed + epoch)
+        # (per-example draws for training: shared=False)
+        augment = issl.SignalAugment(seed=seed + epoch, shared=False)
         for batch in torch.randperm(x.shape[0], generator=gen).split(128):
             loss = nt_xent(encoder(augment(x[batch], batch, 1)),
                            encoder(augment(x[batch], batch, 2)))

@@ -103,6 +103,22 @@ class Video3d(nn.Module):
         return self.head(torch.tanh(self.dilated(h)).mean((2, 3, 4)))
 
 
+class FoldedFrames(nn.Module):
+    """A 2-D CNN run on each frame of a clip, the frames folded into the batch
+    (``[N * T, C, H, W]`` from ``[N, T, C, H, W]``), then pooled over time; a depthwise
+    second convolution; [N, 3, 2, 7, 6] inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(2, 4, 3, stride=2, padding=1)
+        self.dw = nn.Conv2d(4, 4, 3, groups=4, padding=1, padding_mode="reflect")
+        self.head = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.dw(torch.tanh(self.stem(x.flatten(0, 1)))))
+        return self.head(h.mean((2, 3)).unflatten(0, x.shape[:2]).mean(1))
+
+
 def images(n: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.rand(n, 3, 12, 12, generator=gen)

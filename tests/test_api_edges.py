@@ -12,7 +12,7 @@ import pytest
 import torch
 from engine_models import cnn_attribution, images
 from issl_fast.store import StoreError
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 N = 10
 
@@ -158,3 +158,41 @@ def test_counts_from_numpy_are_ints_everywhere(tmp_path: Path) -> None:
     groups = np.array([0, 1, 0, 1, 0, 1])
     result = attr.group_influence(groups, n_boot=np.int64(20))
     assert result.counts.tolist() == [3, 3]
+
+
+def _every_scan(attr: issl.InfluenceSSL, x: torch.Tensor, root: Path) -> dict[str, np.ndarray]:
+    """featurize -> fit -> every scan of the API, as arrays."""
+    store = attr.featurize(DataLoader(TensorDataset(x), batch_size=5), root, progress=False)
+    attr.fit(store)
+    top = attr.score(x[:3], ids=torch.arange(3), topk=4)
+    pairs = attr.find_duplicates(threshold=-1.0, topk=2)
+    clustered = attr.neighbours(3, search=issl.apps.ClusteredSearch(clusters=3, probes=3))
+    groups = attr.group_influence(np.arange(len(x)) % 2, x[:4], np.zeros(4), n_boot=20)
+    return {"score": top.values, "score_ids": top.ids, "pairs": pairs.similarity,
+            "outliers": attr.find_outliers().scores, "self": attr.self_influence(),
+            "clustered": clustered[0], "cross": groups.cross}
+
+
+def _float64_cnn() -> issl.InfluenceSSL:
+    attr = cnn_attribution("gauss_newton")
+    attr.encoder.double()
+    return attr
+
+
+def test_a_float64_default_dtype_changes_no_result(tmp_path: Path) -> None:
+    # every buffer the scans allocate is float32 whatever torch's default dtype (a float64
+    # default made score, find_duplicates, find_outliers and the clustered search fail)
+    x = images(12).double()
+    # (both made under the float32 default: a float64 default draws other initial weights)
+    ours, theirs = _float64_cnn(), _float64_cnn()
+    want = _every_scan(ours, x, tmp_path / "f32")
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = _every_scan(theirs, x, tmp_path / "f64")
+    finally:
+        torch.set_default_dtype(before)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_allclose(np.asarray(got[key]), np.asarray(want[key]), rtol=1e-5,
+                                   atol=1e-6, err_msg=key)

@@ -31,14 +31,22 @@ def test_views_independent_of_batch_composition_and_order(aug) -> None:
 
 def test_views_differ_by_view_id_and_seed() -> None:
     x, ids = _imgs(6), torch.arange(6)
-    aug = issl.SSLAugment(seed=1)
+    aug = issl.SSLAugment(seed=1, shared=False)
     v1, v2 = aug(x, ids, 1), aug(x, ids, 2)
     assert (v1 - v2).abs().amax(dim=(1, 2, 3)).min() > 1e-3
-    other_seed = issl.SSLAugment(seed=2)(x, ids, 1)
+    other_seed = issl.SSLAugment(seed=2, shared=False)(x, ids, 1)
     assert (v1 - other_seed).abs().amax(dim=(1, 2, 3)).min() > 1e-3
     same_img = x[:1].expand(6, -1, -1, -1)
     per_id = aug(same_img, ids, 1)  # one image, six ids -> six different views
     assert (per_id[0] - per_id[1:]).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    # the default: views shared by every example (one image, six ids -> one view), still
+    # different by view and seed
+    shared = issl.SSLAugment(seed=1)
+    assert torch.equal(shared(same_img, ids, 1), shared(same_img[:1], ids[:1], 1).expand(6, -1,
+                                                                                       -1, -1))
+    assert (shared(x, ids, 1) - shared(x, ids, 2)).abs().amax(dim=(1, 2, 3)).min() > 1e-3
+    assert (shared(x, ids, 1) - issl.SSLAugment(seed=2)(x, ids, 1)).abs().amax(
+        dim=(1, 2, 3)).min() > 1e-3
 
 
 def test_uniforms_are_uniform_and_pinned() -> None:
@@ -95,10 +103,13 @@ def test_noise_is_the_same_draw_in_every_dtype() -> None:
 
 
 def test_ids_and_views_beyond_the_counter_are_refused() -> None:
-    aug = issl.SSLAugment(seed=0)
+    aug = issl.SSLAugment(seed=0, shared=False)
     x = torch.rand(2, 3, 8, 8)
     with pytest.raises(ValueError, match=r"ids must be < 2\*\*48"):
         aug(x, torch.tensor([3, 2**48 + 3]), 0)
+    # shared views do not draw from the ids: any id gives the same views
+    shared = issl.SSLAugment(seed=0)
+    assert torch.equal(shared(x, torch.tensor([3, 2**48 + 3]), 5), shared(x, torch.arange(2), 5))
     with pytest.raises(ValueError, match=r"view must be in \[0, 2\*\*16\)"):
         aug(x, torch.tensor([0, 1]), 2**16)
     assert aug(x, torch.tensor([0, 2**48 - 1]), 2**16 - 1).shape == x.shape

@@ -7,7 +7,8 @@ import issl_fast as issl
 import pytest
 import torch
 
-OFF = dict(crop_scale=(1.0, 1.0), scale=(1.0, 1.0), mask_p=0.0, noise_std=0.0)
+# every transform off, views drawn per example (so that draws vary across a batch)
+OFF = dict(crop_scale=(1.0, 1.0), scale=(1.0, 1.0), mask_p=0.0, noise_std=0.0, shared=False)
 
 
 def _signals(b: int = 6, c: int = 2, n: int = 37, seed: int = 0) -> torch.Tensor:

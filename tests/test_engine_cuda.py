@@ -22,7 +22,15 @@ import issl_fast as issl
 import numpy as np
 import pytest
 import torch
-from engine_models import Signal1d, Video3d, batches, cnn_attribution, images, tiny_vit
+from engine_models import (
+    FoldedFrames,
+    Signal1d,
+    Video3d,
+    batches,
+    cnn_attribution,
+    images,
+    tiny_vit,
+)
 from issl_fast import apps, ops, residency
 from issl_fast.augment import view_uniforms
 from issl_fast.store import GradientStore
@@ -267,10 +275,12 @@ class _Noise:
 def test_1d_and_3d_convolutions_on_the_gpu_match_the_cpu(kind) -> None:
     # Conv1d / Conv3d (grouped, dilated, every padding mode) through cuDNN's 1-D and 3-D
     # convolutions (kron: the conv by P_in; grouped: the exact gradient) and the CUDA sketches;
-    # SignalAugment's views made on the GPU equal the CPU's.
+    # SignalAugment's views made on the GPU equal the CPU's; a clip's frames folded into a
+    # Conv2d's batch.
     for model, x, augment in (
             (Signal1d(), torch.rand(7, 3, 23), issl.SignalAugment(seed=2, reverse_p=0.5)),
-            (Video3d(), torch.rand(5, 2, 5, 7, 6), _Noise())):
+            (Video3d(), torch.rand(5, 2, 5, 7, 6), _Noise()),
+            (FoldedFrames(), torch.rand(4, 3, 2, 7, 6), _Noise())):
         loss = issl.AugmentationStability(views=2, augment=augment)
         cpu = issl.InfluenceSSL(model, loss, issl.Projection(kind, k=64, seed=1), "block")
         gpu = copy.deepcopy(cpu)

@@ -1,7 +1,7 @@
 """Encoders as people build them, beyond the engine's test models: BatchNorm ResNets (0-dim
 buffers in the fingerprint), weights tied between modules, blocks named in track=, modules
-torch.func.vmap cannot batch (a GRU), a squeeze() in the encoder, frames folded into a
-convolution's batch. Features are compared with per-example gradients taken by plain autograd,
+torch.func.vmap cannot batch (a GRU), a squeeze() in the encoder, a clip's frames folded into
+a convolution's batch. Features are compared with per-example gradients taken by plain autograd,
 one example at a time, in float64."""
 
 from __future__ import annotations
@@ -242,27 +242,122 @@ def test_a_squeeze_in_the_encoder_and_a_first_batch_of_one_example() -> None:
 
 
 class _Frames(nn.Module):
-    """A 2-D CNN applied to each frame of a clip [N, T, C, H, W], frames folded into the batch."""
+    """A 2-D CNN applied to each frame of a clip [N, T, C, H, W], frames folded into the batch
+    (frame-major instead with ``frame_major``: not an example's rows together). ``as_3d``: the
+    same network as a Conv3d with a temporal kernel of 1 over [N, C, T, H, W] (the same weight
+    layout and gradient, no folding), to compare the sketches with."""
 
-    def __init__(self) -> None:
+    def __init__(self, groups: int = 1, as_3d: bool = False, frame_major: bool = False) -> None:
         super().__init__()
-        self.c1, self.head = nn.Conv2d(3, 4, 3, stride=2, padding=1), nn.Linear(4, 3)
+        self.as_3d, self.frame_major = as_3d, frame_major
+        if as_3d:
+            self.c1 = nn.Conv3d(4, 6, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1),
+                                groups=groups)
+        else:
+            self.c1 = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=groups)
+        self.head = nn.Linear(6, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, t = x.shape[:2]
-        h = torch.tanh(self.c1(x.reshape(n * t, *x.shape[2:]))).mean((2, 3))
-        return self.head(h.reshape(n, t, -1).mean(1))
+        if self.as_3d:
+            h = torch.tanh(self.c1(x.transpose(1, 2))).mean((3, 4)).transpose(1, 2)
+        elif self.frame_major:
+            h = self.c1(x.transpose(0, 1).reshape(t * n, *x.shape[2:]))
+            h = torch.tanh(h).mean((2, 3)).reshape(t, n, -1).transpose(0, 1)
+        else:
+            h = torch.tanh(self.c1(x.reshape(n * t, *x.shape[2:]))).mean((2, 3))
+            h = h.reshape(n, t, -1)
+        return self.head(h.mean(1))
 
 
-def test_frames_folded_into_a_convolutions_batch_are_an_error_naming_the_way_out() -> None:
+@pytest.mark.parametrize("groups", [1, 2])
+def test_frames_folded_into_a_convolutions_batch_are_featurised_exactly(groups) -> None:
     torch.manual_seed(0)
-    model = _Frames().double()
-    x = torch.rand(2, 3, 3, 6, 6, dtype=torch.float64)
+    model = _Frames(groups).double()
+    _assert_exact(model, torch.rand(3, 5, 4, 6, 7, dtype=torch.float64))
+    # one example (the probe runs on one row more), then batches of other sizes that reuse
+    # the probed answer
+    feat = Featurizer(model, build_layout(model), _loss(), issl.Projection("identity"))
+    for b in (1, 4, 2):
+        x = torch.rand(b, 5, 4, 6, 7, dtype=torch.float64)
+        ids = torch.arange(b) + 10 * b
+        phi, _ = feat(x, ids)
+        torch.testing.assert_close(phi, _truth(model, feat.layout, _loss(), x, ids),
+                                   rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["kron", "dense"])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_folded_frames_sketch_like_a_conv3d_over_time(kind, groups, monkeypatch) -> None:
+    # a Conv2d over folded frames and a Conv3d with a temporal kernel of 1 have the same weight
+    # layout and per-example gradients, so the same sketches and EK-FAC statistics
+    torch.manual_seed(0)
+    folded, conv3d = _Frames(groups), _Frames(groups, as_3d=True)
+    with torch.no_grad():
+        conv3d.c1.weight.copy_(folded.c1.weight[:, :, None])
+        conv3d.c1.bias.copy_(folded.c1.bias)
+        conv3d.head.load_state_dict(folded.head.state_dict())
+    x, ids = torch.rand(4, 3, 4, 6, 7), torch.arange(4)
+    out = []
+    for model, chunk in ((folded, 1 << 20), (conv3d, 1 << 20), (folded, 1)):
+        # (chunk 1: the factors formed one example at a time)
+        monkeypatch.setattr("issl_fast.featurize.FACTOR_CHUNK_BYTES", chunk)
+        feat = Featurizer(model, build_layout(model), _loss(), issl.Projection(kind, k=16),
+                          collect_stats=True)
+        out.append(feat(x, ids))
+    for phi, stats in out[1:]:
+        torch.testing.assert_close(phi, out[0][0], rtol=2e-4, atol=1e-6)
+        assert stats.keys() == out[0][1].keys()
+        for key in stats:
+            torch.testing.assert_close(stats[key], out[0][1][key], rtol=1e-4, atol=1e-8)
+    # the convolution's statistics were compared (a grouped one has none: Gauss-Newton block)
+    assert ("c1/A" in out[0][1]) == (kind == "kron" and groups == 1)
+
+
+def test_folded_frames_score_through_a_store_as_the_conv3d_does(tmp_path) -> None:
+    # featurize (batches of 4, 4, 3: the probed answer reused on a smaller last batch) ->
+    # EK-FAC fit -> score: the same top proponents and scores as the Conv3d over time
+    torch.manual_seed(0)
+    folded, conv3d = _Frames(), _Frames(as_3d=True)
+    with torch.no_grad():
+        conv3d.c1.weight.copy_(folded.c1.weight[:, :, None])
+        conv3d.c1.bias.copy_(folded.c1.bias)
+        conv3d.head.load_state_dict(folded.head.state_dict())
+    x = torch.rand(11, 3, 4, 6, 7)
+    tops = []
+    for name, model in (("folded", folded), ("conv3d", conv3d)):
+        attr = issl.InfluenceSSL(model, _loss(), issl.Projection("kron", k=16), "ekfac")
+        attr.featurize(DataLoader(TensorDataset(x), batch_size=4), tmp_path / name,
+                       progress=False)
+        attr.fit(tmp_path / name)
+        tops.append(attr.score(x[:3], ids=torch.arange(3), topk=4))
+    assert tops[0].ids.tolist() == tops[1].ids.tolist()
+    np.testing.assert_allclose(tops[0].values, tops[1].values, rtol=2e-3)
+
+
+def test_frames_folded_frame_major_or_by_another_count_are_errors_naming_the_way_out() -> None:
+    torch.manual_seed(0)
+    x = torch.rand(3, 2, 4, 6, 6, dtype=torch.float64)
+    model = _Frames(frame_major=True).double()
     attr = issl.InfluenceSSL(model, _loss(), issl.Projection("kron", k=9), "block")
-    with pytest.raises(ValueError, match=r"layer 'c1' ran on 18 rows for a batch of 6 .*"
+    with pytest.raises(ValueError, match=r"layer 'c1': the rows of its input \(18, 4, 6, 6\) "
+                                         r"are not grouped by example"):
+        attr.features(x)
+
+    class _Extra(_Frames):  # one constant frame more than the clips' (not a multiple of rows)
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("blank", torch.zeros(1, 4, 6, 6))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.c1(torch.cat([x.flatten(0, 1), self.blank])))[:-1]
+            return self.head(h.mean((2, 3)).unflatten(0, x.shape[:2]).mean(1))
+
+    attr = issl.InfluenceSSL(_Extra().double(), _loss(), issl.Projection("kron", k=9), "block")
+    with pytest.raises(ValueError, match=r"layer 'c1' ran on 19 rows for a batch of 9 .*"
                                          r"track=\['<layer>.weight'"):
         attr.features(x)
-    _assert_exact(model, x, track=["c1.weight", "c1.bias", "head"])
+    _assert_exact(_Extra().double(), x, track=["c1.weight", "c1.bias", "head"])
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

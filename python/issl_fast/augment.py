@@ -87,7 +87,8 @@ def view_uniforms(
 @dataclass(frozen=True)
 class SSLAugment:
     """SimCLR-style view generator: random resized crop + flip, colour jitter, grayscale, blur,
-    Gaussian noise; each with its own probability. Parameters per (seed, id, view)."""
+    Gaussian noise; each with its own probability. Parameters per (seed, view), the same for
+    every example (``shared``, the default), or per (seed, id, view)."""
 
     seed: int = 0
     crop_scale: tuple[float, float] = (0.2, 1.0)
@@ -102,11 +103,14 @@ class SSLAugment:
     blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     noise_std: float = 0.0
-    # True: every example gets the same K transforms (parameters from (seed, view) only). The
-    # loss is then a function of the content alone, exact duplicates get identical features, and
-    # comparisons between examples share their random draws (common random numbers: less noise
-    # in influence differences). False: per-example draws from (seed, id, view).
-    shared: bool = False
+    # True (the default for attribution): every example gets the same K transforms (parameters
+    # from (seed, view) only). The loss is then a function of the content alone, exact
+    # duplicates get identical features (normalised influence 1), and comparisons between
+    # examples share their random draws (common random numbers: less noise in influence
+    # differences). False: per-example draws from (seed, id, view), as SSL training wants;
+    # copies then differ by their views (measured 0.85-0.96 instead of 1, so a duplicate
+    # threshold of 0.9 can miss them).
+    shared: bool = True
 
     @classmethod
     def light(cls, seed: int = 0) -> SSLAugment:

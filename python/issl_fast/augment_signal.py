@@ -46,8 +46,9 @@ class SignalAugment:
         fraction of L (uniform in the range; SpecAugment-style time masking).
     noise_std: Gaussian noise std as a fraction of each view's root mean square (scale-free:
         the same setting suits raw audio and normalised sensors).
-    shared: every example gets the same K transforms (parameters from (seed, view) only), as
-        ``SSLAugment(shared=True)``: exact duplicates get identical features.
+    shared: every example gets the same K transforms (parameters from (seed, view) only; the
+        default), as ``SSLAugment``: exact duplicates get identical features. False: per
+        (seed, id, view).
     """
 
     seed: int = 0
@@ -58,7 +59,7 @@ class SignalAugment:
     mask_p: float = 0.5
     mask_fraction: tuple[float, float] = (0.0, 0.1)
     noise_std: float = 0.05
-    shared: bool = False
+    shared: bool = True
 
     def __post_init__(self) -> None:
         lo, hi = self.crop_scale

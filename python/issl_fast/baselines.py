@@ -80,7 +80,8 @@ def kron_baseline(A: torch.Tensor, D: torch.Tensor, P_in: torch.Tensor,
 
 
 def torch_rademacher(rows: int, cols: int, gen: torch.Generator) -> torch.Tensor:
-    return torch.empty(rows, cols).random_(0, 2, generator=gen).mul_(2.0).sub_(1.0)
+    signs = torch.empty(rows, cols, dtype=torch.float32).random_(0, 2, generator=gen)
+    return signs.mul_(2.0).sub_(1.0)
 
 
 def _as_torch_rows(G: Any, r0: int, r1: int) -> torch.Tensor:
@@ -100,7 +101,7 @@ def topk_baseline(Q: torch.Tensor, G: Any, topk: int, chunk: int = TOPK_CHUNK
     m, k = Q.shape
     n = G.shape[0]
     buf = torch.empty(min(chunk, n), k, dtype=torch.float32)
-    best_v = torch.empty(m, 0)
+    best_v = torch.empty(m, 0, dtype=torch.float32)
     best_i = torch.empty(m, 0, dtype=torch.int64)
     for r0 in range(0, n, chunk):
         r1 = min(n, r0 + chunk)

@@ -70,7 +70,8 @@ def machine_limits(rounds: int, quick: bool) -> dict[str, float]:
     a, b = torch.randn(n, n), torch.randn(n, n)
     gemm = 2 * n**3 / median_time(lambda: torch.mm(a, b), rounds)
     size = (1 << 22) if quick else (1 << 25)  # floats per array (16 MiB / 128 MiB)
-    x, y, z = torch.randn(size), torch.randn(size), torch.empty(size)
+    x, y, z = (torch.randn(size, dtype=torch.float32), torch.randn(size, dtype=torch.float32),
+               torch.empty(size, dtype=torch.float32))
     bandwidth = 3 * 4 * size / median_time(lambda: torch.add(x, y, out=z), rounds)
     return {"gemm_flops": gemm, "bandwidth_bytes": bandwidth}
 

@@ -332,6 +332,7 @@ class FactorCapture:
         self.batch_axes = batch_axes if batch_axes is not None else {}
         self._recording = True
         self._axes: dict[str, list[int | None]] = {}  # per recorded call; None = ambiguous
+        self._kinds = {layer.name: layer.kind for layer in layout.layers}
         self._inputs: dict[str, list[torch.Tensor]] = {}
         # (output, how its gradient becomes the layer's D: None = as it is)
         self._outputs: dict[str, list[tuple[torch.Tensor, Post | None]]] = {}
@@ -376,22 +377,15 @@ class FactorCapture:
                 if layer.kind == "linear":
                     axis = self._batch_axis(layer, x)
                     self._axes.setdefault(layer.name, []).append(axis)
-                elif x.dim() != len(cast(Conv, module).kernel_size) + 2:
-                    # (a batch is [N, C, *spatial] by definition; torch also takes one example)
-                    raise ValueError(
-                        f"layer {layer.name!r} got an input of shape {tuple(x.shape)} without a "
-                        f"batch dimension: a {type(module).__name__} input must be batched, "
-                        f"[N, C, *spatial]")
-                elif self.rows is not None and x.shape[0] != self.rows:
-                    # (frames of a clip folded into the batch: which rows are whose example is
-                    # not known to the hooks, and the per-example factors assume one row each)
-                    raise ValueError(
-                        f"layer {layer.name!r} ran on {x.shape[0]} rows for a batch of "
-                        f"{self.rows} (views x examples): a convolution's input must have one "
-                        "row per view of an example, not several (e.g. a clip's frames folded "
-                        "into the batch). Fold them into a dimension of their own (a Conv3d "
-                        "over time, or channels), or track the layer by its parameters' names "
-                        "(track=['<layer>.weight', '<layer>.bias']: the torch.func path)")
+                else:
+                    if x.dim() != len(cast(Conv, module).kernel_size) + 2:
+                        # (a batch is [N, C, *spatial] by definition; torch also takes one
+                        # example)
+                        raise ValueError(
+                            f"layer {layer.name!r} got an input of shape {tuple(x.shape)} "
+                            f"without a batch dimension: a {type(module).__name__} input must "
+                            "be batched, [N, C, *spatial]")
+                    self._axes.setdefault(layer.name, []).append(self._conv_axis(layer, x))
                 self._record(layer.name, x, output)
 
         return hook
@@ -419,19 +413,42 @@ class FactorCapture:
             )
         return None
 
+    def _conv_axis(self, layer: Layer, x: torch.Tensor) -> int | None:
+        """0 when a convolution's input rows can be assigned to examples, None when the probe
+        must tell first: an input of ``rows * k`` rows (k frames of a clip folded into the
+        batch) is an example's k rows together only if the probe finds them so (kept in
+        ``batch_axes`` for later batches). Rows that are no multiple of the batch are an
+        error."""
+        if self.rows is None or x.shape[0] == self.rows:
+            return 0
+        if x.shape[0] % self.rows:
+            raise ValueError(
+                f"layer {layer.name!r} ran on {x.shape[0]} rows for a batch of {self.rows} "
+                "(views x examples): a convolution's input rows must be the batch, or k rows "
+                "per view of an example kept together (a clip's frames folded into the batch, "
+                "[N * T, C, ...] from [N, T, C, ...]), so they cannot be assigned to examples. "
+                "Track the layer by its parameters' names instead (track=['<layer>.weight', "
+                "'<layer>.bias']: the torch.func path)")
+        call = len(self._axes.get(layer.name, []))
+        return 0 if call < len(self.batch_axes.get(layer.name, [])) else None
+
     def unsettled(self) -> bool:
-        """Whether some recorded Linear call's batch dimension needs the probe
+        """Whether some recorded call's batch dimension (a Linear's), or the grouping of its
+        rows by example (a convolution's), needs the probe
         (:func:`~issl_fast.featurize.probe_batch_axes`, then :meth:`resolve`)."""
         return any(None in axes for axes in self._axes.values())
 
-    def linear_inputs(self) -> dict[str, list[torch.Tensor]]:
-        """The input of every recorded call of every hooked Linear (detached)."""
-        return {name: list(self._inputs[name]) for name in self._axes}
+    def probe_inputs(self) -> dict[str, list[torch.Tensor]]:
+        """The input of every recorded call (detached) of the layers the probe looks at: every
+        hooked Linear, and each convolution with a call still unsettled (several rows per
+        example)."""
+        return {name: list(self._inputs[name]) for name, axes in self._axes.items()
+                if self._kinds[name] == "linear" or None in axes}
 
     def resolve(self, axes: dict[str, list[int]]) -> None:
-        """Sets every hooked Linear call's batch dimension from a probe (per layer, per call)
+        """Sets the batch dimension of every call of the probed layers (per layer, per call)
         and keeps them in ``batch_axes`` for later batches."""
-        for name in self._axes:
+        for name in axes:
             self._axes[name] = list(axes[name])
             self.batch_axes[name] = list(axes[name])
 
@@ -482,7 +499,8 @@ class FactorCapture:
         total: torch.Tensor | None = None
         for x, g in self.calls(layer):
             dtype = torch.promote_types(x.dtype, torch.float32)
-            n, b = x.shape[0], x.shape[0] // groups
+            n = x.shape[0]  # rows: groups x examples x frames (several if folded into N)
+            b = (self.rows if self.rows is not None else n) // groups
             cg, og = x.shape[1] // G, g.shape[1] // G
             xp = padded_input(mod, x.to(dtype))
             inp = xp.reshape(n * G, cg, *xp.shape[2:]).transpose(0, 1)  # [cg, n*G, *padded]
@@ -494,7 +512,8 @@ class FactorCapture:
             grad = w.transpose(0, 1).reshape(n, G * og, cg * math.prod(taps))
             if layer.has_bias:
                 grad = torch.cat([grad, g.to(dtype).sum(spatial)[..., None]], dim=2)
-            grad = grad.reshape(groups, b, *grad.shape[1:]).sum(0)  # the example's inputs
+            # the example's inputs: its views, and the frames of each
+            grad = grad.reshape(groups, b, n // (groups * b), *grad.shape[1:]).sum((0, 2))
             total = grad if total is None else total + grad
         assert total is not None  # calls() raises when the layer never ran
         return total
@@ -566,13 +585,13 @@ def _conv_pads(mod: Conv) -> list[tuple[int, int]]:
 
 
 def _positions(layer: Layer, x: torch.Tensor, rows: int) -> int:
-    """Rows T one example contributes per call: Linear leading positions (an input of
-    ``rows * k`` leading rows, e.g. k windows per example, counts k times), convolution output
-    positions."""
+    """Rows T one example contributes per call: Linear leading positions, convolution output
+    positions (an input of ``rows * k`` leading rows, e.g. k windows or frames per example,
+    counts k times)."""
     if layer.kind == "linear":
         return x.numel() // (x.shape[-1] * rows)
     mod = cast(Conv, layer.module)
-    return math.prod((size + before + after - d * (k - 1) - 1) // s + 1
+    return x.shape[0] // rows * math.prod((size + before + after - d * (k - 1) - 1) // s + 1
                      for size, (before, after), k, s, d in zip(
                          x.shape[2:], _conv_pads(mod), mod.kernel_size, mod.stride,
                          mod.dilation))
@@ -604,10 +623,11 @@ def _fill_inputs(layer: Layer, x: torch.Tensor, groups: int, a: torch.Tensor) ->
         n = len(mod.kernel_size)
         patches = _patches(mod, padded_input(mod, x))  # [N, C, *out, *taps], a view
         c, out, taps = patches.shape[1], patches.shape[2:2 + n], patches.shape[2 + n:]
-        src = patches.reshape(groups, b, *patches.shape[1:])
-        # -> [B, groups, *out, C, *taps]
-        src = src.permute(1, 0, *range(3, 3 + n), 2, *range(3 + n, 3 + 2 * n))
-        dst.unflatten(2, out).unflatten(-1, (c, *taps)).copy_(src)
+        frames = x.shape[0] // (groups * b)  # an example's rows per view (clip frames)
+        src = patches.reshape(groups, b, frames, *patches.shape[1:])
+        # -> [B, groups, frames, *out, C, *taps]
+        src = src.permute(1, 0, 2, *range(4, 4 + n), 3, *range(4 + n, 4 + 2 * n))
+        dst.unflatten(2, (frames, *out)).unflatten(-1, (c, *taps)).copy_(src)
     if layer.has_bias:
         a[..., d] = 1
 
@@ -619,8 +639,9 @@ def _fill_output_grads(layer: Layer, g: torch.Tensor, groups: int, d: torch.Tens
         d.copy_(g.reshape(groups, b, -1, g.shape[-1]).transpose(0, 1))
     else:
         out = g.shape[2:]
-        src = g.reshape(groups, b, *g.shape[1:])  # -> [B, groups, *out, C_out]
-        d.unflatten(2, out).copy_(src.permute(1, 0, *range(3, 3 + len(out)), 2))
+        frames = g.shape[0] // (groups * b)  # an example's rows per view (clip frames)
+        src = g.reshape(groups, b, frames, *g.shape[1:])  # -> [B, groups, frames, *out, C_out]
+        d.unflatten(2, (frames, *out)).copy_(src.permute(1, 0, 2, *range(4, 4 + len(out)), 3))
 
 
 def fallback_grads(

@@ -130,7 +130,7 @@ class Featurizer:
                 cap.backward(losses.sum())
                 if cap.unsettled():  # first batch, or shapes the kept answers do not fit
                     cap.resolve(probe_batch_axes(self.model, self.layout, inputs,
-                                                 cap.linear_inputs()))
+                                                 cap.probe_inputs()))
                 phi = torch.empty(B, self.dim, dtype=self.feature_dtype, device=device)
                 stats: dict[str, torch.Tensor] = {}
                 self._layers(cap, phi, stats)
@@ -240,21 +240,24 @@ class Featurizer:
         d = layer.d_in - (1 if layer.has_bias else 0)
         w = p_in[:, :d].reshape(block.k_in, *mod.weight.shape[1:])
         bias = p_in[:, d].contiguous() if layer.has_bias else None
-        y = torch.zeros(phi.shape[0], block.k_out, block.k_in, device=phi.device)
+        y = torch.zeros(phi.shape[0], block.k_out, block.k_in, dtype=torch.float32,
+                        device=phi.device)
         cov_a = cov_d = None
         for x, g in cap.calls(layer):
-            b = x.shape[0] // groups
+            b = phi.shape[0]
+            frames = x.shape[0] // (groups * b)  # an example's rows per view (clip frames)
             if mod.padding_mode == "zeros":
                 U = conv(x.float(), w, bias, mod.stride, mod.padding, mod.dilation)
             else:  # reflect / replicate / circular: pad as the module does, then no padding
                 U = conv(padded_input(mod, x.float()), w, bias, mod.stride, 0, mod.dilation)
-            U = U.flatten(2).reshape(groups, b, block.k_in, -1)  # [groups, B, k_in, L]
-            V = (p_out @ g.float().flatten(2)).reshape(groups, b, block.k_out, -1)
-            y += torch.einsum("gbal,gbcl->bac", V, U)
+            # [groups, B, frames, k, L]
+            U = U.flatten(2).reshape(groups, b, frames, block.k_in, -1)
+            V = (p_out @ g.float().flatten(2)).reshape(groups, b, frames, block.k_out, -1)
+            y += torch.einsum("gbfal,gbfcl->bac", V, U)
             if self.collect_stats:
                 Ud, Vd = U.to(_STATS_DTYPE), V.to(_STATS_DTYPE)
-                ca = torch.einsum("gbil,gbjl->bij", Ud, Ud)
-                cd = torch.einsum("gbil,gbjl->bij", Vd, Vd)
+                ca = torch.einsum("gbfil,gbfjl->bij", Ud, Ud)
+                cd = torch.einsum("gbfil,gbfjl->bij", Vd, Vd)
                 cov_a = ca if cov_a is None else cov_a + ca
                 cov_d = cd if cov_d is None else cov_d + cd
         phi[:, block.start:block.stop] = y.reshape(phi.shape[0], -1).to(phi.dtype)
@@ -314,10 +317,12 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
     """Which dimension of each hooked Linear call's input is the batch (0, or 1 for
     sequence-first): the same forward on one row fewer (on two rows: one more), and of the first
     two dimensions the one whose size changed. ``full``: the calls' inputs on all rows
-    (:meth:`FactorCapture.linear_inputs`). Calls are matched in order; only those that take part
-    in the gradient count, as in the capture. An input that does not change with the batch (a
-    learned table fed to the layer) is an error: hooks cannot split its gradient by example; so
-    is a first dimension whose rows are not grouped by example (:func:`_rows_grouped`)."""
+    (:meth:`FactorCapture.probe_inputs`; convolutions too when they ran on several rows per
+    example, e.g. a clip's frames folded into the batch: their batch must be the first
+    dimension). Calls are matched in order; only those that take part in the gradient count,
+    as in the capture. An input that does not change with the batch (a learned table fed to
+    the layer) is an error: hooks cannot split its gradient by example; so is a first
+    dimension whose rows are not grouped by example (:func:`_rows_grouped`)."""
     thread = threading.get_ident()
     rows = inputs.shape[0]
     # One row fewer; or, from two rows, one more: a forward on one row would let a squeeze()
@@ -348,6 +353,7 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
     finally:
         for h in handles:
             h.remove()
+    convs = {layer.name for layer in layout.layers if layer.kind != "linear"}
     axes: dict[str, list[int]] = {}
     for name, xs in full.items():
         small = probed.get(name, [])
@@ -366,7 +372,7 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
                     "depends on the batch size?): keep the batch dimension whatever its size")
             changed = [d for d in range(min(2, len(f))) if f[d] != s[d]]
             fits = len(changed) == 1 and (f[0] % rows == 0 if changed[0] == 0
-                                          else f[1] == rows)
+                                          else f[1] == rows and name not in convs)
             if not fits:
                 raise ValueError(
                     f"layer {name!r}: its input {f} (on {other}: {s}) does not have the "
@@ -391,7 +397,7 @@ def probe_batch_axes(model: nn.Module, layout: ParamLayout, inputs: torch.Tensor
 
 
 def _rows_grouped(x: torch.Tensor, x_small: torch.Tensor) -> bool:
-    """Whether a Linear input with k rows per example holds each example's rows together (the
+    """Whether a layer input with k rows per example holds each example's rows together (the
     factors take rows ``b * k .. b * k + k - 1`` as example b's), as far as the probe tells:
     its input on one example fewer (the last) is then the first rows of the full one; rows
     grouped otherwise (``torch.cat`` of two calls' rows along the batch: all of the first

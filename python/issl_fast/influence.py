@@ -552,8 +552,8 @@ class InfluenceSSL:
                              f"{exclude.shape[0]}, there are {done} queries")
         if not parts:  # no queries
             empty = torch.zeros(0, topk, dtype=torch.int64)
-            return TopInfluence(torch.zeros(0, topk), empty, empty.clone(), store.rows,
-                                torch.zeros(0, dtype=torch.int64))
+            return TopInfluence(torch.zeros(0, topk, dtype=torch.float32), empty, empty.clone(),
+                                store.rows, torch.zeros(0, dtype=torch.int64))
         return TopInfluence(torch.cat([t.values for t in parts]),
                             torch.cat([t.rows for t in parts]),
                             torch.cat([t.ids for t in parts]), store.rows,

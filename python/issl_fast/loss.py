@@ -36,7 +36,8 @@ class AugmentationStability:
     Args:
         views: K, the number of augmented views per example.
         seed: seed of the default :class:`SSLAugment` (ignored when ``augment`` is given).
-        augment: ``augment(x, ids, view) -> x_hat``; default ``SSLAugment(seed=seed)``.
+        augment: ``augment(x, ids, view) -> x_hat``; default ``SSLAugment(seed=seed)`` (views
+            shared by every example: exact duplicates get identical features).
         two_view: compare pairs of views ``1 - cos(f(T_2p-1 x), f(T_2p x))`` instead of each
             view with the clean anchor (needs an even K).
         representation: maps the encoder's output to the representation z (e.g. pick the

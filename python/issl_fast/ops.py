@@ -571,7 +571,7 @@ def score_topk_parts(
     """
     topk = _check_int(topk, "topk", 1)
     m = Q.shape[0] if isinstance(Q, torch.Tensor) and Q.dim() == 2 else 0
-    values = torch.full((m, topk), -torch.inf)
+    values = torch.full((m, topk), -torch.inf, dtype=torch.float32)
     indices = torch.full((m, topk), -1, dtype=torch.int64)
     checked: tuple[torch.Tensor, torch.Tensor | None, int] | None = None
     for i, (G, offset) in enumerate(parts):

@@ -94,7 +94,7 @@ class ClusteredIndex:
         self.device = torch.device("cpu") if device is None else torch.device(device)
         n = store.rows
         self.n_clusters = search.clusters_for(n) if n else 0
-        self.centroids = self._kmeans() if n else torch.zeros(0, store.dim)
+        self.centroids = self._kmeans() if n else torch.zeros(0, store.dim, dtype=torch.float32)
         # centroids in the kernel's store layout, and preconditioned (assignment by <u, c>_F)
         self._probe_rows = self.centroids.float().contiguous().to(self.device)
         self._assign_rows = self.solver.precondition(self.centroids).float().contiguous().to(
@@ -122,7 +122,7 @@ class ClusteredIndex:
         # and keep it cached; the kernel copies each cluster through its own pinned buffers.
         fits = self.device.type == "cpu" or residency.fits(self.device, n * store.dim * 4)
         held = self.device if fits else torch.device("cpu")
-        self.rows = torch.empty(n, store.dim, device=held)
+        self.rows = torch.empty(n, store.dim, dtype=torch.float32, device=held)
         for rows, first in self._normalised():
             where = torch.from_numpy(self.position[first:first + rows.shape[0]])
             self.rows[where.to(held)] = rows.to(held)
@@ -182,7 +182,8 @@ class ClusteredIndex:
         m = q.shape[0]
         probes = min(self.search.probes, self.n_clusters)
         # (on the scan device: on a GPU the clusters' results stay there until the end)
-        values = torch.full((m, max(probes, 1), topk), -torch.inf, device=self.device)
+        values = torch.full((m, max(probes, 1), topk), -torch.inf, dtype=torch.float32,
+                            device=self.device)
         found = torch.full((m, max(probes, 1), topk), -1, dtype=torch.int64, device=self.device)
         if m and self.store.rows:
             self._search(q.to(self.device), self_rows, topk, probes, values, found)
