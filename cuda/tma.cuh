@@ -111,22 +111,29 @@ __device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
 #endif
 }
 // Waits until the phase with parity `parity` of `bar` completed. A copy that never lands would
-// otherwise hang the GPU silently: after ~2^26 polls (seconds) the kernel traps, so the launch
-// fails with an error instead. The poll loop lives inside the asm: as a C++ loop its data-dependent
-// exit made ptxas treat the wgmma that follow as divergent and serialise them (C7518).
+// otherwise hang the GPU silently: after kMbarTimeoutNs of waiting (read from %globaltimer, so
+// bounded in time whatever each try_wait's own suspend limit is) the kernel traps and the launch
+// fails with an error instead. The clock is read only once a first try fails (no cost on the
+// common path). The poll loop lives inside the asm: as a C++ loop its data-dependent exit made
+// ptxas treat the wgmma that follow as divergent and serialise them (C7518).
+constexpr unsigned long long kMbarTimeoutNs = 10000000000ull;  // 10 s
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
 #if ISSL_WGMMA_DEVICE
   asm volatile(
-      "{\n.reg .pred p;\n.reg .u32 n;\nmov.u32 n, 0;\n"
+      "{\n.reg .pred p;\n.reg .u64 t0, t;\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
+      "@p bra DONE;\n"
+      "mov.u64 t0, %%globaltimer;\n"
       "WAIT:\n"
       "mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n"
       "@p bra DONE;\n"
-      "add.u32 n, n, 1;\n"
-      "setp.lt.u32 p, n, %2;\n"
+      "mov.u64 t, %%globaltimer;\n"
+      "sub.u64 t, t, t0;\n"
+      "setp.lt.u64 p, t, %2;\n"
       "@p bra WAIT;\n"
       "trap;\n"
       "DONE:\n}\n" ::"r"(smem_u32(bar)),
-      "r"(parity), "n"(1 << 26)
+      "r"(parity), "l"(kMbarTimeoutNs)
       : "memory");
 #endif
 }

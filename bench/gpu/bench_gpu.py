@@ -409,10 +409,12 @@ def compare_variant(
 
 def _acts_on(name: str, m: int, qname: str) -> bool:
     """Whether score variant ``name`` changes anything for m queries of this kind (score_pace
-    paces the query blocks of a partition: none with one block, m <= 64; score_stack stacks the
-    three terms of float32 queries: one term with bfloat16 queries)."""
+    paces the query blocks of a partition: none with one block, m <= 64, and only when the whole
+    grid is resident at once: float32 queries at m = 1024 take two waves on an H200, so only
+    bfloat16 queries; score_stack stacks the three terms of float32 queries: one term with
+    bfloat16 queries)."""
     if name == "score_pace":
-        return m > 64
+        return m > 64 and qname == "bf16 Q"
     if name == "score_stack":
         return qname == "f32 Q"
     return True
