@@ -4,10 +4,13 @@ Score convention (used everywhere a score is returned)::
 
     score(train i -> test t) = phi_t^T F^-1 phi_i
 
-Positive: training example i *supports* test example t (upweighting i lowers t's loss). F is
-the curvature of the *mean* training loss (``(1/n) sum_i phi_i phi_i^T + lambda I``), so Koh &
-Liang's ``I_up,loss(z_i, z_t) = -g_t^T H^-1 g_i`` (their H is the mean loss's Hessian too) is
-``-score``, and removing i changes t's loss by about ``-I_up,loss / n = score / n``.
+Positive: training example i *supports* test example t (upweighting i lowers t's loss). F
+stands in for the curvature of the *mean* training loss: ``(1/n) sum_i phi_i phi_i^T + lambda
+I``, its Gauss-Newton / empirical-Fisher form (positive definite; not the Hessian itself, which
+can have negative eigenvalues). Koh & Liang's ``I_up,loss(z_i, z_t) = -g_t^T H^-1 g_i`` (their H
+is the mean loss's Hessian too) is therefore ``-score`` with F in H's place, and removing i
+changes t's loss by about ``-I_up,loss / n = score / n`` (exactly ``score / n / (1 - s_i / n)``
+in the quadratic model F defines: :meth:`TopInfluence.removal_effect`).
 Self-influence ``s_i = phi_i^T F^-1 phi_i >= 0`` (high = atypical / memorised / outlier); the
 normalised (cosine) influence is ``score / sqrt(s_i s_t)``.
 """
@@ -82,13 +85,34 @@ class TopInfluence:
     def koh_liang(self) -> torch.Tensor:
         """Koh & Liang's ``I_up,loss = -score``: the derivative of the query's loss with respect
         to the weight ``eps`` of the example added to the mean training loss
-        (``(1/n) sum_j l_j + eps l_i``; F is that mean loss's curvature)."""
+        (``(1/n) sum_j l_j + eps l_i``), with F (Gauss-Newton / empirical Fisher) as that mean
+        loss's curvature."""
         return -self.values
 
-    def removal_effect(self) -> torch.Tensor:
-        """The first-order change of the query's loss when the example is left out (``eps =
-        -1/n``): ``score / n``; positive (a proponent removed) raises it."""
-        return self.values / self.n
+    def removal_effect(self, self_influence: np.ndarray | torch.Tensor | None = None
+                       ) -> torch.Tensor:
+        """The change of the query's loss when the example is left out; positive (a proponent
+        removed) raises it. Without ``self_influence``: first order (``eps = -1/n``),
+        ``score / n``. With the training rows' self-influences ``s`` (``[n]``, e.g.
+        :meth:`InfluenceSSL.self_influence`): ``score / n / (1 - s_i / n)``, the exact change in
+        the quadratic model F defines (F without the example's own term, by Sherman-Morrison;
+        the other examples keep their weights 1/n). The first-order value underestimates it
+        where ``s_i / n`` is not small: examples of high leverage, with dim ~ n or more and
+        little damping. Empty slots stay -inf / +inf."""
+        first = self.values / self.n
+        if self_influence is None:
+            return first
+        s = torch.as_tensor(np.asarray(self_influence), dtype=torch.float64)
+        if s.shape != (self.n,):
+            raise ValueError(f"self_influence must be [n] = [{self.n}] (one per store row), got "
+                             f"shape {tuple(s.shape)}")
+        held = self.rows >= 0
+        leverage = torch.zeros(self.rows.shape, dtype=torch.float64)
+        leverage[held] = s[self.rows[held]] / self.n
+        if bool((leverage >= 1).any()) or bool((leverage < 0).any()):
+            raise ValueError("self_influence must be in [0, n): s_i / n < 1 whenever the damping "
+                             "is positive (are these another store's or solver's values?)")
+        return (first.double() / (1 - leverage)).to(first.dtype)
 
 
 class InfluenceSSL:
