@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from engine_models import batches, cnn_attribution, images
 from issl_fast import distributed, influence, loading
 from issl_fast.store import GradientStore, StoreError, part_name
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, random_split
 
 N, BATCH, SHARD, TOPK = 23, 4, 5, 4
 # Sums over examples (K-FAC statistics, the curvature): float32 per-example terms computed in
@@ -329,6 +329,8 @@ def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, order: str =
         data: Any = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     elif order == "permuted":  # a sampler of its own: read as it draws
         data = DataLoader(dataset, batch_size=BATCH, sampler=torch.randperm(N).tolist())
+    elif order == "random_split":  # unseeded: other examples at the same indices on each rank
+        data = DataLoader(random_split(dataset, [N - 3, 3])[0], batch_size=BATCH)
     else:
         data = batches(images(N), BATCH)
     return str(attr.featurize(data, path, shard_rows=SHARD, progress=False))
@@ -367,6 +369,21 @@ def test_a_shuffling_loader_is_read_in_index_order_on_every_rank(tmp_path: Path)
     want = _single_process(tmp_path, "list", "ekfac")
     np.testing.assert_array_equal(store.ids(), want["ids"])
     _assert_rows_close(store.load().numpy(), want["phi"])
+
+
+def test_loaders_with_other_examples_at_the_same_indices_are_refused(tmp_path: Path) -> None:
+    """An unseeded random_split draws another subset per process: the same index order, other
+    examples. The values of a few examples are in the digest the ranks compare."""
+    outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"),
+                         order="random_split")
+    for o in outcomes:
+        assert o["type"] == "ValueError"
+        assert "order of examples or their values" in o["error"], o["error"]
+    # refused before any example was featurised
+    parts = [GradientStore.open(p, verify=False, require_complete=False)
+             for p in (tmp_path / "store").glob("part-*")]
+    assert [p.rows for p in parts] == [0] * len(parts)
+    assert not (tmp_path / "store" / "manifest.json").exists()
 
 
 def _scenario_complete_store_met_again(rank: int, size: int, tmp: Path) -> list[str]:
@@ -646,6 +663,9 @@ def test_rank_examples_loader_reads_only_its_examples() -> None:
     loader = DataLoader(Logged(images(100)), batch_size=BATCH, num_workers=0)
     rb = loading.Examples(loader, 1, 3, shard_rows=64)
     assert rb.block == 5  # 100 rows, 3 ranks: ~8 blocks each
+    # the examples whose values the ranks compare (evenly spread, the same on every rank)
+    assert read[:loading.DIGEST_EXAMPLES] == [0, 33, 66, 99]
+    del read[:loading.DIGEST_EXAMPLES]
     list(rb)
     assert sorted(read) == [i for i in range(100) if (i // 5) % 3 == 1]
     # unbalanced (query blocks): blocks of shard_rows whatever the length

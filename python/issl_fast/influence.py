@@ -400,8 +400,10 @@ class InfluenceSSL:
                         failures: distributed.PeerFailures, progress: bool, size: int,
                         recheck: Recheck | None) -> None:
         """This rank's part: featurised, then (once every rank read the same stream) finished."""
-        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (a "
-                                      "custom sampler must draw the same on every rank)")
+        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples or "
+                                      "their values (a custom sampler must draw the same on "
+                                      "every rank, and the dataset hold the same examples: "
+                                      "e.g. give random_split a seeded generator)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
@@ -617,7 +619,7 @@ class InfluenceSSL:
         rank, size = self.ranks
         with distributed.together("score: queries"):
             batches = loading.Examples(data, rank, size, QUERY_BLOCK, balance=False)
-        distributed.same_on_all_ranks(batches.digest, "the queries' loader order")
+        distributed.same_on_all_ranks(batches.digest, "the queries' loader order or values")
         mine = self._own_query_blocks(batches)
         empty = (torch.zeros(0, self.dim, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
         while True:  # one round: every rank's next block (block round * W + rank)

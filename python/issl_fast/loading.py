@@ -46,6 +46,11 @@ from .store import StoreError
 # (x [B, ...], ids [B] int64 on the CPU, stream position of the first example)
 Piece = tuple[torch.Tensor, torch.Tensor, int]
 
+# Examples of a re-made loader whose values the ranks' digest covers besides its index batches
+# (evenly spread over the stream): loaders holding other examples at the same indices (an
+# unseeded random_split, drawn per process) are told apart by loading these few.
+DIGEST_EXAMPLES = 4
+
 # Each rank's share of a stream of known length: about this many blocks per rank, so that the
 # shares differ by at most ~1/8 (a block is one shard of the rank's part store).
 BLOCKS_PER_RANK = 8
@@ -210,8 +215,9 @@ class Examples:
     A re-made ``DataLoader`` reads this rank's examples only; any other iterable is read whole
     on every rank and this rank's pieces kept.
 
-    :attr:`digest` identifies the stream (the loader's index batches; or every batch's size, ids
-    and a sample of its values) so that ranks can check they all read the same one; for a plain
+    :attr:`digest` identifies the stream (the loader's index batches and, with ranks, the values
+    of :data:`DIGEST_EXAMPLES` of its examples; or every batch's size, ids and a sample of its
+    values) so that ranks can check they all read the same one; for a plain
     iterable it is known once it has been read to the end (None before). ``unique``
     (featurising: a store holds a fixed set of examples, each once): refuse samplers that draw
     random sets or give an index twice.
@@ -234,6 +240,9 @@ class Examples:
             _refuse_repeats(batches)
         for b in batches:
             self._hash.update(b.tobytes() + b"|")
+        if size > 1:  # (only ranks compare digests)
+            assert isinstance(data, DataLoader)  # (index_batches reads only those)
+            self._hash.update(_value_bytes(data, batches))
         self._known = True
         self.block = block_rows(sum(len(b) for b in batches) if balance else None, size,
                                 shard_rows)
@@ -429,6 +438,22 @@ def _refuse_repeats(batches: list[np.ndarray]) -> None:
         raise ValueError(f"the DataLoader's sampler gives dataset indices "
                          f"{uniq[counts > 1][:5].tolist()} more than once: a store holds each "
                          "example once (use a sampler without replacement)")
+
+
+def _value_bytes(loader: DataLoader, batches: list[np.ndarray]) -> bytes:
+    """The bytes of the inputs of :data:`DIGEST_EXAMPLES` examples of ``batches`` (evenly
+    spread, the first and the last among them), loaded in this process (no workers started
+    for so few)."""
+    indices = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    if not len(indices):
+        return b""
+    pick = np.linspace(0, len(indices) - 1, min(DIGEST_EXAMPLES, len(indices))).round()
+    few = DataLoader(loader.dataset, batch_sampler=_IndexBatches([indices[pick.astype(np.int64)]]),
+                     collate_fn=loader.collate_fn)
+    x, _ = next(iterate_batches(few))
+    x = torch.as_tensor(x).detach().cpu().contiguous()
+    return (f"{x.dtype}|{tuple(x.shape)}|".encode()
+            + (x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""))
 
 
 def _sample_bytes(x: torch.Tensor, values: int = 64) -> bytes:
