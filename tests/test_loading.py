@@ -303,3 +303,19 @@ def test_a_loader_subclass_with_its_own_ids_does_not_warn() -> None:
         warnings.simplefilter("error")
         got = list(loading.Examples(Mine(data, batch_size=4, shuffle=True)))
     assert sorted(torch.cat([ids for _, ids, _ in got]).tolist()) == list(range(1000, 1008))
+
+
+def test_a_distributed_sampler_is_refused_by_featurize_in_one_process(tmp_path: Path) -> None:
+    """The training loader of a DDP job holds this rank's share of the data set: a store of it
+    silently missed the other ranks' examples."""
+    from torch.utils.data import DistributedSampler
+
+    ds = TensorDataset(images(N))
+    loader = DataLoader(ds, batch_size=BATCH, sampler=DistributedSampler(ds, num_replicas=2,
+                                                                         rank=0))
+    attr = cnn_attribution()
+    with pytest.raises(ValueError, match=r"DistributedSampler.*rank 0 of 2.*Rebuild the loader"
+                                         r".*distributed=True"):
+        attr.featurize(loader, tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()  # refused before the store was made
+

@@ -106,8 +106,9 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
     sampler (``RandomSampler`` drawing each example once, ``SubsetRandomSampler``) gives its
     set in increasing order. ``strict`` (featurising a store, which must hold a fixed set of
     examples once each): samplers that draw random sets or repeats are refused; otherwise
-    (queries) they are read as drawn. ``distributed``: refuse a ``DistributedSampler`` (the
-    ranks' split is made here)."""
+    (queries) they are read as drawn. A ``DistributedSampler`` is refused with ``distributed``
+    (the ranks' split is made here) and with ``strict`` (it holds one rank's share of the data
+    set: a store of it would silently miss the rest)."""
     if type(data) is not DataLoader or data.batch_sampler is None or isinstance(
             data.dataset, IterableDataset):
         return None
@@ -115,6 +116,13 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
         raise ValueError("do not give the DataLoader a DistributedSampler: InfluenceSSL splits "
                          "the examples over the ranks itself (every rank passes the same "
                          "loader; a DistributedSampler would also pad with repeated examples)")
+    if strict and isinstance(data.sampler, DistributedSampler):
+        raise ValueError("the DataLoader has a DistributedSampler: it gives this process's "
+                         f"share of the data set only (rank {data.sampler.rank} of "
+                         f"{data.sampler.num_replicas}), so the store would miss the others' "
+                         "examples. Rebuild the loader without the DistributedSampler (e.g. "
+                         "DataLoader(loader.dataset, batch_size=...)), or featurize on every "
+                         "rank with InfluenceSSL(..., distributed=True)")
     batch_sampler = data.batch_sampler
     if type(batch_sampler) is BatchSampler:
         order = _sampler_order(batch_sampler.sampler, strict, random_set(data))
