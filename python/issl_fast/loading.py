@@ -76,6 +76,7 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
             x = item
         elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
             x = item[0]
+            _refuse_labels_as_x(item)
         elif isinstance(item, dict):
             key = next((k for k in ("x", "image", "input") if k in item), None)
             if key is None:
@@ -83,9 +84,8 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
                     f"a dict batch needs an 'x', 'image' or 'input' entry, got keys {sorted(item)}"
                 )
             x = item[key]
-            raw = item.get("ids", item.get("id"))
-            ids = (None if raw is None
-                   else torch.as_tensor(raw, dtype=torch.int64).reshape(-1).cpu())
+            id_key = "ids" if "ids" in item else "id"
+            ids = None if item.get(id_key) is None else _integer_ids(item[id_key], id_key)
         else:
             raise TypeError(
                 f"cannot read a batch from {type(item).__name__}: yield tensors, "
@@ -94,6 +94,40 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
         if ids is not None and ids.shape[0] != x.shape[0]:
             raise ValueError(f"a batch has {ids.shape[0]} ids for {x.shape[0]} examples")
         yield x, ids
+
+
+def _refuse_labels_as_x(item: tuple | list) -> None:
+    """A ``(label, input)`` batch would featurise the labels as x (the first element is taken):
+    refused, naming what was taken, when element 0 holds one integer per example and a later
+    element is a float batch of inputs (token ids, also integers, are ``[B, T]``)."""
+    x = item[0]
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dim() != 1:
+        return
+    for j, other in enumerate(item[1:], start=1):
+        if (isinstance(other, torch.Tensor) and other.dtype.is_floating_point
+                and other.dim() >= 2 and other.shape[0] == x.shape[0]):
+            raise ValueError(
+                f"a batch (x, ...) is read with its first element as x, here {x.dtype} of shape "
+                f"{tuple(x.shape)} (labels?), while element {j} is {other.dtype} of shape "
+                f"{tuple(other.shape)}: put the inputs first ((x, label)), or name them: batches "
+                "that are dicts (a dataset returning dicts) are read by their 'x' (or 'image', "
+                "'input') entry")
+
+
+def _integer_ids(raw: Any, key: str) -> torch.Tensor:
+    """A dict batch's ``key`` entry as int64 ids on the CPU; a TypeError naming it unless they
+    are integers (as float they would be truncated, 1.5 and 1 becoming one example)."""
+    try:
+        ids = torch.as_tensor(raw)
+    except (TypeError, ValueError, RuntimeError):  # (strings: "too many dimensions 'str'")
+        ids = None
+    if (ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex
+            or ids.dtype == torch.bool):
+        shown = repr(raw[:3] if isinstance(raw, (list, tuple)) else raw)[:80]
+        raise TypeError(f"a dict batch's {key!r} must hold integer example ids, got {shown}: "
+                        f"map them to integers (e.g. the dataset index), or leave {key!r} out "
+                        "to number the examples by their dataset index or stream position")
+    return ids.to(torch.int64).reshape(-1).cpu()
 
 
 def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: bool = False
@@ -295,7 +329,14 @@ class Examples:
             yield from self._load(self._pieces)
             return
         position = 0
-        for x, ids in iterate_batches(self.data):
+        workers = _iterable_workers(self.data)
+        first: torch.Tensor | None = None
+        for j, (x, ids) in enumerate(iterate_batches(self.data)):
+            if j < workers:  # (batch j is worker j's first: they take turns)
+                if first is None:
+                    first = x
+                elif x.shape == first.shape and torch.equal(x, first):
+                    _refuse_worker_copies(getattr(self.data, "dataset", None), workers)
             B = x.shape[0]
             self._hash.update(f"{B}|".encode() + _sample_bytes(x))
             if ids is not None:
@@ -412,6 +453,24 @@ class Examples:
                              f"row {at} holds example id {int(stored_ids[at])}, the data give "
                              f"id {int(ids[differ[0]])} there")
         recheck.compare(x, ids, rows)
+
+
+def _iterable_workers(data: Any) -> int:
+    """The workers of a ``DataLoader`` over an ``IterableDataset`` when there are several (each
+    iterates the dataset itself: the whole of it unless the dataset shards by worker), else 0."""
+    if (isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
+            and data.num_workers > 1):
+        return data.num_workers
+    return 0
+
+
+def _refuse_worker_copies(dataset: Any, workers: int) -> None:
+    raise ValueError(
+        f"the DataLoader's {type(dataset).__name__} (an IterableDataset) gave the same "
+        f"first batch in two of its {workers} workers: each worker iterates the whole dataset "
+        "unless the dataset shards itself (by torch.utils.data.get_worker_info()), so every "
+        "example would be read once per worker, under other ids (its stream positions). "
+        "Shard the dataset by worker, or pass num_workers=0 or 1")
 
 
 def _shuffles(data: Any) -> bool:
