@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from engine_models import batches, cnn_attribution, images
 from issl_fast import distributed, influence, loading
 from issl_fast.store import GradientStore, StoreError, part_name
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset, random_split
 
 N, BATCH, SHARD, TOPK = 23, 4, 5, 4
 # Sums over examples (K-FAC statistics, the curvature): float32 per-example terms computed in
@@ -329,6 +329,8 @@ def _scenario_featurize(rank: int, size: int, tmp: Path, path: str, order: str =
         data: Any = DataLoader(dataset, batch_size=BATCH, shuffle=True)
     elif order == "permuted":  # a sampler of its own: read as it draws
         data = DataLoader(dataset, batch_size=BATCH, sampler=torch.randperm(N).tolist())
+    elif order == "random_split":  # unseeded: other examples at the same indices on each rank
+        data = DataLoader(random_split(dataset, [N - 3, 3])[0], batch_size=BATCH)
     else:
         data = batches(images(N), BATCH)
     return str(attr.featurize(data, path, shard_rows=SHARD, progress=False))
@@ -367,6 +369,111 @@ def test_a_shuffling_loader_is_read_in_index_order_on_every_rank(tmp_path: Path)
     want = _single_process(tmp_path, "list", "ekfac")
     np.testing.assert_array_equal(store.ids(), want["ids"])
     _assert_rows_close(store.load().numpy(), want["phi"])
+
+
+def test_loaders_with_other_examples_at_the_same_indices_are_refused(tmp_path: Path) -> None:
+    """An unseeded random_split draws another subset per process: the same index order, other
+    examples. The values of a few examples are in the digest the ranks compare."""
+    outcomes = run_ranks(tmp_path, 2, "featurize", path=str(tmp_path / "store"),
+                         order="random_split")
+    for o in outcomes:
+        assert o["type"] == "ValueError"
+        assert "order of examples or their values" in o["error"], o["error"]
+    # refused before any example was featurised
+    parts = [GradientStore.open(p, verify=False, require_complete=False)
+             for p in (tmp_path / "store").glob("part-*")]
+    assert [p.rows for p in parts] == [0] * len(parts)
+    assert not (tmp_path / "store" / "manifest.json").exists()
+
+
+def _scenario_complete_store_met_again(rank: int, size: int, tmp: Path) -> list[str]:
+    attr = cnn_attribution(distributed=True)
+
+    def loader(n: int = N, seed: int = 1) -> DataLoader:
+        return DataLoader(TensorDataset(images(n, seed=seed)), batch_size=BATCH)
+
+    outcomes = []
+    for data in (loader(), loader(N + 4), loader(seed=7), loader(seed=7 if rank else 1),
+                 loader()):
+        try:
+            store = attr.featurize(data, tmp / "store", shard_rows=SHARD, progress=False)
+            outcomes.append(f"ok {store.rows}")
+        except Exception as exc:  # noqa: BLE001 (asserted on by the test)
+            outcomes.append(f"{type(exc).__name__} {exc}")
+    return outcomes
+
+
+def test_a_complete_store_met_again_is_checked_against_the_data(tmp_path: Path) -> None:
+    """As in one process: a grown data set, other examples at the same indices (on every rank,
+    or on one), are refused on every rank instead of returning the old store."""
+    outcomes = [o["result"] for o in run_ranks(tmp_path, 2, "complete_store_met_again")]
+    for built, grown, other, _, again in outcomes:
+        assert built == again == f"ok {N}"
+        assert grown.startswith("StoreError") and f"the data have {N + 4}" in grown, grown
+        assert other.startswith("StoreError") and "featurised again differs" in other, other
+    one_rank = [o[3] for o in outcomes]  # rank 1 alone was given the other images
+    assert one_rank[1].startswith("StoreError") and "featurised again differs" in one_rank[1]
+    assert one_rank[0].startswith("RuntimeError") and "rank 1" in one_rank[0]
+
+
+def _scenario_other_settings_on_a_rank(rank: int, size: int, tmp: Path) -> dict[str, str]:
+    """Each call with a setting or argument that differs on rank 1, then (the ranks still in
+    step) the same call with the same ones."""
+    def attempt(call: Any) -> str:
+        try:
+            return f"ok {call()}"
+        except Exception as exc:  # noqa: BLE001 (asserted on by the test)
+            return f"{type(exc).__name__} {exc}"
+
+    path = tmp / "store"
+    data = batches(images(N), BATCH)
+    out = {"dtype": attempt(lambda: cnn_attribution(
+        "block", distributed=True, store_dtype="float32" if rank else "float16").featurize(
+            data, path, shard_rows=SHARD, progress=False).rows)}
+    out["parts after dtype"] = str(sorted(p.name for p in path.glob("part-*")))
+    attr = cnn_attribution("block", distributed=True)
+    out["fixed rerun"] = attempt(lambda: attr.featurize(data, path, shard_rows=SHARD,
+                                                        progress=False).rows)
+    store = attr.store
+    for name, kw in [("solver", {"solver": "gauss_newton" if rank else "block"}),
+                     ("damping", {"damping": 10.0 if rank else 0.1}),
+                     ("absolute_damping", {"absolute_damping": 1.0 if rank else None})]:
+        other = cnn_attribution(**{"solver": "block", **kw}, distributed=True)
+        out[name] = attempt(lambda other=other: other.fit(store).solver.kind)
+    out["fit"] = attempt(lambda: attr.fit(store).solver.kind)
+    out["neighbours"] = attempt(lambda: attr.neighbours(3 + rank)[1].shape)
+    out["find_outliers"] = attempt(lambda: len(attr.find_outliers(k=2 + rank).ids))
+    out["find_duplicates"] = attempt(
+        lambda: len(attr.find_duplicates(threshold=0.8 + 0.1 * rank, topk=2).ids))
+    exclude = torch.full((2,), rank, dtype=torch.int64)
+    out["score"] = attempt(lambda: attr.score(_queries()[:2], topk=3,
+                                              exclude_rows=exclude).rows.shape)
+    out["same arguments"] = attempt(lambda: attr.neighbours(3)[1].shape)
+    return out
+
+
+def test_other_settings_or_arguments_on_a_rank_are_refused_before_any_work(tmp_path: Path
+                                                                         ) -> None:
+    """Another store_dtype, solver, damping, topk, k, threshold or exclude_rows on one rank is a
+    ValueError on every rank, before the step's collectives (gloo aborted every process on
+    other shapes; other values silently mixed the ranks' answers)."""
+    outcomes = [o["result"] for o in run_ranks(tmp_path, 2, "other_settings_on_a_rank")]
+    assert outcomes[0] == outcomes[1]  # every rank raises the same error
+    got = outcomes[0]
+    # refused before any part was made, so the fixed rerun builds the store
+    assert got["dtype"].startswith("ValueError") and "store_dtype" in got["dtype"]
+    assert got["parts after dtype"] == "[]"
+    assert got["fixed rerun"] == f"ok {N}"
+    for name in ("solver", "damping", "absolute_damping"):
+        assert got[name].startswith("ValueError"), got[name]
+        assert "solver, damping, absolute_damping or store" in got[name]
+    assert got["fit"] == "ok block"
+    for name, what in [("neighbours", "topk"), ("find_outliers", "k"),
+                       ("find_duplicates", "threshold"), ("score", "exclude_rows")]:
+        assert got[name].startswith("ValueError") and "differs between rank 0" in got[name], \
+            got[name]
+        assert what in got[name]
+    assert got["same arguments"] == f"ok {(N, 3)}"
 
 
 def _scenario_other_data_on_a_rank(rank: int, size: int, tmp: Path) -> list[str]:
@@ -481,6 +588,8 @@ SCENARIOS = {
     "other_data_on_a_rank": _scenario_other_data_on_a_rank,
     "collate_drops_rows": _scenario_collate_drops_rows,
     "missing_shard": _scenario_missing_shard,
+    "complete_store_met_again": _scenario_complete_store_met_again,
+    "other_settings_on_a_rank": _scenario_other_settings_on_a_rank,
 }
 
 
@@ -554,6 +663,9 @@ def test_rank_examples_loader_reads_only_its_examples() -> None:
     loader = DataLoader(Logged(images(100)), batch_size=BATCH, num_workers=0)
     rb = loading.Examples(loader, 1, 3, shard_rows=64)
     assert rb.block == 5  # 100 rows, 3 ranks: ~8 blocks each
+    # the examples whose values the ranks compare (evenly spread, the same on every rank)
+    assert read[:loading.DIGEST_EXAMPLES] == [0, 33, 66, 99]
+    del read[:loading.DIGEST_EXAMPLES]
     list(rb)
     assert sorted(read) == [i for i in range(100) if (i // 5) % 3 == 1]
     # unbalanced (query blocks): blocks of shard_rows whatever the length

@@ -303,3 +303,71 @@ def test_a_loader_subclass_with_its_own_ids_does_not_warn() -> None:
         warnings.simplefilter("error")
         got = list(loading.Examples(Mine(data, batch_size=4, shuffle=True)))
     assert sorted(torch.cat([ids for _, ids, _ in got]).tolist()) == list(range(1000, 1008))
+
+
+def test_a_distributed_sampler_is_refused_by_featurize_in_one_process(tmp_path: Path) -> None:
+    """The training loader of a DDP job holds this rank's share of the data set: a store of it
+    silently missed the other ranks' examples."""
+    from torch.utils.data import DistributedSampler
+
+    ds = TensorDataset(images(N))
+    loader = DataLoader(ds, batch_size=BATCH, sampler=DistributedSampler(ds, num_replicas=2,
+                                                                         rank=0))
+    attr = cnn_attribution()
+    with pytest.raises(ValueError, match=r"DistributedSampler.*rank 0 of 2.*Rebuild the loader"
+                                         r".*distributed=True"):
+        attr.featurize(loader, tmp_path / "store", progress=False)
+    assert not (tmp_path / "store").exists()  # refused before the store was made
+
+
+@pytest.mark.parametrize(("key", "ids", "shown"), [
+    ("id", ["img0.png", "img1.png"], "img0.png"),
+    ("ids", torch.tensor([0.5, 1.5]), "0.5"),
+])
+def test_ids_that_are_not_integers_are_a_type_error_naming_the_entry(
+        key: str, ids: object, shown: str) -> None:
+    data = [{"x": images(2), key: ids}]
+    with pytest.raises(TypeError, match=rf"'{key}' must hold integer example ids, got .*{shown}"):
+        list(loading.iterate_batches(data))
+
+
+def test_a_label_first_tuple_is_refused_naming_what_was_taken_as_x(tmp_path: Path) -> None:
+    class LabelFirst(TensorDataset):
+        def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
+            return torch.tensor(i % 3), super().__getitem__(i)[0]
+
+    loader = DataLoader(LabelFirst(images(N)), batch_size=BATCH)
+    with pytest.raises(ValueError, match=r"first element as x, here torch.int64 of shape \(4,\)"
+                                         r".*element 1 is torch.float32 of shape \(4, 3, 12, 12\)"
+                                         r".*'x'"):
+        cnn_attribution().featurize(loader, tmp_path / "store", progress=False)
+    # (x, label) and integer token batches [B, T] are read as they are
+    x, _ = next(loading.iterate_batches([(images(2), torch.tensor([1, 2]))]))
+    assert x.shape == (2, 3, 12, 12)
+    tokens = torch.arange(6).reshape(2, 3)
+    x, _ = next(loading.iterate_batches([(tokens, torch.ones(2, 4, 4))]))
+    assert x is tokens
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """The examples of images(N) in order; ``shard``: each worker yields its share only."""
+
+    def __init__(self, shard: bool) -> None:
+        self.x, self.shard = images(N), shard
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        info = torch.utils.data.get_worker_info()
+        step, first = (1, 0) if info is None or not self.shard else (info.num_workers, info.id)
+        return ((self.x[i],) for i in range(first, N, step))
+
+
+def test_an_iterable_dataset_read_whole_by_every_worker_is_refused(tmp_path: Path) -> None:
+    """Its examples are numbered by stream position: each worker's copy of the data would be
+    stored again under other ids."""
+    attr = cnn_attribution()
+    copies = DataLoader(_Stream(shard=False), batch_size=BATCH, num_workers=2)
+    with pytest.raises(ValueError, match="same first batch in two of its 2 workers.*Shard"):
+        attr.featurize(copies, tmp_path / "copies", progress=False)
+    sharded = DataLoader(_Stream(shard=True), batch_size=BATCH, num_workers=2)
+    store = attr.featurize(sharded, tmp_path / "sharded", progress=False)
+    assert store.rows == N  # each example once

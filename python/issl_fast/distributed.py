@@ -8,7 +8,9 @@ With a process group of W > 1 ranks initialised, :class:`~issl_fast.InfluenceSSL
   store, ``<path>/part-<r>-of-<W>/`` (resumable on its own); rank 0 then writes the store's
   manifest listing the parts' shards in turn (:meth:`.GradientStore.from_parts`; nothing is
   copied), so the store holds the rows in stream order, as one process would, and opens like any
-  store. A ``DataLoader`` is re-made per rank over its own examples, so no rank loads another's.
+  store. A ``DataLoader`` is re-made per rank over its own examples, so no rank loads another's
+  (but for the few, the same on every rank, whose values the ranks compare:
+  :data:`.loading.DIGEST_EXAMPLES`).
 - ``fit``: each rank accumulates the curvature sums over its range of the store's rows
   (:func:`row_range`); they are summed over the ranks (:func:`all_reduce_sum`), so every rank
   holds the same solver.

@@ -23,7 +23,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -370,9 +370,13 @@ class InfluenceSSL:
         lists every part's shards, in turn, in the store's manifest (stream order)."""
         rank, size = self.ranks
         fingerprint = self.fingerprint()
+        # (dim and store_dtype too: parts of other layouts are refused only when rank 0 joins
+        # them, after all the work, and the finished odd part then blocks the corrected rerun)
+        settings = dict(fingerprint, dim=self.dim, store_dtype=self.store_dtype)
         distributed.same_on_all_ranks(
-            hashlib.sha256(json.dumps(fingerprint, sort_keys=True, default=str).encode())
-            .hexdigest(), "the encoder's weights, layers, loss or projection (fingerprint)")
+            hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+            .hexdigest(), "the encoder's weights, layers, loss, projection (fingerprint), "
+            "dim or store_dtype")
         failures = distributed.PeerFailures(path, rank)
         done: GradientStore | None = None
         with distributed.together("featurize: open"):
@@ -383,6 +387,11 @@ class InfluenceSSL:
                     raise StoreError(f"store at {path} was started by one process: finish it "
                                      "with one process (distributed=False) or remove it")
                 done.check_layout(self.dim, self.store_dtype, None)
+                # As one process checks a complete store met again: as many examples, and a
+                # sample of them featurised again. Every rank checks its own data (in parallel:
+                # no longer than rank 0 alone), so a rank given other data fails here too.
+                _check_complete_store(done, loading.Examples(data, rank, size, shard_rows),
+                                      self._recheck(done, recheck))
             else:
                 _check_part_directory(path, size)
                 if rank == 0:
@@ -415,8 +424,10 @@ class InfluenceSSL:
                         failures: distributed.PeerFailures, progress: bool, size: int,
                         recheck: Recheck | None) -> None:
         """This rank's part: featurised, then (once every rank read the same stream) finished."""
-        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples (a "
-                                      "custom sampler must draw the same on every rank)")
+        distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples or "
+                                      "their values (a custom sampler must draw the same on "
+                                      "every rank, and the dataset hold the same examples: "
+                                      "e.g. give random_split a seeded generator)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
@@ -435,6 +446,17 @@ class InfluenceSSL:
         with distributed.together("featurize: finish the parts"):
             if not part.complete:
                 part.finalize(meta={"stream": digest})
+
+    def _same_arguments(self, call: str, /, **arguments: Any) -> None:
+        """Distributed: raises on every rank unless every rank called ``call`` with the same
+        ``arguments`` (:func:`_described`), before any collective: another topk meets in the
+        gathers with other shapes and aborts every process (gloo), another threshold or k gives
+        each rank another answer, and a step taken by some ranks only leaves the others
+        waiting."""
+        if self.ranks[1] > 1:
+            distributed.same_on_all_ranks(
+                repr({name: _described(value) for name, value in arguments.items()}),
+                f"the {', '.join(arguments)} passed to {call}")
 
     # -- curvature and scores ---------------------------------------------------------------------
     def _store(self, store: GradientStore | str | os.PathLike | None) -> GradientStore:
@@ -486,6 +508,13 @@ class InfluenceSSL:
         self.release_device_memory()
         rank, size = self.ranks
         if size > 1:  # each rank sums its rows; the sums are added over the ranks
+            # Before the all-reduce: other solver kinds sum other shapes (gloo aborts every
+            # process), and another damping or store would silently give each rank its own F.
+            solver = self.solver
+            distributed.same_on_all_ranks(
+                json.dumps([solver.kind, solver.damping, solver.absolute_damping, store.rows,
+                            store.dim, store.content_key[1]]),
+                "the solver, damping, absolute_damping or store (its rows) fitted")
             with distributed.together("fit"):
                 sums = self.solver.accumulate(store,
                                               distributed.row_range(store.rows, rank, size))
@@ -614,7 +643,7 @@ class InfluenceSSL:
         rank, size = self.ranks
         with distributed.together("score: queries"):
             batches = loading.Examples(data, rank, size, QUERY_BLOCK, balance=False)
-        distributed.same_on_all_ranks(batches.digest, "the queries' loader order")
+        distributed.same_on_all_ranks(batches.digest, "the queries' loader order or values")
         mine = self._own_query_blocks(batches)
         empty = (torch.zeros(0, self.dim, dtype=torch.float32), torch.zeros(0, dtype=torch.int64))
         while True:  # one round: every rank's next block (block round * W + rank)
@@ -673,9 +702,11 @@ class InfluenceSSL:
                 raise ValueError(f"exclude_rows must have a row per query ({q.shape[0]}), got "
                                  f"shape {tuple(exclude_rows.shape)}")
         rank, size = self.ranks
-        if size > 1:  # (different shapes would meet in the gathers below and abort the ranks)
-            distributed.same_on_all_ranks(str((tuple(q.shape), topk, negate)),
-                                          "the queries' shape, topk or negate")
+        if size > 1:  # (different shapes would meet in the gathers below and abort the ranks;
+            # other exclusions would give each rank's range of rows other answers)
+            distributed.same_on_all_ranks(str((tuple(q.shape), topk, negate,
+                                               _described(exclude_rows))),
+                                          "the queries' shape, topk, negate or exclude_rows")
         span = distributed.row_range(store.rows, rank, size)
         with distributed.together("score") if size > 1 else nullcontext():
             values, rows = self._scan(q, topk, store, span, exclude_rows)
@@ -775,6 +806,8 @@ class InfluenceSSL:
         built by ``apps.clustered_index`` to search it again (e.g. for duplicates, then
         outliers).
         """
+        self._same_arguments("neighbours", topk=topk, data=data is not None,
+                             transforms=transforms, search=search)
         if transforms:
             if data is None:
                 raise ValueError("transforms need data=: the training examples, as given to "
@@ -850,6 +883,9 @@ class InfluenceSSL:
                         ) -> apps.DuplicatePairs:
         """Training pairs with normalised influence >= threshold (see apps.duplicates);
         ``data``/``transforms``/``search`` as in :meth:`neighbours`."""
+        self._same_arguments("find_duplicates", threshold=threshold, topk=topk,
+                             neighbours=neighbours, data=data is not None,
+                             transforms=transforms, search=search)
         apps.duplicates.check_threshold(threshold)  # before any scan
         store = self._store(store)
         if neighbours is not None and (transforms or search is not None):
@@ -870,6 +906,8 @@ class InfluenceSSL:
         """Training examples ranked from most to least outlying, by ``"neighbours"`` (1 - the
         normalised influence of the k-th most similar example; ``search`` as in
         :meth:`neighbours`) or ``"self_influence"``."""
+        self._same_arguments("find_outliers", method=method, k=k, normalisation=normalisation,
+                             neighbours=neighbours, search=search)
         store = self._store(store)
         if method == "self_influence":
             scores = self.self_influence(store)
@@ -914,6 +952,25 @@ class InfluenceSSL:
         return apps.group_influence(store, s, np.asarray(train_groups),
                                     preconditioned_queries=q, test_groups=test_groups,
                                     n_boot=n_boot, seed=seed)
+
+
+def _described(value: Any) -> Any:
+    """``value`` as ranks can compare it: arrays by a hash of their values, dataclasses (the
+    transforms, ``ClusteredSearch``) by their fields, a built index by its settings and size,
+    other callables by name (their repr holds an address, another in every process)."""
+    if isinstance(value, (list, tuple)):
+        return [_described(v) for v in value]
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        a = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else value
+        a = np.ascontiguousarray(a)
+        return (a.dtype.str, a.shape, hashlib.sha256(a.tobytes()).hexdigest())
+    if isinstance(value, apps.ClusteredIndex):
+        return ("ClusteredIndex", repr(value.search), value.n_clusters, value.store.rows)
+    if is_dataclass(value) and not isinstance(value, type):
+        return repr(value)
+    if callable(value):
+        return getattr(value, "__qualname__", type(value).__qualname__)
+    return repr(value)
 
 
 def _check_complete_store(store: GradientStore, examples: loading.Examples,

@@ -46,6 +46,11 @@ from .store import StoreError
 # (x [B, ...], ids [B] int64 on the CPU, stream position of the first example)
 Piece = tuple[torch.Tensor, torch.Tensor, int]
 
+# Examples of a re-made loader whose values the ranks' digest covers besides its index batches
+# (evenly spread over the stream): loaders holding other examples at the same indices (an
+# unseeded random_split, drawn per process) are told apart by loading these few.
+DIGEST_EXAMPLES = 4
+
 # Each rank's share of a stream of known length: about this many blocks per rank, so that the
 # shares differ by at most ~1/8 (a block is one shard of the rank's part store).
 BLOCKS_PER_RANK = 8
@@ -71,6 +76,7 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
             x = item
         elif isinstance(item, (tuple, list)) and item and isinstance(item[0], torch.Tensor):
             x = item[0]
+            _refuse_labels_as_x(item)
         elif isinstance(item, dict):
             key = next((k for k in ("x", "image", "input") if k in item), None)
             if key is None:
@@ -78,9 +84,8 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
                     f"a dict batch needs an 'x', 'image' or 'input' entry, got keys {sorted(item)}"
                 )
             x = item[key]
-            raw = item.get("ids", item.get("id"))
-            ids = (None if raw is None
-                   else torch.as_tensor(raw, dtype=torch.int64).reshape(-1).cpu())
+            id_key = "ids" if "ids" in item else "id"
+            ids = None if item.get(id_key) is None else _integer_ids(item[id_key], id_key)
         else:
             raise TypeError(
                 f"cannot read a batch from {type(item).__name__}: yield tensors, "
@@ -89,6 +94,40 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
         if ids is not None and ids.shape[0] != x.shape[0]:
             raise ValueError(f"a batch has {ids.shape[0]} ids for {x.shape[0]} examples")
         yield x, ids
+
+
+def _refuse_labels_as_x(item: tuple | list) -> None:
+    """A ``(label, input)`` batch would featurise the labels as x (the first element is taken):
+    refused, naming what was taken, when element 0 holds one integer per example and a later
+    element is a float batch of inputs (token ids, also integers, are ``[B, T]``)."""
+    x = item[0]
+    if x.dtype.is_floating_point or x.dtype.is_complex or x.dim() != 1:
+        return
+    for j, other in enumerate(item[1:], start=1):
+        if (isinstance(other, torch.Tensor) and other.dtype.is_floating_point
+                and other.dim() >= 2 and other.shape[0] == x.shape[0]):
+            raise ValueError(
+                f"a batch (x, ...) is read with its first element as x, here {x.dtype} of shape "
+                f"{tuple(x.shape)} (labels?), while element {j} is {other.dtype} of shape "
+                f"{tuple(other.shape)}: put the inputs first ((x, label)), or name them: batches "
+                "that are dicts (a dataset returning dicts) are read by their 'x' (or 'image', "
+                "'input') entry")
+
+
+def _integer_ids(raw: Any, key: str) -> torch.Tensor:
+    """A dict batch's ``key`` entry as int64 ids on the CPU; a TypeError naming it unless they
+    are integers (as float they would be truncated, 1.5 and 1 becoming one example)."""
+    try:
+        ids = torch.as_tensor(raw)
+    except (TypeError, ValueError, RuntimeError):  # (strings: "too many dimensions 'str'")
+        ids = None
+    if (ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex
+            or ids.dtype == torch.bool):
+        shown = repr(raw[:3] if isinstance(raw, (list, tuple)) else raw)[:80]
+        raise TypeError(f"a dict batch's {key!r} must hold integer example ids, got {shown}: "
+                        f"map them to integers (e.g. the dataset index), or leave {key!r} out "
+                        "to number the examples by their dataset index or stream position")
+    return ids.to(torch.int64).reshape(-1).cpu()
 
 
 def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: bool = False
@@ -101,8 +140,9 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
     sampler (``RandomSampler`` drawing each example once, ``SubsetRandomSampler``) gives its
     set in increasing order. ``strict`` (featurising a store, which must hold a fixed set of
     examples once each): samplers that draw random sets or repeats are refused; otherwise
-    (queries) they are read as drawn. ``distributed``: refuse a ``DistributedSampler`` (the
-    ranks' split is made here)."""
+    (queries) they are read as drawn. A ``DistributedSampler`` is refused with ``distributed``
+    (the ranks' split is made here) and with ``strict`` (it holds one rank's share of the data
+    set: a store of it would silently miss the rest)."""
     if type(data) is not DataLoader or data.batch_sampler is None or isinstance(
             data.dataset, IterableDataset):
         return None
@@ -110,6 +150,13 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
         raise ValueError("do not give the DataLoader a DistributedSampler: InfluenceSSL splits "
                          "the examples over the ranks itself (every rank passes the same "
                          "loader; a DistributedSampler would also pad with repeated examples)")
+    if strict and isinstance(data.sampler, DistributedSampler):
+        raise ValueError("the DataLoader has a DistributedSampler: it gives this process's "
+                         f"share of the data set only (rank {data.sampler.rank} of "
+                         f"{data.sampler.num_replicas}), so the store would miss the others' "
+                         "examples. Rebuild the loader without the DistributedSampler (e.g. "
+                         "DataLoader(loader.dataset, batch_size=...)), or featurize on every "
+                         "rank with InfluenceSSL(..., distributed=True)")
     batch_sampler = data.batch_sampler
     if type(batch_sampler) is BatchSampler:
         order = _sampler_order(batch_sampler.sampler, strict, random_set(data))
@@ -210,8 +257,9 @@ class Examples:
     A re-made ``DataLoader`` reads this rank's examples only; any other iterable is read whole
     on every rank and this rank's pieces kept.
 
-    :attr:`digest` identifies the stream (the loader's index batches; or every batch's size, ids
-    and a sample of its values) so that ranks can check they all read the same one; for a plain
+    :attr:`digest` identifies the stream (the loader's index batches and, with ranks, the values
+    of :data:`DIGEST_EXAMPLES` of its examples; or every batch's size, ids and a sample of its
+    values) so that ranks can check they all read the same one; for a plain
     iterable it is known once it has been read to the end (None before). ``unique``
     (featurising: a store holds a fixed set of examples, each once): refuse samplers that draw
     random sets or give an index twice.
@@ -234,6 +282,9 @@ class Examples:
             _refuse_repeats(batches)
         for b in batches:
             self._hash.update(b.tobytes() + b"|")
+        if size > 1:  # (only ranks compare digests)
+            assert isinstance(data, DataLoader)  # (index_batches reads only those)
+            self._hash.update(_value_bytes(data, batches))
         self._known = True
         self.block = block_rows(sum(len(b) for b in batches) if balance else None, size,
                                 shard_rows)
@@ -278,7 +329,14 @@ class Examples:
             yield from self._load(self._pieces)
             return
         position = 0
-        for x, ids in iterate_batches(self.data):
+        workers = _iterable_workers(self.data)
+        first: torch.Tensor | None = None
+        for j, (x, ids) in enumerate(iterate_batches(self.data)):
+            if j < workers:  # (batch j is worker j's first: they take turns)
+                if first is None:
+                    first = x
+                elif x.shape == first.shape and torch.equal(x, first):
+                    _refuse_worker_copies(getattr(self.data, "dataset", None), workers)
             B = x.shape[0]
             self._hash.update(f"{B}|".encode() + _sample_bytes(x))
             if ids is not None:
@@ -397,6 +455,24 @@ class Examples:
         recheck.compare(x, ids, rows)
 
 
+def _iterable_workers(data: Any) -> int:
+    """The workers of a ``DataLoader`` over an ``IterableDataset`` when there are several (each
+    iterates the dataset itself: the whole of it unless the dataset shards by worker), else 0."""
+    if (isinstance(data, DataLoader) and isinstance(data.dataset, IterableDataset)
+            and data.num_workers > 1):
+        return data.num_workers
+    return 0
+
+
+def _refuse_worker_copies(dataset: Any, workers: int) -> None:
+    raise ValueError(
+        f"the DataLoader's {type(dataset).__name__} (an IterableDataset) gave the same "
+        f"first batch in two of its {workers} workers: each worker iterates the whole dataset "
+        "unless the dataset shards itself (by torch.utils.data.get_worker_info()), so every "
+        "example would be read once per worker, under other ids (its stream positions). "
+        "Shard the dataset by worker, or pass num_workers=0 or 1")
+
+
 def _shuffles(data: Any) -> bool:
     """Whether ``data`` is a loader drawing a random order."""
     random = (RandomSampler, SubsetRandomSampler, WeightedRandomSampler)
@@ -429,6 +505,22 @@ def _refuse_repeats(batches: list[np.ndarray]) -> None:
         raise ValueError(f"the DataLoader's sampler gives dataset indices "
                          f"{uniq[counts > 1][:5].tolist()} more than once: a store holds each "
                          "example once (use a sampler without replacement)")
+
+
+def _value_bytes(loader: DataLoader, batches: list[np.ndarray]) -> bytes:
+    """The bytes of the inputs of :data:`DIGEST_EXAMPLES` examples of ``batches`` (evenly
+    spread, the first and the last among them), loaded in this process (no workers started
+    for so few)."""
+    indices = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+    if not len(indices):
+        return b""
+    pick = np.linspace(0, len(indices) - 1, min(DIGEST_EXAMPLES, len(indices))).round()
+    few = DataLoader(loader.dataset, batch_sampler=_IndexBatches([indices[pick.astype(np.int64)]]),
+                     collate_fn=loader.collate_fn)
+    x, _ = next(iterate_batches(few))
+    x = torch.as_tensor(x).detach().cpu().contiguous()
+    return (f"{x.dtype}|{tuple(x.shape)}|".encode()
+            + (x.reshape(-1).view(torch.uint8).numpy().tobytes() if x.numel() else b""))
 
 
 def _sample_bytes(x: torch.Tensor, values: int = 64) -> bytes:
