@@ -48,6 +48,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _out_dir(text: str) -> str:
+    """A report directory the demo can write (checked before minutes of work, not after them)."""
+    from .demo import DemoOutputError, check_output
+
+    try:
+        check_output(text)
+    except DemoOutputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import format_table, run
 
@@ -57,7 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, DemoOutputError, run_demo
 
     cfg = DemoConfig(out=args.out, ssl=args.ssl, seed=args.seed,
                      views=args.views, solver=args.solver, progress=not args.no_progress,
@@ -67,7 +78,10 @@ def _demo(args: argparse.Namespace) -> int:
         cfg.n_boot = 100
     if args.epochs is not None:  # (an explicit --epochs wins over --quick's)
         cfg.epochs = args.epochs
-    summary = run_demo(cfg)
+    try:
+        summary = run_demo(cfg)
+    except DemoOutputError as exc:  # (the parser checked --out: this is a change since then)
+        args.parser.error(str(exc))
     q = summary["quality"]
     di, db = q["duplicates_influence"], q["duplicates_baseline"]
     oi, ob = q["outliers_influence"], q["outliers_baseline"]
@@ -112,7 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p_bench.add_argument("--json", action="store_true", help="machine-readable output")
     p_bench.set_defaults(func=_bench)
     p_demo = sub.add_parser("demo", help="find planted duplicates/outliers in digits (report)")
-    p_demo.add_argument("--out", default="issl_demo", help="report directory (default issl_demo)")
+    p_demo.add_argument("--out", default="issl_demo", type=_out_dir,
+                        help="report directory (default issl_demo); a store an earlier demo run "
+                        "left in OUT/store is replaced, anything else there is refused")
     p_demo.add_argument("--ssl", default="simclr", choices=["simclr", "byol", "barlow"],
                         help="SSL method used to train the encoder")
     p_demo.add_argument("--epochs", type=_positive_int, default=None,
@@ -126,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_demo.add_argument("--device", default="cpu", type=_device,
                         help="where to train and run the engine: cpu (default), cuda, cuda:1...")
-    p_demo.set_defaults(func=_demo)
+    p_demo.set_defaults(func=_demo, parser=p_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 
