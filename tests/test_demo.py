@@ -24,7 +24,7 @@ def summary(tmp_path_factory):
 
 def test_report_files_exist_and_are_valid_images(summary) -> None:
     out, s = summary
-    assert set(s["figures"]) == {"proponents", "opponents", "self_influence_top", "duplicates",
+    assert set(s["figures"]) == {"proponents", "opponents", "outliers_top", "duplicates",
                                  "self_influence_hist", "groups"}
     for name in s["figures"].values():
         img = mpimg.imread(out / name)
@@ -33,6 +33,13 @@ def test_report_files_exist_and_are_valid_images(summary) -> None:
     report = (out / "report.md").read_text()
     for name in s["figures"].values():
         assert f"]({name})" in report
+    # The outlier grid (the influence-neighbourhood ranking) is named and headed for what it
+    # shows, not as self-influence, which is another score.
+    assert s["figures"]["outliers_top"] == "outliers_top.png"
+    assert ("### Most outlying images by the influence-neighbourhood score\n\n"
+            "![Most outlying images by the influence-neighbourhood score](outliers_top.png)"
+            in report)
+    assert "self_influence_top" not in report and "self influence top" not in report
     assert json.loads((out / "summary.json").read_text())["store"]["rows"] == 300 + 8 + 4 + 9
 
 
