@@ -1,6 +1,6 @@
 """Influence-SSL for a 1-D convolutional encoder on signals (audio, sensors, time series).
 
-    python examples/signal_attribution.py OUT [--signals 600] [--epochs 8]
+    python examples/signal_attribution.py OUT [--signals 600 (>= 30)] [--epochs 8]
 
 Generates a training set of noisy periodic signals (sines, square waves, chirps) with planted
 problems: exact copies of a few signals, copies shifted by a few samples, and a few signals of
@@ -29,10 +29,26 @@ COPIES = 6  # exact copies of training signals
 SHIFTED = 6  # copies moved by 1-3 samples (circularly)
 NOISE = 6  # signals of white noise among the periodic ones
 THRESHOLD = 0.99  # normalised influence of a duplicate pair
+# Fewest signals: the planted ones, and as many clean signals as there are copies to draw their
+# originals from (each copy has its own original).
+MIN_SIGNALS = COPIES + SHIFTED + NOISE + COPIES + SHIFTED
+
+
+def _at_least(minimum: int):
+    """An argparse type: an int >= ``minimum`` (a clear parser error, not a crash later)."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
 
 
 def make_signals(n: int, seed: int) -> tuple[torch.Tensor, dict[str, list]]:
     """``[n, 1, LENGTH]`` signals; the planted problems sit in the last rows."""
+    if n < MIN_SIGNALS:
+        raise ValueError(f"n must be at least {MIN_SIGNALS} (the planted signals and their "
+                         f"originals), got {n}")
     rng = np.random.default_rng(seed)
     t = np.arange(LENGTH) / LENGTH
     clean = n - COPIES - SHIFTED - NOISE
@@ -88,8 +104,10 @@ def train(encoder: nn.Module, x: torch.Tensor, epochs: int, seed: int = 0) -> No
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory for the store and result.json")
-    parser.add_argument("--signals", type=int, default=600)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--signals", type=_at_least(MIN_SIGNALS), default=600,
+                        help=f"signals in the training set (at least {MIN_SIGNALS}; default 600)")
+    parser.add_argument("--epochs", type=_at_least(0), default=8,
+                        help="SimCLR training epochs (0: random weights; default 8)")
     args = parser.parse_args(argv)
 
     x, planted = make_signals(args.signals, seed=0)

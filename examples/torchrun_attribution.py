@@ -26,13 +26,30 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 COPIES = [(3, 200), (10, 301), (42, 402)]  # (original, copy) rows of the planted duplicates
+QUERIES = 3  # the last rows are the queries, not training examples
+# Fewest examples: every planted copy among the training rows, then the queries.
+MIN_EXAMPLES = max(copy for _, copy in COPIES) + 1 + QUERIES
+DIGITS = 1797  # images in scikit-learn's digits
 
 
-def main() -> None:
+def _examples(text: str) -> int:
+    """--examples: enough rows for the planted copies and the queries, at most the digits."""
+    value = int(text)
+    if not MIN_EXAMPLES <= value <= DIGITS:
+        raise argparse.ArgumentTypeError(
+            f"must be between {MIN_EXAMPLES} (the planted copies, the last at row "
+            f"{MIN_EXAMPLES - QUERIES - 1}, and {QUERIES} queries) and {DIGITS} (the digits), "
+            f"got {value}")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="directory for the store and result.json")
-    parser.add_argument("--examples", type=int, default=503)
-    args = parser.parse_args()
+    parser.add_argument("--examples", type=_examples, default=503,
+                        help=f"digits used, the last {QUERIES} as queries "
+                        f"({MIN_EXAMPLES}-{DIGITS}; default 503)")
+    args = parser.parse_args(argv)
 
     device = torch.device("cpu")
     if "WORLD_SIZE" in os.environ:  # launched by torchrun: one process per rank
@@ -46,8 +63,8 @@ def main() -> None:
     x = digits[:, None]  # [n, 1, 8, 8]
     for original, copy in COPIES:
         x[copy] = x[original]
-    train = DataLoader(TensorDataset(x[: args.examples - 3]), batch_size=64)
-    queries = x[args.examples - 3 :]
+    train = DataLoader(TensorDataset(x[: args.examples - QUERIES]), batch_size=64)
+    queries = x[args.examples - QUERIES :]
 
     torch.manual_seed(0)  # the same weights on every rank
     encoder = nn.Sequential(

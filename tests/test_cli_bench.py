@@ -69,3 +69,49 @@ def test_bench_table_names_the_baselines(capsys) -> None:
     assert "fp32 mm" in out and "triad" in out
     for op in ("sketch_linear", "sketch_kron", "score_topk"):
         assert op in out
+
+
+def _case(op: str, fraction: float) -> dict:
+    return {"op": op, "shape": "s", "ours_s": 1e-3, "baseline": "b", "baseline_s": 2e-3,
+            "speedup": 2.0, "limit": "gemm", "fraction_of_limit": fraction,
+            "max_rel_err": 0.0, "above_limit": fraction > 1}
+
+
+def test_fractions_above_the_limit_are_flagged_not_printed_as_facts(monkeypatch,
+                                                                    capsys) -> None:
+    """A kernel "faster than the machine" (the limit measured low on a busy machine) is flagged
+    in the JSON and marked in the table with a note, not printed as a plain 214%."""
+    monkeypatch.setattr(benchmark, "machine_limits",
+                        lambda rounds, quick: {"gemm_flops": 1e3, "bandwidth_bytes": 1e3})
+    assert cli.main(["bench", "--quick", "--json", "--rounds", "1", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["above_limit"] is True
+    assert all(c["above_limit"] is True and c["fraction_of_limit"] > 1 for c in result["cases"])
+    table = benchmark.format_table(result)
+    for line in table.splitlines()[3:7]:
+        assert f"%{benchmark.ABOVE_LIMIT_MARK} " in line, line
+    assert table.splitlines()[-1].startswith(f"{benchmark.ABOVE_LIMIT_MARK} above 100% of the "
+                                             "limit measured in this run")
+    assert "Rerun on an idle machine." in table
+
+
+def test_only_the_cases_above_the_limit_are_marked() -> None:
+    result = {"threads": 2, "rounds": 5, "quick": False, "load_average_1min": 3.5, "cpus": 2,
+              "limits": {"gemm_flops": 2e11, "bandwidth_bytes": 2.5e10},
+              "cases": [_case("fine", 0.62), _case("busy", 2.14), _case("edge", 1.0)]}
+    lines = benchmark.format_table(result).splitlines()
+    assert "load average 3.5 on 2 CPUs" in lines[0]
+    fine, busy, edge = lines[2:5]
+    assert "62%  gemm" in fine and "214%! gemm" in busy and "100%  gemm" in edge
+    assert lines[-1].startswith("! above 100%") and "(load average 3.5 on 2 CPUs" in lines[-1]
+    result["cases"] = [_case("fine", 0.62)]
+    assert "above 100%" not in benchmark.format_table(result)
+
+
+def test_json_flags_each_case(capsys) -> None:
+    assert cli.main(["bench", "--quick", "--json", "--rounds", "1", "--threads", "1"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["above_limit"] == any(c["above_limit"] for c in result["cases"])
+    for c in result["cases"]:
+        assert c["above_limit"] == (c["fraction_of_limit"] > 1)
+    assert result["cpus"] >= 1

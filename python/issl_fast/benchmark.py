@@ -6,7 +6,10 @@ in a convolution) against the pure-PyTorch code a user would write instead
 sketches against another kernel or the baseline), and reports each as a
 speed-up over its baseline and as a fraction of this machine's limits, measured in the same
 run: the fp32 ``torch.mm`` rate and the memory bandwidth of a ``c = a + b`` triad. Times are
-medians of a few rounds. The full suite, with the targets and memory figures, is
+medians of a few rounds. A kernel timed above 100% of a limit did not beat the machine: the
+limit or its own time was disturbed (other work on the machine, a clock change between the two
+measurements); such a case is flagged (``above_limit``) and the table marks it instead of
+printing it as a fact. The full suite, with the targets and memory figures, is
 ``python -m pytest bench/`` in the source tree (``bench/README.md``); the GPU one is
 ``bench/gpu/run.sh``.
 """
@@ -14,10 +17,11 @@ medians of a few rounds. The full suite, with the targets and memory figures, is
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -32,12 +36,15 @@ CHECK_COLS = 64
 # Worst relative error (of a row's norm) accepted between a kernel and its check (float32
 # kernels: ~5e-7 measured on AVX-512, AVX2 and generic code).
 CHECK_RTOL = 1e-4
+# The table's mark on a case above 100% of its limit (a disturbed measurement, not a rate).
+ABOVE_LIMIT_MARK = "!"
 
 
 @dataclass
 class Case:
     """One kernel against its baseline: median seconds, speed-up, and the fraction of the
-    machine limit the kernel reached (``limit``: "gemm" or "bandwidth")."""
+    machine limit the kernel reached (``limit``: "gemm" or "bandwidth"); ``above_limit``: that
+    fraction is over 1, which no kernel reaches: the measurement was disturbed."""
 
     op: str
     shape: str
@@ -48,6 +55,10 @@ class Case:
     limit: str
     fraction_of_limit: float
     max_rel_err: float
+    above_limit: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.above_limit = bool(self.fraction_of_limit > 1.0)
 
 
 def median_time(fn: Callable[[], Any], rounds: int, warmup: int = 1) -> float:
@@ -161,6 +172,8 @@ def run(rounds: int = 5, quick: bool = False, threads: int | None = None) -> dic
         threads = torch.get_num_threads()
     if threads < 1:
         raise ValueError(f"threads must be >= 1, got {threads}")
+    # (the other work on the machine as the run starts: what a fraction above 1 is read against)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # the baselines get the same threads as the kernels
     try:
@@ -175,6 +188,8 @@ def run(rounds: int = 5, quick: bool = False, threads: int | None = None) -> dic
         raise RuntimeError("kernel results disagree with the reference: " + ", ".join(
             f"{c.op} (max row error {c.max_rel_err:.2e})" for c in wrong))
     return {"threads": threads, "rounds": rounds, "quick": quick, "limits": limits,
+            "load_average_1min": load, "cpus": os.cpu_count(),
+            "above_limit": any(c.above_limit for c in cases),
             "cases": [asdict(c) for c in cases]}
 
 
@@ -182,14 +197,26 @@ def format_table(result: dict[str, Any]) -> str:
     lim = result["limits"]
     lines = [f"issl-fast bench: {result['threads']} threads, median of {result['rounds']}; "
              f"this machine now: fp32 mm {lim['gemm_flops'] / 1e9:.0f} GFLOP/s, "
-             f"triad {lim['bandwidth_bytes'] / 1e9:.1f} GB/s",
+             f"triad {lim['bandwidth_bytes'] / 1e9:.1f} GB/s"
+             + ("" if result.get("load_average_1min") is None else
+                f"; load average {result['load_average_1min']:.1f} on {result.get('cpus')} CPUs"),
              f"{'op':<14}{'shape':<38}{'ours ms':>9}{'base ms':>10}{'speed-up':>10}"
              f"{'of limit':>10}  baseline"]
     if result["quick"]:
         lines.insert(1, "(--quick: sizes small enough to sit in cache; the fractions of the "
                         "limits are indicative only)")
     for c in result["cases"]:
+        mark = ABOVE_LIMIT_MARK if c.get("above_limit", c["fraction_of_limit"] > 1) else " "
         lines.append(f"{c['op']:<14}{c['shape']:<38}{c['ours_s'] * 1e3:>9.1f}"
                      f"{c['baseline_s'] * 1e3:>10.1f}{c['speedup']:>9.1f}x"
-                     f"{c['fraction_of_limit']:>9.0%} {c['limit'][:4]}  {c['baseline']}")
+                     f"{c['fraction_of_limit']:>9.0%}{mark} {c['limit'][:4]}  {c['baseline']}")
+    if any(c.get("above_limit", c["fraction_of_limit"] > 1) for c in result["cases"]):
+        load = result.get("load_average_1min")
+        busy = ("" if load is None else
+                f" (load average {load:.1f} on {result.get('cpus')} CPUs as the run started)")
+        lines.append(f"{ABOVE_LIMIT_MARK} above 100% of the limit measured in this run: not a "
+                     "real rate but a disturbed measurement; the machine was busy" + busy
+                     + " or its clock changed between the limit and the kernel's timing"
+                     + (", or the --quick data sat in cache" if result["quick"] else "")
+                     + ". Rerun on an idle machine.")
     return "\n".join(lines)

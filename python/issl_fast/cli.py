@@ -48,6 +48,17 @@ def _device(text: str) -> str:
     return text
 
 
+def _out_dir(text: str) -> str:
+    """A report directory the demo can write (checked before minutes of work, not after them)."""
+    from .demo import DemoOutputError, check_output
+
+    try:
+        check_output(text)
+    except DemoOutputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _bench(args: argparse.Namespace) -> int:
     from .benchmark import format_table, run
 
@@ -57,7 +68,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import DemoConfig, run_demo
+    from .demo import DemoConfig, DemoOutputError, run_demo
 
     cfg = DemoConfig(out=args.out, ssl=args.ssl, seed=args.seed,
                      views=args.views, solver=args.solver, progress=not args.no_progress,
@@ -67,7 +78,10 @@ def _demo(args: argparse.Namespace) -> int:
         cfg.n_boot = 100
     if args.epochs is not None:  # (an explicit --epochs wins over --quick's)
         cfg.epochs = args.epochs
-    summary = run_demo(cfg)
+    try:
+        summary = run_demo(cfg)
+    except DemoOutputError as exc:  # (the parser checked --out: this is a change since then)
+        args.parser.error(str(exc))
     q = summary["quality"]
     di, db = q["duplicates_influence"], q["duplicates_baseline"]
     oi, ob = q["outliers_influence"], q["outliers_baseline"]
@@ -103,16 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     p_info.add_argument("--json", action="store_true", help="machine-readable output")
     p_info.set_defaults(func=_info)
     p_bench = sub.add_parser("bench", help="time this build's CPU kernels against pure "
-                             "PyTorch and this machine's limits (about 10 s)")
+                             "PyTorch and this machine's limits (about 20 s on 2 idle CPU "
+                             "cores, 40 s on busy ones)")
     p_bench.add_argument("--rounds", type=_positive_int, default=5,
                          help="timed rounds per case (median)")
     p_bench.add_argument("--threads", type=_positive_int, default=None,
                          help="threads for the kernels and the baselines (default: torch's)")
-    p_bench.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    p_bench.add_argument("--quick", action="store_true", help="small sizes (5-12 s on 2 CPU cores)")
     p_bench.add_argument("--json", action="store_true", help="machine-readable output")
     p_bench.set_defaults(func=_bench)
-    p_demo = sub.add_parser("demo", help="find planted duplicates/outliers in digits (report)")
-    p_demo.add_argument("--out", default="issl_demo", help="report directory (default issl_demo)")
+    # (durations: measured on 2 CPU cores, the low end with them otherwise idle, the high end
+    # with other jobs sharing them; training is what slows down)
+    p_demo = sub.add_parser("demo", help="find planted duplicates/outliers in digits and write "
+                            "a report (1.5-5 minutes on 2 CPU cores; --quick: 30-75 s)")
+    p_demo.add_argument("--out", default="issl_demo", type=_out_dir,
+                        help="report directory (default issl_demo); a store an earlier demo run "
+                        "left in OUT/store is replaced, anything else there is refused")
     p_demo.add_argument("--ssl", default="simclr", choices=["simclr", "byol", "barlow"],
                         help="SSL method used to train the encoder")
     p_demo.add_argument("--epochs", type=_positive_int, default=None,
@@ -122,11 +142,13 @@ def main(argv: list[str] | None = None) -> int:
     p_demo.add_argument("--solver", default="ekfac",
                         choices=["ekfac", "block", "gauss_newton", "identity"])
     p_demo.add_argument("--seed", type=int, default=0)
-    p_demo.add_argument("--quick", action="store_true", help="reduced setting (seconds)")
+    p_demo.add_argument("--quick", action="store_true",
+                        help="reduced setting: 400 digits + 32 planted, 8 epochs (30-75 s on 2 "
+                        "CPU cores, against 1.5-5 minutes)")
     p_demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     p_demo.add_argument("--device", default="cpu", type=_device,
                         help="where to train and run the engine: cpu (default), cuda, cuda:1...")
-    p_demo.set_defaults(func=_demo)
+    p_demo.set_defaults(func=_demo, parser=p_demo)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -24,20 +24,21 @@ FADE = 0.45
 
 @dataclass
 class DemoData:
-    """Training split with planted problems, and a clean test split.
+    """Training split with planted problems, and a clean test split (16x16 images: the 8x8
+    digits upsampled, see ``SIZE``).
 
     ``train_kind``: "clean", "exact_dup", "near_dup" or "outlier" per training row;
     ``dup_pairs``: [p, 2] rows (original, planted copy); ``groups``: "thin" / "thick" / "faded".
     """
 
-    train_x: torch.Tensor  # [n, 1, 8, 8] float32 in [0, 1]
+    train_x: torch.Tensor  # [n, 1, SIZE, SIZE] (16x16) float32 in [0, 1]
     train_labels: np.ndarray  # digit class, -1 for outliers
     train_kind: np.ndarray
     train_groups: np.ndarray
     outlier_kind: np.ndarray  # "inverted" / "noise" / "blob" for outliers, "" otherwise
     dup_pairs: np.ndarray
     dup_kind: np.ndarray  # per pair: "exact", "noise" (pixel noise) or "shift" (1-pixel shift)
-    test_x: torch.Tensor
+    test_x: torch.Tensor  # [n_test, 1, SIZE, SIZE]
     test_labels: np.ndarray
     test_groups: np.ndarray
 

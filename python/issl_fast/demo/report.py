@@ -69,7 +69,8 @@ def write_figures(out: Path, data, q_rows, pro, opp, self_inf, dups, outl, group
     _influence_grid(out / figs["opponents"], data, q_rows, opp,
                     "Top opponents per test query (most negative scores)")
 
-    # Top self-influence images.
+    # The most outlying images by the influence-neighbourhood score (find_outliers("neighbours"),
+    # the demo's outlier detector); raw self-influence is the histogram below.
     top = outl.order[:24]
     fig, axes = plt.subplots(3, 8, figsize=(9, 3.8))
     for ax, row in zip(axes.ravel(), top):
@@ -79,8 +80,8 @@ def write_figures(out: Path, data, q_rows, pro, opp, self_inf, dups, outl, group
     fig.suptitle("Most outlying by influence neighbourhood (robust z of 1 - k-th normalised "
                  "influence); red = planted outlier", fontsize=9)
     fig.tight_layout()
-    figs["self_influence_top"] = "self_influence_top.png"
-    fig.savefig(out / figs["self_influence_top"], dpi=110)
+    figs["outliers_top"] = "outliers_top.png"
+    fig.savefig(out / figs["outliers_top"], dpi=110)
     plt.close(fig)
 
     # Found duplicate pairs.
@@ -149,6 +150,17 @@ def write_figures(out: Path, data, q_rows, pro, opp, self_inf, dups, outl, group
     fig.savefig(out / figs["groups"], dpi=110)
     plt.close(fig)
     return figs
+
+
+# The report's heading of each figure (by its key in ``write_figures``' result): what it shows.
+FIGURE_HEADINGS = {
+    "proponents": "Top proponents per test query",
+    "opponents": "Top opponents per test query",
+    "outliers_top": "Most outlying images by the influence-neighbourhood score",
+    "duplicates": "Most similar pairs by normalised influence",
+    "self_influence_hist": "Self-influence histogram, planted outliers in red",
+    "groups": "Group influence: self-influence by group, and training group -> test group",
+}
 
 
 def _fmt(v: Any) -> str:
@@ -234,7 +246,8 @@ def write_markdown(out: Path, summary: dict[str, Any]) -> None:
     lines += [f"| {k} | {v:.2f} |" for k, v in t.items()]
     lines += ["", "## Figures", ""]
     for name, file in summary["figures"].items():
-        lines += [f"### {name.replace('_', ' ')}", "", f"![{name}]({file})", ""]
+        heading = FIGURE_HEADINGS.get(name, name.replace("_", " "))
+        lines += [f"### {heading}", "", f"![{heading}]({file})", ""]
     g = summary["groups"]
     lines += ["## Groups", "", "| training group | n | mean self-influence | 95% CI |",
               "|---|---|---|---|"]

@@ -5,6 +5,8 @@ vs a representation-space baseline -> report."""
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,9 +16,11 @@ import numpy as np
 import torch
 
 from ..apps import translations
+from ..capture import build_layout
 from ..influence import InfluenceSSL
 from ..loss import AugmentationStability
 from ..projection import Projection
+from ..store import MANIFEST, WRITER_LOCK
 from . import baseline, metrics
 from .data import DemoData, load_demo_data
 from .train import digits_augment, make_backbone, train_ssl
@@ -55,6 +59,91 @@ class DemoConfig:
     device: str = "cpu"
 
 
+# The store the demo writes, inside its output directory. A run retrains the encoder, so a store
+# left there by an earlier run is stale and is deleted, but only when it is the demo's own.
+STORE = "store"
+# The files a gradient store is made of (store.py's layout; ".tmp": a write a crash interrupted).
+_STORE_FILE = re.compile(r"^(?:manifest\.json|(?:phi|ids)_\d{6}\.npy|stats_\d{6}\.npz)(?:\.tmp)?$")
+
+
+class DemoOutputError(ValueError):
+    """An output directory the demo will not write into: not a directory, not creatable, or
+    holding a ``store`` the demo did not write (the demo deletes only its own store)."""
+
+
+def _demo_layout() -> dict:
+    """The gradient layout of the demo's encoder (its architecture: the weights do not enter)."""
+    with torch.random.fork_rng(devices=[]):  # (make_backbone seeds torch: leave the caller's RNG)
+        return build_layout(make_backbone()).describe()
+
+
+def _stale_store_files(store: Path) -> list[Path]:
+    """The files of the demo's own store at ``store`` (to delete before writing a new one), [] if
+    there is none; raises :class:`DemoOutputError` naming the path if it holds anything else."""
+    if not store.exists() and not store.is_symlink():
+        return []
+    refuse = (f"{store} holds something the demo did not write, so it is left as it is: "
+              "delete or move it yourself, or choose another output directory (--out)")
+    if store.is_symlink() or not store.is_dir():
+        raise DemoOutputError(f"{refuse} (it is not a directory)")
+    entries = list(store.iterdir())
+    foreign = [p.name for p in entries if p.name != WRITER_LOCK and not _STORE_FILE.match(p.name)]
+    if foreign:
+        raise DemoOutputError(f"{refuse} (not gradient-store files: {sorted(foreign)[:5]})")
+    manifest = store / MANIFEST
+    if not manifest.exists():
+        # Only a writer's lock and interrupted writes: a store whose first shard never landed.
+        if any(not p.name.endswith(".tmp") and p.name != WRITER_LOCK for p in entries):
+            raise DemoOutputError(f"{refuse} (store files without a {MANIFEST})")
+        return entries
+    try:
+        layout = json.loads(manifest.read_text())["fingerprint"]["layout"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DemoOutputError(f"{refuse} (its {MANIFEST} cannot be read: {exc!r})") from None
+    # A gradient store of another encoder is someone's work: the layout names the encoder's
+    # layers and shapes, which are the demo's own for every demo setting.
+    if layout != _demo_layout():
+        raise DemoOutputError(f"{refuse} (a gradient store of another encoder)")
+    return entries
+
+
+def check_output(out: str | os.PathLike) -> None:
+    """Raises :class:`DemoOutputError` naming the path if the demo cannot write its report to
+    ``out``: a path through a file, a directory it may not create or write, or a ``store`` in it
+    that the demo did not write. Creates and deletes nothing."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DemoOutputError(f"{out} is not a directory")
+    existing = out
+    while not existing.exists():  # the nearest existing ancestor is where mkdir starts
+        if existing.is_symlink():
+            raise DemoOutputError(f"cannot create {out}: {existing} is a broken link")
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DemoOutputError(f"cannot create {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        what = "write into" if existing == out else f"create {out} in"
+        raise DemoOutputError(f"cannot {what} {existing}: permission denied")
+    _stale_store_files(out / STORE)
+
+
+def _prepare_output(out: Path) -> Path:
+    """Makes ``out`` and clears the demo's own store left in it by an earlier run (file by file,
+    never a tree: whatever else is there stays); returns the store's path."""
+    check_output(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DemoOutputError(f"cannot create {out}: {exc.strerror or exc}") from None
+    store = out / STORE
+    stale = _stale_store_files(store)
+    if stale or store.is_dir():
+        for f in stale:
+            f.unlink()
+        store.rmdir()  # (fails, deleting nothing more, if a file appeared in the meantime)
+    return store
+
+
 def _batches(x: torch.Tensor, size: int = 128) -> list[dict[str, torch.Tensor]]:
     return [{"x": x[i:i + size], "ids": torch.arange(i, min(i + size, len(x)))}
             for i in range(0, len(x), size)]
@@ -62,9 +151,12 @@ def _batches(x: torch.Tensor, size: int = 128) -> list[dict[str, torch.Tensor]]:
 
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Runs the whole demo; writes figures, ``report.md`` and ``summary.json`` to ``cfg.out``
-    and returns the summary."""
+    and returns the summary. A store an earlier run left in ``cfg.out/store`` is deleted (the
+    encoder is retrained: it is stale); anything else there is a :class:`DemoOutputError`,
+    raised before any work."""
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    # (before minutes of training: a path the demo may not use is refused first)
+    store_path = _prepare_output(out)
     timings: dict[str, float] = {}
 
     def stage(name: str):
@@ -93,11 +185,6 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] = print) -> dict[str, A
     loss = AugmentationStability(views=cfg.views, augment=digits_augment(cfg.seed + 7, True))
     # The engine runs where the backbone is (cfg.device).
     attr = InfluenceSSL(backbone, loss, Projection("kron", k=cfg.k, seed=cfg.seed), cfg.solver)
-    store_path = out / "store"
-    if store_path.exists():  # a fresh run: the encoder was retrained, the old store is stale
-        import shutil
-
-        shutil.rmtree(store_path)
     store = attr.featurize(_batches(data.train_x), store_path, progress=cfg.progress)
     log(f"  store: {store.rows} rows x {store.dim} features ({store.dtype}) at {store_path}")
     done("featurize")
