@@ -1,6 +1,9 @@
-"""Seeded augmentations: a view is a pure function of (seed, example id, view)."""
+"""Seeded augmentations: a view is a pure function of (seed, view), or of (seed, example id,
+view) with shared=False."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import issl_fast as issl
 import numpy as np
@@ -15,8 +18,10 @@ def _imgs(n: int, c: int = 3, hw: int = 16) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "aug",
-    [issl.SSLAugment(seed=3, noise_std=0.05), issl.SSLAugment.light(seed=3)],
-    ids=["full", "light"],
+    [issl.SSLAugment(seed=3, noise_std=0.05), issl.SSLAugment.light(seed=3),
+     issl.SSLAugment(seed=3, noise_std=0.05, shared=False),
+     dataclasses.replace(issl.SSLAugment.light(seed=3), shared=False)],
+    ids=["full", "light", "full-per-example", "light-per-example"],
 )
 def test_views_independent_of_batch_composition_and_order(aug) -> None:
     x, ids = _imgs(9), torch.tensor([5, 0, 17, 3, 2**40, 8, 9, 1, 4])

@@ -98,3 +98,27 @@ def test_anything_else_in_the_stores_place_is_refused_before_any_work(
     assert reason in str(err.value)
     assert logged == []  # refused before the data stage
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
+
+
+def test_a_store_another_process_is_writing_is_refused_and_kept(summary, tmp_path: Path) -> None:
+    # (another demo still featurising into --out: its store holds the writer lock)
+    import subprocess
+    import sys
+
+    out = _copy(summary, tmp_path)
+    lock = out / "store" / ".writer.lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys, time; fd = os.open(sys.argv[1], "
+         "os.O_RDWR | os.O_CREAT); fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); "
+         "time.sleep(60)", str(lock)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        files = {p: p.read_bytes() for p in (out / "store").iterdir()}
+        with pytest.raises(DemoOutputError, match="being written by another process"):
+            _prepare_output(out)
+        assert {p: p.read_bytes() for p in (out / "store").iterdir()} == files
+    finally:
+        holder.kill()
+        holder.wait()
+    assert _prepare_output(out) == out / "store"  # the writer gone: deleted as before
+    assert not (out / "store").exists()

@@ -122,3 +122,24 @@ def test_dense_projection_correlates_with_exact(tmp_path) -> None:
     a = exact_attr.score_matrix(q, ids=torch.arange(6)).numpy().ravel()
     b = sk.score_matrix(q, ids=torch.arange(6)).numpy().ravel()
     assert _spearman(a, b) >= 0.9
+
+
+@pytest.mark.parametrize("solver", ["block", "ekfac", "identity"])
+def test_the_leverage_correction_is_refused_where_f_loses_no_rank_one_term(
+        tmp_path, solver) -> None:
+    # block / EK-FAC: each block holds its own leverage (their sum exceeds n here); identity: no
+    # example's term in F at all. The first-order removal effect stays available.
+    model = tiny_mlp64()
+    loss = issl.AugmentationStability(views=3, augment=UniformNoise())
+    proj = issl.Projection("kron", k=16) if solver == "ekfac" else issl.Projection("identity")
+    attr = issl.InfluenceSSL(model, loss, proj, solver, store_dtype="float64",
+                             damping=np.float32(0.1))
+    x = torch.randn(N_TRAIN, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    attr.fit(attr.featurize(batches(x, 7), tmp_path / "store", progress=False))
+    assert type(attr.solver.damping) is float  # (a numpy damping is kept as a plain float)
+    top = attr.score(x[:3], topk=2)
+    assert top.solver == solver
+    torch.testing.assert_close(top.removal_effect(), top.values / N_TRAIN)
+    with pytest.raises(ValueError, match=rf"solver='gauss_newton' only \(these scores used "
+                                         rf"'{solver}'"):
+        top.removal_effect(attr.self_influence())

@@ -318,6 +318,11 @@ def test_a_distributed_sampler_is_refused_by_featurize_in_one_process(tmp_path: 
                                          r".*distributed=True"):
         attr.featurize(loader, tmp_path / "store", progress=False)
     assert not (tmp_path / "store").exists()  # refused before the store was made
+    # over one replica (torchrun --nproc_per_node=1) it holds every example: read in index order
+    whole = DataLoader(ds, batch_size=BATCH, sampler=DistributedSampler(ds, num_replicas=1,
+                                                                        rank=0))
+    store = attr.featurize(whole, tmp_path / "whole", progress=False)
+    assert store.ids().tolist() == list(range(N))
 
 
 @pytest.mark.parametrize(("key", "ids", "shown"), [
@@ -347,6 +352,17 @@ def test_a_label_first_tuple_is_refused_naming_what_was_taken_as_x(tmp_path: Pat
     tokens = torch.arange(6).reshape(2, 3)
     x, _ = next(loading.iterate_batches([(tokens, torch.ones(2, 4, 4))]))
     assert x is tokens
+    # one categorical id per example (an embedding encoder) with a float [B, D] target
+    items = torch.tensor([3, 7])
+    x, _ = next(loading.iterate_batches([(items, torch.rand(2, 5))]))
+    assert x is items
+
+
+def test_an_empty_batch_with_ids_is_read_as_empty() -> None:
+    # (a filtering collate may leave a batch empty: [] is float32 to torch, yet no id is wrong)
+    for empty in ([], torch.tensor([])):
+        x, ids = next(loading.iterate_batches([{"x": torch.zeros(0, 3), "ids": empty}]))
+        assert ids is not None and ids.dtype == torch.int64 and ids.shape == (0,)
 
 
 class _Stream(torch.utils.data.IterableDataset):
@@ -366,8 +382,21 @@ def test_an_iterable_dataset_read_whole_by_every_worker_is_refused(tmp_path: Pat
     stored again under other ids."""
     attr = cnn_attribution()
     copies = DataLoader(_Stream(shard=False), batch_size=BATCH, num_workers=2)
-    with pytest.raises(ValueError, match="same first batch in two of its 2 workers.*Shard"):
+    with pytest.raises(ValueError, match="same first batches in two of its 2 workers.*Shard"):
         attr.featurize(copies, tmp_path / "copies", progress=False)
     sharded = DataLoader(_Stream(shard=True), batch_size=BATCH, num_workers=2)
     store = attr.featurize(sharded, tmp_path / "sharded", progress=False)
     assert store.rows == N  # each example once
+
+
+def test_worker_shards_that_start_alike_are_not_taken_for_copies() -> None:
+    # shards beginning with the same values (silence) under other ids, or without ids but
+    # going on differently, are a dataset sharded by worker
+    quiet, x = torch.zeros(BATCH, 3), torch.rand(4, BATCH, 3)
+    with_ids = [(quiet, torch.arange(4)), (quiet, torch.arange(4, 8))]
+    assert not loading._worker_copies(with_ids, 2)
+    assert loading._worker_copies([(quiet, torch.arange(4))] * 2, 2)  # the same ids: copies
+    without = [(quiet, None), (quiet, None), (x[0], None), (x[1], None)]
+    assert not loading._worker_copies(without, 2)
+    assert loading._worker_copies([(quiet, None), (quiet, None), (x[0], None), (x[0], None)], 2)
+    assert not loading._worker_copies([(quiet, None), (quiet, None)], 2)  # one batch each

@@ -1,9 +1,10 @@
 """Batched, seeded tensor augmentations for the label-free loss.
 
-Every random parameter of an example's view is a pure function of ``(seed, example id, view)``
-through the project's counter-based hash (:mod:`issl_fast.reference`, role ``augment``), so the
-same example gets the same views in any batch, order or process — which is what makes stored
-gradient features reproducible and resumable.
+Every random parameter of an example's view is a pure function of ``(seed, view)`` (the default,
+``shared=True``: every example gets the same K transforms) or of ``(seed, example id, view)``
+(``shared=False``) through the project's counter-based hash (:mod:`issl_fast.reference`, role
+``augment``), so the same example gets the same views in any batch, order or process — which is
+what makes stored gradient features reproducible and resumable.
 
 Images are float tensors ``[B, C, H, W]`` (any C; saturation, hue and grayscale need C = 3,
 other channel counts get brightness/contrast jitter only), values nominally in [0, 1]; integer

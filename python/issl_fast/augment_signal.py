@@ -3,8 +3,9 @@
 The signal counterpart of :class:`~issl_fast.augment.SSLAugment`, with the usual time-series SSL
 transforms (TS-TCC, TS2Vec, wav2vec-style): a random window resized back to the input length
 (time shift and stretch), amplitude scaling, polarity inversion, time reversal, a masked span
-and Gaussian noise. Every random parameter is a pure function of ``(seed, example id, view)``
-(:func:`~issl_fast.augment.view_uniforms`), so stored features are reproducible and resumable.
+and Gaussian noise. Every random parameter is a pure function of ``(seed, view)`` (the default,
+``shared=True``) or ``(seed, example id, view)`` (``shared=False``;
+:func:`~issl_fast.augment.view_uniforms`), so stored features are reproducible and resumable.
 
 Signals are float tensors ``[B, C, L]`` (C channels of L samples); views keep the shape and
 dtype (half-precision signals are transformed in float32).

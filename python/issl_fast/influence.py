@@ -81,6 +81,8 @@ class TopInfluence:
     n: int
     # The queries' example ids (their own, a DataLoader's dataset indices, or stream positions).
     query_ids: torch.Tensor | None = None
+    # The solver kind whose F the scores used (None: not known, e.g. made by hand).
+    solver: str | None = None
 
     def koh_liang(self) -> torch.Tensor:
         """Koh & Liang's ``I_up,loss = -score``: the derivative of the query's loss with respect
@@ -98,10 +100,18 @@ class TopInfluence:
         the quadratic model F defines (F without the example's own term, by Sherman-Morrison;
         the other examples keep their weights 1/n). The first-order value underestimates it
         where ``s_i / n`` is not small: examples of high leverage, with dim ~ n or more and
-        little damping. Empty slots stay -inf / +inf."""
+        little damping. Only for ``solver="gauss_newton"``: a block-diagonal or EK-FAC F does
+        not lose a rank-one term with the example (each block holds its own leverage, and their
+        sum can exceed n). Empty slots stay -inf / +inf."""
         first = self.values / self.n
         if self_influence is None:
             return first
+        if self.solver not in (None, "gauss_newton"):
+            raise ValueError(
+                f"removal_effect(self_influence) is exact for solver='gauss_newton' only (these "
+                f"scores used {self.solver!r}, whose F does not lose a rank-one term with the "
+                "example): use the first-order removal_effect(), or fit with "
+                "solver='gauss_newton'")
         s = torch.as_tensor(np.asarray(self_influence), dtype=torch.float64)
         if s.shape != (self.n,):
             raise ValueError(f"self_influence must be [n] = [{self.n}] (one per store row), got "
@@ -606,12 +616,13 @@ class InfluenceSSL:
         if not parts:  # no queries
             empty = torch.zeros(0, topk, dtype=torch.int64)
             return TopInfluence(torch.zeros(0, topk, dtype=torch.float32), empty, empty.clone(),
-                                store.rows, torch.zeros(0, dtype=torch.int64))
+                                store.rows, torch.zeros(0, dtype=torch.int64),
+                                self.solver.kind)
         return TopInfluence(torch.cat([t.values for t in parts]),
                             torch.cat([t.rows for t in parts]),
                             torch.cat([t.ids for t in parts]), store.rows,
                             torch.cat([t.query_ids for t in parts
-                                       if t.query_ids is not None]))
+                                       if t.query_ids is not None]), self.solver.kind)
 
     def _query_blocks(self, queries: GradientStore | Iterable[Any]
                       ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -717,7 +728,8 @@ class InfluenceSSL:
         ids = torch.full_like(rows, -1)
         if len(all_ids):  # (an empty store returns only empty slots)
             ids = torch.where(rows >= 0, all_ids[rows.clamp(min=0)], ids)
-        return TopInfluence(-values if negate else values, rows, ids, store.rows)
+        return TopInfluence(-values if negate else values, rows, ids, store.rows,
+                            solver=self.solver.kind)
 
     def _scan(self, q: torch.Tensor, topk: int, store: GradientStore, span: tuple[int, int],
               exclude_rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:

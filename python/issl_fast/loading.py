@@ -1,9 +1,9 @@
 """How examples are read from what users pass as data: their order, their ids, the share of one
 rank, and where a resumed featurisation starts.
 
-An example's id names it in a store (``top.ids``), seeds its augmentations (``SSLAugment`` draws
-from ``(seed, id, view)``) and finds its store row in ``neighbours(data=...)``, so it must not
-depend on the order a loader happens to draw:
+An example's id names it in a store (``top.ids``), seeds its augmentations when they are drawn
+per example (``SSLAugment(shared=False)`` draws from ``(seed, id, view)``) and finds its store
+row in ``neighbours(data=...)``, so it must not depend on the order a loader happens to draw:
 
 - batches that carry ids (dicts with ``"id"``/``"ids"``) keep theirs;
 - a ``torch.utils.data.DataLoader`` (the class itself, not a subclass) over a map-style dataset
@@ -23,6 +23,7 @@ depend on the order a loader happens to draw:
 from __future__ import annotations
 
 import hashlib
+import itertools
 import warnings
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -99,13 +100,15 @@ def iterate_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.T
 def _refuse_labels_as_x(item: tuple | list) -> None:
     """A ``(label, input)`` batch would featurise the labels as x (the first element is taken):
     refused, naming what was taken, when element 0 holds one integer per example and a later
-    element is a float batch of inputs (token ids, also integers, are ``[B, T]``)."""
+    element is a float batch of images or signals (``[B, C, ...]``). One integer per example
+    with a float ``[B, D]`` beside it is a legitimate ``(x, target)``: categorical ids for an
+    embedding encoder; token ids are ``[B, T]``."""
     x = item[0]
     if x.dtype.is_floating_point or x.dtype.is_complex or x.dim() != 1:
         return
     for j, other in enumerate(item[1:], start=1):
         if (isinstance(other, torch.Tensor) and other.dtype.is_floating_point
-                and other.dim() >= 2 and other.shape[0] == x.shape[0]):
+                and other.dim() >= 3 and other.shape[0] == x.shape[0]):
             raise ValueError(
                 f"a batch (x, ...) is read with its first element as x, here {x.dtype} of shape "
                 f"{tuple(x.shape)} (labels?), while element {j} is {other.dtype} of shape "
@@ -121,6 +124,8 @@ def _integer_ids(raw: Any, key: str) -> torch.Tensor:
         ids = torch.as_tensor(raw)
     except (TypeError, ValueError, RuntimeError):  # (strings: "too many dimensions 'str'")
         ids = None
+    if ids is not None and ids.numel() == 0:  # (an empty batch: [] is float32 to torch)
+        return torch.zeros(0, dtype=torch.int64)
     if (ids is None or ids.dtype.is_floating_point or ids.dtype.is_complex
             or ids.dtype == torch.bool):
         shown = repr(raw[:3] if isinstance(raw, (list, tuple)) else raw)[:80]
@@ -146,14 +151,17 @@ def index_batches(data: Iterable[Any], *, distributed: bool = False, strict: boo
     if type(data) is not DataLoader or data.batch_sampler is None or isinstance(
             data.dataset, IterableDataset):
         return None
-    if distributed and isinstance(data.sampler, DistributedSampler):
+    # (a DistributedSampler over one replica holds the whole data set: read as a shuffling one)
+    sampler = data.sampler
+    split = isinstance(sampler, DistributedSampler) and sampler.num_replicas > 1
+    if distributed and split:
         raise ValueError("do not give the DataLoader a DistributedSampler: InfluenceSSL splits "
                          "the examples over the ranks itself (every rank passes the same "
                          "loader; a DistributedSampler would also pad with repeated examples)")
-    if strict and isinstance(data.sampler, DistributedSampler):
+    if strict and isinstance(sampler, DistributedSampler) and split:
         raise ValueError("the DataLoader has a DistributedSampler: it gives this process's "
-                         f"share of the data set only (rank {data.sampler.rank} of "
-                         f"{data.sampler.num_replicas}), so the store would miss the others' "
+                         f"share of the data set only (rank {sampler.rank} of "
+                         f"{sampler.num_replicas}), so the store would miss the others' "
                          "examples. Rebuild the loader without the DistributedSampler (e.g. "
                          "DataLoader(loader.dataset, batch_size=...)), or featurize on every "
                          "rank with InfluenceSSL(..., distributed=True)")
@@ -195,6 +203,8 @@ def _sampler_order(sampler: Any, strict: bool, how: str | None) -> np.ndarray | 
         return np.arange(len(sampler.data_source), dtype=np.int64)  # type: ignore[arg-type]
     if isinstance(sampler, SubsetRandomSampler):
         return np.sort(np.asarray(list(sampler.indices), dtype=np.int64))
+    if isinstance(sampler, DistributedSampler) and sampler.num_replicas == 1:  # every example
+        return np.arange(len(sampler.dataset), dtype=np.int64)  # type: ignore[arg-type]
     if how is None and isinstance(sampler, RandomSampler):  # each example once
         return np.arange(len(sampler.data_source), dtype=np.int64)  # type: ignore[arg-type]
     if how is not None and strict:
@@ -329,14 +339,7 @@ class Examples:
             yield from self._load(self._pieces)
             return
         position = 0
-        workers = _iterable_workers(self.data)
-        first: torch.Tensor | None = None
-        for j, (x, ids) in enumerate(iterate_batches(self.data)):
-            if j < workers:  # (batch j is worker j's first: they take turns)
-                if first is None:
-                    first = x
-                elif x.shape == first.shape and torch.equal(x, first):
-                    _refuse_worker_copies(getattr(self.data, "dataset", None), workers)
+        for x, ids in _checked_batches(self.data):
             B = x.shape[0]
             self._hash.update(f"{B}|".encode() + _sample_bytes(x))
             if ids is not None:
@@ -464,10 +467,44 @@ def _iterable_workers(data: Any) -> int:
     return 0
 
 
+def _checked_batches(data: Iterable[Any]) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """:func:`iterate_batches`; for an ``IterableDataset`` read by several workers, the first two
+    batches of every worker (they take turns: batch j is worker j % W's) are held and compared
+    first, so that a dataset read whole by every worker is refused before any is used."""
+    workers = _iterable_workers(data)
+    stream = iterate_batches(data)
+    if workers:
+        head = list(itertools.islice(stream, 2 * workers))
+        if _worker_copies(head, workers):
+            _refuse_worker_copies(getattr(data, "dataset", None), workers)
+        yield from head
+    yield from stream
+
+
+def _worker_copies(head: list[tuple[torch.Tensor, torch.Tensor | None]], workers: int) -> bool:
+    """Whether some worker's first batches (``head[w::workers]``) repeat worker 0's: equal values
+    and, where the batches carry ids, equal ids (a dataset sharded by worker may well start two
+    shards alike, e.g. silence, under other ids). Without ids, two batches each must match."""
+    def same(a: tuple[torch.Tensor, torch.Tensor | None],
+             b: tuple[torch.Tensor, torch.Tensor | None]) -> bool:
+        if a[0].shape != b[0].shape or not torch.equal(a[0], b[0]):
+            return False
+        return a[1] is None or b[1] is None or torch.equal(a[1], b[1])
+
+    first = head[0::workers]
+    with_ids = any(ids is not None for _, ids in head)
+    for w in range(1, workers):
+        mine = head[w::workers]
+        if (mine and len(mine) == len(first) and (with_ids or len(mine) >= 2)
+                and all(same(a, b) for a, b in zip(mine, first))):
+            return True
+    return False
+
+
 def _refuse_worker_copies(dataset: Any, workers: int) -> None:
     raise ValueError(
         f"the DataLoader's {type(dataset).__name__} (an IterableDataset) gave the same "
-        f"first batch in two of its {workers} workers: each worker iterates the whole dataset "
+        f"first batches in two of its {workers} workers: each worker iterates the whole dataset "
         "unless the dataset shards itself (by torch.utils.data.get_worker_info()), so every "
         "example would be read once per worker, under other ids (its stream positions). "
         "Shard the dataset by worker, or pass num_workers=0 or 1")

@@ -124,8 +124,10 @@ class Solver:
             raise ValueError(f"absolute_damping must be > 0, got {absolute_damping!r}")
         self.kind = kind
         self.blocks = blocks
-        self.damping = damping
-        self.absolute_damping = absolute_damping
+        # (plain floats: a numpy or tensor scalar given here would otherwise travel into the
+        # settings the ranks compare, and into the damping reported)
+        self.damping = float(damping)
+        self.absolute_damping = None if absolute_damping is None else float(absolute_damping)
         self._parts: list[tuple[Block, Any]] = []
         self._bases: tuple[Any, dict[str, _EKFACBlock]] | None = None
         self.n = 0

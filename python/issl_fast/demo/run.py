@@ -20,7 +20,7 @@ from ..capture import build_layout
 from ..influence import InfluenceSSL
 from ..loss import AugmentationStability
 from ..projection import Projection
-from ..store import MANIFEST, WRITER_LOCK
+from ..store import MANIFEST, WRITER_LOCK, StoreError, _WriterLock
 from . import baseline, metrics
 from .data import DemoData, load_demo_data
 from .train import digits_augment, make_backbone, train_ssl
@@ -138,8 +138,20 @@ def _prepare_output(out: Path) -> Path:
     store = out / STORE
     stale = _stale_store_files(store)
     if stale or store.is_dir():
-        for f in stale:
-            f.unlink()
+        # The store's writer lock first: another demo still featurising into it is refused,
+        # not wiped. The lock file goes last, while held.
+        try:
+            lock = _WriterLock(store)
+        except StoreError:
+            raise DemoOutputError(f"{store} is being written by another process (a demo still "
+                                  "running?): wait for it, or choose another output directory "
+                                  "(--out)") from None
+        try:
+            for f in sorted(stale, key=lambda p: p.name == WRITER_LOCK):
+                f.unlink(missing_ok=True)
+            (store / WRITER_LOCK).unlink(missing_ok=True)
+        finally:
+            lock.release()
         store.rmdir()  # (fails, deleting nothing more, if a file appeared in the meantime)
     return store
 
