@@ -437,7 +437,9 @@ class InfluenceSSL:
         distributed.same_on_all_ranks(batches.digest, "the data loader's order of examples or "
                                       "their values (a custom sampler must draw the same on "
                                       "every rank, and the dataset hold the same examples: "
-                                      "e.g. give random_split a seeded generator)")
+                                      "e.g. give random_split a seeded generator, and keep "
+                                      "random transforms out of the dataset's __getitem__; "
+                                      "the views come from the loss's augment)")
         with distributed.together("featurize"):
             try:
                 if not part.complete:
