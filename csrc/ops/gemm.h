@@ -43,6 +43,20 @@ void pack_b_rowmajor(const IsaKernels& K, const float* src, int64_t ld, int64_t 
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Row p of a [pc x n] block scattered into w-wide slivers, the packed operand layout of the
+// micro-kernel (A slivers: w = MR, B slivers: w = NR): dst[(g * pc + p) * w + l] = row[g * w + l],
+// zero for g * w + l >= n. Packing row by row reads a row-major source sequentially.
+inline void pack_row(const float* row, int64_t n, int64_t w, int64_t p, int64_t pc, float* dst) {
+  for (int64_t g = 0; g * w < n; ++g) {
+    float* d = dst + (g * pc + p) * w;
+    const float* r = row + g * w;
+    const int64_t cols = n - g * w < w ? n - g * w : w;
+    int64_t l = 0;
+    for (; l < cols; ++l) d[l] = r[l];
+    for (; l < w; ++l) d[l] = 0.0f;
+  }
+}
+
 // Single-threaded C[M x N] += A[M x Kd] * B[Kd x N], A read in place (float32, element (i, p) at
 // a[i * a_rs + p * a_cs]); pack_b(p0, pc) returns the packed B panel for rows [p0, p0+pc)
 // (ceil(N/NR) slivers of pc x NR). Loop order keeps one B sliver in L1 while A rows stream.

@@ -18,6 +18,11 @@ struct IsaKernels {
   // read and only the valid m x n (n <= NR) part of C is written.
   void (*micro)(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b, float* c,
                 int64_t ldc, int64_t m, int64_t n);
+  // The same product with A packed as well, in MR-row slivers (element (i, p) at a[p * MR + i]),
+  // for GEMMs that pack both operands (sketch_linear's slabs); it prefetches its C tile. Same
+  // FMA sequence per element as micro, so the same results. nullptr in the narrow tables.
+  void (*micro_packed)(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
+                       int64_t n);
   // Packs scale * R[j, col0 + p] (Rademacher, unscaled entries +-1) for p < kc and
   // j0 <= j < j0 + nc (j0 a multiple of NR) into NR-wide slivers: dst[(g * kc + p) * NR + l] for
   // j = j0 + g * NR + l; rows j >= k are written as 0.

@@ -66,6 +66,11 @@ void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* 
   micro_impl<VecAvx2, kMR, kNR / VecAvx2::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
+void micro_packed(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
+                  int64_t n) {
+  micro_packed_impl<VecAvx2, kMR, kNR / VecAvx2::W>(kc, a, b, c, ldc, m, n);
+}
+
 void micro_narrow(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* b,
                   float* c, int64_t ldc, int64_t m, int64_t n) {
   micro_impl<VecAvx2, kNarrowMR, 1>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
@@ -144,8 +149,8 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, 
 
 const IsaKernels& avx2_narrow_kernels() {
   static const IsaKernels table{"avx2", kNarrowMR, 8, /*kc=*/256, /*nc=*/512,
-                                micro_narrow, pack_signs_nv<1>, to_f32, axpy, sparse_table,
-                                scatter_group, pack_lanes, dot_tile, nullptr};
+                                micro_narrow, nullptr, pack_signs_nv<1>, to_f32, axpy,
+                                sparse_table, scatter_group, pack_lanes, dot_tile, nullptr};
   return table;
 }
 
@@ -154,8 +159,8 @@ const IsaKernels& avx2_narrow_kernels() {
 const IsaKernels& avx2_kernels() {
   // KC x NR x 4 B = 16 KB sliver in L1; KC x NC panel = 512 KB in L2.
   static const IsaKernels table{"avx2", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,  pack_signs, to_f32, axpy, sparse_table, scatter_group,
-                                pack_lanes, dot_tile, &avx2_narrow_kernels()};
+                                micro,  micro_packed, pack_signs, to_f32, axpy, sparse_table,
+                                scatter_group, pack_lanes, dot_tile, &avx2_narrow_kernels()};
   return table;
 }
 

@@ -84,6 +84,11 @@ void micro(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* 
   micro_impl<VecGeneric, kMR, kNR / VecGeneric::W>(kc, a, a_rs, a_cs, b, c, ldc, m, n);
 }
 
+void micro_packed(int64_t kc, const float* a, const float* b, float* c, int64_t ldc, int64_t m,
+                  int64_t n) {
+  micro_packed_impl<VecGeneric, kMR, kNR / VecGeneric::W>(kc, a, b, c, ldc, m, n);
+}
+
 void pack_signs(uint64_t key, int64_t col0, int64_t kc, int64_t j0, int64_t nc, int64_t k,
                 float scale, float* dst) {
   pack_signs_impl<kNR>(key, col0, kc, j0, nc, k, scale, dst,
@@ -132,8 +137,8 @@ void dot_tile(const float* q, int64_t ldq, int64_t mq, const void* g, DType dt, 
 
 const IsaKernels& generic_kernels() {
   static const IsaKernels table{"generic", kMR, kNR, /*kc=*/256, /*nc=*/512,
-                                micro,     pack_signs, to_f32, axpy, sparse_table, scatter_group, pack_lanes,
-                                dot_tile, nullptr};
+                                micro,     micro_packed, pack_signs, to_f32, axpy, sparse_table,
+                                scatter_group, pack_lanes, dot_tile, nullptr};
   return table;
 }
 

@@ -111,58 +111,50 @@ class LinearGradSlabs final : public cpu::RowSource {
   };
 
   // s = G_b[o0 : o0 + rows, :] = sum_t D_b[t, o0 : o0 + rows]^T A_b[t, :] with rows >= need
-  // (the piece asked for), by KC-deep GEMM steps over t (D's columns read in place as the A
-  // operand, A_b's rows packed as B), in kRowBlock x kColBlock blocks of the slab.
+  // (the piece asked for), by KC-deep steps over t, in kColBlock x kRowBlock blocks of the slab.
+  // Both operands are packed, a row of their source at a time (row t of A_b and of D_b, read
+  // sequentially): A_b's into NR-column slivers once per step, D_b^T's into MR-row slivers. Read
+  // in place, D_b^T's column stride (d_out floats) put a micro-kernel's KC broadcasts in a few
+  // L1 sets, and packing A_b a sliver at a time read it in strips, 2-3 lines per 3 KB row.
+  // Each element of G is the same sum of the same KC-deep block sums in the same order
+  // whatever the blocking, the slab height or the thread, so results are unchanged bit for bit.
   void form(int64_t b, int64_t o0, int64_t need, Slab& s) const {
-    const int64_t rows = std::min(std::max(slab_rows_, need), dout_ - o0), kc = K_.kc;
+    const int64_t rows = std::min(std::max(slab_rows_, need), dout_ - o0);
+    const int64_t kc = K_.kc, mr = K_.mr, nr = K_.nr;
     s.o0 = o0;
     s.rows = rows;
     s.data.resize(rows * din_);
     float* C = s.data.data();
     std::fill(C, C + rows * din_, 0.0f);
-    const bool half = dt_ != DType::kFloat32;
-    const int64_t cols_max = std::min(din_, kColBlock);
-    thread_local cpu::Scratch dbuf, abuf, bpack;
-    bpack.resize(kc * cpu::ceil_div(cols_max, K_.nr) * K_.nr);
-    if (half) {
-      dbuf.resize(kc * std::min(rows, kRowBlock));
-      abuf.resize(kc * cols_max);
-    }
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      const int64_t rb = std::min(kRowBlock, rows - r0);
-      for (int64_t t0 = 0; t0 < T_; t0 += kc) {
-        const int64_t tc = std::min(kc, T_ - t0), row0 = b * T_ + t0;
-        const float* d = nullptr;  // element (o, t) at d[o + t * d_cs], o < rb
-        int64_t d_cs = dout_;
-        if (half) {
+    const int64_t rb_max = std::min(rows, kRowBlock), nb_max = std::min(din_, kColBlock);
+    thread_local cpu::Scratch apack, bpack, rowbuf;
+    apack.resize(kc * cpu::ceil_div(rb_max, mr) * mr);
+    bpack.resize(kc * cpu::ceil_div(nb_max, nr) * nr);
+    if (dt_ != DType::kFloat32) rowbuf.resize(std::max(rb_max, nb_max));
+    // n elements of X (A or D) from element `at`, as float32: in place, or half types widened.
+    auto row = [&](const void* X, int64_t at, int64_t n) -> const float* {
+      if (dt_ == DType::kFloat32) return static_cast<const float*>(X) + at;
+      K_.to_f32(cpu::offset_ptr(X, dt_, at), dt_, n, rowbuf.data());
+      return rowbuf.data();
+    };
+    for (int64_t t0 = 0; t0 < T_; t0 += kc) {
+      const int64_t tc = std::min(kc, T_ - t0), row0 = b * T_ + t0;
+      for (int64_t i0 = 0; i0 < din_; i0 += kColBlock) {
+        const int64_t nb = std::min(kColBlock, din_ - i0);
+        for (int64_t t = 0; t < tc; ++t)
+          cpu::pack_row(row(A_, (row0 + t) * din_ + i0, nb), nb, nr, t, tc, bpack.data());
+        for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
+          const int64_t rb = std::min(kRowBlock, rows - r0);
           for (int64_t t = 0; t < tc; ++t)
-            K_.to_f32(cpu::offset_ptr(D_, dt_, (row0 + t) * dout_ + o0 + r0), dt_, rb,
-                      dbuf.data() + t * rb);
-          d = dbuf.data();
-          d_cs = rb;
-        } else {
-          d = static_cast<const float*>(D_) + row0 * dout_ + o0 + r0;
-        }
-        for (int64_t i0 = 0; i0 < din_; i0 += kColBlock) {
-          const int64_t nb = std::min(kColBlock, din_ - i0);
-          const float* a = nullptr;  // rows t0 .. t0 + tc, columns i0 .. i0 + nb of A_b
-          int64_t lda = din_;
-          if (half) {
-            for (int64_t t = 0; t < tc; ++t)
-              K_.to_f32(cpu::offset_ptr(A_, dt_, (row0 + t) * din_ + i0), dt_, nb,
-                        abuf.data() + t * nb);
-            a = abuf.data();
-            lda = nb;
-          } else {
-            a = static_cast<const float*>(A_) + row0 * din_ + i0;
+            cpu::pack_row(row(D_, (row0 + t) * dout_ + o0 + r0, rb), rb, mr, t, tc, apack.data());
+          // One B sliver stays in L1 while the block's A slivers stream from L2.
+          for (int64_t g = 0; g * nr < nb; ++g) {
+            const int64_t n = std::min(nr, nb - g * nr);
+            for (int64_t sv = 0; sv * mr < rb; ++sv)
+              K_.micro_packed(tc, apack.data() + sv * tc * mr, bpack.data() + g * tc * nr,
+                              C + (r0 + sv * mr) * din_ + i0 + g * nr, din_,
+                              std::min(mr, rb - sv * mr), n);
           }
-          cpu::gemm_a_inplace(
-              K_, rb, nb, tc, d, 1, d_cs,
-              [&](int64_t p0, int64_t pc) -> const float* {
-                cpu::pack_b_rowmajor(K_, a, lda, nb, p0, pc, bpack.data());
-                return bpack.data();
-              },
-              C + r0 * din_ + i0, din_);
         }
       }
     }
