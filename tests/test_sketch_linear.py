@@ -27,7 +27,8 @@ CASES = [
     (3, 0, 7, 5, 5, 0),  # T = 0: G = 0, the sketch is exactly zero
     # T >= 4: G formed in slabs of rows by GEMM over t (sketch_linear.cpp, LinearGradSlabs)
     (2, 4, 9, 5, 33, 0),  # the smallest T of the route; one slab
-    (3, 300, 1031, 70, 65, 7),  # T > KC: several GEMM steps; slabs of 63 rows, then 7
+    (3, 300, 1031, 70, 65, 7),  # T > KC: several GEMM steps; one slab (1 MiB from T = KC on)
+    (2, 300, 4099, 70, 17, 0),  # and slabs of 56-60 rows, then the rest; column blocks of 4096, 3
     (5, 19, 70000, 2, 17, 0),  # d_in above a slab: one row of G per slab, column blocks
     (3, 9, 3, 600, 40, 0),  # a slab taller than a row block (256)
     (300, 4, 600, 200, 17, 0),  # B > 256: slabs thinned to the batch's budget

@@ -67,17 +67,26 @@ class LinearGradSlabs final : public cpu::RowSource {
   LinearGradSlabs(const void* A, const void* D, DType dt, int64_t B, int64_t T, int64_t d_in,
                   int64_t d_out)
       : A_(A), D_(D), dt_(dt), T_(T), din_(d_in), dout_(d_out), K_(cpu::isa()),
-        slab_rows_(slab_rows(K_, B, d_in, d_out)), slabs_(B) {}
+        slab_rows_(slab_rows(K_, B, T, d_in, d_out)), slabs_(B) {}
 
-  // Floats of G held per example: 256 KiB (a few slabs per layer), and at most kSlabBudget
-  // floats (64 MiB) for the whole batch: a large B gets thinner slabs, never less than the
-  // piece the sketch asks for (KC floats: what its own panels already hold per example).
+  // Floats of G held per example: 256 KiB (a few slabs per layer), 1 MiB from T = KC on, and
+  // at most kSlabBudget floats (64 MiB) for the whole batch: a large B gets thinner slabs, never
+  // less than the piece the sketch asks for (KC floats: what its own panels already hold per
+  // example). Every slab packs all of A_b (T x d_in) for a GEMM only `rows` high, so thin slabs
+  // cost passes over A_b: at B = 8, T = 4797, 768 -> 256, 256 KiB slabs (80, 80, 80 and 16
+  // rows) formed G 1.4x (AVX-512) / 1.15x (AVX2) slower than one 1 MiB slab, and the op was
+  // 1.1-1.2x slower at B = 16, T = 256-1024, 512 x 512. With few positions the passes are cheap
+  // and the sketch dominates: 1 MiB slabs made B = 64, T = 4-32, 512 x 512 6-18% slower
+  // (48 MiB more to fault in and read back per call).
   static constexpr int64_t kSlabFloats = int64_t{1} << 16;
+  static constexpr int64_t kSlabFloatsLongT = int64_t{1} << 18;
   static constexpr int64_t kSlabBudget = int64_t{1} << 24;
 
   // Rows of G per slab, in whole MR-row micro-tiles where possible.
-  static int64_t slab_rows(const cpu::IsaKernels& K, int64_t B, int64_t d_in, int64_t d_out) {
-    const int64_t floats = std::min(kSlabFloats, kSlabBudget / std::max<int64_t>(B, 1));
+  static int64_t slab_rows(const cpu::IsaKernels& K, int64_t B, int64_t T, int64_t d_in,
+                           int64_t d_out) {
+    const int64_t want = T >= K.kc ? kSlabFloatsLongT : kSlabFloats;
+    const int64_t floats = std::min(want, kSlabBudget / std::max<int64_t>(B, 1));
     int64_t rows = std::max<int64_t>(1, floats / d_in);
     if (rows > K.mr) rows -= rows % K.mr;
     return std::min(rows, d_out);
