@@ -44,6 +44,15 @@ SCORE_RTOL = 1e-3
 
 
 # -- running ranks --------------------------------------------------------------------------------
+def _featurize_outcome(attr: issl.InfluenceSSL, data: Any, path: Path) -> str:
+    """``"ok <rows>"``, or the error's type and message (asserted on by the tests)."""
+    try:
+        store = attr.featurize(data, path, shard_rows=SHARD, progress=False)
+    except Exception as exc:  # noqa: BLE001 (asserted on by the test)
+        return f"{type(exc).__name__} {exc}"
+    return f"ok {store.rows}"
+
+
 def _rank_main(rank: int, size: int, tmp: str, scenario: str, args: dict) -> None:
     torch.set_num_threads(1)
     # A short timeout: a rank left waiting in a collective fails the test instead of hanging it.
@@ -395,11 +404,7 @@ def _scenario_complete_store_met_again(rank: int, size: int, tmp: Path) -> list[
     outcomes = []
     for data in (loader(), loader(N + 4), loader(seed=7), loader(seed=7 if rank else 1),
                  loader()):
-        try:
-            store = attr.featurize(data, tmp / "store", shard_rows=SHARD, progress=False)
-            outcomes.append(f"ok {store.rows}")
-        except Exception as exc:  # noqa: BLE001 (asserted on by the test)
-            outcomes.append(f"{type(exc).__name__} {exc}")
+        outcomes.append(_featurize_outcome(attr, data, tmp / "store"))
     return outcomes
 
 
@@ -488,11 +493,7 @@ def _scenario_other_data_on_a_rank(rank: int, size: int, tmp: Path) -> list[str]
                 shutil.rmtree(tmp / "store")
             dist.barrier()
             data = batches(x, BATCH)
-        try:
-            store = attr.featurize(data, tmp / "store", shard_rows=SHARD, progress=False)
-            outcomes.append(f"ok {store.rows}")
-        except Exception as exc:  # noqa: BLE001 (asserted on by the test)
-            outcomes.append(f"{type(exc).__name__} {exc}")
+        outcomes.append(_featurize_outcome(attr, data, tmp / "store"))
     return outcomes
 
 

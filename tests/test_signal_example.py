@@ -4,26 +4,15 @@ few signals for what it plants is a parser error naming the minimum, and the min
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "signal_attribution.py"
-
-
-def _example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("signal_attribution", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
+from example_scripts import load_example
 
 
 def test_the_signal_example_finds_what_was_planted(tmp_path: Path) -> None:
-    example = _example()
+    example = load_example("signal_attribution")
     result = example.main([str(tmp_path), "--signals", "240", "--epochs", "4"])
     assert result == json.loads((tmp_path / "result.json").read_text())
     assert result["copies_found"] == example.COPIES  # identical features: similarity 1
@@ -41,13 +30,13 @@ def test_the_signal_example_finds_what_was_planted(tmp_path: Path) -> None:
 def test_too_few_signals_is_a_parser_error(tmp_path: Path, capsys, argv: list[str],
                                            message: str) -> None:
     with pytest.raises(SystemExit) as exit_:
-        _example().main([str(tmp_path), *argv])
+        load_example("signal_attribution").main([str(tmp_path), *argv])
     assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
 
 
 def test_the_fewest_signals_run(tmp_path: Path) -> None:
-    example = _example()
+    example = load_example("signal_attribution")
     assert example.MIN_SIGNALS == 30
     result = example.main([str(tmp_path), "--signals", "30", "--epochs", "1"])
     planted = result["planted"]

@@ -5,28 +5,17 @@ test_distributed.py.)"""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "torchrun_attribution.py"
-
-
-def _example() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("torchrun_attribution", EXAMPLE)
-    assert spec is not None and spec.loader is not None
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
-    return example
+from example_scripts import load_example
 
 
 @pytest.mark.parametrize("examples", ["10", "402", "405", "1798"])
 def test_examples_out_of_range_is_a_parser_error(tmp_path: Path, capsys, examples: str) -> None:
     with pytest.raises(SystemExit) as exit_:
-        _example().main([str(tmp_path), "--examples", examples])
+        load_example("torchrun_attribution").main([str(tmp_path), "--examples", examples])
     err = capsys.readouterr().err
     assert exit_.value.code == 2
     assert "argument --examples: must be between 406 " in err and f"got {examples}" in err
@@ -34,7 +23,7 @@ def test_examples_out_of_range_is_a_parser_error(tmp_path: Path, capsys, example
 
 
 def test_the_fewest_examples_run_and_find_the_copies(tmp_path: Path, capsys) -> None:
-    example = _example()
+    example = load_example("torchrun_attribution")
     assert example.MIN_EXAMPLES == 406
     example.main([str(tmp_path), "--examples", "406"])
     result = json.loads((tmp_path / "result.json").read_text())

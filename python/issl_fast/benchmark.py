@@ -205,12 +205,14 @@ def format_table(result: dict[str, Any]) -> str:
     if result["quick"]:
         lines.insert(1, "(--quick: sizes small enough to sit in cache; the fractions of the "
                         "limits are indicative only)")
-    for c in result["cases"]:
-        mark = ABOVE_LIMIT_MARK if c.get("above_limit", c["fraction_of_limit"] > 1) else " "
+    # (results saved before the flag existed carry no "above_limit": read it off the fraction)
+    above = [c.get("above_limit", c["fraction_of_limit"] > 1) for c in result["cases"]]
+    for c, flagged in zip(result["cases"], above):
+        mark = ABOVE_LIMIT_MARK if flagged else " "
         lines.append(f"{c['op']:<14}{c['shape']:<38}{c['ours_s'] * 1e3:>9.1f}"
                      f"{c['baseline_s'] * 1e3:>10.1f}{c['speedup']:>9.1f}x"
                      f"{c['fraction_of_limit']:>9.0%}{mark} {c['limit'][:4]}  {c['baseline']}")
-    if any(c.get("above_limit", c["fraction_of_limit"] > 1) for c in result["cases"]):
+    if any(above):
         load = result.get("load_average_1min")
         busy = ("" if load is None else
                 f" (load average {load:.1f} on {result.get('cpus')} CPUs as the run started)")
